@@ -1,0 +1,20 @@
+"""Fused Transformed Teacher Matching (TTM / WTTM) and KD losses for knowledge distillation."""
+from . import reference
+from ._ops import cpu_extension_available, triton_available
+from .functional import LossComponents, fused_kd_loss, fused_ttm_loss, fused_wttm_loss
+from .modules import KDLoss, TTMLoss, WTTMLoss
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "fused_wttm_loss",
+    "fused_ttm_loss",
+    "fused_kd_loss",
+    "WTTMLoss",
+    "TTMLoss",
+    "KDLoss",
+    "LossComponents",
+    "reference",
+    "triton_available",
+    "cpu_extension_available",
+]

@@ -1,0 +1,182 @@
+"""Backend dispatch and the ``torch.library`` ops that autograd and ``torch.compile`` see.
+
+Every compiled backend module (``triton_kernels``, ``cpu_kernels``) offers the same two functions on
+(B, T, V) row views (see ``_rows.row_view``):
+
+    forward(student, teacher, target, *, student_scale, teacher_scale, kl_coef, ce_weight, weighted,
+            ignore_index, grad=None, row_grad=None) -> stats (7, N) fp32
+    backward(row_grad, student, teacher, target, stats, grad, *, student_scale, teacher_scale, kl_coef,
+             ce_weight, ignore_index) -> None   (writes the gradient into ``grad``)
+
+Forward saves only the (7, N) statistics; backward recomputes the probabilities from them, so the op
+allocates one (N, V) tensor in all, the gradient, or none with ``inplace_backward``.
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+from typing import Optional
+
+import torch
+
+from ._rows import row_view
+
+BACKENDS = ("auto", "triton", "cpu", "torch")
+STAT_LOSS, STAT_KL, STAT_CE, STAT_WEIGHT = 0, 1, 2, 3
+
+
+@functools.cache
+def _load(module: str):
+    try:
+        return importlib.import_module(f"ttm_kernels.{module}"), None
+    except (ImportError, OSError, RuntimeError) as exc:
+        return None, exc
+
+
+def triton_available() -> bool:
+    return _load("triton_kernels")[0] is not None
+
+
+def cpu_extension_available() -> bool:
+    return _load("cpu_kernels")[0] is not None
+
+
+def triton_interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """The concrete backend ("triton", "cpu" or "torch") that runs on ``device``, or a clear error."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        if device.type == "cuda" and triton_available():
+            return "triton"
+        if device.type == "cpu" and cpu_extension_available():
+            return "cpu"
+        return "torch"
+    if backend == "triton":
+        module, error = _load("triton_kernels")
+        if module is None:
+            raise RuntimeError(f"backend='triton' needs the triton package, which failed to import: {error}")
+        if device.type == "cpu" and not triton_interpreted():
+            raise ValueError("backend='triton' got CPU tensors: move them to CUDA, or set TRITON_INTERPRET=1 "
+                             "before importing triton to run the kernels in the interpreter")
+    if backend == "cpu":
+        module, error = _load("cpu_kernels")
+        if module is None:
+            raise RuntimeError("backend='cpu' needs the compiled extension ttm_kernels._C, which failed to "
+                               f"load ({error}); reinstall with `pip install -e .`")
+        if device.type != "cpu":
+            raise ValueError(f"backend='cpu' got tensors on {device}; use backend='auto' or move them to the CPU")
+    return backend
+
+
+def _kernels(backend: str):
+    return _load("triton_kernels" if backend == "triton" else "cpu_kernels")[0]
+
+
+def _rows_of(x: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    return None if x is None else x.reshape(-1)
+
+
+@torch.library.custom_op("ttm_kernels::loss_fwd", mutates_args=())
+def loss_fwd(student: torch.Tensor, teacher: torch.Tensor, target: Optional[torch.Tensor],
+             student_scale: float, teacher_scale: float, kl_coef: float, ce_weight: float, weighted: bool,
+             ignore_index: int, backend: str) -> torch.Tensor:
+    """(7, N) fp32 statistics per row: loss, kl, ce, weight, lse(s*z), lse(g*v), lse(z)."""
+    return _kernels(backend).forward(
+        row_view(student), row_view(teacher), _rows_of(target), student_scale=student_scale,
+        teacher_scale=teacher_scale, kl_coef=kl_coef, ce_weight=ce_weight, weighted=weighted,
+        ignore_index=ignore_index)
+
+
+@loss_fwd.register_fake
+def _(student, teacher, target, student_scale, teacher_scale, kl_coef, ce_weight, weighted, ignore_index,
+      backend):
+    return student.new_empty((7, student[..., 0].numel()), dtype=torch.float32)
+
+
+def _backward_into(grad, row_grad, student, teacher, target, stats, student_scale, teacher_scale, kl_coef,
+                   ce_weight, ignore_index, backend):
+    _kernels(backend).backward(
+        row_grad, row_view(student), row_view(teacher), _rows_of(target), stats, grad,
+        student_scale=student_scale, teacher_scale=teacher_scale, kl_coef=kl_coef, ce_weight=ce_weight,
+        ignore_index=ignore_index)
+
+
+@torch.library.custom_op("ttm_kernels::loss_bwd", mutates_args=())
+def loss_bwd(row_grad: torch.Tensor, student: torch.Tensor, teacher: torch.Tensor, target: Optional[torch.Tensor],
+             stats: torch.Tensor, student_scale: float, teacher_scale: float, kl_coef: float, ce_weight: float,
+             ignore_index: int, backend: str) -> torch.Tensor:
+    """d(sum_i row_grad_i * loss_i) / d student, in the student's dtype and shape (contiguous)."""
+    grad = torch.empty(student.shape, dtype=student.dtype, device=student.device)
+    _backward_into(row_view(grad), row_grad, student, teacher, target, stats, student_scale, teacher_scale,
+                   kl_coef, ce_weight, ignore_index, backend)
+    return grad
+
+
+@loss_bwd.register_fake
+def _(row_grad, student, teacher, target, stats, student_scale, teacher_scale, kl_coef, ce_weight, ignore_index,
+      backend):
+    return torch.empty_like(student, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("ttm_kernels::loss_bwd_inplace", mutates_args=("student",))
+def loss_bwd_inplace(row_grad: torch.Tensor, student: torch.Tensor, teacher: torch.Tensor,
+                     target: Optional[torch.Tensor], stats: torch.Tensor, student_scale: float,
+                     teacher_scale: float, kl_coef: float, ce_weight: float, ignore_index: int,
+                     backend: str) -> None:
+    """Like ``loss_bwd``, but overwrites the student logits with their gradient (one row at a time, each
+    row read in full before it is written)."""
+    _backward_into(row_view(student), row_grad, student, teacher, target, stats, student_scale, teacher_scale,
+                   kl_coef, ce_weight, ignore_index, backend)
+
+
+def _setup_context(ctx, inputs, output):
+    student, teacher, target, student_scale, teacher_scale, kl_coef, ce_weight, _weighted, ignore_index, backend = inputs
+    ctx.params = (student_scale, teacher_scale, kl_coef, ce_weight, ignore_index, backend)
+    ctx.inplace = False
+    ctx.save_for_backward(student, teacher, target, output)
+
+
+def _backward(ctx, grad_stats):
+    student, teacher, target, stats = ctx.saved_tensors
+    if grad_stats is None:
+        grad_stats = torch.zeros_like(stats)
+    row_grad = grad_stats[STAT_LOSS].float()
+    if ctx.inplace:
+        loss_bwd_inplace(row_grad, student, teacher, target, stats, *ctx.params)
+        grad = student
+    else:
+        grad = loss_bwd(row_grad, student, teacher, target, stats, *ctx.params)
+    return grad, None, None, None, None, None, None, None, None, None
+
+
+torch.library.register_autograd("ttm_kernels::loss_fwd", _backward, setup_context=_setup_context)
+
+
+class _InplaceLoss(torch.autograd.Function):
+    """The same op, with a backward that writes the gradient into the student logits' own storage."""
+
+    @staticmethod
+    def forward(ctx, student, teacher, target, *params):
+        stats = loss_fwd(student, teacher, target, *params)
+        _setup_context(ctx, (student, teacher, target, *params), stats)
+        ctx.inplace = True
+        return stats
+
+    @staticmethod
+    def backward(ctx, grad_stats):
+        return _backward(ctx, grad_stats)
+
+
+def loss_stats(student, teacher, target, *, student_scale, teacher_scale, kl_coef, ce_weight, weighted,
+               ignore_index, backend, inplace_backward=False):
+    """Differentiable (7, N) statistics; only the loss row (0) carries a gradient."""
+    params = (float(student_scale), float(teacher_scale), float(kl_coef), float(ce_weight), bool(weighted),
+              int(ignore_index), backend)
+    if inplace_backward:
+        return _InplaceLoss.apply(student, teacher, target, *params)
+    return loss_fwd(student, teacher, target, *params)

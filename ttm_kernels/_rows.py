@@ -1,0 +1,31 @@
+"""Row views shared by the compiled backends.
+
+Kernels see logits of shape (..., V) as a 3-D view (B, T, V) whose last dimension is contiguous and whose
+two leading strides are free, so that a sliced (B, T, V) batch (``logits[:, :-1]``, the usual LLM shift)
+is read in place instead of being copied. Only layouts that no two strides describe are copied.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def row_view(x: torch.Tensor) -> torch.Tensor:
+    """A (B, T, V) view of ``x`` with ``stride(-1) == 1``; a copy only when no such view exists."""
+    if x.stride(-1) != 1 and x.shape[-1] > 1:
+        x = x.contiguous()
+    sizes, strides = [], []
+    for size, stride in zip(x.shape[:-1], x.stride()[:-1]):
+        if size == 1:
+            continue
+        if sizes and strides[-1] == stride * size:
+            sizes[-1] *= size
+            strides[-1] = stride
+        else:
+            sizes.append(size)
+            strides.append(stride)
+    if len(sizes) > 2:
+        return row_view(x.contiguous())
+    while len(sizes) < 2:
+        sizes.insert(0, 1)
+        strides.insert(0, 0)
+    return x.as_strided((sizes[0], sizes[1], x.shape[-1]), (strides[0], strides[1], 1))

@@ -1,0 +1,204 @@
+"""Public functional API: ``fused_wttm_loss``, ``fused_ttm_loss``, ``fused_kd_loss``.
+
+Drop-in for the paper's loss lines::
+
+    loss = fused_wttm_loss(student_logits, teacher_logits, target, gamma=0.2, beta=4.0)
+
+computes ``ce_weight * CE(z, target) + beta * mean_rows(U * KL(softmax(gamma * v) || softmax(z)))`` in one
+read of each row, saving only per-row fp32 statistics for the backward.
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Optional
+
+import torch
+
+from . import _ops, reference
+
+REDUCTIONS = ("mean", "sum", "none")
+DEFAULT_GAMMA = 0.2
+DEFAULT_TEMPERATURE = 4.0
+
+
+class LossComponents(NamedTuple):
+    """Detached per-batch terms for logging, each averaged over the rows that count (not ignored).
+
+    ``kl``: KL(transformed teacher || student); ``ce``: hard-label cross-entropy (0 without a target);
+    ``weight``: the KL weight, U for WTTM (1 for TTM, T^2 for KD).
+    """
+
+    kl: torch.Tensor
+    ce: torch.Tensor
+    weight: torch.Tensor
+
+
+def _check_finite(name: str, value, positive: bool = False) -> float:
+    if isinstance(value, torch.Tensor) or not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise TypeError(f"{name} must be a Python number, got {type(value).__name__}")
+    if not math.isfinite(value) or (positive and value <= 0):
+        raise ValueError(f"{name} must be a finite {'positive ' if positive else ''}number, got {value}")
+    return float(value)
+
+
+def _validate(student_logits, teacher_logits, target, ignore_index, reduction):
+    for name, x in (("student_logits", student_logits), ("teacher_logits", teacher_logits)):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        if not x.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
+        if x.dim() == 0 or x.shape[-1] == 0:
+            raise ValueError(f"{name} must have shape (..., V) with V >= 1, got {tuple(x.shape)}")
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError("student_logits and teacher_logits must have the same shape, got "
+                         f"{tuple(student_logits.shape)} and {tuple(teacher_logits.shape)}")
+    if student_logits.device != teacher_logits.device:
+        raise ValueError("student_logits and teacher_logits must be on the same device, got "
+                         f"{student_logits.device} and {teacher_logits.device}")
+    if teacher_logits.requires_grad:
+        raise ValueError("teacher_logits requires grad, but the teacher is a constant target here and no gradient "
+                         "flows to it: compute it under torch.no_grad() or pass teacher_logits.detach()")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    if target is None:
+        return
+    if not isinstance(target, torch.Tensor):
+        raise TypeError(f"target must be a torch.Tensor or None, got {type(target).__name__}")
+    if target.dtype.is_floating_point or target.dtype.is_complex or target.dtype == torch.bool:
+        raise TypeError(f"target must hold integer class indices, got dtype {target.dtype}")
+    if target.shape != student_logits.shape[:-1]:
+        raise ValueError(f"target must have the leading shape of the logits {tuple(student_logits.shape[:-1])}, "
+                         f"got {tuple(target.shape)}")
+    if target.device != student_logits.device:
+        raise ValueError(f"target must be on the logits' device {student_logits.device}, got {target.device}")
+    if not torch.compiler.is_compiling():
+        vocab = student_logits.shape[-1]
+        bad = ((target < 0) | (target >= vocab)) & (target != ignore_index)
+        if bool(bad.any()):
+            raise ValueError(f"target holds class indices outside [0, {vocab}) that are not ignore_index="
+                             f"{ignore_index}, e.g. {target[bad].flatten()[0].item()}")
+
+
+def _fused_loss(student_logits, teacher_logits, target, *, student_scale, teacher_scale, kl_scale, weighted,
+                beta, ce_weight, ignore_index, reduction, backend, inplace_backward, return_components):
+    beta = _check_finite("beta", beta)
+    ce_weight = _check_finite("ce_weight", ce_weight)
+    _validate(student_logits, teacher_logits, target, ignore_index, reduction)
+    backend = _ops.resolve_backend(backend, student_logits.device)
+    if target is not None:
+        target = target.long()
+    if target is None:
+        valid = torch.ones(student_logits.shape[:-1], dtype=torch.bool, device=student_logits.device)
+    else:
+        valid = target != ignore_index
+
+    if backend == "torch" or student_logits[..., 0].numel() == 0:
+        if inplace_backward:
+            raise ValueError("inplace_backward=True needs a compiled backend ('triton' or 'cpu')")
+        rows = reference.loss_rows(student_logits, teacher_logits, target, student_scale=student_scale,
+                                   teacher_scale=teacher_scale, kl_scale=kl_scale, weighted=weighted, beta=beta,
+                                   ce_weight=ce_weight, ignore_index=ignore_index)
+        loss_rows = rows["loss"].float()
+        detached = [rows[k].detach().float() for k in ("kl", "ce", "weight")]
+    else:
+        if inplace_backward and _ops.row_view(student_logits).data_ptr() != student_logits.data_ptr():
+            raise ValueError("inplace_backward=True needs student_logits whose last dimension is contiguous")
+        stats = _ops.loss_stats(student_logits, teacher_logits, target, student_scale=student_scale,
+                                teacher_scale=teacher_scale, kl_coef=beta * kl_scale, ce_weight=ce_weight,
+                                weighted=weighted, ignore_index=ignore_index, backend=backend,
+                                inplace_backward=inplace_backward)
+        lead = student_logits.shape[:-1]
+        loss_rows = stats[_ops.STAT_LOSS].view(lead)
+        detached = [stats[k].detach().view(lead) for k in (_ops.STAT_KL, _ops.STAT_CE, _ops.STAT_WEIGHT)]
+
+    loss = reference.reduce_rows(loss_rows, valid, reduction)
+    if not return_components:
+        return loss
+    return loss, LossComponents(*(reference.reduce_rows(x, valid, "mean") for x in detached))
+
+
+_COMMON_DOC = """
+    Args:
+        student_logits: (..., V) float32, bfloat16 or float16 logits of the student. Rows may be strided;
+            the last dimension should be contiguous.
+        teacher_logits: (..., V) logits of the teacher, any floating dtype; must not require grad.
+        target: optional (...) integer class indices. Adds ``ce_weight * CE(student_logits, target)``; rows
+            whose target is ``ignore_index`` contribute nothing to any term.
+        beta: weight of the distillation term.
+        ce_weight: weight of the hard-label cross-entropy (used only when ``target`` is given).
+        ignore_index: target value of rows to ignore, as in ``torch.nn.functional.cross_entropy``.
+        reduction: ``"mean"`` (over the rows not ignored; 0 when every row is ignored), ``"sum"`` or
+            ``"none"`` (a float32 tensor of the leading shape, ignored rows 0).
+        backend: ``"auto"`` (Triton on CUDA tensors, the compiled C++ kernel on CPU tensors, the reference
+            elsewhere), ``"triton"``, ``"cpu"`` or ``"torch"`` (the unfused reference).
+        inplace_backward: write the gradient into ``student_logits``' own storage during the backward,
+            allocating no (N, V) tensor at all. Opt-in: the logits' values are destroyed, so nothing else
+            may use them afterwards.
+        return_components: also return a ``LossComponents`` of detached batch means (KL, CE, KL weight)
+            for logging.
+
+    Returns:
+        The float32 loss (computed with float32 accumulation whatever the input dtype), and with
+        ``return_components`` a ``(loss, LossComponents)`` pair. The gradient reaches ``student_logits``
+        only, in its dtype.
+"""
+
+
+def fused_wttm_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, target: Optional[torch.Tensor] = None,
+                    *, gamma: float = DEFAULT_GAMMA, beta: float = 1.0, ce_weight: float = 1.0,
+                    ignore_index: int = -100, reduction: str = "mean", backend: str = "auto",
+                    inplace_backward: bool = False, return_components: bool = False):
+    gamma = _check_finite("gamma", gamma, positive=True)
+    return _fused_loss(student_logits, teacher_logits, target, student_scale=1.0, teacher_scale=gamma,
+                       kl_scale=1.0, weighted=True, beta=beta, ce_weight=ce_weight, ignore_index=ignore_index,
+                       reduction=reduction, backend=backend, inplace_backward=inplace_backward,
+                       return_components=return_components)
+
+
+fused_wttm_loss.__doc__ = """Weighted Transformed Teacher Matching (Zheng & Yang, ICLR 2024).
+
+    ``ce_weight * CE(z, target) + beta * mean_rows(U * KL(pt || q))`` with ``q = softmax(z)`` (no student
+    temperature, no T^2 factor), ``pt = softmax(gamma * v) = p**gamma / sum(p**gamma)`` for
+    ``p = softmax(v)``, and the per-row weight ``U = sum(p**gamma)``, a constant of the teacher.
+
+    gamma: the power-transform exponent, 1/T (the public code's ``--ttm_l``). Default 0.2 (T = 5), the
+        value of the paper's WTTM example; the paper uses 0.1 to 0.25 on CIFAR-100. gamma = 1 is plain KL.
+""" + _COMMON_DOC
+
+
+def fused_ttm_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, target: Optional[torch.Tensor] = None,
+                   *, gamma: float = DEFAULT_GAMMA, beta: float = 1.0, ce_weight: float = 1.0,
+                   ignore_index: int = -100, reduction: str = "mean", backend: str = "auto",
+                   inplace_backward: bool = False, return_components: bool = False):
+    gamma = _check_finite("gamma", gamma, positive=True)
+    return _fused_loss(student_logits, teacher_logits, target, student_scale=1.0, teacher_scale=gamma,
+                       kl_scale=1.0, weighted=False, beta=beta, ce_weight=ce_weight, ignore_index=ignore_index,
+                       reduction=reduction, backend=backend, inplace_backward=inplace_backward,
+                       return_components=return_components)
+
+
+fused_ttm_loss.__doc__ = """Transformed Teacher Matching: ``ce_weight * CE + beta * mean_rows(KL(softmax(gamma * v) || softmax(z)))``.
+
+    gamma: the power-transform exponent, 1/T. Default 0.2 (T = 5); the paper's TTM example uses 0.1 with
+        beta = 45.
+""" + _COMMON_DOC
+
+
+def fused_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, target: Optional[torch.Tensor] = None,
+                  *, temperature: float = DEFAULT_TEMPERATURE, beta: float = 1.0, ce_weight: float = 1.0,
+                  ignore_index: int = -100, reduction: str = "mean", backend: str = "auto",
+                  inplace_backward: bool = False, return_components: bool = False):
+    temperature = _check_finite("temperature", temperature, positive=True)
+    return _fused_loss(student_logits, teacher_logits, target, student_scale=1.0 / temperature,
+                       teacher_scale=1.0 / temperature, kl_scale=temperature**2, weighted=False, beta=beta,
+                       ce_weight=ce_weight, ignore_index=ignore_index, reduction=reduction, backend=backend,
+                       inplace_backward=inplace_backward, return_components=return_components)
+
+
+fused_kd_loss.__doc__ = """Classic KD (Hinton et al.): ``ce_weight * CE + beta * T^2 * mean_rows(KL(softmax(v/T) || softmax(z/T)))``.
+
+    temperature: T, default 4 (RepDistiller's ``--kd_T``). The classic CIFAR recipe is ``ce_weight=0.1,
+        beta=0.9``.
+""" + _COMMON_DOC

@@ -1,0 +1,161 @@
+"""Plain-PyTorch definitions of the losses: the specification and the test oracle.
+
+Everything here runs in whatever dtype it is given (float64 for the oracle) and is differentiable with
+ordinary autograd. Two families live here:
+
+* ``wttm_loss`` / ``ttm_loss`` / ``kd_loss``: the definitions, written in log space so that they stay
+  exact for extreme logits. They take the same arguments as the fused functions.
+* ``paper_wttm_loss`` / ``paper_ttm_loss`` / ``paper_kd_loss``: line-for-line ports of the public paper
+  code (power transform of the softmax, ``F.kl_div``, RepDistiller's ``DistillKL``). They are what users
+  would write otherwise, so the benchmarks time them as the eager baseline.
+
+Per row, with student logits z, teacher logits v and gamma = 1/T::
+
+    q  = softmax(z)                      (no temperature on the student, no T^2)
+    pt = softmax(v) ** gamma / sum(...)  = softmax(gamma * v)
+    U  = sum(softmax(v) ** gamma)        = exp(logsumexp(gamma * v) - gamma * logsumexp(v))
+    TTM  row = KL(pt || q)
+    WTTM row = U * KL(pt || q)
+    total = ce_weight * CE(z, target) + beta * mean over rows of the (W)TTM row
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "loss_rows",
+    "reduce_rows",
+    "wttm_loss",
+    "ttm_loss",
+    "kd_loss",
+    "paper_wttm_loss",
+    "paper_ttm_loss",
+    "paper_kd_loss",
+]
+
+
+def loss_rows(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    target: torch.Tensor | None = None,
+    *,
+    student_scale: float = 1.0,
+    teacher_scale: float,
+    kl_scale: float = 1.0,
+    weighted: bool,
+    beta: float = 1.0,
+    ce_weight: float = 1.0,
+    ignore_index: int = -100,
+) -> dict[str, torch.Tensor]:
+    """Per-row terms of the general loss that every variant is an instance of.
+
+    row loss = ce_weight * CE(z, y) + beta * kl_scale * w * KL(softmax(teacher_scale * v) || softmax(student_scale * z))
+
+    with w = U when ``weighted`` else 1. TTM/WTTM: student_scale = 1, teacher_scale = gamma, kl_scale = 1.
+    Classic KD: student_scale = teacher_scale = 1/T, kl_scale = T^2, unweighted. Ignored rows (target ==
+    ignore_index) contribute 0 to every term. Returns a dict of tensors of the leading shape:
+    ``loss``, ``kl``, ``ce``, ``weight`` and ``valid`` (bool).
+    """
+    teacher_logits = teacher_logits.detach()
+    log_q = torch.log_softmax(student_logits * student_scale, dim=-1)
+    log_pt = torch.log_softmax(teacher_logits * teacher_scale, dim=-1)
+    pt = log_pt.exp()
+    # 0 * log(0 / q) = 0: a class the transformed teacher never picks contributes nothing, masked or not.
+    kl = torch.where(pt > 0, pt * (log_pt - log_q), torch.zeros_like(pt)).sum(-1)
+    if weighted:
+        weight = torch.exp(
+            torch.logsumexp(teacher_logits * teacher_scale, -1)
+            - teacher_scale * torch.logsumexp(teacher_logits, -1)
+        )
+    else:
+        weight = torch.ones_like(kl)
+    if target is None:
+        valid = torch.ones(kl.shape, dtype=torch.bool, device=kl.device)
+        ce = torch.zeros_like(kl)
+    else:
+        valid = target != ignore_index
+        safe_target = torch.where(valid, target, torch.zeros_like(target))
+        log_probs = torch.log_softmax(student_logits, dim=-1)
+        ce = -log_probs.gather(-1, safe_target.unsqueeze(-1).long()).squeeze(-1)
+    zero = torch.zeros_like(kl)
+    kl = torch.where(valid, kl, zero)
+    ce = torch.where(valid, ce, zero)
+    weight = torch.where(valid, weight, zero)
+    loss = beta * kl_scale * weight * kl
+    if target is not None and ce_weight != 0:
+        loss = loss + ce_weight * ce
+    return {"loss": loss, "kl": kl, "ce": ce, "weight": weight, "valid": valid}
+
+
+def reduce_rows(rows: torch.Tensor, valid: torch.Tensor, reduction: str) -> torch.Tensor:
+    """PyTorch's reductions over rows; ``mean`` divides by the valid rows and is 0 when none is valid."""
+    if reduction == "none":
+        return rows
+    total = rows.sum()
+    if reduction == "sum":
+        return total
+    return total / valid.sum().clamp_min(1).to(total.dtype)
+
+
+def _loss(student_logits, teacher_logits, target, reduction, **params):
+    rows = loss_rows(student_logits, teacher_logits, target, **params)
+    return reduce_rows(rows["loss"], rows["valid"], reduction)
+
+
+def wttm_loss(student_logits, teacher_logits, target=None, *, gamma=0.2, beta=1.0, ce_weight=1.0,
+              ignore_index=-100, reduction="mean"):
+    """Weighted TTM: ce_weight * CE + beta * mean(U * KL(softmax(gamma * v) || softmax(z)))."""
+    return _loss(student_logits, teacher_logits, target, reduction, teacher_scale=gamma, weighted=True,
+                 beta=beta, ce_weight=ce_weight, ignore_index=ignore_index)
+
+
+def ttm_loss(student_logits, teacher_logits, target=None, *, gamma=0.2, beta=1.0, ce_weight=1.0,
+             ignore_index=-100, reduction="mean"):
+    """TTM: ce_weight * CE + beta * mean(KL(softmax(gamma * v) || softmax(z)))."""
+    return _loss(student_logits, teacher_logits, target, reduction, teacher_scale=gamma, weighted=False,
+                 beta=beta, ce_weight=ce_weight, ignore_index=ignore_index)
+
+
+def kd_loss(student_logits, teacher_logits, target=None, *, temperature=4.0, beta=1.0, ce_weight=1.0,
+            ignore_index=-100, reduction="mean"):
+    """Hinton KD: ce_weight * CE + beta * T^2 * mean(KL(softmax(v / T) || softmax(z / T)))."""
+    return _loss(student_logits, teacher_logits, target, reduction, student_scale=1.0 / temperature,
+                 teacher_scale=1.0 / temperature, kl_scale=temperature**2, weighted=False, beta=beta,
+                 ce_weight=ce_weight, ignore_index=ignore_index)
+
+
+def _paper_distill_term(student_logits, teacher_logits, gamma, weighted):
+    # The public code (distiller_zoo/ttm.py, wttm.py), on 2-D logits.
+    p = F.softmax(teacher_logits, dim=1)
+    p = torch.pow(p, gamma)
+    norm = torch.sum(p, 1)
+    p_t = p / norm.unsqueeze(1)
+    kl = torch.sum(F.kl_div(F.log_softmax(student_logits, dim=1), p_t, reduction="none"), 1)
+    return torch.mean(norm * kl) if weighted else torch.mean(kl)
+
+
+def paper_wttm_loss(student_logits, teacher_logits, target=None, *, gamma=0.2, beta=1.0, ce_weight=1.0):
+    """The paper's WTTM code, line for line: the eager baseline users would otherwise write."""
+    loss = beta * _paper_distill_term(student_logits, teacher_logits, gamma, weighted=True)
+    if target is not None:
+        loss = loss + ce_weight * F.cross_entropy(student_logits, target)
+    return loss
+
+
+def paper_ttm_loss(student_logits, teacher_logits, target=None, *, gamma=0.2, beta=1.0, ce_weight=1.0):
+    """The paper's TTM code, line for line."""
+    loss = beta * _paper_distill_term(student_logits, teacher_logits, gamma, weighted=False)
+    if target is not None:
+        loss = loss + ce_weight * F.cross_entropy(student_logits, target)
+    return loss
+
+
+def paper_kd_loss(student_logits, teacher_logits, target=None, *, temperature=4.0, beta=1.0, ce_weight=1.0):
+    """RepDistiller's DistillKL: kl_div(log_softmax(z/T), softmax(v/T), sum) * T^2 / batch."""
+    log_q = F.log_softmax(student_logits / temperature, dim=1)
+    p = F.softmax(teacher_logits / temperature, dim=1)
+    loss = beta * F.kl_div(log_q, p, reduction="sum") * temperature**2 / student_logits.shape[0]
+    if target is not None:
+        loss = loss + ce_weight * F.cross_entropy(student_logits, target)
+    return loss
