@@ -134,6 +134,28 @@ def loss_bwd_inplace(row_grad: torch.Tensor, student: torch.Tensor, teacher: tor
                    kl_coef, ce_weight, ignore_index, backend)
 
 
+@torch.library.custom_op("ttm_kernels::loss_fwd_grad_inplace", mutates_args=("student",))
+def loss_fwd_grad_inplace(student: torch.Tensor, teacher: torch.Tensor, target: Optional[torch.Tensor],
+                          row_grad: torch.Tensor, student_scale: float, teacher_scale: float, kl_coef: float,
+                          ce_weight: float, weighted: bool, ignore_index: int, backend: str) -> torch.Tensor:
+    """Forward and gradient in one launch: returns the statistics and overwrites ``student`` with
+    d(sum_i row_grad_i * loss_i)/dz (``row_grad``: (N,) or a 0-dim scalar for every row). For callers that
+    own the logits buffer, such as the fused linear loss."""
+    view = row_view(student)
+    if view.data_ptr() != student.data_ptr():
+        raise ValueError("loss_fwd_grad_inplace needs student logits whose last dimension is contiguous")
+    return _kernels(backend).forward(
+        view, row_view(teacher), _rows_of(target), student_scale=student_scale, teacher_scale=teacher_scale,
+        kl_coef=kl_coef, ce_weight=ce_weight, weighted=weighted, ignore_index=ignore_index, grad=view,
+        row_grad=row_grad.float())
+
+
+@loss_fwd_grad_inplace.register_fake
+def _(student, teacher, target, row_grad, student_scale, teacher_scale, kl_coef, ce_weight, weighted,
+      ignore_index, backend):
+    return student.new_empty((7, student[..., 0].numel()), dtype=torch.float32)
+
+
 def _setup_context(ctx, inputs, output):
     student, teacher, target, student_scale, teacher_scale, kl_coef, ce_weight, _weighted, ignore_index, backend = inputs
     ctx.params = (student_scale, teacher_scale, kl_coef, ce_weight, ignore_index, backend)
