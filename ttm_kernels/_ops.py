@@ -4,11 +4,11 @@ Every compiled backend module (``triton_kernels``, ``cpu_kernels``) offers the s
 (B, T, V) row views (see ``_rows.row_view``):
 
     forward(student, teacher, target, *, student_scale, teacher_scale, kl_coef, ce_weight, weighted,
-            ignore_index, grad=None, row_grad=None) -> stats (7, N) fp32
+            ignore_index, grad=None, row_grad=None) -> stats (10, N) fp32
     backward(row_grad, student, teacher, target, stats, grad, *, student_scale, teacher_scale, kl_coef,
              ce_weight, ignore_index) -> None   (writes the gradient into ``grad``)
 
-Forward saves only the (7, N) statistics; backward recomputes the probabilities from them, so the op
+Forward saves only the (10, N) statistics; backward recomputes the probabilities from them, so the op
 allocates one (N, V) tensor in all, the gradient, or none with ``inplace_backward``.
 """
 from __future__ import annotations
@@ -23,6 +23,8 @@ import torch
 from ._rows import row_view
 
 BACKENDS = ("auto", "triton", "cpu", "torch")
+# Every backend's statistics: (NUM_STATS, N) fp32, rows loss, kl, ce, weight, then backend-private ones.
+NUM_STATS = 10
 STAT_LOSS, STAT_KL, STAT_CE, STAT_WEIGHT = 0, 1, 2, 3
 
 
@@ -34,14 +36,18 @@ def _load(module: str):
         return None, exc
 
 
+# torch.compile calls these once while tracing and keeps their answers as constants.
+@torch.compiler.assume_constant_result
 def triton_available() -> bool:
     return _load("triton_kernels")[0] is not None
 
 
+@torch.compiler.assume_constant_result
 def cpu_extension_available() -> bool:
     return _load("cpu_kernels")[0] is not None
 
 
+@torch.compiler.assume_constant_result
 def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
@@ -57,17 +63,16 @@ def resolve_backend(backend: str, device: torch.device) -> str:
             return "cpu"
         return "torch"
     if backend == "triton":
-        module, error = _load("triton_kernels")
-        if module is None:
-            raise RuntimeError(f"backend='triton' needs the triton package, which failed to import: {error}")
+        if not triton_available():
+            raise RuntimeError("backend='triton' needs the triton package, which failed to import: "
+                               f"{_load('triton_kernels')[1]}")
         if device.type == "cpu" and not triton_interpreted():
             raise ValueError("backend='triton' got CPU tensors: move them to CUDA, or set TRITON_INTERPRET=1 "
                              "before importing triton to run the kernels in the interpreter")
     if backend == "cpu":
-        module, error = _load("cpu_kernels")
-        if module is None:
+        if not cpu_extension_available():
             raise RuntimeError("backend='cpu' needs the compiled extension ttm_kernels._C, which failed to "
-                               f"load ({error}); reinstall with `pip install -e .`")
+                               f"load ({_load('cpu_kernels')[1]}); reinstall with `pip install -e .`")
         if device.type != "cpu":
             raise ValueError(f"backend='cpu' got tensors on {device}; use backend='auto' or move them to the CPU")
     return backend
@@ -85,7 +90,7 @@ def _rows_of(x: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
 def loss_fwd(student: torch.Tensor, teacher: torch.Tensor, target: Optional[torch.Tensor],
              student_scale: float, teacher_scale: float, kl_coef: float, ce_weight: float, weighted: bool,
              ignore_index: int, backend: str) -> torch.Tensor:
-    """(7, N) fp32 statistics per row: loss, kl, ce, weight, lse(s*z), lse(g*v), lse(z)."""
+    """(NUM_STATS, N) fp32 statistics per row: loss, kl, ce, weight, then what the backward needs."""
     return _kernels(backend).forward(
         row_view(student), row_view(teacher), _rows_of(target), student_scale=student_scale,
         teacher_scale=teacher_scale, kl_coef=kl_coef, ce_weight=ce_weight, weighted=weighted,
@@ -95,7 +100,7 @@ def loss_fwd(student: torch.Tensor, teacher: torch.Tensor, target: Optional[torc
 @loss_fwd.register_fake
 def _(student, teacher, target, student_scale, teacher_scale, kl_coef, ce_weight, weighted, ignore_index,
       backend):
-    return student.new_empty((7, student[..., 0].numel()), dtype=torch.float32)
+    return student.new_empty((NUM_STATS, student[..., 0].numel()), dtype=torch.float32)
 
 
 def _backward_into(grad, row_grad, student, teacher, target, stats, student_scale, teacher_scale, kl_coef,
@@ -153,7 +158,7 @@ def loss_fwd_grad_inplace(student: torch.Tensor, teacher: torch.Tensor, target: 
 @loss_fwd_grad_inplace.register_fake
 def _(student, teacher, target, row_grad, student_scale, teacher_scale, kl_coef, ce_weight, weighted,
       ignore_index, backend):
-    return student.new_empty((7, student[..., 0].numel()), dtype=torch.float32)
+    return student.new_empty((NUM_STATS, student[..., 0].numel()), dtype=torch.float32)
 
 
 def _setup_context(ctx, inputs, output):
@@ -196,7 +201,7 @@ class _InplaceLoss(torch.autograd.Function):
 
 def loss_stats(student, teacher, target, *, student_scale, teacher_scale, kl_coef, ce_weight, weighted,
                ignore_index, backend, inplace_backward=False):
-    """Differentiable (7, N) statistics; only the loss row (0) carries a gradient."""
+    """Differentiable (10, N) statistics; only the loss row (0) carries a gradient."""
     params = (float(student_scale), float(teacher_scale), float(kl_coef), float(ce_weight), bool(weighted),
               int(ignore_index), backend)
     if inplace_backward:

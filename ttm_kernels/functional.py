@@ -100,8 +100,8 @@ def _fused_loss(student_logits, teacher_logits, target, *, student_scale, teache
         rows = reference.loss_rows(student_logits, teacher_logits, target, student_scale=student_scale,
                                    teacher_scale=teacher_scale, kl_scale=kl_scale, weighted=weighted, beta=beta,
                                    ce_weight=ce_weight, ignore_index=ignore_index)
-        loss_rows = rows["loss"].float()
-        detached = [rows[k].detach().float() for k in ("kl", "ce", "weight")]
+        loss_rows = rows["loss"]
+        detached = [rows[k].detach() for k in ("kl", "ce", "weight")]
     else:
         if inplace_backward and _ops.row_view(student_logits).data_ptr() != student_logits.data_ptr():
             raise ValueError("inplace_backward=True needs student_logits whose last dimension is contiguous")
@@ -132,7 +132,8 @@ _COMMON_DOC = """
         reduction: ``"mean"`` (over the rows not ignored; 0 when every row is ignored), ``"sum"`` or
             ``"none"`` (a float32 tensor of the leading shape, ignored rows 0).
         backend: ``"auto"`` (Triton on CUDA tensors, the compiled C++ kernel on CPU tensors, the reference
-            elsewhere), ``"triton"``, ``"cpu"`` or ``"torch"`` (the unfused reference).
+            elsewhere), ``"triton"``, ``"cpu"`` or ``"torch"`` (the unfused reference, which computes and
+            returns in the logits' dtype).
         inplace_backward: write the gradient into ``student_logits``' own storage during the backward,
             allocating no (N, V) tensor at all. Opt-in: the logits' values are destroyed, so nothing else
             may use them afterwards.

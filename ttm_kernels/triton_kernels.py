@@ -1,17 +1,20 @@
 """Triton kernels for the fused TTM / WTTM / KD loss.
 
-One program per row. Logits arrive as (B, T, V) views (last dimension contiguous, free leading strides).
+One program per row. Logits arrive as (B, T, V) views (last dimension contiguous, free leading strides;
+each tensor with its own B x T split of the N rows).
 Per row, with s = student_scale, g = teacher_scale:
 
     forward: one streaming pass over z and v (reads 2V elements) with online (max, sum) accumulation of
              lse(s*z), lse(g*v), lse(v) (WTTM only), lse(z) (CE under a student temperature only) and
              acc = sum exp(g*v - m_t) * ((g*v - m_t) - (s*z - m_s)), kept relative to the running maxima so
              that KL = acc / d_t - log d_t + log d_s never subtracts two large numbers.
-             Writes 7 fp32 statistics per row; with HAS_GRAD it also makes the gradient pass below.
+             Writes 10 fp32 statistics per row; with HAS_GRAD it also makes the gradient pass below.
     gradient: a second pass (reads 2V, writes V) that recomputes the probabilities from the saved
              statistics, computes the whole row gradient in fp32 and rounds once at the store.
 
-Statistics rows, (7, N) fp32: loss, kl, ce, weight (U, or 1), lse(s*z), lse(g*v), lse(z).
+Statistics rows, (10, N) fp32: loss, kl, ce, weight (U, or 1), then (max, log of the rescaled sum) of s*z,
+g*v and z. The max and log-sum stay apart because their fp32 sum, lse, would lose the log-sum's bits next
+to a logit of 1e4: probabilities are recomputed as exp((x - max) - log_sum), as log_softmax does.
 """
 from __future__ import annotations
 
@@ -19,19 +22,19 @@ import torch
 import triton
 import triton.language as tl
 
-STAT_LOSS, STAT_KL, STAT_CE, STAT_WEIGHT, STAT_LSE_S, STAT_LSE_T, STAT_LSE_Z = range(7)
-NUM_STATS = 7
+NUM_STATS = 10
 MAX_BLOCK_V = 4096
 
 
 @triton.jit
 def _row_ptr(base, row, n_inner, stride_b, stride_t):
+    # Each (B, T, V) view has its own split of the N rows: row = b * T + t, T = n_inner.
     return base + (row // n_inner) * stride_b + (row % n_inner) * stride_t
 
 
 @triton.jit
 def _grad_pass(s_row, t_row, g_row, y, V, kl_coef, ce_coef, student_scale, teacher_scale,
-               lse_s, lse_t, lse_z, HAS_TARGET: tl.constexpr, SEPARATE_CE: tl.constexpr,
+               m_s, log_d_s, m_t, log_d_t, m_z, log_d_z, HAS_TARGET: tl.constexpr, SEPARATE_CE: tl.constexpr,
                BLOCK_V: tl.constexpr):
     # d/dz = kl_coef * (softmax(s*z) - softmax(g*v)) + ce_coef * (softmax(z) - onehot(y)); kl_coef already
     # carries beta * kl_scale * weight * s and the upstream gradient of the row.
@@ -40,12 +43,12 @@ def _grad_pass(s_row, t_row, g_row, y, V, kl_coef, ce_coef, student_scale, teach
         mask = cols < V
         z = tl.load(s_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
         v = tl.load(t_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
-        q_s = tl.exp(z * student_scale - lse_s)
-        p_t = tl.exp(v * teacher_scale - lse_t)
+        q_s = tl.exp((z * student_scale - m_s) - log_d_s)
+        p_t = tl.exp((v * teacher_scale - m_t) - log_d_t)
         grad = kl_coef * (q_s - p_t)
         if HAS_TARGET:
             if SEPARATE_CE:
-                q = tl.exp(z - lse_z)
+                q = tl.exp((z - m_z) - log_d_z)
             else:
                 q = q_s
             grad += ce_coef * (q - tl.where(cols == y, 1.0, 0.0))
@@ -61,25 +64,25 @@ def _zero_pass(g_row, V, BLOCK_V: tl.constexpr):
 
 @triton.jit
 def ttm_fwd_kernel(
-    S, s_stride_b, s_stride_t,
-    TCH, t_stride_b, t_stride_t,
+    S, s_inner, s_stride_b, s_stride_t,
+    TCH, t_inner, t_stride_b, t_stride_t,
     Y, STATS,
-    GRAD, g_stride_b, g_stride_t, ROW_GRAD, row_grad_stride,
-    n_rows, n_inner, V,
+    GRAD, g_inner, g_stride_b, g_stride_t, ROW_GRAD, row_grad_stride,
+    n_rows, V,
     student_scale, teacher_scale, kl_coef, ce_weight, ignore_index,
     HAS_TARGET: tl.constexpr, WEIGHTED: tl.constexpr, SEPARATE_CE: tl.constexpr, HAS_GRAD: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
-    s_row = _row_ptr(S, row, n_inner, s_stride_b, s_stride_t)
-    t_row = _row_ptr(TCH, row, n_inner, t_stride_b, t_stride_t)
-    g_row = _row_ptr(GRAD, row, n_inner, g_stride_b, g_stride_t)
+    s_row = _row_ptr(S, row, s_inner, s_stride_b, s_stride_t)
+    t_row = _row_ptr(TCH, row, t_inner, t_stride_b, t_stride_t)
+    g_row = _row_ptr(GRAD, row, g_inner, g_stride_b, g_stride_t)
 
     y = 0
     if HAS_TARGET:
         y = tl.load(Y + row)
         if y == ignore_index:
-            for k in tl.static_range(7):
+            for k in tl.static_range(10):
                 tl.store(STATS + k * n_rows + row, 0.0)
             if HAS_GRAD:
                 _zero_pass(g_row, V, BLOCK_V)
@@ -125,52 +128,55 @@ def ttm_fwd_kernel(
 
     log_d_s = tl.log(d_s)
     log_d_t = tl.log(d_t)
-    lse_s = m_s + log_d_s
-    lse_t = m_t + log_d_t
     kl = acc / d_t - log_d_t + log_d_s
     weight = 1.0
     if WEIGHTED:
         # U = sum softmax(v)^g = exp(lse(g*v) - g * lse(v)); the maxima are subtracted first.
         weight = tl.exp((m_t - teacher_scale * m_v) + log_d_t - teacher_scale * tl.log(d_v))
-    lse_z = lse_s
     if SEPARATE_CE:
-        lse_z = m_z + tl.log(d_z)
+        log_d_z = tl.log(d_z)
+    else:
+        m_z = m_s
+        log_d_z = log_d_s
     ce = 0.0
     if HAS_TARGET:
         in_range = (y >= 0) & (y < V)
         z_y = tl.load(s_row + y, mask=in_range, other=float("nan")).to(tl.float32)
-        ce = lse_z - z_y
+        ce = (m_z - z_y) + log_d_z
     loss = kl_coef * weight * kl + ce_weight * ce
 
     tl.store(STATS + 0 * n_rows + row, loss)
     tl.store(STATS + 1 * n_rows + row, kl)
     tl.store(STATS + 2 * n_rows + row, ce)
     tl.store(STATS + 3 * n_rows + row, weight)
-    tl.store(STATS + 4 * n_rows + row, lse_s)
-    tl.store(STATS + 5 * n_rows + row, lse_t)
-    tl.store(STATS + 6 * n_rows + row, lse_z)
+    tl.store(STATS + 4 * n_rows + row, m_s)
+    tl.store(STATS + 5 * n_rows + row, log_d_s)
+    tl.store(STATS + 6 * n_rows + row, m_t)
+    tl.store(STATS + 7 * n_rows + row, log_d_t)
+    tl.store(STATS + 8 * n_rows + row, m_z)
+    tl.store(STATS + 9 * n_rows + row, log_d_z)
 
     if HAS_GRAD:
         row_grad = tl.load(ROW_GRAD + row * row_grad_stride)
         _grad_pass(s_row, t_row, g_row, y, V, row_grad * kl_coef * weight * student_scale,
-                   row_grad * ce_weight, student_scale, teacher_scale, lse_s, lse_t, lse_z,
-                   HAS_TARGET, SEPARATE_CE, BLOCK_V)
+                   row_grad * ce_weight, student_scale, teacher_scale, m_s, log_d_s, m_t, log_d_t, m_z,
+                   log_d_z, HAS_TARGET, SEPARATE_CE, BLOCK_V)
 
 
 @triton.jit
 def ttm_bwd_kernel(
-    S, s_stride_b, s_stride_t,
-    TCH, t_stride_b, t_stride_t,
+    S, s_inner, s_stride_b, s_stride_t,
+    TCH, t_inner, t_stride_b, t_stride_t,
     Y, STATS,
-    GRAD, g_stride_b, g_stride_t, ROW_GRAD, row_grad_stride,
-    n_rows, n_inner, V,
+    GRAD, g_inner, g_stride_b, g_stride_t, ROW_GRAD, row_grad_stride,
+    n_rows, V,
     student_scale, teacher_scale, kl_coef, ce_weight, ignore_index,
     HAS_TARGET: tl.constexpr, SEPARATE_CE: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
-    s_row = _row_ptr(S, row, n_inner, s_stride_b, s_stride_t)
-    t_row = _row_ptr(TCH, row, n_inner, t_stride_b, t_stride_t)
-    g_row = _row_ptr(GRAD, row, n_inner, g_stride_b, g_stride_t)
+    s_row = _row_ptr(S, row, s_inner, s_stride_b, s_stride_t)
+    t_row = _row_ptr(TCH, row, t_inner, t_stride_b, t_stride_t)
+    g_row = _row_ptr(GRAD, row, g_inner, g_stride_b, g_stride_t)
     y = 0
     if HAS_TARGET:
         y = tl.load(Y + row)
@@ -178,12 +184,16 @@ def ttm_bwd_kernel(
             _zero_pass(g_row, V, BLOCK_V)
             return
     weight = tl.load(STATS + 3 * n_rows + row)
-    lse_s = tl.load(STATS + 4 * n_rows + row)
-    lse_t = tl.load(STATS + 5 * n_rows + row)
-    lse_z = tl.load(STATS + 6 * n_rows + row)
+    m_s = tl.load(STATS + 4 * n_rows + row)
+    log_d_s = tl.load(STATS + 5 * n_rows + row)
+    m_t = tl.load(STATS + 6 * n_rows + row)
+    log_d_t = tl.load(STATS + 7 * n_rows + row)
+    m_z = tl.load(STATS + 8 * n_rows + row)
+    log_d_z = tl.load(STATS + 9 * n_rows + row)
     row_grad = tl.load(ROW_GRAD + row * row_grad_stride)
     _grad_pass(s_row, t_row, g_row, y, V, row_grad * kl_coef * weight * student_scale, row_grad * ce_weight,
-               student_scale, teacher_scale, lse_s, lse_t, lse_z, HAS_TARGET, SEPARATE_CE, BLOCK_V)
+               student_scale, teacher_scale, m_s, log_d_s, m_t, log_d_t, m_z, log_d_z, HAS_TARGET, SEPARATE_CE,
+               BLOCK_V)
 
 
 def _launch_config(V: int) -> tuple[int, int]:
@@ -196,18 +206,18 @@ def _common_args(student, teacher, target, stats, grad, row_grad):
     B, T, V = student.shape
     target_arg = target if target is not None else stats
     return (
-        student, student.stride(0), student.stride(1),
-        teacher, teacher.stride(0), teacher.stride(1),
+        student, student.shape[1], student.stride(0), student.stride(1),
+        teacher, teacher.shape[1], teacher.stride(0), teacher.stride(1),
         target_arg, stats,
-        grad, grad.stride(0), grad.stride(1),
+        grad, grad.shape[1], grad.stride(0), grad.stride(1),
         row_grad, row_grad.stride(0) if row_grad.dim() else 0,
-        B * T, T, V,
+        B * T, V,
     )
 
 
 def forward(student, teacher, target, *, student_scale, teacher_scale, kl_coef, ce_weight, weighted,
             ignore_index, grad=None, row_grad=None):
-    """Loss statistics (7, N) fp32 of (B, T, V) row views; with ``grad``, also writes d(sum_i row_grad_i *
+    """Loss statistics (10, N) fp32 of (B, T, V) row views; with ``grad``, also writes d(sum_i row_grad_i *
     loss_i)/dz into it (a (B, T, V) view, possibly ``student`` itself)."""
     B, T, V = student.shape
     stats = torch.empty((NUM_STATS, B * T), dtype=torch.float32, device=student.device)

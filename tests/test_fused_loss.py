@@ -1,0 +1,378 @@
+"""fused_wttm_loss / fused_ttm_loss / fused_kd_loss against the float64 reference, on every compiled backend.
+
+The Triton backend runs on CUDA tensors when a GPU is present, else in the Triton interpreter on CPU
+tensors (conftest sets TRITON_INTERPRET=1). Every case checks the loss and the student gradient.
+"""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import ttm_kernels
+from ttm_kernels import KDLoss, TTMLoss, WTTMLoss, fused_kd_loss, fused_ttm_loss, fused_wttm_loss, reference
+
+BACKENDS = [
+    pytest.param("triton", marks=pytest.mark.skipif(not ttm_kernels.triton_available(), reason="triton not installed")),
+    pytest.param("cpu", marks=pytest.mark.skipif(not ttm_kernels.cpu_extension_available(),
+                                                 reason="C++ extension not built")),
+]
+FUSED = {"wttm": fused_wttm_loss, "ttm": fused_ttm_loss, "kd": fused_kd_loss}
+REFERENCE = {"wttm": reference.wttm_loss, "ttm": reference.ttm_loss, "kd": reference.kd_loss}
+
+
+def device_of(backend):
+    return "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
+
+
+def make_logits(shape, spread, seed, device="cpu"):
+    gen = torch.Generator().manual_seed(seed)
+    z = torch.randn(shape, generator=gen, dtype=torch.float64) * spread
+    v = torch.randn(shape, generator=gen, dtype=torch.float64) * spread
+    return z.to(device), v.to(device)
+
+
+def make_target(lead_shape, vocab, seed, ignore_fraction=0.25, ignore_index=-100, device="cpu"):
+    gen = torch.Generator().manual_seed(seed + 1)
+    target = torch.randint(0, vocab, lead_shape, generator=gen)
+    target[torch.rand(lead_shape, generator=gen) < ignore_fraction] = ignore_index
+    return target.to(device)
+
+
+def reference_loss_and_grad(kind, z, v, target, upstream=None, **kw):
+    """Loss and gradient of the float64 reference (inputs upcast; the masks survive the cast)."""
+    z64 = z.detach().double().requires_grad_()
+    loss = REFERENCE[kind](z64, v.double(), target, **kw)
+    loss.backward(upstream.double() if upstream is not None else None)
+    return loss.detach(), z64.grad
+
+
+def fused_loss_and_grad(kind, z, v, target, backend, upstream=None, **kw):
+    z = z.detach().clone().requires_grad_()
+    loss = FUSED[kind](z, v, target, backend=backend, **kw)
+    loss.backward(upstream if upstream is not None else None)
+    return loss.detach(), z.grad
+
+
+def assert_close(name, ref, out, rtol, atol=0.0):
+    """Max abs error relative to the reference's largest magnitude, plus NaN/inf parity."""
+    ref, out = ref.double().cpu(), out.double().cpu()
+    assert torch.equal(torch.isnan(ref), torch.isnan(out)), f"{name}: NaN pattern differs"
+    assert torch.equal(torch.isinf(ref), torch.isinf(out)), f"{name}: inf pattern differs"
+    finite = torch.isfinite(ref)
+    if not finite.any():
+        return
+    err = (ref[finite] - out[finite]).abs().max().item()
+    scale = ref[finite].abs().max().item()
+    assert err <= rtol * scale + atol, f"{name}: max error {err:.3g} > {rtol:g} * {scale:.3g} + {atol:g}"
+
+
+def scale_kw(kind, gamma):
+    return {"temperature": 1.0 / gamma} if kind == "kd" else {"gamma": gamma}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("gamma", [1.0, 0.5, 0.2, 0.1], ids=lambda g: f"gamma{g}")
+@pytest.mark.parametrize("shape,spread", [((1, 1), 5.0), ((41, 1271), 10.0), ((3, 9000), 30.0), ((7, 64), 1.0)],
+                         ids=["N1-V1", "N41-V1271", "N3-V9000-multiblock", "N7-V64-spread1"])
+def test_fused_wttm_loss(backend, gamma, shape, spread):
+    device = device_of(backend)
+    z, v = make_logits(shape, spread, seed=hash((shape, gamma)) % 1000, device=device)
+    target = make_target(shape[:-1], shape[-1], seed=3, device=device)
+    kw = dict(gamma=gamma, beta=4.0, ce_weight=0.7)
+    ref_loss, ref_grad = reference_loss_and_grad("wttm", z, v, target, **kw)
+    loss, grad = fused_loss_and_grad("wttm", z.float(), v.float(), target, backend, **kw)
+    assert loss.dtype == torch.float32 and grad.dtype == torch.float32
+    assert_close("loss", ref_loss, loss, 2e-6, 1e-6)
+    assert_close("grad", ref_grad, grad, 1e-5, 1e-9)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", ["wttm", "ttm", "kd"])
+@pytest.mark.parametrize("with_target", [True, False], ids=["target", "no-target"])
+def test_fused_loss_variants(backend, kind, with_target):
+    device = device_of(backend)
+    z, v = make_logits((19, 3001), 20.0, seed=5, device=device)
+    target = make_target((19,), 3001, seed=5, device=device) if with_target else None
+    kw = dict(beta=0.9, ce_weight=0.1, **scale_kw(kind, 0.25))
+    ref_loss, ref_grad = reference_loss_and_grad(kind, z, v, target, **kw)
+    loss, grad = fused_loss_and_grad(kind, z.float(), v.float(), target, backend, **kw)
+    assert_close("loss", ref_loss, loss, 2e-6, 1e-6)
+    assert_close("grad", ref_grad, grad, 1e-5, 1e-9)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fused_wttm_loss_gamma1_is_plain_kl(backend):
+    device = device_of(backend)
+    z, v = make_logits((9, 777), 10.0, seed=11, device=device)
+    kl = F.kl_div(F.log_softmax(z, -1), F.log_softmax(v, -1), reduction="batchmean", log_target=True)
+    loss = fused_ttm_loss(z.float(), v.float(), gamma=1.0, backend=backend)
+    assert_close("ttm(gamma=1) vs kl_div", kl, loss, 2e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fused_wttm_loss_large_vocab(backend):
+    device = device_of(backend)
+    z, v = make_logits((2, 262144), 30.0, seed=13, device=device)
+    target = torch.tensor([5, 262143], device=device)
+    ref_loss, ref_grad = reference_loss_and_grad("wttm", z, v, target, gamma=0.2, beta=2.0)
+    loss, grad = fused_loss_and_grad("wttm", z.float(), v.float(), target, backend, gamma=0.2, beta=2.0)
+    assert_close("loss", ref_loss, loss, 5e-6, 1e-6)
+    assert_close("grad", ref_grad, grad, 2e-5, 1e-10)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_fused_wttm_loss_reduction_and_upstream_grad(backend, reduction):
+    device = device_of(backend)
+    z, v = make_logits((4, 6, 533), 15.0, seed=17, device=device)
+    target = make_target((4, 6), 533, seed=17, ignore_fraction=0.3, device=device)
+    gen = torch.Generator().manual_seed(0)
+    upstream = (torch.randn((4, 6), generator=gen) if reduction == "none" else torch.tensor(2.5)).to(device)
+    kw = dict(gamma=0.1, beta=3.0, reduction=reduction)
+    ref_loss, ref_grad = reference_loss_and_grad("wttm", z, v, target, upstream=upstream, **kw)
+    loss, grad = fused_loss_and_grad("wttm", z.float(), v.float(), target, backend, upstream=upstream, **kw)
+    assert loss.shape == ref_loss.shape
+    assert_close("loss", ref_loss, loss, 2e-6, 1e-6)
+    assert_close("grad", ref_grad, grad, 1e-5, 1e-9)
+    ignored = target == -100
+    assert (grad[ignored] == 0).all()
+    if reduction == "none":
+        assert (loss[ignored] == 0).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_fused_wttm_loss_all_rows_ignored(backend, reduction):
+    device = device_of(backend)
+    z, v = make_logits((5, 300), 10.0, seed=19, device=device)
+    z = z.float().requires_grad_()
+    target = torch.full((5,), 7, device=device)
+    loss = fused_wttm_loss(z, v.float(), target, ignore_index=7, reduction=reduction, backend=backend)
+    loss.sum().backward()
+    assert (loss == 0).all() and not loss.isnan().any()
+    assert (z.grad == 0).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("layout", ["shifted", "transposed", "row-strided"])
+def test_fused_wttm_loss_strided_rows(backend, layout):
+    """Sliced (B, T, V) batches are read in place; the result equals that of contiguous copies."""
+    device = device_of(backend)
+    z, v = make_logits((3, 8, 1100), 12.0, seed=23, device=device)
+    if layout == "shifted":
+        z, v = z[:, :-1], v[:, 1:]
+    elif layout == "transposed":
+        z, v = z.transpose(0, 1), v.transpose(0, 1)
+    else:
+        z, v = z[:, :, :1000], v[:, :, 50:1050]
+    target = make_target(z.shape[:-1], z.shape[-1], seed=23, device=device)
+    ref_loss, ref_grad = reference_loss_and_grad("wttm", z, v, target, gamma=0.2)
+    loss, grad = fused_loss_and_grad("wttm", z.float(), v.float(), target, backend, gamma=0.2)
+    assert grad.shape == z.shape
+    assert_close("loss", ref_loss, loss, 2e-6, 1e-6)
+    assert_close("grad", ref_grad, grad, 1e-5, 1e-9)
+
+
+def eager_error(kind, z64, v64, target, dtype, teacher_dtype, ref_loss, ref_grad, **kw):
+    """Error of the reference itself computed in the low-precision dtypes: the bar the kernel must meet."""
+    z = z64.to(dtype).requires_grad_()
+    loss = REFERENCE[kind](z, v64.to(teacher_dtype), target, **kw)
+    loss.backward()
+    return (loss.double() - ref_loss).abs().item(), (z.grad.double() - ref_grad).abs().max().item()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype,teacher_dtype", [
+    (torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16),
+    (torch.bfloat16, torch.float32), (torch.float32, torch.bfloat16), (torch.float16, torch.bfloat16),
+], ids=lambda d: str(d).replace("torch.", ""))
+def test_fused_wttm_loss_low_precision(backend, dtype, teacher_dtype):
+    """Fused error vs float64 is no worse than the eager reference's own error in the same dtypes."""
+    device = device_of(backend)
+    z64, v64 = make_logits((16, 2500), 8.0, seed=29, device=device)
+    # Round the inputs first so both sides see the same values: what is compared is the arithmetic.
+    z64, v64 = z64.to(dtype).double(), v64.to(teacher_dtype).double()
+    target = make_target((16,), 2500, seed=29, device=device)
+    kw = dict(gamma=0.2, beta=2.0)
+    ref_loss, ref_grad = reference_loss_and_grad("wttm", z64, v64, target, **kw)
+    eager_loss_err, eager_grad_err = eager_error("wttm", z64, v64, target, dtype, teacher_dtype, ref_loss,
+                                                 ref_grad, **kw)
+    loss, grad = fused_loss_and_grad("wttm", z64.to(dtype), v64.to(teacher_dtype), target, backend, **kw)
+    assert grad.dtype == dtype
+    grad_eps = torch.finfo(dtype).eps * ref_grad.abs().max().item()
+    assert (loss.double() - ref_loss).abs().item() <= eager_loss_err + 1e-5 * ref_loss.abs().item()
+    assert (grad.double() - ref_grad).abs().max().item() <= eager_grad_err + grad_eps
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", ["wttm", "kd"])
+def test_fused_loss_masked_vocabulary(backend, kind):
+    """-inf logits: masked in both (padding), or in the teacher only; never NaN."""
+    device = device_of(backend)
+    z, v = make_logits((6, 2100), 10.0, seed=31, device=device)
+    z[:, 2000:] = float("-inf")
+    v[:, 2000:] = float("-inf")
+    v[:3, :1500] = float("-inf")  # a teacher that rules out most classes, including whole blocks
+    z[4, 100:600] = float("-inf")  # student-only masks where the teacher is also masked ...
+    v[4, 100:600] = float("-inf")
+    v[5, 0] = float("-inf")  # ... and a teacher-only one
+    target = torch.tensor([1700, 1999, -100, 5, 50, 1], device=device)
+    kw = dict(beta=1.5, **scale_kw(kind, 0.2))
+    ref_loss, ref_grad = reference_loss_and_grad(kind, z, v, target, **kw)
+    loss, grad = fused_loss_and_grad(kind, z.float(), v.float(), target, backend, **kw)
+    assert torch.isfinite(loss).all() and torch.isfinite(grad).all()
+    assert_close("loss", ref_loss, loss, 2e-6, 1e-6)
+    assert_close("grad", ref_grad, grad, 1e-5, 1e-9)
+    assert (grad[:, 2000:] == 0).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fused_wttm_loss_extreme_logits(backend):
+    device = device_of(backend)
+    z, v = make_logits((8, 700), 3.0, seed=37, device=device)
+    z[:, :5] = 1e4
+    z[:, 5:10] = -1e4
+    v[::2, 100] = 1e4
+    v[1::2, 200:210] = -1e4
+    target = make_target((8,), 700, seed=37, device=device)
+    kw = dict(gamma=0.1, beta=2.0)
+    ref_loss, ref_grad = reference_loss_and_grad("wttm", z, v, target, **kw)
+    loss, grad = fused_loss_and_grad("wttm", z.float(), v.float(), target, backend, **kw)
+    assert_close("loss", ref_loss, loss, 1e-5, 1e-3)
+    assert_close("grad", ref_grad, grad, 1e-5, 1e-9)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fused_wttm_loss_components(backend):
+    device = device_of(backend)
+    z, v = make_logits((12, 480), 10.0, seed=41, device=device)
+    target = make_target((12,), 480, seed=41, device=device)
+    loss, parts = fused_wttm_loss(z.float(), v.float(), target, gamma=0.2, beta=2.0, ce_weight=0.5,
+                                  backend=backend, return_components=True)
+    rows = reference.loss_rows(z, v, target, teacher_scale=0.2, weighted=True, beta=2.0, ce_weight=0.5)
+    valid = rows["valid"]
+    for name in ("kl", "ce", "weight"):
+        assert_close(name, rows[name][valid].mean(), getattr(parts, name), 2e-6)
+        assert not getattr(parts, name).requires_grad
+    assert_close("loss", 0.5 * parts.ce + 2.0 * (rows["weight"] * rows["kl"])[valid].mean(), loss, 2e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fused_wttm_loss_inplace_backward(backend):
+    device = device_of(backend)
+    z, v = make_logits((2, 5, 900), 10.0, seed=43, device=device)
+    target = make_target((2, 5), 900, seed=43, device=device)
+    ref_loss, ref_grad = reference_loss_and_grad("wttm", z, v, target, gamma=0.2)
+    leaf = z.float().requires_grad_()
+    logits = leaf * 1.0  # a non-leaf, as the output of a model's last layer would be
+    loss = fused_wttm_loss(logits, v.float(), target, gamma=0.2, backend=backend, inplace_backward=True)
+    loss.backward()
+    assert_close("loss", ref_loss, loss.detach(), 2e-6, 1e-6)
+    assert_close("grad", ref_grad, leaf.grad, 1e-5, 1e-9)
+    assert torch.equal(logits.detach(), leaf.grad), "the gradient was not written into the logits' storage"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fused_wttm_loss_torch_compile(backend):
+    device = device_of(backend)
+    z, v = make_logits((4, 3, 300), 10.0, seed=47, device=device)
+    target = make_target((4, 3), 300, seed=47, device=device)
+
+    @torch.compile(fullgraph=True, dynamic=False)
+    def step(student, teacher, tgt):
+        loss = fused_wttm_loss(student, teacher, tgt, gamma=0.2, beta=2.0, backend=backend)
+        return loss * 1.5
+
+    zc = z.float().requires_grad_()
+    step(zc, v.float(), target).backward()
+    ref_loss, ref_grad = reference_loss_and_grad("wttm", z, v, target, upstream=torch.tensor(1.5), gamma=0.2,
+                                                 beta=2.0)
+    assert_close("grad", ref_grad, zc.grad, 1e-5, 1e-9)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_modules_match_functional(backend):
+    device = device_of(backend)
+    z, v = make_logits((10, 250), 10.0, seed=53, device=device)
+    z, v = z.float(), v.float()
+    target = make_target((10,), 250, seed=53, device=device)
+    for module, fn, kw in [(WTTMLoss(0.3, beta=2.0, backend=backend), fused_wttm_loss, {"gamma": 0.3}),
+                           (TTMLoss(0.3, beta=2.0, backend=backend), fused_ttm_loss, {"gamma": 0.3}),
+                           (KDLoss(3.0, beta=2.0, backend=backend), fused_kd_loss, {"temperature": 3.0})]:
+        assert torch.equal(module(z, v, target), fn(z, v, target, beta=2.0, backend=backend, **kw))
+
+
+def test_torch_backend_is_the_reference():
+    z, v = make_logits((6, 100), 10.0, seed=59)
+    target = make_target((6,), 100, seed=59)
+    assert torch.equal(fused_wttm_loss(z, v, target, backend="torch"), reference.wttm_loss(z, v, target))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fused_wttm_loss_no_rows(backend):
+    device = device_of(backend)
+    z = torch.zeros((0, 10), device=device, requires_grad=True)
+    loss = fused_wttm_loss(z, torch.zeros((0, 10), device=device), backend=backend)
+    loss.backward()
+    assert loss.item() == 0 and z.grad.shape == (0, 10)
+
+
+def _bad(**overrides):
+    z = torch.randn(4, 10) * 5
+    args = dict(student_logits=z.requires_grad_(), teacher_logits=torch.randn(4, 10) * 5,
+                target=torch.tensor([1, 2, 3, 4]))
+    args.update(overrides)
+    return args
+
+
+@pytest.mark.parametrize("args,kwargs,error,match", [
+    (_bad(teacher_logits=torch.randn(4, 11)), {}, ValueError, "same shape"),
+    (_bad(student_logits=torch.randint(0, 5, (4, 10))), {}, TypeError, "student_logits must be a floating"),
+    (_bad(teacher_logits=torch.randint(0, 5, (4, 10))), {}, TypeError, "teacher_logits must be a floating"),
+    (_bad(student_logits=[1.0]), {}, TypeError, "student_logits must be a torch.Tensor"),
+    (_bad(target=torch.tensor([1, 2, 3])), {}, ValueError, "target must have the leading shape"),
+    (_bad(target=torch.tensor([1.0, 2, 3, 4])), {}, TypeError, "target must hold integer"),
+    (_bad(target=torch.tensor([1, 2, 10, 4])), {}, ValueError, r"outside \[0, 10\)"),
+    (_bad(target=torch.tensor([1, -1, 3, 4])), {}, ValueError, "ignore_index=-100"),
+    (_bad(teacher_logits=(torch.randn(4, 10) * 5).requires_grad_()), {}, ValueError, "teacher_logits requires grad"),
+    (_bad(), {"gamma": 0.0}, ValueError, "gamma must be a finite positive"),
+    (_bad(), {"gamma": -0.5}, ValueError, "gamma"),
+    (_bad(), {"gamma": float("nan")}, ValueError, "gamma"),
+    (_bad(), {"gamma": float("inf")}, ValueError, "gamma"),
+    (_bad(), {"beta": float("nan")}, ValueError, "beta"),
+    (_bad(), {"ce_weight": float("inf")}, ValueError, "ce_weight"),
+    (_bad(), {"reduction": "batchmean"}, ValueError, "reduction must be one of"),
+    (_bad(), {"backend": "cuda"}, ValueError, "backend must be one of"),
+], ids=lambda x: x if isinstance(x, str) else None)
+def test_fused_wttm_loss_bad_input(args, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        fused_wttm_loss(**args, **kwargs)
+
+
+def test_fused_kd_loss_bad_temperature():
+    with pytest.raises(ValueError, match="temperature"):
+        fused_kd_loss(**_bad(), temperature=0.0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_fused_wttm_loss_different_devices():
+    z, v = make_logits((4, 10), 5.0, seed=1)
+    with pytest.raises(ValueError, match="same device"):
+        fused_wttm_loss(z.float().cuda(), v.float())
+    with pytest.raises(ValueError, match="backend='cpu' got tensors on cuda"):
+        fused_wttm_loss(z.float().cuda(), v.float().cuda(), backend="cpu")
+
+
+def test_paper_code_matches_reference():
+    """The ported paper code and the log-space reference agree in float64 (two independent oracles)."""
+    z, v = make_logits((32, 100), 5.0, seed=61)
+    target = make_target((32,), 100, seed=61, ignore_fraction=0.0)
+    for gamma in (1.0, 0.2, 0.1):
+        for paper, ref in ((reference.paper_wttm_loss, reference.wttm_loss),
+                           (reference.paper_ttm_loss, reference.ttm_loss)):
+            assert math.isclose(paper(z, v, target, gamma=gamma, beta=45.0).item(),
+                                ref(z, v, target, gamma=gamma, beta=45.0).item(), rel_tol=1e-12)
+    assert math.isclose(reference.paper_kd_loss(z, v, target, temperature=4.0, beta=0.9, ce_weight=0.1).item(),
+                        reference.kd_loss(z, v, target, temperature=4.0, beta=0.9, ce_weight=0.1).item(),
+                        rel_tol=1e-12)
