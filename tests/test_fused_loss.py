@@ -376,3 +376,41 @@ def test_paper_code_matches_reference():
     assert math.isclose(reference.paper_kd_loss(z, v, target, temperature=4.0, beta=0.9, ce_weight=0.1).item(),
                         reference.kd_loss(z, v, target, temperature=4.0, beta=0.9, ce_weight=0.1).item(),
                         rel_tol=1e-12)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fused_wttm_loss_backward_twice(backend):
+    """mean/sum scale the forward's gradient in place: autograd refuses a second backward through it."""
+    device = device_of(backend)
+    z, v = make_logits((3, 50), 5.0, seed=67, device=device)
+    z = z.float().requires_grad_()
+    loss = fused_wttm_loss(z, v.float(), backend=backend) * 2.0
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+    rows = fused_wttm_loss(z, v.float(), backend=backend, reduction="none").mean()
+    rows.backward(retain_graph=True)
+    rows.backward()  # the recomputing path supports it
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_fused_wttm_loss_memory_contract(reduction):
+    """Forward plus backward allocate one (N, V) gradient and O(N) besides; with "mean" the teacher logits
+    are not kept by the graph."""
+    N, V = 2048, 32000
+    z = (torch.randn(N, V, device="cuda") * 5).bfloat16().requires_grad_()
+    v = (torch.randn(N, V, device="cuda") * 5).bfloat16()
+    target = torch.randint(0, V, (N,), device="cuda")
+    grad_bytes = N * V * 2
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    loss = fused_wttm_loss(z, v, target, reduction=reduction).sum()
+    if reduction == "mean":
+        teacher_bytes = v.untyped_storage().nbytes()
+        del v
+        assert torch.cuda.memory_allocated() <= base - teacher_bytes + grad_bytes + (1 << 20)
+    (grad,) = torch.autograd.grad(loss, z)
+    torch.cuda.synchronize()
+    assert torch.cuda.max_memory_allocated() - base <= grad_bytes + (1 << 20)

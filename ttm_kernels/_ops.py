@@ -8,8 +8,14 @@ Every compiled backend module (``triton_kernels``, ``cpu_kernels``) offers the s
     backward(row_grad, student, teacher, target, stats, grad, *, student_scale, teacher_scale, kl_coef,
              ce_weight, ignore_index) -> None   (writes the gradient into ``grad``)
 
-Forward saves only the (10, N) statistics; backward recomputes the probabilities from them, so the op
-allocates one (N, V) tensor in all, the gradient, or none with ``inplace_backward``.
+Two autograd paths, each allocating one (N, V) tensor in all, the gradient (none with ``inplace_backward``):
+
+* reduction "mean"/"sum" with a student that needs a gradient: the forward launch also writes the gradient
+  (the row's second read comes from cache, not memory), scaled by the reduction's 1/N; only that gradient
+  is kept, so the teacher logits can be freed right after the forward. The backward multiplies it in
+  place by the upstream gradient, a no-op when that is 1.
+* otherwise ("none", whose per-row upstream gradients arrive only in the backward): the forward saves the
+  (NUM_STATS, N) statistics and the inputs; the backward recomputes the probabilities from them.
 """
 from __future__ import annotations
 
@@ -185,7 +191,7 @@ torch.library.register_autograd("ttm_kernels::loss_fwd", _backward, setup_contex
 
 
 class _InplaceLoss(torch.autograd.Function):
-    """The same op, with a backward that writes the gradient into the student logits' own storage."""
+    """``loss_fwd`` with a backward that writes the gradient into the student logits' own storage."""
 
     @staticmethod
     def forward(ctx, student, teacher, target, *params):
@@ -199,11 +205,87 @@ class _InplaceLoss(torch.autograd.Function):
         return _backward(ctx, grad_stats)
 
 
-def loss_stats(student, teacher, target, *, student_scale, teacher_scale, kl_coef, ce_weight, weighted,
-               ignore_index, backend, inplace_backward=False):
-    """Differentiable (10, N) statistics; only the loss row (0) carries a gradient."""
+@torch.library.custom_op("ttm_kernels::loss_fwd_with_grad", mutates_args=())
+def loss_fwd_with_grad(student: torch.Tensor, teacher: torch.Tensor, target: Optional[torch.Tensor],
+                       row_grad: torch.Tensor, student_scale: float, teacher_scale: float, kl_coef: float,
+                       ce_weight: float, weighted: bool, ignore_index: int,
+                       backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss = sum_i row_grad * loss_i, statistics, d loss / d student) from one launch; row_grad is 0-dim."""
+    grad = torch.empty(student.shape, dtype=student.dtype, device=student.device)
+    stats = _kernels(backend).forward(
+        row_view(student), row_view(teacher), _rows_of(target), student_scale=student_scale,
+        teacher_scale=teacher_scale, kl_coef=kl_coef, ce_weight=ce_weight, weighted=weighted,
+        ignore_index=ignore_index, grad=row_view(grad), row_grad=row_grad)
+    return stats[STAT_LOSS].sum() * row_grad, stats, grad
+
+
+@loss_fwd_with_grad.register_fake
+def _(student, teacher, target, row_grad, student_scale, teacher_scale, kl_coef, ce_weight, weighted,
+      ignore_index, backend):
+    stats = student.new_empty((NUM_STATS, student[..., 0].numel()), dtype=torch.float32)
+    grad = torch.empty_like(student, memory_format=torch.contiguous_format)
+    return row_grad.new_empty(()), stats, grad
+
+
+@torch.library.custom_op("ttm_kernels::scale_grad_", mutates_args=("grad",))
+def scale_grad_(grad: torch.Tensor, scale: torch.Tensor) -> None:
+    """grad *= scale in place; skipped (no pass over the gradient) when scale is 1, the usual case."""
+    if bool(scale != 1):
+        grad.mul_(scale)
+
+
+def _with_grad_setup_context(ctx, inputs, output):
+    ctx.save_for_backward(output[2])
+    ctx.mark_non_differentiable(output[1], output[2])
+
+
+def _with_grad_backward(ctx, grad_loss, _grad_stats, _grad_grad):
+    # A second backward (retain_graph=True) is refused by autograd's version check on the saved gradient.
+    (grad,) = ctx.saved_tensors
+    scale_grad_(grad, grad_loss)
+    return grad, None, None, None, None, None, None, None, None, None, None
+
+
+torch.library.register_autograd("ttm_kernels::loss_fwd_with_grad", _with_grad_backward,
+                                setup_context=_with_grad_setup_context)
+
+
+class _InplaceLossWithGrad(torch.autograd.Function):
+    """``loss_fwd_with_grad`` writing the gradient into the student logits' storage during the forward."""
+
+    @staticmethod
+    def forward(ctx, student, teacher, target, row_grad, *params):
+        stats = loss_fwd_grad_inplace(student, teacher, target, row_grad, *params)
+        ctx.save_for_backward(student)
+        ctx.mark_non_differentiable(stats)
+        return stats[STAT_LOSS].sum() * row_grad, stats
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_stats):
+        return _with_grad_backward(ctx, grad_loss, None, None)
+
+
+def fused_loss(student, teacher, target, valid, *, reduction, student_scale, teacher_scale, kl_coef, ce_weight,
+               weighted, ignore_index, backend, inplace_backward=False):
+    """The reduced loss (float32) and the (NUM_STATS, N) statistics (rows loss, kl, ce, weight detached)."""
     params = (float(student_scale), float(teacher_scale), float(kl_coef), float(ce_weight), bool(weighted),
               int(ignore_index), backend)
+    if reduction != "none" and student.requires_grad and torch.is_grad_enabled():
+        if reduction == "mean":
+            row_grad = 1.0 / valid.sum().clamp_min(1).float()
+        else:
+            row_grad = torch.ones((), dtype=torch.float32, device=student.device)
+        if inplace_backward:
+            loss, stats = _InplaceLossWithGrad.apply(student, teacher, target, row_grad, *params)
+        else:
+            loss, stats, _ = loss_fwd_with_grad(student, teacher, target, row_grad, *params)
+        return loss, stats
     if inplace_backward:
-        return _InplaceLoss.apply(student, teacher, target, *params)
-    return loss_fwd(student, teacher, target, *params)
+        stats = _InplaceLoss.apply(student, teacher, target, *params)
+    else:
+        stats = loss_fwd(student, teacher, target, *params)
+    rows = stats[STAT_LOSS].view(student.shape[:-1])
+    if reduction == "none":
+        return rows, stats
+    total = rows.sum()
+    return (total / valid.sum().clamp_min(1) if reduction == "mean" else total), stats

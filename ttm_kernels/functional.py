@@ -94,26 +94,24 @@ def _fused_loss(student_logits, teacher_logits, target, *, student_scale, teache
     else:
         valid = target != ignore_index
 
+    if inplace_backward and backend == "torch":
+        raise ValueError("inplace_backward=True needs a compiled backend ('triton' or 'cpu'), not 'torch'")
     if backend == "torch" or student_logits[..., 0].numel() == 0:
-        if inplace_backward:
-            raise ValueError("inplace_backward=True needs a compiled backend ('triton' or 'cpu')")
         rows = reference.loss_rows(student_logits, teacher_logits, target, student_scale=student_scale,
                                    teacher_scale=teacher_scale, kl_scale=kl_scale, weighted=weighted, beta=beta,
                                    ce_weight=ce_weight, ignore_index=ignore_index)
-        loss_rows = rows["loss"]
+        loss = reference.reduce_rows(rows["loss"], valid, reduction)
         detached = [rows[k].detach() for k in ("kl", "ce", "weight")]
     else:
         if inplace_backward and _ops.row_view(student_logits).data_ptr() != student_logits.data_ptr():
             raise ValueError("inplace_backward=True needs student_logits whose last dimension is contiguous")
-        stats = _ops.loss_stats(student_logits, teacher_logits, target, student_scale=student_scale,
-                                teacher_scale=teacher_scale, kl_coef=beta * kl_scale, ce_weight=ce_weight,
-                                weighted=weighted, ignore_index=ignore_index, backend=backend,
-                                inplace_backward=inplace_backward)
+        loss, stats = _ops.fused_loss(student_logits, teacher_logits, target, valid, reduction=reduction,
+                                      student_scale=student_scale, teacher_scale=teacher_scale,
+                                      kl_coef=beta * kl_scale, ce_weight=ce_weight, weighted=weighted,
+                                      ignore_index=ignore_index, backend=backend, inplace_backward=inplace_backward)
         lead = student_logits.shape[:-1]
-        loss_rows = stats[_ops.STAT_LOSS].view(lead)
         detached = [stats[k].detach().view(lead) for k in (_ops.STAT_KL, _ops.STAT_CE, _ops.STAT_WEIGHT)]
 
-    loss = reference.reduce_rows(loss_rows, valid, reduction)
     if not return_components:
         return loss
     return loss, LossComponents(*(reference.reduce_rows(x, valid, "mean") for x in detached))
@@ -134,11 +132,17 @@ _COMMON_DOC = """
         backend: ``"auto"`` (Triton on CUDA tensors, the compiled C++ kernel on CPU tensors, the reference
             elsewhere), ``"triton"``, ``"cpu"`` or ``"torch"`` (the unfused reference, which computes and
             returns in the logits' dtype).
-        inplace_backward: write the gradient into ``student_logits``' own storage during the backward,
-            allocating no (N, V) tensor at all. Opt-in: the logits' values are destroyed, so nothing else
-            may use them afterwards.
+        inplace_backward: write the gradient into ``student_logits``' own storage, allocating no (N, V)
+            tensor at all. Opt-in: the logits' values are destroyed (already during the forward with
+            ``reduction`` "mean" or "sum"), so nothing else may use them afterwards.
         return_components: also return a ``LossComponents`` of detached batch means (KL, CE, KL weight)
             for logging.
+
+    Memory: with ``reduction`` "mean" or "sum" and a student that requires grad, the forward computes the
+    gradient in the same pass over the logits (each row is read once from memory) and keeps only it: the
+    teacher logits are not saved and can be freed right after the call. The backward scales it in place by
+    the upstream gradient, so one backward per forward (no ``retain_graph`` re-use). With "none", the
+    forward keeps per-row float32 statistics and the inputs, and the backward recomputes.
 
     Returns:
         The float32 loss (computed with float32 accumulation whatever the input dtype), and with
