@@ -229,8 +229,11 @@ def _(student, teacher, target, row_grad, student_scale, teacher_scale, kl_coef,
 
 @torch.library.custom_op("ttm_kernels::scale_grad_", mutates_args=("grad",))
 def scale_grad_(grad: torch.Tensor, scale: torch.Tensor) -> None:
-    """grad *= scale in place; skipped (no pass over the gradient) when scale is 1, the usual case."""
-    if bool(scale != 1):
+    """grad *= scale in place; skipped (no pass over the gradient) when scale is 1, the usual case. On CUDA
+    a kernel reads the scale on the device, so the host does not wait for it."""
+    if grad.is_cuda and grad.is_contiguous() and triton_available():
+        _kernels("triton").scale_(grad, scale.float())
+    elif bool(scale != 1):
         grad.mul_(scale)
 
 

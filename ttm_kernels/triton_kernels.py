@@ -196,10 +196,27 @@ def ttm_bwd_kernel(
                BLOCK_V)
 
 
-def _launch_config(V: int) -> tuple[int, int]:
+@triton.jit
+def scale_kernel(G, SCALE, n_elements, BLOCK: tl.constexpr):
+    # Reads the scale on the device, so the host never waits to learn that it is 1 (the usual case).
+    scale = tl.load(SCALE)
+    if scale != 1.0:
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < n_elements
+        g = tl.load(G + offs, mask=mask).to(tl.float32)
+        tl.store(G + offs, (g * scale).to(G.dtype.element_ty), mask=mask)
+
+
+def scale_(grad: torch.Tensor, scale: torch.Tensor) -> None:
+    """grad *= scale in place for a contiguous ``grad``; a 0-dim fp32 ``scale`` of 1 costs no pass over it."""
+    block = 4096
+    scale_kernel[(triton.cdiv(grad.numel(), block),)](grad, scale, grad.numel(), BLOCK=block, num_warps=8)
+
+
+def launch_config(V: int) -> dict:
+    """BLOCK_V and launch options for a vocabulary of V; benchmarks/tune_triton.py sweeps the alternatives."""
     block_v = min(triton.next_power_of_2(V), MAX_BLOCK_V)
-    num_warps = 4 if block_v <= 1024 else 8
-    return block_v, num_warps
+    return {"BLOCK_V": block_v, "num_warps": 4 if block_v <= 1024 else 8, "num_stages": 1}
 
 
 def _common_args(student, teacher, target, stats, grad, row_grad):
@@ -224,14 +241,13 @@ def forward(student, teacher, target, *, student_scale, teacher_scale, kl_coef, 
     has_grad = grad is not None
     if not has_grad:
         grad, row_grad = student, stats
-    block_v, num_warps = _launch_config(V)
     has_target = target is not None
     ttm_fwd_kernel[(B * T,)](
         *_common_args(student, teacher, target, stats, grad, row_grad),
         float(student_scale), float(teacher_scale), float(kl_coef), float(ce_weight), int(ignore_index),
         HAS_TARGET=has_target, WEIGHTED=weighted,
         SEPARATE_CE=has_target and student_scale != 1.0 and ce_weight != 0, HAS_GRAD=has_grad,
-        BLOCK_V=block_v, num_warps=num_warps,
+        **launch_config(V),
     )
     return stats
 
@@ -240,11 +256,10 @@ def backward(row_grad, student, teacher, target, stats, grad, *, student_scale, 
              ce_weight, ignore_index):
     """Writes d(sum_i row_grad_i * loss_i)/dz into ``grad`` from the statistics of ``forward``."""
     B, T, V = student.shape
-    block_v, num_warps = _launch_config(V)
     has_target = target is not None
     ttm_bwd_kernel[(B * T,)](
         *_common_args(student, teacher, target, stats, grad, row_grad),
         float(student_scale), float(teacher_scale), float(kl_coef), float(ce_weight), int(ignore_index),
         HAS_TARGET=has_target, SEPARATE_CE=has_target and student_scale != 1.0 and ce_weight != 0,
-        BLOCK_V=block_v, num_warps=num_warps,
+        **launch_config(V),
     )
