@@ -1,0 +1,363 @@
+// Fused TTM / WTTM / KD loss on the CPU: the ops ttm_kernels_C::forward and ttm_kernels_C::backward.
+//
+// The same math as ttm_kernels/triton_kernels.py, one row per task, rows in parallel. Per row, with
+// s = student_scale and g = teacher_scale:
+//   forward:  one streaming pass over z and v with online (max, sum) accumulation of lse(s*z), lse(g*v),
+//             lse(v) (WTTM only), lse(z) (cross-entropy under a student temperature only) and
+//             acc = sum exp(g*v - m_t) * ((g*v - m_t) - (s*z - m_s)), so that
+//             KL = acc / d_t - log d_t + log d_s never subtracts two large numbers. Writes 10 fp32 statistics
+//             per row; given `grad`, it also makes the gradient pass.
+//   gradient: a second pass that recomputes the probabilities from the statistics, computes the row's
+//             gradient in fp32 and rounds it once at the store.
+// Statistics, (10, N) fp32: loss, kl, ce, weight (U, or 1), then (max, log of the rescaled sum) of s*z, g*v
+// and z, kept apart (see GradientOptions). Rows whose target is ignore_index get zero statistics and a zero
+// gradient.
+//
+// Logits are (B, T, V) views with a contiguous last dimension and free leading strides; row r lives at
+// (r / T) * stride(0) + (r % T) * stride(1), with each tensor's own T. The gradient may be the student tensor itself (in-place
+// backward): each block of a row is read in full before it is written.
+#include <Python.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <string>
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include "ttm_loss.h"
+
+namespace ttm_cpu {
+namespace {
+
+enum Stat : int64_t { kLoss, kKl, kCe, kWeight, kMaxS, kLogSumS, kMaxT, kLogSumT, kMaxZ, kLogSumZ, kNumStats };
+
+// The widest block kernels this CPU runs; TTM_KERNELS_CPU_ISA=baseline|avx2 narrows the choice (to test the
+// other builds on a wide machine).
+BlockKernels select_block_kernels() {
+  const char* requested = std::getenv("TTM_KERNELS_CPU_ISA");
+  const std::string limit = requested ? requested : "";
+  TORCH_CHECK(limit.empty() || limit == "baseline" || limit == "avx2" || limit == "avx512",
+              "TTM_KERNELS_CPU_ISA must be baseline, avx2 or avx512, got '", limit, "'");
+#if defined(TTM_X86_DISPATCH)
+  __builtin_cpu_init();
+  const bool has_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                        __builtin_cpu_supports("f16c");
+  const bool has_avx512 = has_avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                          __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
+  if (has_avx512 && (limit.empty() || limit == "avx512")) return avx512_block_kernels();
+  if (has_avx2 && limit != "baseline") return avx2_block_kernels();
+#endif
+  return baseline_block_kernels();
+}
+
+const BlockKernels& block_kernels() {
+  static const BlockKernels kernels = select_block_kernels();
+  return kernels;
+}
+
+Dtype dtype_of(const at::Tensor& x, const char* name) {
+  switch (x.scalar_type()) {
+    case at::kFloat: return Dtype::Float32;
+    case at::kBFloat16: return Dtype::BFloat16;
+    case at::kHalf: return Dtype::Float16;
+    case at::kDouble: return Dtype::Float64;
+    default: TORCH_CHECK(false, name, " must be float32, bfloat16, float16 or float64, got ", x.scalar_type());
+  }
+}
+
+// Rows of a (B, T, V) view, addressed in bytes with int64 offsets.
+struct Rows {
+  char* base;
+  int64_t stride_b, stride_t;  // bytes
+  int64_t inner;               // T
+  int64_t element_size;
+  Dtype dtype;
+
+  Rows(const at::Tensor& x, const char* name)
+      : base(static_cast<char*>(x.data_ptr())),
+        stride_b(x.stride(0) * static_cast<int64_t>(x.element_size())),
+        stride_t(x.stride(1) * static_cast<int64_t>(x.element_size())),
+        inner(x.size(1)),
+        element_size(x.element_size()),
+        dtype(dtype_of(x, name)) {}
+
+  char* row(int64_t r) const { return base + (r / inner) * stride_b + (r % inner) * stride_t; }
+
+  // Columns [start, start + n) of row `row_ptr` as fp32: in place when the row is fp32, else converted into
+  // `buffer`.
+  const float* block(const char* row_ptr, int64_t start, int64_t n, float* buffer) const {
+    const char* first = row_ptr + start * element_size;
+    if (dtype == Dtype::Float32) return reinterpret_cast<const float*>(first);
+    block_kernels().load(first, dtype, n, buffer);
+    return buffer;
+  }
+
+  float column(const char* row_ptr, int64_t col) const {
+    float value;
+    block_kernels().load(row_ptr + col * element_size, dtype, 1, &value);
+    return value;
+  }
+};
+
+struct LossSetup {
+  float student_scale, teacher_scale, kl_coef, ce_weight;
+  bool weighted, separate_ce;
+  int64_t ignore_index;
+  const int64_t* target;  // nullptr without a target
+  const float* row_grad;  // upstream gradient of each row's loss
+  int64_t row_grad_stride;
+  int64_t vocab;
+};
+
+bool overlaps(const void* a, const void* b, int64_t bytes) {
+  const auto x = reinterpret_cast<uintptr_t>(a), y = reinterpret_cast<uintptr_t>(b);
+  return x < y + bytes && y < x + bytes;
+}
+
+struct RowBuffers {
+  alignas(64) float z[kBlockSize];
+  alignas(64) float v[kBlockSize];
+  alignas(64) float grad[kBlockSize];
+};
+
+void zero_row(const Rows& grad, int64_t r, int64_t vocab) {
+  std::memset(grad.row(r), 0, vocab * grad.element_size);
+}
+
+void gradient_row(const Rows& student, const Rows& teacher, const Rows& grad, const LossSetup& setup, int64_t r,
+                  const float* stats, int64_t n_rows, RowBuffers& buffers) {
+  const float row_grad = setup.row_grad[r * setup.row_grad_stride];
+  GradientOptions options;
+  options.student_scale = setup.student_scale;
+  options.teacher_scale = setup.teacher_scale;
+  options.m_s = stats[kMaxS * n_rows + r];
+  options.log_d_s = stats[kLogSumS * n_rows + r];
+  options.m_t = stats[kMaxT * n_rows + r];
+  options.log_d_t = stats[kLogSumT * n_rows + r];
+  options.m_z = stats[kMaxZ * n_rows + r];
+  options.log_d_z = stats[kLogSumZ * n_rows + r];
+  options.kl_coef = row_grad * setup.kl_coef * stats[kWeight * n_rows + r] * setup.student_scale;
+  options.ce_coef = row_grad * setup.ce_weight;
+  options.has_target = setup.target != nullptr;
+  options.separate_ce = setup.separate_ce;
+  const int64_t target = setup.target ? setup.target[r] : -1;
+
+  const BlockKernels& kernels = block_kernels();
+  const char* z_row = student.row(r);
+  const char* v_row = teacher.row(r);
+  char* g_row = grad.row(r);
+  for (int64_t start = 0; start < setup.vocab; start += kBlockSize) {
+    const int64_t n = std::min(kBlockSize, setup.vocab - start);
+    const float* z = student.block(z_row, start, n, buffers.z);
+    const float* v = teacher.block(v_row, start, n, buffers.v);
+    float* out = grad.dtype == Dtype::Float32 ? reinterpret_cast<float*>(g_row) + start : buffers.grad;
+    // An fp32 gradient written over its own (fp32) input: read the block aside first.
+    if (overlaps(out, z, n * sizeof(float))) {
+      std::memcpy(buffers.z, z, n * sizeof(float));
+      z = buffers.z;
+    }
+    if (overlaps(out, v, n * sizeof(float))) {
+      std::memcpy(buffers.v, v, n * sizeof(float));
+      v = buffers.v;
+    }
+    options.target_column = target - start;
+    kernels.gradient(z, v, n, options, out);
+    if (grad.dtype != Dtype::Float32) kernels.store(out, n, g_row + start * grad.element_size, grad.dtype);
+  }
+}
+
+void forward_row(const Rows& student, const Rows& teacher, const LossSetup& setup, int64_t r, float* stats,
+                 int64_t n_rows, RowBuffers& buffers) {
+  const BlockKernels& kernels = block_kernels();
+  const ScanOptions options{setup.student_scale, setup.teacher_scale, setup.weighted, setup.separate_ce};
+  const char* z_row = student.row(r);
+  const char* v_row = teacher.row(r);
+  RowAccumulators row;
+  for (int64_t start = 0; start < setup.vocab; start += kBlockSize) {
+    const int64_t n = std::min(kBlockSize, setup.vocab - start);
+    kernels.scan(student.block(z_row, start, n, buffers.z), teacher.block(v_row, start, n, buffers.v), n,
+                 options, row);
+  }
+
+  const float log_d_s = std::log(row.d_s), log_d_t = std::log(row.d_t);
+  const float kl = row.acc / row.d_t - log_d_t + log_d_s;
+  const float g = setup.teacher_scale;
+  // U = sum softmax(v)^g = exp(lse(g*v) - g * lse(v)); the maxima are subtracted first.
+  const float weight = setup.weighted ? std::exp((row.m_t - g * row.m_v) + log_d_t - g * std::log(row.d_v)) : 1.0f;
+  const float m_z = setup.separate_ce ? row.m_z : row.m_s;
+  const float log_d_z = setup.separate_ce ? std::log(row.d_z) : log_d_s;
+  float ce = 0.0f;
+  if (setup.target) {
+    const int64_t y = setup.target[r];
+    const float z_y = y >= 0 && y < setup.vocab ? student.column(z_row, y) : std::numeric_limits<float>::quiet_NaN();
+    ce = (m_z - z_y) + log_d_z;
+  }
+  const float values[kNumStats] = {setup.kl_coef * weight * kl + setup.ce_weight * ce,
+                                   kl, ce, weight, row.m_s, log_d_s, row.m_t, log_d_t, m_z, log_d_z};
+  for (int64_t k = 0; k < kNumStats; ++k) stats[k * n_rows + r] = values[k];
+}
+
+bool is_ignored(const LossSetup& setup, int64_t r) {
+  return setup.target && setup.target[r] == setup.ignore_index;
+}
+
+// Enough rows per task to amortise the task (at least ~32K columns), at most one row when rows are long.
+int64_t grain_rows(int64_t vocab) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(vocab, 1)); }
+
+void check_rows(const at::Tensor& x, const at::Tensor& like, const char* name) {
+  TORCH_CHECK(x.device().is_cpu(), name, " must be a CPU tensor, got ", x.device());
+  TORCH_CHECK(x.dim() == 3, name, " must be a (B, T, V) view, got shape ", x.sizes());
+  // Each view has its own (B, T) split of the N rows: row_view may merge the two leading dimensions of one
+  // tensor but not another's (a contiguous gradient of a sliced student).
+  TORCH_CHECK(x.size(0) * x.size(1) == like.size(0) * like.size(1) && x.size(2) == like.size(2), name,
+              " must have the student's ", like.size(0) * like.size(1), " rows of ", like.size(2),
+              " columns, got shape ", x.sizes());
+  TORCH_CHECK(x.stride(2) == 1 || x.size(2) == 1, name, " must have a contiguous last dimension, got strides ",
+              x.strides());
+  dtype_of(x, name);
+}
+
+// Target as contiguous int64 (N,), or an undefined tensor without one.
+at::Tensor target_rows(const std::optional<at::Tensor>& target, int64_t n_rows) {
+  if (!target.has_value() || !target->defined()) return {};
+  TORCH_CHECK(target->device().is_cpu(), "target must be a CPU tensor, got ", target->device());
+  TORCH_CHECK(!at::isFloatingType(target->scalar_type()) && target->scalar_type() != at::kBool,
+              "target must hold integer class indices, got ", target->scalar_type());
+  TORCH_CHECK(target->numel() == n_rows, "target must have one entry per row (", n_rows, "), got ",
+              target->numel());
+  return target->reshape({n_rows}).to(at::kLong).contiguous();
+}
+
+// Upstream gradient as fp32 with a row stride: (N,) or a 0-dim scalar shared by every row (stride 0).
+std::pair<at::Tensor, int64_t> row_grad_rows(const at::Tensor& row_grad, int64_t n_rows) {
+  TORCH_CHECK(row_grad.device().is_cpu(), "row_grad must be a CPU tensor, got ", row_grad.device());
+  TORCH_CHECK(row_grad.dim() == 0 || (row_grad.dim() == 1 && row_grad.size(0) == n_rows),
+              "row_grad must have shape (", n_rows, ",) or be a scalar, got ", row_grad.sizes());
+  const at::Tensor as_float = row_grad.to(at::kFloat);
+  return {as_float, as_float.dim() == 0 ? 0 : as_float.stride(0)};
+}
+
+LossSetup make_setup(const at::Tensor& student, const at::Tensor& target, double student_scale,
+                     double teacher_scale, double kl_coef, double ce_weight, bool weighted, int64_t ignore_index) {
+  LossSetup setup;
+  setup.student_scale = static_cast<float>(student_scale);
+  setup.teacher_scale = static_cast<float>(teacher_scale);
+  setup.kl_coef = static_cast<float>(kl_coef);
+  setup.ce_weight = static_cast<float>(ce_weight);
+  setup.weighted = weighted;
+  setup.separate_ce = target.defined() && student_scale != 1.0 && ce_weight != 0.0;
+  setup.ignore_index = ignore_index;
+  setup.target = target.defined() ? target.data_ptr<int64_t>() : nullptr;
+  setup.row_grad = nullptr;
+  setup.row_grad_stride = 0;
+  setup.vocab = student.size(2);
+  return setup;
+}
+
+at::Tensor forward(const at::Tensor& student, const at::Tensor& teacher, const std::optional<at::Tensor>& target,
+                   double student_scale, double teacher_scale, double kl_coef, double ce_weight, bool weighted,
+                   int64_t ignore_index, const std::optional<at::Tensor>& grad,
+                   const std::optional<at::Tensor>& row_grad) {
+  check_rows(student, student, "student");
+  check_rows(teacher, student, "teacher");
+  const int64_t n_rows = student.size(0) * student.size(1);
+  const at::Tensor target_long = target_rows(target, n_rows);
+  LossSetup setup = make_setup(student, target_long, student_scale, teacher_scale, kl_coef, ce_weight, weighted,
+                               ignore_index);
+  const bool has_grad = grad.has_value() && grad->defined();
+  at::Tensor row_grad_float;
+  if (has_grad) {
+    check_rows(*grad, student, "grad");
+    TORCH_CHECK(row_grad.has_value() && row_grad->defined(), "forward with grad needs row_grad");
+    std::tie(row_grad_float, setup.row_grad_stride) = row_grad_rows(*row_grad, n_rows);
+    setup.row_grad = row_grad_float.data_ptr<float>();
+  }
+  at::Tensor stats = at::empty({kNumStats, n_rows}, student.options().dtype(at::kFloat));
+  if (n_rows == 0) return stats;
+
+  const Rows student_rows(student, "student"), teacher_rows(teacher, "teacher");
+  const Rows grad_rows = has_grad ? Rows(*grad, "grad") : student_rows;
+  float* stats_ptr = stats.data_ptr<float>();
+  at::parallel_for(0, n_rows, grain_rows(setup.vocab), [&](int64_t begin, int64_t end) {
+    RowBuffers buffers;
+    for (int64_t r = begin; r < end; ++r) {
+      if (is_ignored(setup, r)) {
+        for (int64_t k = 0; k < kNumStats; ++k) stats_ptr[k * n_rows + r] = 0.0f;
+        if (has_grad) zero_row(grad_rows, r, setup.vocab);
+        continue;
+      }
+      forward_row(student_rows, teacher_rows, setup, r, stats_ptr, n_rows, buffers);
+      if (has_grad) gradient_row(student_rows, teacher_rows, grad_rows, setup, r, stats_ptr, n_rows, buffers);
+    }
+  });
+  return stats;
+}
+
+void backward(const at::Tensor& row_grad, const at::Tensor& student, const at::Tensor& teacher,
+              const std::optional<at::Tensor>& target, const at::Tensor& stats, const at::Tensor& grad,
+              double student_scale, double teacher_scale, double kl_coef, double ce_weight, int64_t ignore_index) {
+  check_rows(student, student, "student");
+  check_rows(teacher, student, "teacher");
+  check_rows(grad, student, "grad");
+  const int64_t n_rows = student.size(0) * student.size(1);
+  TORCH_CHECK(stats.device().is_cpu() && stats.scalar_type() == at::kFloat && stats.dim() == 2 &&
+                  stats.size(0) == kNumStats && stats.size(1) == n_rows,
+              "stats must be the (10, ", n_rows, ") float32 CPU tensor of forward, got ", stats.scalar_type(), " ",
+              stats.sizes());
+  const at::Tensor target_long = target_rows(target, n_rows);
+  LossSetup setup = make_setup(student, target_long, student_scale, teacher_scale, kl_coef, ce_weight,
+                               /*weighted=*/false, ignore_index);
+  auto [row_grad_float, row_grad_stride] = row_grad_rows(row_grad, n_rows);
+  setup.row_grad = row_grad_float.data_ptr<float>();
+  setup.row_grad_stride = row_grad_stride;
+  if (n_rows == 0) return;
+
+  const at::Tensor stats_contiguous = stats.contiguous();
+  const float* stats_ptr = stats_contiguous.data_ptr<float>();
+  const Rows student_rows(student, "student"), teacher_rows(teacher, "teacher"), grad_rows(grad, "grad");
+  at::parallel_for(0, n_rows, grain_rows(setup.vocab), [&](int64_t begin, int64_t end) {
+    RowBuffers buffers;
+    for (int64_t r = begin; r < end; ++r) {
+      if (is_ignored(setup, r)) {
+        zero_row(grad_rows, r, setup.vocab);
+      } else {
+        gradient_row(student_rows, teacher_rows, grad_rows, setup, r, stats_ptr, n_rows, buffers);
+      }
+    }
+  });
+}
+
+std::string cpu_isa() { return block_kernels().isa; }
+
+}  // namespace
+}  // namespace ttm_cpu
+
+TORCH_LIBRARY(ttm_kernels_C, m) {
+  m.def(
+      "forward(Tensor student, Tensor teacher, Tensor? target, float student_scale, float teacher_scale, "
+      "float kl_coef, float ce_weight, bool weighted, int ignore_index, Tensor(a!)? grad, Tensor? row_grad) "
+      "-> Tensor");
+  m.def(
+      "backward(Tensor row_grad, Tensor student, Tensor teacher, Tensor? target, Tensor stats, Tensor(a!) grad, "
+      "float student_scale, float teacher_scale, float kl_coef, float ce_weight, int ignore_index) -> ()");
+  // The instruction set the block kernels were picked for ("avx512", "avx2" or "baseline").
+  m.def("cpu_isa() -> str", &ttm_cpu::cpu_isa);
+}
+
+TORCH_LIBRARY_IMPL(ttm_kernels_C, CPU, m) {
+  m.impl("forward", &ttm_cpu::forward);
+  m.impl("backward", &ttm_cpu::backward);
+}
+
+// `import ttm_kernels._C` loads this library, which registers the ops above; the module itself is empty.
+extern "C" PyMODINIT_FUNC PyInit__C(void) {
+  static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module);
+}

@@ -1,0 +1,214 @@
+// Block kernels of the fused loss, written as plain loops that GCC vectorises (checked in the disassembly:
+// no calls in the loops, zmm / ymm arithmetic in the AVX-512 / AVX2 builds).
+//
+// Included once per instruction set by ttm_loss_blocks_<isa>.cpp, after a `#pragma GCC target` and with
+// TTM_ISA_NAMESPACE defined. Everything here has internal linkage, so that no function compiled for a wide
+// instruction set can be merged by the linker with, and called in place of, its baseline twin. All the
+// headers it needs must be included before the pragma, for the same reason.
+//
+// Expects: <algorithm>, <cmath>, <cstdint>, <cstring>, <c10/util/Half.h> and ttm_loss.h, and TTM_ISA_HAS_FMA.
+
+namespace ttm_cpu {
+namespace TTM_ISA_NAMESPACE {
+namespace {
+
+// Lets the reductions below be vectorised (each lane sums its own share) without -ffast-math.
+#define TTM_SIMD_REDUCE(...) _Pragma(TTM_STRINGIFY(omp simd reduction(__VA_ARGS__)))
+#define TTM_STRINGIFY(x) #x
+
+inline float bits_to_float(uint32_t bits) {
+  float value;
+  std::memcpy(&value, &bits, sizeof(value));
+  return value;
+}
+
+inline uint32_t float_to_bits(float value) {
+  uint32_t bits;
+  std::memcpy(&bits, &value, sizeof(bits));
+  return bits;
+}
+
+// exp(x) in fp32, branch-free so that it vectorises (Cephes expf: x = n ln2 + r with |r| <= ln2/2, a degree-6
+// polynomial for exp(r), about 1 ulp). Returns 0 below -87.34 (no subnormals: such terms are below 1e-38 of
+// the row maximum's), 0 for -inf, and NaN for NaN.
+// a * b + c, fused where the instruction set has FMA. The build turns automatic contraction off
+// (-ffp-contract=off) so that s * z - m rounds s * z first, exactly as the running maximum m did.
+inline float mul_add(float a, float b, float c) {
+#if TTM_ISA_HAS_FMA
+  return __builtin_fmaf(a, b, c);
+#else
+  return a * b + c;
+#endif
+}
+
+inline float exp_fp32(float x) {
+  constexpr float kMin = -87.33654f, kMax = 88.37626f;  // exp(kMin) = 2^-126, the smallest normal
+  constexpr float kRoundMagic = 12582912.0f;            // 1.5 * 2^23: adding it rounds to an integer
+  float clamped = x < kMin ? kMin : x;                  // keeps NaN
+  clamped = clamped > kMax ? kMax : clamped;
+  const float shifted = mul_add(clamped, 1.44269504088896341f, kRoundMagic);
+  const float n = shifted - kRoundMagic;
+  float r = mul_add(n, -0.693359375f, clamped);  // ln2 split in two: n * ln2_hi is exact
+  r = mul_add(n, 2.12194440e-4f, r);
+  float poly = 1.9875691500e-4f;
+  poly = mul_add(poly, r, 1.3981999507e-3f);
+  poly = mul_add(poly, r, 8.3334519073e-3f);
+  poly = mul_add(poly, r, 4.1665795894e-2f);
+  poly = mul_add(poly, r, 1.6666665459e-1f);
+  poly = mul_add(poly, r, 5.0000001201e-1f);
+  poly = mul_add(poly, r * r, r) + 1.0f;
+  // n sits in the low mantissa bits of `shifted`; 2^n is built from it with integer arithmetic only.
+  const uint32_t two_to_n = (float_to_bits(shifted) - 0x4B400000u + 127u) << 23;
+  const float result = poly * bits_to_float(two_to_n);
+  return x < kMin ? 0.0f : result;
+}
+
+template <bool kWeighted, bool kSeparateCe>
+inline void scan_block(const float* __restrict z, const float* __restrict v, int64_t n, const ScanOptions& options,
+                       RowAccumulators& row) {
+  const float s = options.student_scale, g = options.teacher_scale;
+  float max_z = -INFINITY, max_v = -INFINITY;
+  TTM_SIMD_REDUCE(max : max_z, max_v)
+  for (int64_t i = 0; i < n; ++i) {
+    max_z = z[i] > max_z ? z[i] : max_z;
+    max_v = v[i] > max_v ? v[i] : max_v;
+  }
+  // max(s * z) = s * max(z) exactly: rounding is monotonic and s > 0.
+  const float m_s = std::max(row.m_s, s * max_z);
+  const float m_t = std::max(row.m_t, g * max_v);
+  const float m_v = std::max(row.m_v, max_v);
+  const float m_z = std::max(row.m_z, max_z);
+
+  float acc = 0.0f, d_s = 0.0f, d_t = 0.0f, d_v = 0.0f, d_z = 0.0f;
+  TTM_SIMD_REDUCE(+ : acc, d_s, d_t, d_v, d_z)
+  for (int64_t i = 0; i < n; ++i) {
+    const float teacher_shifted = g * v[i] - m_t;
+    const float student_shifted = s * z[i] - m_s;
+    const float e_t = exp_fp32(teacher_shifted);
+    // A column the transformed teacher never picks adds 0, even where the student's logit is -inf too
+    // (the product is formed unconditionally and then dropped, so that the loop has no branch).
+    const float term = e_t * (teacher_shifted - student_shifted);
+    acc += e_t > 0.0f ? term : 0.0f;
+    d_t += e_t;
+    d_s += exp_fp32(student_shifted);
+    if (kWeighted) d_v += exp_fp32(v[i] - m_v);
+    if (kSeparateCe) d_z += exp_fp32(z[i] - m_z);
+  }
+
+  // Move the old terms into the new frames before adding this block's.
+  const float alpha_t = exp_fp32(row.m_t - m_t);
+  row.acc = alpha_t * (row.acc + ((row.m_t - m_t) - (row.m_s - m_s)) * row.d_t) + acc;
+  row.d_t = row.d_t * alpha_t + d_t;
+  row.d_s = row.d_s * exp_fp32(row.m_s - m_s) + d_s;
+  row.m_s = m_s;
+  row.m_t = m_t;
+  if (kWeighted) {
+    row.d_v = row.d_v * exp_fp32(row.m_v - m_v) + d_v;
+    row.m_v = m_v;
+  }
+  if (kSeparateCe) {
+    row.d_z = row.d_z * exp_fp32(row.m_z - m_z) + d_z;
+    row.m_z = m_z;
+  }
+}
+
+void scan(const float* z, const float* v, int64_t n, const ScanOptions& options, RowAccumulators& row) {
+  if (options.weighted) {
+    options.separate_ce ? scan_block<true, true>(z, v, n, options, row)
+                        : scan_block<true, false>(z, v, n, options, row);
+  } else {
+    options.separate_ce ? scan_block<false, true>(z, v, n, options, row)
+                        : scan_block<false, false>(z, v, n, options, row);
+  }
+}
+
+template <bool kHasTarget, bool kSeparateCe>
+inline void gradient_block(const float* __restrict z, const float* __restrict v, int64_t n,
+                           const GradientOptions& options, float* __restrict grad) {
+  const float s = options.student_scale, g = options.teacher_scale;
+  const float m_s = options.m_s, log_d_s = options.log_d_s, m_t = options.m_t, log_d_t = options.log_d_t;
+  const float m_z = options.m_z, log_d_z = options.log_d_z;
+  const float kl_coef = options.kl_coef, ce_coef = options.ce_coef;
+  const int64_t target_column = options.target_column;
+  for (int64_t i = 0; i < n; ++i) {
+    const float q_s = exp_fp32((z[i] * s - m_s) - log_d_s);
+    const float p_t = exp_fp32((v[i] * g - m_t) - log_d_t);
+    float value = kl_coef * (q_s - p_t);
+    if (kHasTarget) {
+      const float q = kSeparateCe ? exp_fp32((z[i] - m_z) - log_d_z) : q_s;
+      value += ce_coef * (q - (i == target_column ? 1.0f : 0.0f));
+    }
+    grad[i] = value;
+  }
+}
+
+void gradient(const float* z, const float* v, int64_t n, const GradientOptions& options, float* grad) {
+  if (!options.has_target) {
+    gradient_block<false, false>(z, v, n, options, grad);
+  } else if (options.separate_ce) {
+    gradient_block<true, true>(z, v, n, options, grad);
+  } else {
+    gradient_block<true, false>(z, v, n, options, grad);
+  }
+}
+
+void load(const void* src, Dtype dtype, int64_t n, float* __restrict dst) {
+  switch (dtype) {
+    case Dtype::Float32:
+      std::memcpy(dst, src, n * sizeof(float));
+      break;
+    case Dtype::BFloat16: {
+      const auto* bits = static_cast<const uint16_t*>(src);
+      for (int64_t i = 0; i < n; ++i) dst[i] = bits_to_float(uint32_t(bits[i]) << 16);
+      break;
+    }
+    case Dtype::Float16: {
+      const auto* half = static_cast<const c10::Half*>(src);
+      for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(half[i]);
+      break;
+    }
+    case Dtype::Float64: {
+      const auto* wide = static_cast<const double*>(src);
+      for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(wide[i]);
+      break;
+    }
+  }
+}
+
+void store(const float* __restrict src, int64_t n, void* dst, Dtype dtype) {
+  switch (dtype) {
+    case Dtype::Float32:
+      std::memcpy(dst, src, n * sizeof(float));
+      break;
+    case Dtype::BFloat16: {
+      // Round to nearest even, as c10::BFloat16 does; NaN stays a (quiet) NaN.
+      auto* out = static_cast<uint16_t*>(dst);
+      for (int64_t i = 0; i < n; ++i) {
+        const uint32_t bits = float_to_bits(src[i]);
+        const uint32_t rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
+        out[i] = src[i] != src[i] ? uint16_t(0x7FC0) : uint16_t(rounded);
+      }
+      break;
+    }
+    case Dtype::Float16: {
+      auto* out = static_cast<c10::Half*>(dst);
+      for (int64_t i = 0; i < n; ++i) out[i] = c10::Half(src[i]);
+      break;
+    }
+    case Dtype::Float64: {
+      auto* out = static_cast<double*>(dst);
+      for (int64_t i = 0; i < n; ++i) out[i] = src[i];
+      break;
+    }
+  }
+}
+
+#undef TTM_SIMD_REDUCE
+#undef TTM_STRINGIFY
+
+}  // namespace
+
+BlockKernels block_kernels() { return {TTM_ISA_NAME, scan, gradient, load, store}; }
+
+}  // namespace TTM_ISA_NAMESPACE
+}  // namespace ttm_cpu
