@@ -2,6 +2,8 @@
 from . import reference
 from ._ops import cpu_extension_available, triton_available
 from .functional import LossComponents, fused_kd_loss, fused_ttm_loss, fused_wttm_loss
+from .linear import (LinearKDLoss, LinearTTMLoss, LinearWTTMLoss, fused_linear_kd_loss, fused_linear_ttm_loss,
+                     fused_linear_wttm_loss)
 from .modules import KDLoss, TTMLoss, WTTMLoss
 
 __version__ = "0.1.0"
@@ -13,6 +15,12 @@ __all__ = [
     "WTTMLoss",
     "TTMLoss",
     "KDLoss",
+    "fused_linear_wttm_loss",
+    "fused_linear_ttm_loss",
+    "fused_linear_kd_loss",
+    "LinearWTTMLoss",
+    "LinearTTMLoss",
+    "LinearKDLoss",
     "LossComponents",
     "reference",
     "triton_available",

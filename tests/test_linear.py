@@ -1,0 +1,296 @@
+"""fused_linear_{wttm,ttm,kd}_loss against the float64 reference on materialised logits.
+
+Every case checks the loss and the gradients of the student's hidden states, weight and bias. The Triton
+backend runs in the interpreter on CPU tensors without a GPU (conftest sets TRITON_INTERPRET=1), so the
+shapes stay small; chunk sizes are explicit so that several chunks (and a ragged last one) are exercised.
+"""
+import pytest
+import torch
+
+import ttm_kernels
+from ttm_kernels import (LinearKDLoss, LinearTTMLoss, LinearWTTMLoss, fused_linear_kd_loss, fused_linear_ttm_loss,
+                         fused_linear_wttm_loss, reference)
+from ttm_kernels import linear
+from ttm_kernels.linear import default_chunk_size
+
+BACKENDS = [
+    pytest.param("triton", marks=pytest.mark.skipif(not ttm_kernels.triton_available(), reason="triton not installed")),
+    pytest.param("cpu", marks=pytest.mark.skipif(not ttm_kernels.cpu_extension_available(),
+                                                 reason="C++ extension ttm_kernels._C not built")),
+    "torch",
+]
+FUSED = {"wttm": fused_linear_wttm_loss, "ttm": fused_linear_ttm_loss, "kd": fused_linear_kd_loss}
+REFERENCE = {"wttm": reference.wttm_loss, "ttm": reference.ttm_loss, "kd": reference.kd_loss}
+HYPER = {"wttm": {"gamma": 0.2}, "ttm": {"gamma": 0.5}, "kd": {"temperature": 2.0}}
+
+
+def device_of(backend):
+    return "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
+
+
+def make_problem(n=23, hidden=16, vocab=70, teacher_vocab=None, spread=10.0, seed=0, bias=True, lead=None,
+                 ignore_fraction=0.25, ignore_index=-100, with_target=True):
+    """float64 inputs whose logits have standard deviation about ``spread``."""
+    gen = torch.Generator().manual_seed(seed)
+    teacher_vocab = teacher_vocab or vocab
+    lead = lead or (n,)
+    p = {
+        "student_hidden": torch.randn(*lead, hidden, generator=gen, dtype=torch.float64),
+        "student_weight": torch.randn(vocab, hidden, generator=gen, dtype=torch.float64) * spread / hidden**0.5,
+        "teacher_hidden": torch.randn(*lead, hidden + 3, generator=gen, dtype=torch.float64),
+        "teacher_weight": torch.randn(teacher_vocab, hidden + 3, generator=gen, dtype=torch.float64)
+        * spread / (hidden + 3)**0.5,
+        "student_bias": torch.randn(vocab, generator=gen, dtype=torch.float64) if bias else None,
+        "teacher_bias": torch.randn(teacher_vocab, generator=gen, dtype=torch.float64) if bias else None,
+        "target": None,
+    }
+    if with_target:
+        target = torch.randint(0, vocab, lead, generator=gen)
+        target[torch.rand(lead, generator=gen) < ignore_fraction] = ignore_index
+        p["target"] = target
+    return p
+
+
+STUDENT = ("student_hidden", "student_weight", "student_bias")
+
+
+def reference_loss_and_grads(kind, p, reduction="mean", upstream=None, ignore_index=-100, **kw):
+    """float64: materialise both logits (teacher aligned to the student's vocabulary as documented)."""
+    leaves = {k: p[k].detach().double().requires_grad_() for k in STUDENT if p[k] is not None}
+    z = leaves["student_hidden"] @ leaves["student_weight"].T
+    if "student_bias" in leaves:
+        z = z + leaves["student_bias"]
+    v = p["teacher_hidden"].double() @ p["teacher_weight"].double().T
+    if p["teacher_bias"] is not None:
+        v = v + p["teacher_bias"].double()
+    vocab = z.shape[-1]
+    if v.shape[-1] >= vocab:
+        v = v[..., :vocab]
+    else:
+        v = torch.cat([v, v.new_full((*v.shape[:-1], vocab - v.shape[-1]), float("-inf"))], -1)
+    loss = REFERENCE[kind](z, v, p["target"], reduction=reduction, ignore_index=ignore_index, **HYPER[kind], **kw)
+    loss.backward(None if upstream is None else upstream.double())
+    return loss.detach(), {k: x.grad for k, x in leaves.items()}
+
+
+def fused_loss_and_grads(kind, p, backend, dtype=torch.float32, reduction="mean", upstream=None, **kw):
+    device = device_of(backend)
+    args = {k: None if x is None else x.to(device) for k, x in p.items()}
+    for k, x in args.items():
+        if x is not None and x.is_floating_point():
+            args[k] = x.to(dtype).requires_grad_(k in STUDENT)
+    loss = FUSED[kind](args["student_hidden"], args["student_weight"], args["teacher_hidden"], args["teacher_weight"],
+                       args["target"], student_bias=args["student_bias"], teacher_bias=args["teacher_bias"],
+                       reduction=reduction, backend=backend, **HYPER[kind], **kw)
+    loss.backward(None if upstream is None else upstream.to(device))
+    return loss.detach(), {k: args[k].grad for k in STUDENT if args[k] is not None}
+
+
+def assert_close(name, ref, out, rtol=2e-4):
+    """Max abs error relative to the reference's largest magnitude, plus NaN/inf parity."""
+    ref, out = ref.double().cpu(), out.double().cpu()
+    assert out.shape == ref.shape, f"{name}: shape {tuple(out.shape)} != {tuple(ref.shape)}"
+    assert torch.equal(torch.isfinite(ref), torch.isfinite(out)), f"{name}: non-finite pattern differs"
+    err = (ref - out).abs().max().item() if ref.numel() else 0.0
+    scale = ref.abs().max().item() if ref.numel() else 0.0
+    assert err <= rtol * scale + 1e-12, f"{name}: max error {err:.3g} > {rtol:g} * {scale:.3g}"
+
+
+def check_against_reference(kind, p, backend, reduction="mean", upstream=None, **kw):
+    ref_loss, ref_grads = reference_loss_and_grads(kind, p, reduction, upstream,
+                                                   ignore_index=kw.get("ignore_index", -100),
+                                                   **{k: kw[k] for k in ("beta", "ce_weight") if k in kw})
+    loss, grads = fused_loss_and_grads(kind, p, backend, reduction=reduction, upstream=upstream, **kw)
+    assert loss.dtype == torch.float32
+    assert_close("loss", ref_loss, loss)
+    assert grads.keys() == ref_grads.keys()
+    for k in grads:
+        assert grads[k].dtype == torch.float32
+        assert_close(f"d {k}", ref_grads[k], grads[k])
+
+
+# (name, problem kwargs, loss kwargs, upstream gradient): chunk sizes that do not divide N, equal it, exceed it
+# and the default; all reductions; ignored rows with -100 and with a valid class id; a 3-D batch; no target.
+CASES = [
+    ("mean-chunk5-spread10", {}, {"chunk_size": 5}, None),
+    ("sum-chunkN-spread30", {"spread": 30.0, "seed": 1}, {"reduction": "sum", "chunk_size": 23, "beta": 3.0}, None),
+    ("none-chunk64-spread1", {"spread": 1.0, "seed": 2}, {"reduction": "none", "chunk_size": 64, "ce_weight": 0.5},
+     "randn"),
+    ("none-chunk7-3d", {"lead": (3, 7), "seed": 3}, {"reduction": "none", "chunk_size": 7}, "randn"),
+    ("mean-default-upstream2.5-ignore3-nobias", {"bias": False, "ignore_index": 3, "seed": 4},
+     {"ignore_index": 3}, 2.5),
+    ("mean-chunk4-notarget", {"with_target": False, "seed": 5, "spread": 20.0}, {"chunk_size": 4}, None),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", ["wttm", "ttm", "kd"])
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_matches_float64_reference(backend, kind, case):
+    _, problem_kw, loss_kw, upstream = case
+    p = make_problem(**problem_kw)
+    loss_kw = dict(loss_kw)
+    reduction = loss_kw.pop("reduction", "mean")
+    if upstream == "randn":
+        lead = p["student_hidden"].shape[:-1]
+        upstream = torch.randn(lead, generator=torch.Generator().manual_seed(7))
+    elif upstream is not None:
+        upstream = torch.tensor(float(upstream))
+    check_against_reference(kind, p, backend, reduction=reduction, upstream=upstream, **loss_kw)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", ["wttm", "kd"])
+@pytest.mark.parametrize("teacher_vocab", [75, 66], ids=["teacher-larger-truncated", "student-padding"])
+def test_vocab_mismatch(backend, kind, teacher_vocab):
+    p = make_problem(vocab=70, teacher_vocab=teacher_vocab, seed=11)
+    check_against_reference(kind, p, backend, chunk_size=9, vocab_mismatch="truncate_teacher")
+
+
+def test_student_padding_is_minus_inf_not_zero():
+    """Padding the teacher with zero logits would give tokens it lacks probability mass."""
+    p = make_problem(vocab=70, teacher_vocab=66, seed=12)
+    loss, _ = fused_loss_and_grads("wttm", p, "torch", vocab_mismatch="truncate_teacher")
+    zero_pad = dict(p, teacher_weight=torch.cat([p["teacher_weight"], p["teacher_weight"].new_zeros(4, 19)]),
+                    teacher_bias=torch.cat([p["teacher_bias"], p["teacher_bias"].new_zeros(4)]))
+    ref_zero, _ = reference_loss_and_grads("wttm", zero_pad)
+    ref_inf, _ = reference_loss_and_grads("wttm", p)
+    assert_close("loss", ref_inf, loss)
+    assert abs(ref_zero.item() - loss.item()) > 1e-3 * abs(loss.item())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ignored_and_empty(backend):
+    p = make_problem(n=6, ignore_fraction=1.0, seed=13)
+    for reduction in ("mean", "sum"):
+        loss, grads = fused_loss_and_grads("wttm", p, backend, reduction=reduction, chunk_size=4)
+        assert loss.item() == 0.0
+        assert all(bool((g == 0).all()) for g in grads.values())
+    empty = make_problem(n=0, seed=14)
+    loss, grads = fused_loss_and_grads("wttm", empty, backend)
+    assert loss.item() == 0.0 and grads["student_hidden"].shape == (0, 16)
+    assert bool((grads["student_weight"] == 0).all())
+
+
+def _rel_err(out, ref):
+    return ((out.double().cpu() - ref).norm() / ref.norm()).item()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bf16_no_worse_than_eager_bf16(backend):
+    """CCE's criterion: error vs float64 of the fused bf16 path <= that of eager bf16 autograd + tol."""
+    p = make_problem(n=64, hidden=32, vocab=200, spread=10.0, seed=15, ignore_fraction=0.0)
+    ref_loss, ref_grads = reference_loss_and_grads("wttm", p, beta=2.0)
+    loss, grads = fused_loss_and_grads("wttm", p, backend, dtype=torch.bfloat16, chunk_size=24, beta=2.0)
+
+    leaves = {k: p[k].bfloat16().requires_grad_() for k in STUDENT}
+    z = leaves["student_hidden"] @ leaves["student_weight"].T + leaves["student_bias"]
+    with torch.no_grad():
+        v = p["teacher_hidden"].bfloat16() @ p["teacher_weight"].bfloat16().T + p["teacher_bias"].bfloat16()
+    eager = reference.paper_wttm_loss(z, v, p["target"], gamma=0.2, beta=2.0)
+    eager.backward()
+
+    tol = 1e-3
+    assert _rel_err(loss, ref_loss) <= _rel_err(eager.detach(), ref_loss) + tol
+    for k in STUDENT:
+        assert grads[k].dtype == torch.bfloat16
+        fused_err, eager_err = _rel_err(grads[k], ref_grads[k]), _rel_err(leaves[k].grad, ref_grads[k])
+        assert fused_err <= eager_err + tol, f"d {k}: fused {fused_err:.3g} vs eager {eager_err:.3g}"
+
+
+def test_teacher_frozen_parameters_and_no_grad(monkeypatch):
+    """No gradient reaches the teacher, even when its weight requires grad; frozen student parts get none;
+    under torch.no_grad() the forward computes the loss only."""
+    p = make_problem(seed=16)
+    hidden = p["student_hidden"].float().requires_grad_()
+    weight = p["student_weight"].float()
+    teacher_weight = p["teacher_weight"].float().requires_grad_()
+    loss = fused_linear_wttm_loss(hidden, weight, p["teacher_hidden"].float(), teacher_weight, p["target"],
+                                  chunk_size=8, backend="torch")
+    loss.backward()
+    assert teacher_weight.grad is None and weight.grad is None
+    _, ref_grads = reference_loss_and_grads("wttm", dict(p, student_bias=None, teacher_bias=None))
+    assert_close("d student_hidden", ref_grads["student_hidden"], hidden.grad)
+    row_grads, run_chunks = [], linear._run_chunks
+    monkeypatch.setattr(linear, "_run_chunks",
+                        lambda *a, **k: row_grads.append(k.get("row_grad")) or run_chunks(*a, **k))
+    with torch.no_grad():
+        no_grad_loss = fused_linear_wttm_loss(hidden, weight, p["teacher_hidden"].float(), teacher_weight,
+                                              p["target"], backend="torch")
+    assert_close("loss", loss.detach(), no_grad_loss)
+    assert row_grads == [None]
+
+
+def test_backward_twice_is_a_clear_error():
+    p = make_problem(seed=17)
+    hidden = p["student_hidden"].float().requires_grad_()
+    loss = fused_linear_wttm_loss(hidden, p["student_weight"].float(), p["teacher_hidden"].float(),
+                                  p["teacher_weight"].float(), p["target"], backend="torch")
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="recompute the loss"):
+        loss.backward()
+
+
+@pytest.mark.parametrize("module,kind", [(LinearWTTMLoss(gamma=0.2), "wttm"), (LinearTTMLoss(gamma=0.5), "ttm"),
+                                         (LinearKDLoss(temperature=2.0), "kd")])
+def test_modules(module, kind):
+    p = make_problem(seed=18)
+    module.backend, module.chunk_size = "torch", 6
+    args = {k: None if x is None or not x.is_floating_point() else x.float() for k, x in p.items()}
+    out = module(args["student_hidden"], args["student_weight"], args["teacher_hidden"], args["teacher_weight"],
+                 p["target"], student_bias=args["student_bias"], teacher_bias=args["teacher_bias"])
+    ref, _ = reference_loss_and_grads(kind, p)
+    assert_close("loss", ref, out)
+    assert "chunk_size=6" in repr(module)
+
+
+def test_default_chunk_size_from_memory_budget():
+    bf16, fp32 = torch.bfloat16, torch.float32
+    # 1 GiB on CUDA for two bf16 (C, 128256) buffers: 2093 rows, rounded down to 2048.
+    assert default_chunk_size(16384, 128256, bf16, bf16, torch.device("cuda")) == 2048
+    assert default_chunk_size(4096, 128256, bf16, bf16, torch.device("cuda")) == 2048
+    assert default_chunk_size(16384, 128256, bf16, bf16, torch.device("cpu")) == 256  # the minimum
+    assert default_chunk_size(100, 128256, bf16, bf16, torch.device("cpu")) == 100  # never above N
+    assert default_chunk_size(10**6, 8192, fp32, fp32, torch.device("cpu")) == 1024
+    assert default_chunk_size(10**6, 8192, bf16, bf16, torch.device("cpu"), fp32_scratch=True) == 1024
+
+
+def _bad(**changes):
+    p = make_problem(seed=19)
+    args = {k: None if x is None or not x.is_floating_point() else x.float() for k, x in p.items()}
+    args["target"] = p["target"]
+    args.update(changes.pop("args", {}))
+    return args, changes
+
+
+BAD = [
+    ({"args": {"teacher_weight": torch.randn(75, 19), "teacher_bias": None}}, ValueError,
+     r"student vocabulary 70.*teacher vocabulary 75"),
+    ({"args": {"student_weight": torch.randn(70, 15)}}, ValueError, "student_hidden must have shape"),
+    ({"args": {"student_weight": torch.randn(70, 16, dtype=torch.float64)}}, TypeError, "same dtype"),
+    ({"args": {"student_bias": torch.randn(69)}}, ValueError, "student_bias must have shape"),
+    ({"args": {"teacher_hidden": torch.randn(22, 19)}}, ValueError, "teacher_hidden must have the student's"),
+    ({"args": {"teacher_hidden": torch.randn(23, 19, requires_grad=True)}}, ValueError, "torch.no_grad"),
+    ({"args": {"student_weight": torch.randn(70)}}, ValueError, "student_weight must be 2-D"),
+    ({"args": {"student_hidden": torch.ones(23, 16, dtype=torch.long)}}, TypeError, "student_hidden must be a float"),
+    ({"args": {"target": torch.full((23,), 70)}}, ValueError, r"outside \[0, 70\)"),
+    ({"args": {"target": torch.zeros(23)}}, TypeError, "integer class indices"),
+    ({"args": {"target": torch.zeros(22, dtype=torch.long)}}, ValueError, "target must have"),
+    ({"chunk_size": 0}, ValueError, "chunk_size"),
+    ({"chunk_size": 2.5}, ValueError, "chunk_size"),
+    ({"vocab_mismatch": "pad"}, ValueError, "vocab_mismatch"),
+    ({"reduction": "avg"}, ValueError, "reduction"),
+    ({"gamma": 0.0}, ValueError, "gamma"),
+    ({"beta": float("nan")}, ValueError, "beta"),
+    ({"ignore_index": 1.5}, TypeError, "ignore_index"),
+    ({"backend": "cuda"}, ValueError, "backend"),
+]
+
+
+@pytest.mark.parametrize("changes,error,match", BAD, ids=[m for _, _, m in BAD])
+def test_bad_inputs_raise_clear_errors(changes, error, match):
+    args, kw = _bad(**changes)
+    with pytest.raises(error, match=match):
+        fused_linear_wttm_loss(args["student_hidden"], args["student_weight"], args["teacher_hidden"],
+                               args["teacher_weight"], args["target"], student_bias=args["student_bias"],
+                               teacher_bias=args["teacher_bias"], **kw)

@@ -1,0 +1,456 @@
+"""Fused linear + distillation loss for large vocabularies: the (N, V) logits never exist in full.
+
+Drop-in for ``fused_wttm_loss(h_s @ W_s.T, h_t @ W_t.T, target)`` on the last hidden states::
+
+    loss = fused_linear_wttm_loss(h_s, lm_head_s.weight, h_t, lm_head_t.weight, target, gamma=0.2)
+
+A chunk of C rows at a time, the student and teacher logits are computed into two (C, V) buffers allocated
+once, the row kernel writes the loss and d(loss)/d(logits) into the student buffer in one launch, and two
+GEMMs turn it into the gradients of the student's hidden states (written into their slice) and LM head
+(summed over chunks in fp32). Peak extra memory is the two buffers plus the gradients, whatever N is.
+
+Precision: the logits stay in the GEMM's output dtype, and the loss and its gradient read the same rounded
+values; the kernel works in fp32 and rounds dlogits once; dW and db are summed in fp32 and rounded once at
+the end.
+
+Gradients: with ``reduction="mean"`` or ``"sum"`` they are computed in the forward (Liger style) and the
+backward only scales them by the scalar upstream gradient, so backpropagating twice through one loss
+(``retain_graph=True``) is an error. With ``reduction="none"`` the per-row upstream gradient must reach
+dlogits before dW sums over the rows, so the forward computes the loss only and the backward recomputes
+the chunks, teacher GEMM included.
+"""
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple, Optional
+
+import torch
+from torch import nn
+
+from . import _ops, reference
+from .functional import DEFAULT_GAMMA, DEFAULT_TEMPERATURE, REDUCTIONS, _check_finite
+
+VOCAB_MISMATCH = ("error", "truncate_teacher")
+# The chunk buffers' bytes are budgeted, not rows. CUDA: 1 GiB (2048 rows at V=128256 bf16) ran within 3% of
+# 4096-row chunks and 5% faster than 1024 on an H200 (benchmarks/RESULTS.md) at the same peak, which the fp32
+# dW (2 GiB there) and its cast set. CPU: the GEMMs saturate with far fewer rows.
+CHUNK_BUDGET_BYTES = {"cuda": 1 << 30}
+DEFAULT_CHUNK_BUDGET_BYTES = 64 << 20
+MIN_CHUNK_ROWS = 256
+
+
+class _Spec(NamedTuple):
+    student_scale: float
+    teacher_scale: float
+    kl_scale: float
+    weighted: bool
+    beta: float
+    ce_weight: float
+    ignore_index: int
+    backend: str
+
+
+@functools.cache
+def _addmm_has_fp32_out(device_type: str, dtype: torch.dtype) -> bool:
+    """Whether ``torch.addmm(..., out_dtype=torch.float32)`` runs on ``dtype`` inputs here (CUDA, torch >= 2.8);
+    without it, the chunk is upcast to fp32 for the weight-gradient GEMM."""
+    try:
+        x = torch.zeros((1, 1), dtype=dtype, device=device_type)
+        acc = torch.zeros((1, 1), dtype=torch.float32, device=device_type)
+        torch.addmm(acc, x, x, out_dtype=torch.float32, out=acc)
+        return True
+    except (RuntimeError, TypeError, NotImplementedError):
+        return False
+
+
+def default_chunk_size(n_rows: int, vocab: int, student_dtype: torch.dtype, teacher_dtype: torch.dtype,
+                       device: torch.device, fp32_scratch: bool = False) -> int:
+    """Rows per chunk: as many as fit the device's budget (``CHUNK_BUDGET_BYTES``, 1 GiB on CUDA, 64 MiB
+    elsewhere) for the student and teacher (C, V) buffers (plus an fp32 copy of the student's when the
+    weight gradient is summed through an upcast), rounded down to a multiple of 128, clamped to
+    [min(256, N), N]."""
+    row_bytes = vocab * (student_dtype.itemsize + teacher_dtype.itemsize + (4 if fp32_scratch else 0))
+    budget = CHUNK_BUDGET_BYTES.get(torch.device(device).type, DEFAULT_CHUNK_BUDGET_BYTES)
+    rows = budget // max(row_bytes, 1)
+    if rows > 128:
+        rows -= rows % 128
+    return max(1, min(n_rows, max(rows, MIN_CHUNK_ROWS)))
+
+
+def _linear_into(out, hidden, weight, bias):
+    if bias is None:
+        torch.mm(hidden, weight.t(), out=out)
+    else:
+        torch.addmm(bias, hidden, weight.t(), out=out)
+
+
+def _loss_and_grad_torch(z, v, y, row_grad, spec):
+    """The reference on one chunk (fp32), writing d(sum row_grad * loss)/dz into ``z``."""
+    params = dict(student_scale=spec.student_scale, teacher_scale=spec.teacher_scale, kl_scale=spec.kl_scale,
+                  weighted=spec.weighted, beta=spec.beta, ce_weight=spec.ce_weight,
+                  ignore_index=spec.ignore_index)
+    if row_grad is None:
+        return reference.loss_rows(z.float(), v.float(), y, **params)["loss"]
+    with torch.enable_grad():
+        z32 = z.float().requires_grad_()
+        loss = reference.loss_rows(z32, v.float(), y, **params)["loss"]
+        (grad,) = torch.autograd.grad(loss, z32, grad_outputs=row_grad.float().expand_as(loss))
+    z.copy_(grad)
+    return loss.detach()
+
+
+def _chunk_loss(z, v, y, row_grad, spec):
+    """Per-row fp32 loss of one chunk; with ``row_grad``, also overwrites ``z`` with its gradient."""
+    if spec.backend == "torch":
+        return _loss_and_grad_torch(z, v, y, row_grad, spec)
+    args = (spec.student_scale, spec.teacher_scale, spec.beta * spec.kl_scale, spec.ce_weight, spec.weighted,
+            spec.ignore_index, spec.backend)
+    if row_grad is None:
+        return _ops.loss_fwd(z, v, y, *args)[_ops.STAT_LOSS]
+    return _ops.loss_fwd_grad_inplace(z, v, y, row_grad, *args)[_ops.STAT_LOSS]
+
+
+def _run_chunks(h_s, w_s, b_s, h_t, w_t, b_t, target, spec, chunk_size, row_grad=None, needs=(False,) * 3):
+    """Loss rows (N,) fp32 and, with ``row_grad`` ((N,) or 0-dim), the gradients of sum_i row_grad_i * loss_i
+    w.r.t. (h_s, w_s, b_s), each None unless ``needs`` asks for it."""
+    n, vocab = h_s.shape[0], w_s.shape[0]
+    shared = min(vocab, w_t.shape[0])
+    w_t = w_t[:shared]
+    b_t = None if b_t is None else b_t[:shared]
+    need_h, need_w, need_b = needs if row_grad is not None else (False,) * 3
+    fp32_out = w_s.dtype != torch.float32 and _addmm_has_fp32_out(w_s.device.type, w_s.dtype)
+    upcast = w_s.dtype != torch.float32 and not fp32_out
+    chunk = chunk_size or default_chunk_size(n, vocab, h_s.dtype, h_t.dtype, h_s.device,
+                                             fp32_scratch=need_w and upcast)
+    chunk = max(1, min(chunk, n))
+
+    device = h_s.device
+    s_buf = torch.empty((chunk, vocab), dtype=h_s.dtype, device=device)
+    t_buf = torch.empty((chunk, vocab), dtype=h_t.dtype, device=device)
+    # Student-only columns: the teacher gives them probability 0, i.e. logit -inf (a 0 logit would give
+    # tokens the teacher lacks mass exp(0) / Z).
+    t_buf[:, shared:] = float("-inf")
+    loss = torch.empty(n, dtype=torch.float32, device=device)
+    grad_h = torch.empty_like(h_s) if need_h else None
+    # Filled by the first chunk (beta=0: neither a memset nor a read of the accumulator).
+    grad_w = (torch.empty if n else torch.zeros)(w_s.shape, dtype=torch.float32, device=device) if need_w else None
+    grad_b = torch.zeros(vocab, dtype=torch.float32, device=device) if need_b else None
+
+    for start in range(0, n, chunk):
+        end = min(start + chunk, n)
+        z, v = s_buf[: end - start], t_buf[: end - start]
+        hidden = h_s[start:end]
+        _linear_into(z, hidden, w_s, b_s)
+        _linear_into(v[:, :shared], h_t[start:end], w_t, b_t)
+        y = None if target is None else target[start:end]
+        rg = row_grad if row_grad is None or row_grad.dim() == 0 else row_grad[start:end]
+        loss[start:end] = _chunk_loss(z, v, y, rg, spec)
+        # From here on z holds dlogits.
+        if need_h:
+            torch.mm(z, w_s, out=grad_h[start:end])
+        if need_w:
+            beta = 0 if start == 0 else 1
+            if fp32_out:
+                torch.addmm(grad_w, z.t(), hidden, beta=beta, out_dtype=torch.float32, out=grad_w)
+            elif upcast:
+                grad_w.addmm_(z.t().float(), hidden.float(), beta=beta)
+            else:
+                grad_w.addmm_(z.t(), hidden, beta=beta)
+        if need_b:
+            grad_b += z.sum(0, dtype=torch.float32)
+
+    s_buf = t_buf = z = v = None  # free the buffers before the casts below
+    if grad_w is not None:
+        grad_w = grad_w.to(w_s.dtype)
+    if grad_b is not None:
+        grad_b = grad_b.to(b_s.dtype)
+    return loss, grad_h, grad_w, grad_b
+
+
+class _FusedLinearLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h_s, w_s, b_s, h_t, w_t, b_t, target, spec, reduction, chunk_size, needs):
+        inputs = (h_s, w_s, b_s, h_t, w_t, b_t, target, spec, chunk_size)
+        ctx.deferred = reduction == "none" and any(needs)
+        if reduction == "none" or not any(needs):
+            if ctx.deferred:
+                ctx.save_for_backward(h_s, w_s, b_s, h_t, w_t, b_t, target)
+                ctx.params = (spec, chunk_size, needs)
+            rows = _run_chunks(*inputs)[0]
+            if reduction == "none":
+                return rows
+            return reference.reduce_rows(rows, _valid(target, h_s, spec.ignore_index), reduction)
+
+        if reduction == "mean":
+            # The normaliser, on the device: no host sync.
+            count = _valid(target, h_s, spec.ignore_index).sum().clamp_min(1)
+            scale = 1.0 / count.to(torch.float32)
+        else:
+            scale = torch.ones((), dtype=torch.float32, device=h_s.device)
+        rows, *grads = _run_chunks(*inputs, row_grad=scale, needs=needs)
+        ctx.grads = grads
+        return rows.sum() * scale
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        if ctx.deferred:
+            h_s, w_s, b_s, h_t, w_t, b_t, target = ctx.saved_tensors
+            spec, chunk_size, needs = ctx.params
+            _, *grads = _run_chunks(h_s, w_s, b_s, h_t, w_t, b_t, target, spec, chunk_size,
+                                    row_grad=grad_out.float().contiguous(), needs=needs)
+        else:
+            if ctx.grads is None:
+                raise RuntimeError("fused linear loss: its gradients were computed in the forward and already "
+                                   "handed to a first backward; recompute the loss to backpropagate again")
+            grads, ctx.grads = ctx.grads, None
+            if bool(grad_out != 1):  # one sync, to skip a pass over dW in the usual case
+                grads = [None if g is None else g.mul_(grad_out) for g in grads]
+        return (*grads, None, None, None, None, None, None, None, None)
+
+
+def _valid(target, hidden, ignore_index):
+    if target is None:
+        return torch.ones(hidden.shape[0], dtype=torch.bool, device=hidden.device)
+    return target != ignore_index
+
+
+def _check_tensor(name, x, dim=None):
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
+    if dim is not None and x.dim() != dim:
+        raise ValueError(f"{name} must be {dim}-D, got shape {tuple(x.shape)}")
+
+
+def _validate_side(side, hidden, weight, bias):
+    _check_tensor(f"{side}_hidden", hidden)
+    _check_tensor(f"{side}_weight", weight, dim=2)
+    if hidden.dim() == 0 or hidden.shape[-1] != weight.shape[1]:
+        raise ValueError(f"{side}_hidden must have shape (..., {weight.shape[1]}) to match {side}_weight of shape "
+                         f"(V, H) = {tuple(weight.shape)}, got {tuple(hidden.shape)}")
+    if weight.shape[0] == 0:
+        raise ValueError(f"{side}_weight must have V >= 1 rows, got shape {tuple(weight.shape)}")
+    if hidden.dtype != weight.dtype:
+        raise TypeError(f"{side}_hidden and {side}_weight must have the same dtype, got {hidden.dtype} and "
+                        f"{weight.dtype}")
+    if bias is not None:
+        _check_tensor(f"{side}_bias", bias, dim=1)
+        if bias.shape[0] != weight.shape[0] or bias.dtype != weight.dtype:
+            raise ValueError(f"{side}_bias must have shape ({weight.shape[0]},) and dtype {weight.dtype}, got "
+                             f"{tuple(bias.shape)} and {bias.dtype}")
+
+
+def _fused_linear_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, target, *, student_bias,
+                       teacher_bias, student_scale, teacher_scale, kl_scale, weighted, beta, ce_weight,
+                       ignore_index, reduction, chunk_size, vocab_mismatch, backend):
+    beta = _check_finite("beta", beta)
+    ce_weight = _check_finite("ce_weight", ce_weight)
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    if vocab_mismatch not in VOCAB_MISMATCH:
+        raise ValueError(f"vocab_mismatch must be one of {VOCAB_MISMATCH}, got {vocab_mismatch!r}")
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
+                                   or chunk_size < 1):
+        raise ValueError(f"chunk_size must be None or a positive int, got {chunk_size!r}")
+    _validate_side("student", student_hidden, student_weight, student_bias)
+    _validate_side("teacher", teacher_hidden, teacher_weight, teacher_bias)
+    lead = student_hidden.shape[:-1]
+    if teacher_hidden.shape[:-1] != lead:
+        raise ValueError(f"teacher_hidden must have the student's leading shape {tuple(lead)}, got "
+                         f"{tuple(teacher_hidden.shape[:-1])}")
+    device = student_hidden.device
+    for name, x in (("student_weight", student_weight), ("student_bias", student_bias),
+                    ("teacher_hidden", teacher_hidden), ("teacher_weight", teacher_weight),
+                    ("teacher_bias", teacher_bias), ("target", target)):
+        if isinstance(x, torch.Tensor) and x.device != device:
+            raise ValueError(f"{name} must be on student_hidden's device {device}, got {x.device}")
+    if teacher_hidden.requires_grad:
+        raise ValueError("teacher_hidden requires grad, but no gradient flows to the teacher: run the teacher "
+                         "under torch.no_grad() or pass teacher_hidden.detach()")
+    vocab, teacher_vocab = student_weight.shape[0], teacher_weight.shape[0]
+    if vocab != teacher_vocab and vocab_mismatch == "error":
+        raise ValueError(f"student vocabulary {vocab} (student_weight rows) != teacher vocabulary {teacher_vocab} "
+                         "(teacher_weight rows); pass vocab_mismatch='truncate_teacher' to align the teacher "
+                         "to the student's vocabulary")
+    if target is not None:
+        if not isinstance(target, torch.Tensor):
+            raise TypeError(f"target must be a torch.Tensor or None, got {type(target).__name__}")
+        if target.dtype.is_floating_point or target.dtype.is_complex or target.dtype == torch.bool:
+            raise TypeError(f"target must hold integer class indices, got dtype {target.dtype}")
+        if target.shape != lead:
+            raise ValueError(f"target must have the hidden states' leading shape {tuple(lead)}, got "
+                             f"{tuple(target.shape)}")
+        target = target.reshape(-1).long()
+        if not torch.compiler.is_compiling():
+            bad = ((target < 0) | (target >= vocab)) & (target != ignore_index)
+            if bool(bad.any()):
+                raise ValueError(f"target holds class indices outside [0, {vocab}) that are not ignore_index="
+                                 f"{ignore_index}, e.g. {target[bad][0].item()}")
+    backend = _ops.resolve_backend(backend, device)
+
+    spec = _Spec(float(student_scale), float(teacher_scale), float(kl_scale), bool(weighted), beta, ce_weight,
+                 int(ignore_index), backend)
+    # Which student gradients to compute (ctx.needs_input_grad ignores torch.no_grad()).
+    needs = tuple(torch.is_grad_enabled() and x is not None and x.requires_grad
+                  for x in (student_hidden, student_weight, student_bias))
+    loss = _FusedLinearLoss.apply(
+        student_hidden.reshape(-1, student_hidden.shape[-1]), student_weight, student_bias,
+        teacher_hidden.reshape(-1, teacher_hidden.shape[-1]), teacher_weight.detach(),
+        None if teacher_bias is None else teacher_bias.detach(), target, spec, reduction, chunk_size, needs)
+    return loss.view(lead) if reduction == "none" else loss
+
+
+_COMMON_DOC = """
+    Args:
+        student_hidden: (..., H_s) last hidden states of the student, float32, bfloat16 or float16.
+        student_weight: (V, H_s) student LM head, same dtype; ``student_bias``: optional (V,).
+        teacher_hidden: (..., H_t) teacher hidden states with the student's leading shape; must not require
+            grad (run the teacher under ``torch.no_grad()``).
+        teacher_weight: (V_t, H_t) teacher LM head; ``teacher_bias``: optional (V_t,). The teacher is a
+            constant: no gradient reaches teacher_weight or teacher_bias even when they require grad.
+        target: optional (...) integer class indices in [0, V) or ``ignore_index``; adds
+            ``ce_weight * CE``. Ignored rows contribute nothing to any term.
+        beta, ce_weight, ignore_index, reduction: as in the unfused loss. ``"mean"`` divides by the rows
+            not ignored (0 when all are); ``"none"`` returns float32 per-row losses of the leading shape.
+        chunk_size: rows per chunk. Default: from a memory budget for the two (chunk, V) logits buffers
+            (1 GiB on CUDA, 64 MiB elsewhere), clamped to [min(256, N), N]; see ``default_chunk_size``.
+        vocab_mismatch: ``"error"`` (default) when V != V_t. ``"truncate_teacher"`` aligns the teacher to the
+            student's V columns: a larger teacher's extra rows (e.g. Qwen2.5's 152064 vs 151936) are
+            dropped, so its softmax runs over the shared columns; a smaller teacher gets logit -inf
+            (probability 0, never a 0 logit, which would give tokens it lacks mass) in the student-only
+            columns, while the student keeps them in its own softmax, so the loss pushes the student's
+            mass off them. To leave the student's extra columns out instead, pass ``student_weight[:V_t]``.
+        backend: ``"auto"`` (Triton on CUDA, the C++ kernel on CPU, else the reference), ``"triton"``,
+            ``"cpu"`` or ``"torch"`` (the reference on each chunk).
+
+    Returns:
+        The float32 loss. Gradients reach student_hidden, student_weight and student_bias in their dtypes.
+"""
+
+
+def fused_linear_wttm_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor, teacher_hidden: torch.Tensor,
+                           teacher_weight: torch.Tensor, target: Optional[torch.Tensor] = None, *,
+                           student_bias: Optional[torch.Tensor] = None, teacher_bias: Optional[torch.Tensor] = None,
+                           gamma: float = DEFAULT_GAMMA, beta: float = 1.0, ce_weight: float = 1.0,
+                           ignore_index: int = -100, reduction: str = "mean", chunk_size: Optional[int] = None,
+                           vocab_mismatch: str = "error", backend: str = "auto") -> torch.Tensor:
+    gamma = _check_finite("gamma", gamma, positive=True)
+    return _fused_linear_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, target,
+                              student_bias=student_bias, teacher_bias=teacher_bias, student_scale=1.0,
+                              teacher_scale=gamma, kl_scale=1.0, weighted=True, beta=beta, ce_weight=ce_weight,
+                              ignore_index=ignore_index, reduction=reduction, chunk_size=chunk_size,
+                              vocab_mismatch=vocab_mismatch, backend=backend)
+
+
+fused_linear_wttm_loss.__doc__ = """``fused_wttm_loss`` on ``student_hidden @ student_weight.T (+ bias)`` and the
+    teacher's logits, a chunk of rows at a time, without materialising either (N, V) logits tensor.
+
+    gamma: the power-transform exponent, 1/T (default 0.2).
+""" + _COMMON_DOC
+
+
+def fused_linear_ttm_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor, teacher_hidden: torch.Tensor,
+                          teacher_weight: torch.Tensor, target: Optional[torch.Tensor] = None, *,
+                          student_bias: Optional[torch.Tensor] = None, teacher_bias: Optional[torch.Tensor] = None,
+                          gamma: float = DEFAULT_GAMMA, beta: float = 1.0, ce_weight: float = 1.0,
+                          ignore_index: int = -100, reduction: str = "mean", chunk_size: Optional[int] = None,
+                          vocab_mismatch: str = "error", backend: str = "auto") -> torch.Tensor:
+    gamma = _check_finite("gamma", gamma, positive=True)
+    return _fused_linear_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, target,
+                              student_bias=student_bias, teacher_bias=teacher_bias, student_scale=1.0,
+                              teacher_scale=gamma, kl_scale=1.0, weighted=False, beta=beta, ce_weight=ce_weight,
+                              ignore_index=ignore_index, reduction=reduction, chunk_size=chunk_size,
+                              vocab_mismatch=vocab_mismatch, backend=backend)
+
+
+fused_linear_ttm_loss.__doc__ = """``fused_ttm_loss`` on the student's and teacher's LM-head outputs, chunked.
+
+    gamma: the power-transform exponent, 1/T (default 0.2).
+""" + _COMMON_DOC
+
+
+def fused_linear_kd_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor, teacher_hidden: torch.Tensor,
+                         teacher_weight: torch.Tensor, target: Optional[torch.Tensor] = None, *,
+                         student_bias: Optional[torch.Tensor] = None, teacher_bias: Optional[torch.Tensor] = None,
+                         temperature: float = DEFAULT_TEMPERATURE, beta: float = 1.0, ce_weight: float = 1.0,
+                         ignore_index: int = -100, reduction: str = "mean", chunk_size: Optional[int] = None,
+                         vocab_mismatch: str = "error", backend: str = "auto") -> torch.Tensor:
+    temperature = _check_finite("temperature", temperature, positive=True)
+    return _fused_linear_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, target,
+                              student_bias=student_bias, teacher_bias=teacher_bias, student_scale=1.0 / temperature,
+                              teacher_scale=1.0 / temperature, kl_scale=temperature**2, weighted=False, beta=beta,
+                              ce_weight=ce_weight, ignore_index=ignore_index, reduction=reduction,
+                              chunk_size=chunk_size, vocab_mismatch=vocab_mismatch, backend=backend)
+
+
+fused_linear_kd_loss.__doc__ = """``fused_kd_loss`` (Hinton KD, T^2 factor) on the LM-head outputs, chunked.
+
+    temperature: T (default 4).
+""" + _COMMON_DOC
+
+
+class _LinearDistillLoss(nn.Module):
+    _loss_fn = None
+    _scale_name = ""
+
+    def __init__(self, scale: float, *, beta: float = 1.0, ce_weight: float = 1.0, ignore_index: int = -100,
+                 reduction: str = "mean", chunk_size: Optional[int] = None, vocab_mismatch: str = "error",
+                 backend: str = "auto"):
+        super().__init__()
+        self.scale = scale
+        self.beta = beta
+        self.ce_weight = ce_weight
+        self.ignore_index = ignore_index
+        self.reduction = reduction
+        self.chunk_size = chunk_size
+        self.vocab_mismatch = vocab_mismatch
+        self.backend = backend
+
+    def forward(self, student_hidden: torch.Tensor, student_weight: torch.Tensor, teacher_hidden: torch.Tensor,
+                teacher_weight: torch.Tensor, target: Optional[torch.Tensor] = None, *,
+                student_bias: Optional[torch.Tensor] = None, teacher_bias: Optional[torch.Tensor] = None):
+        return type(self)._loss_fn(
+            student_hidden, student_weight, teacher_hidden, teacher_weight, target, student_bias=student_bias,
+            teacher_bias=teacher_bias, **{self._scale_name: self.scale}, beta=self.beta, ce_weight=self.ce_weight,
+            ignore_index=self.ignore_index, reduction=self.reduction, chunk_size=self.chunk_size,
+            vocab_mismatch=self.vocab_mismatch, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return (f"{self._scale_name}={self.scale}, beta={self.beta}, ce_weight={self.ce_weight}, "
+                f"ignore_index={self.ignore_index}, reduction={self.reduction!r}, chunk_size={self.chunk_size}, "
+                f"vocab_mismatch={self.vocab_mismatch!r}, backend={self.backend!r}")
+
+
+class LinearWTTMLoss(_LinearDistillLoss):
+    """Module form of :func:`fused_linear_wttm_loss`; ``forward(student_hidden, student_weight, teacher_hidden,
+    teacher_weight, target=None, *, student_bias=None, teacher_bias=None)``."""
+
+    _loss_fn = fused_linear_wttm_loss
+    _scale_name = "gamma"
+
+    def __init__(self, gamma: float = DEFAULT_GAMMA, **kwargs):
+        super().__init__(gamma, **kwargs)
+
+
+class LinearTTMLoss(_LinearDistillLoss):
+    """Module form of :func:`fused_linear_ttm_loss`."""
+
+    _loss_fn = fused_linear_ttm_loss
+    _scale_name = "gamma"
+
+    def __init__(self, gamma: float = DEFAULT_GAMMA, **kwargs):
+        super().__init__(gamma, **kwargs)
+
+
+class LinearKDLoss(_LinearDistillLoss):
+    """Module form of :func:`fused_linear_kd_loss`."""
+
+    _loss_fn = fused_linear_kd_loss
+    _scale_name = "temperature"
+
+    def __init__(self, temperature: float = DEFAULT_TEMPERATURE, **kwargs):
+        super().__init__(temperature, **kwargs)
