@@ -7,7 +7,8 @@ Drop-in for ``fused_wttm_loss(h_s @ W_s.T, h_t @ W_t.T, target)`` on the last hi
 A chunk of C rows at a time, the student and teacher logits are computed into two (C, V) buffers allocated
 once, the row kernel writes the loss and d(loss)/d(logits) into the student buffer in one launch, and two
 GEMMs turn it into the gradients of the student's hidden states (written into their slice) and LM head
-(summed over chunks in fp32). Peak extra memory is the two buffers plus the gradients, whatever N is.
+(summed over chunks in fp32). Beyond the gradients themselves, the extra memory is the two buffers and the
+fp32 dW accumulator, whatever N is.
 
 Precision: the logits stay in the GEMM's output dtype, and the loss and its gradient read the same rounded
 values; the kernel works in fp32 and rounds dlogits once; dW and db are summed in fp32 and rounded once at
@@ -307,7 +308,8 @@ def _fused_linear_loss(student_hidden, student_weight, teacher_hidden, teacher_w
 _COMMON_DOC = """
     Args:
         student_hidden: (..., H_s) last hidden states of the student, float32, bfloat16 or float16.
-        student_weight: (V, H_s) student LM head, same dtype; ``student_bias``: optional (V,).
+        student_weight: (V, H_s) student LM head, same dtype (no autocast: each side's hidden states,
+            weight and bias share one dtype); ``student_bias``: optional (V,).
         teacher_hidden: (..., H_t) teacher hidden states with the student's leading shape; must not require
             grad (run the teacher under ``torch.no_grad()``).
         teacher_weight: (V_t, H_t) teacher LM head; ``teacher_bias``: optional (V_t,). The teacher is a
@@ -329,6 +331,8 @@ _COMMON_DOC = """
 
     Returns:
         The float32 loss. Gradients reach student_hidden, student_weight and student_bias in their dtypes.
+        With "mean" or "sum" they are computed during the forward and the backward only scales them (a
+        second backward through the same loss raises); with "none" the backward recomputes the chunks.
 """
 
 
