@@ -28,9 +28,6 @@ inline uint32_t float_to_bits(float value) {
   return bits;
 }
 
-// exp(x) in fp32, branch-free so that it vectorises (Cephes expf: x = n ln2 + r with |r| <= ln2/2, a degree-6
-// polynomial for exp(r), about 1 ulp). Returns 0 below -87.34 (no subnormals: such terms are below 1e-38 of
-// the row maximum's), 0 for -inf, and NaN for NaN.
 // a * b + c, fused where the instruction set has FMA. The build turns automatic contraction off
 // (-ffp-contract=off) so that s * z - m rounds s * z first, exactly as the running maximum m did.
 inline float mul_add(float a, float b, float c) {
@@ -41,11 +38,14 @@ inline float mul_add(float a, float b, float c) {
 #endif
 }
 
+// exp(x) in fp32, branch-free so that it vectorises (Cephes expf: x = n ln2 + r with |r| <= ln2/2, a degree-6
+// polynomial for exp(r), about 1 ulp). Returns 0 below -87.34 (no subnormals: such terms are below 1e-38 of
+// the row maximum's), 0 for -inf, and NaN for NaN. Valid up to x = 88.3 only, unchecked: every caller passes
+// a logit minus a maximum at least as large, minus a log-sum >= 0, so x <= 0.
 inline float exp_fp32(float x) {
-  constexpr float kMin = -87.33654f, kMax = 88.37626f;  // exp(kMin) = 2^-126, the smallest normal
-  constexpr float kRoundMagic = 12582912.0f;            // 1.5 * 2^23: adding it rounds to an integer
-  float clamped = x < kMin ? kMin : x;                  // keeps NaN
-  clamped = clamped > kMax ? kMax : clamped;
+  constexpr float kMin = -87.33654f;          // exp(kMin) = 2^-126, the smallest normal
+  constexpr float kRoundMagic = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
+  const float clamped = x < kMin ? kMin : x;  // keeps NaN
   const float shifted = mul_add(clamped, 1.44269504088896341f, kRoundMagic);
   const float n = shifted - kRoundMagic;
   float r = mul_add(n, -0.693359375f, clamped);  // ln2 split in two: n * ln2_hi is exact
