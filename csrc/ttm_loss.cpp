@@ -14,8 +14,8 @@
 // gradient.
 //
 // Logits are (B, T, V) views with a contiguous last dimension and free leading strides; row r lives at
-// (r / T) * stride(0) + (r % T) * stride(1), with each tensor's own T. The gradient may be the student tensor itself (in-place
-// backward): each block of a row is read in full before it is written.
+// (r / T) * stride(0) + (r % T) * stride(1), with each tensor's own T. The gradient may be the student tensor
+// itself (in-place backward): each block of a row is read in full before it is written.
 #include <Python.h>
 
 #include <algorithm>

@@ -1,4 +1,4 @@
-// Block kernels compiled for AVX2 + FMA (x86-64-v3); ttm_loss.cpp calls them only on CPUs that support it.
+// Block kernels compiled for AVX2 + FMA (x86-64-v3); used only on CPUs that support it.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>

@@ -1,4 +1,4 @@
-// Block kernels compiled for AVX-512 (x86-64-v4), with 512-bit vectors; ttm_loss.cpp calls them only on CPUs that support it.
+// Block kernels compiled for AVX-512 (x86-64-v4) with 512-bit vectors; used only on CPUs that support it.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
