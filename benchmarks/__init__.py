@@ -12,7 +12,11 @@ pytest-benchmark suite. Both time the same providers (``benchmarks.providers``):
   ``liger_kernel`` imports, on CUDA).
 * ``fused_inplace`` (opt-in): ``fused`` with ``inplace_backward=True``.
 
-Modules: ``providers`` (losses, inputs, mode closures, memory estimates), ``measure`` (timers, peak
-memory, copy bandwidth, environment), ``runner`` (sweeps, skips, CSV/JSON/table), ``report`` (plots),
-``cli`` (arguments; ``__main__`` runs it).
+Modules: ``providers`` (losses, inputs, mode closures, bytes model, memory estimates), ``measure``
+(timers, peak memory, copy bandwidth, environment), ``runner`` (sweeps, skips, CSV/JSON/table), ``report``
+(plots; ``python -m benchmarks.report run.json`` redraws them), ``cli`` (arguments; ``__main__`` runs it),
+``summary`` (``python -m benchmarks.summary run.csv``: a compact table for logs), ``results_md``
+(``python -m benchmarks.results_md run.json``: the run's table into RESULTS.md), ``test_bench_wttm``
+(pytest-benchmark). ``gpu_check.sh`` is the GPU machine's one-shot check; NOTES.md the GPU study plan.
+Other engineers' scripts live here too (``cpu_bench``, ``linear_bench``, ``tune_triton``).
 """

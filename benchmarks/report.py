@@ -42,6 +42,7 @@ def plot(rows: list, out: str, tag: str, meta: dict) -> list:
                 ax.set_xscale("log")
                 if metric == "peak_mib":
                     ax.set_yscale("symlog", linthresh=1.0)
+                    ax.set_ylim(bottom=0)
                 else:
                     ax.set_yscale("log")
                 ax.set_title(f"{mode}  {dtype}  N={n}", fontsize=9)

@@ -119,6 +119,8 @@ def run(cfg: Config) -> dict:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda, but torch.cuda.is_available() is False "
                          f"(torch {torch.__version__}); run with --device cpu")
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)  # CUDA events record on the current device's stream
     t_start = time.perf_counter()
     deadline = None if cfg.time_budget_s is None else t_start + cfg.time_budget_s
     os.makedirs(cfg.out, exist_ok=True)
