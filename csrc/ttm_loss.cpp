@@ -252,7 +252,7 @@ LossSetup make_setup(const at::Tensor& student, const at::Tensor& target, double
   setup.kl_coef = static_cast<float>(kl_coef);
   setup.ce_weight = static_cast<float>(ce_weight);
   setup.weighted = weighted;
-  setup.separate_ce = target.defined() && student_scale != 1.0 && ce_weight != 0.0;
+  setup.separate_ce = target.defined() && student_scale != 1.0;
   setup.ignore_index = ignore_index;
   setup.target = target.defined() ? target.data_ptr<int64_t>() : nullptr;
   setup.row_grad = nullptr;

@@ -414,3 +414,15 @@ def test_fused_wttm_loss_memory_contract(reduction):
     (grad,) = torch.autograd.grad(loss, z)
     torch.cuda.synchronize()
     assert torch.cuda.max_memory_allocated() - base <= grad_bytes + (1 << 20)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fused_kd_loss_components_without_ce_weight(backend):
+    """The logged CE is CE(z) (untempered) even when it carries no weight in the loss."""
+    device = device_of(backend)
+    z, v = make_logits((9, 333), 10.0, seed=71, device=device)
+    target = make_target((9,), 333, seed=71, device=device)
+    _, parts = fused_kd_loss(z.float(), v.float(), target, temperature=4.0, ce_weight=0.0, backend=backend,
+                             return_components=True)
+    valid = target != -100
+    assert_close("ce", F.cross_entropy(z[valid], target[valid]), parts.ce, 2e-6)

@@ -238,11 +238,15 @@ def scale_grad_(grad: torch.Tensor, scale: torch.Tensor) -> None:
 
 
 def _with_grad_setup_context(ctx, inputs, output):
+    # Without this autograd would fill an (N, V) zero tensor for the unused gradient output.
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(output[2])
     ctx.mark_non_differentiable(output[1], output[2])
 
 
 def _with_grad_backward(ctx, grad_loss, _grad_stats, _grad_grad):
+    if grad_loss is None:
+        return (None,) * 11
     # A second backward (retain_graph=True) is refused by autograd's version check on the saved gradient.
     (grad,) = ctx.saved_tensors
     scale_grad_(grad, grad_loss)
@@ -259,6 +263,7 @@ class _InplaceLossWithGrad(torch.autograd.Function):
     @staticmethod
     def forward(ctx, student, teacher, target, row_grad, *params):
         stats = loss_fwd_grad_inplace(student, teacher, target, row_grad, *params)
+        ctx.set_materialize_grads(False)
         ctx.save_for_backward(student)
         ctx.mark_non_differentiable(stats)
         return stats[STAT_LOSS].sum() * row_grad, stats

@@ -246,7 +246,7 @@ def forward(student, teacher, target, *, student_scale, teacher_scale, kl_coef, 
         *_common_args(student, teacher, target, stats, grad, row_grad),
         float(student_scale), float(teacher_scale), float(kl_coef), float(ce_weight), int(ignore_index),
         HAS_TARGET=has_target, WEIGHTED=weighted,
-        SEPARATE_CE=has_target and student_scale != 1.0 and ce_weight != 0, HAS_GRAD=has_grad,
+        SEPARATE_CE=has_target and student_scale != 1.0, HAS_GRAD=has_grad,
         **launch_config(V),
     )
     return stats
@@ -260,6 +260,6 @@ def backward(row_grad, student, teacher, target, stats, grad, *, student_scale, 
     ttm_bwd_kernel[(B * T,)](
         *_common_args(student, teacher, target, stats, grad, row_grad),
         float(student_scale), float(teacher_scale), float(kl_coef), float(ce_weight), int(ignore_index),
-        HAS_TARGET=has_target, SEPARATE_CE=has_target and student_scale != 1.0 and ce_weight != 0,
+        HAS_TARGET=has_target, SEPARATE_CE=has_target and student_scale != 1.0,
         **launch_config(V),
     )
