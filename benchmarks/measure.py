@@ -4,6 +4,9 @@ Timing (``time_fn``)
     CUDA: one pair of CUDA events around every call (the ``triton.testing.do_bench`` scheme, without its
     L2 flush: the runner rotates among several input copies instead), after warm-up; the host never waits
     between calls except where the provider itself syncs. CPU: ``time.perf_counter`` around every call.
+    Both: the result (the loss, or the gradient) is released only after the timer stops: freeing a
+    gradient (a munmap of N*V*b bytes on CPU) is the caller's business, not the op's. Allocating and first
+    touching it is the op's, and is timed.
     Both: the first call (compilation, autotuning, allocation) is timed separately as ``first_call_ms``;
     then warm-up calls until ``warmup_ms`` has passed (at least one more); then
     ``clamp(rep_ms / estimate, min_reps, max_reps)`` timed calls. Reported: median, p20 and p80.
@@ -86,9 +89,11 @@ def time_fn(prepare: Callable[[int], object], run: Callable[[int, object], objec
         state = prepare(k % copies)
         _sync(device)
         t0 = time.perf_counter()
-        run(k % copies, state)
+        out = run(k % copies, state)
         _sync(device)
-        return (time.perf_counter() - t0) * 1e3
+        elapsed = (time.perf_counter() - t0) * 1e3
+        del out  # freeing the result (a gradient munmap on CPU) is not the op's time
+        return elapsed
 
     first = one_wall(0)
     # Warm-up: until warmup_ms has passed, at least one call after the first.
@@ -113,9 +118,9 @@ def time_fn(prepare: Callable[[int], object], run: Callable[[int, object], objec
             i = (k + r) % copies
             state = prepare(i)
             starts[r].record()
-            run(i, state)
+            out = run(i, state)
             ends[r].record()
-            del state
+            del out, state
         torch.cuda.synchronize(device)
         times = [s.elapsed_time(e) for s, e in zip(starts, ends)]
     else:
@@ -123,9 +128,9 @@ def time_fn(prepare: Callable[[int], object], run: Callable[[int, object], objec
             i = (k + r) % copies
             state = prepare(i)
             t0 = time.perf_counter()
-            run(i, state)
+            out = run(i, state)
             times.append((time.perf_counter() - t0) * 1e3)
-            del state
+            del out, state
     return Timing(statistics.median(times), quantile(times, 0.2), quantile(times, 0.8), reps, first)
 
 
