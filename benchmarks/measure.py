@@ -267,8 +267,8 @@ def l2_bytes(device: torch.device) -> int:
 
 
 def git_commit() -> str:
-    """``git rev-parse --short HEAD`` of the repository, "+dirty" when tracked files of the library or the
-    benchmarks differ from it; $TTM_GIT_COMMIT, or "unknown", where there is no git checkout."""
+    """``git rev-parse --short HEAD`` of the repository, "+dirty" when tracked code (ttm_kernels/, csrc/,
+    setup.py, benchmarks/*.py) differs from it; $TTM_GIT_COMMIT, or "unknown", where there is no git checkout."""
     env = os.environ.get("TTM_GIT_COMMIT")
     if env:
         return env
@@ -277,7 +277,8 @@ def git_commit() -> str:
                                 text=True, timeout=10).stdout.strip()
         if not commit:
             return "unknown"
-        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "ttm_kernels", "csrc", "benchmarks"],
+        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "ttm_kernels", "csrc", "setup.py",
+                                "benchmarks/*.py"],
                                cwd=REPO, capture_output=True, timeout=10).returncode
         return commit + ("+dirty" if dirty == 1 else "")
     except (OSError, subprocess.SubprocessError):
