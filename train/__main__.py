@@ -1,0 +1,38 @@
+"""Command line: ``python -m train --config FILE [key=value ...] [--resume]`` or ``python -m train demo``."""
+import argparse
+import sys
+
+from . import config
+from .errors import UserError
+
+USAGE = """python -m train --config FILE [key=value ...] [--resume]
+       python -m train demo [--help]"""
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["demo"]:
+        from . import demo
+        return demo.main(argv[1:])
+    parser = argparse.ArgumentParser(
+        prog="python -m train", usage=USAGE, formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Train a teacher (loss=ce) or distil a student (loss=kd|ttm|wttm) with ttm_kernels. "
+                    "Multi-GPU / multi-node: torchrun --nproc_per_node=N -m train --config FILE.",
+        epilog=config.help_text())
+    parser.add_argument("--config", help="YAML file of key: value (see below); train/configs/ has examples")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run in out_dir from its last checkpoint")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="override config keys")
+    args = parser.parse_args(argv)
+    try:
+        from .engine import train
+        cfg = config.load(args.config, args.overrides)
+        train(cfg, resume=args.resume)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,259 @@
+"""Offline datasets: Fashion-MNIST (IDX files), CIFAR-100 (python pickles), ImageNet (ImageFolder, torchvision).
+
+Fashion-MNIST and CIFAR-100 live in memory as uint8 tensors; batches are drawn and augmented in torch with a
+generator seeded by (seed, epoch, rank), so the data stream of an epoch is a pure function of those three and
+a resumed run sees exactly the batches it would have seen.
+"""
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import importlib
+import os
+import pickle
+import struct
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DistributedSampler
+
+from .errors import DatasetNotFoundError, MissingDependencyError
+
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+CIFAR100_DIR = "data"
+IMAGENET_DIR = "data/imagenet"
+FASHION_MNIST_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+                       "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+CIFAR100_MEAN, CIFAR100_STD = (0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761)
+FASHION_MNIST_MEAN, FASHION_MNIST_STD = (0.2860,), (0.3530,)
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+IDX_DTYPES = {0x08: torch.uint8, 0x09: torch.int8, 0x0B: torch.int16, 0x0C: torch.int32, 0x0D: torch.float32,
+              0x0E: torch.float64}
+
+
+@dataclasses.dataclass
+class Data:
+    train: object  # iterable of (images, labels) batches with set_epoch(epoch) and len()
+    test: object
+    num_classes: int
+    input_shape: tuple
+    train_size: int
+    test_size: int
+
+
+# ---------------------------------------------------------------------------------------------------- readers
+
+def read_idx(path: str) -> torch.Tensor:
+    """An IDX file (the MNIST format), gzip-compressed or raw, as a tensor of its dtype and shape."""
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rb") as f:
+        raw = f.read()
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in IDX_DTYPES:
+        raise ValueError(f"{path} is not an IDX file (bad magic number {raw[:4].hex()})")
+    dtype, ndim = IDX_DTYPES[raw[2]], raw[3]
+    shape = struct.unpack(f">{ndim}I", raw[4:4 + 4 * ndim])
+    data = torch.frombuffer(bytearray(raw[4 + 4 * ndim:]), dtype=torch.uint8)
+    if dtype != torch.uint8:  # multi-byte IDX values are big-endian
+        data = data.view(-1, dtype.itemsize).flip(1).reshape(-1).view(dtype)
+    expected = 1
+    for size in shape:
+        expected *= size
+    if data.numel() != expected:
+        raise ValueError(f"{path}: header says shape {shape} but the file holds {data.numel()} values")
+    return data.reshape(shape)
+
+
+def _find_idx(folder: str, stem: str) -> str | None:
+    for name in (stem, stem + ".gz"):
+        if os.path.isfile(os.path.join(folder, name)):
+            return os.path.join(folder, name)
+    return None
+
+
+def load_fashion_mnist(data_dir: str | None):
+    folder = data_dir or FASHION_MNIST_DIR
+    splits = {}
+    for split, stems in FASHION_MNIST_FILES.items():
+        paths = [_find_idx(folder, stem) for stem in stems]
+        if None in paths:
+            raise DatasetNotFoundError(
+                f"Fashion-MNIST not found: looked for {', '.join(s + '[.gz]' for v in FASHION_MNIST_FILES.values() for s in v)} "
+                f"in {os.path.abspath(folder)}. Get it with `apt-get install dataset-fashion-mnist` (Debian/Ubuntu, "
+                f"installs to {FASHION_MNIST_DIR}) or put the four IDX files from "
+                "https://github.com/zalandoresearch/fashion-mnist into data_dir")
+        images, labels = (read_idx(p) for p in paths)
+        if images.dim() != 3 or labels.shape != images.shape[:1]:
+            raise ValueError(f"Fashion-MNIST files {paths} hold images {tuple(images.shape)} and labels "
+                             f"{tuple(labels.shape)}; expected (N, 28, 28) and (N,)")
+        splits[split] = (images.unsqueeze(1), labels.long())
+    return splits, 10
+
+
+def _read_cifar_pickle(path: str):
+    with open(path, "rb") as f:
+        entry = pickle.load(f, encoding="latin1")
+    entry = {k.decode() if isinstance(k, bytes) else k: v for k, v in entry.items()}
+    if "data" not in entry or "fine_labels" not in entry:
+        raise ValueError(f"{path} is not a CIFAR-100 python pickle (keys {sorted(entry)}; expected 'data' and "
+                         "'fine_labels')")
+    images = torch.as_tensor(entry["data"], dtype=torch.uint8)
+    return images.reshape(-1, 3, 32, 32), torch.as_tensor(entry["fine_labels"], dtype=torch.long)
+
+
+def load_cifar100(data_dir: str | None):
+    base = data_dir or CIFAR100_DIR
+    candidates = [os.path.join(base, "cifar-100-python"), base]
+    for folder in candidates:
+        if all(os.path.isfile(os.path.join(folder, s)) for s in ("train", "test")):
+            return {s: _read_cifar_pickle(os.path.join(folder, s)) for s in ("train", "test")}, 100
+    raise DatasetNotFoundError(
+        f"CIFAR-100 not found: looked for the python pickles 'train' and 'test' in "
+        f"{' and '.join(os.path.abspath(c) for c in candidates)}. Download "
+        "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz and extract it into data_dir "
+        "(it creates cifar-100-python/)")
+
+
+# ---------------------------------------------------------------------------------------------------- loaders
+
+def balanced_subset(labels: torch.Tensor, size: int, num_classes: int) -> torch.Tensor:
+    """Indices of ``size`` images, classes taken in turn from a fixed (seed 0) random order: every run of a
+    comparison trains on the same images."""
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))
+    one_hot = F.one_hot(labels[order], num_classes)
+    rank_in_class = (one_hot.cumsum(0) * one_hot).sum(1) - 1
+    return order[torch.sort(rank_in_class, stable=True).indices[:size]]
+
+
+def crop_flip(images: torch.Tensor, generator: torch.Generator, crop: bool, pad: int = 4) -> torch.Tensor:
+    """Random crop after zero padding by ``pad`` (when ``crop``) and a random horizontal flip, per image."""
+    n, c, h, w = images.shape
+    if crop:
+        padded = F.pad(images, (pad, pad, pad, pad))
+        top = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
+        left = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
+        rows = (top[:, None] + torch.arange(h))[:, None, :, None]
+        cols = (left[:, None] + torch.arange(w))[:, None, None, :]
+        images = padded[torch.arange(n)[:, None, None, None], torch.arange(c)[None, :, None, None], rows, cols]
+    flip = torch.rand(n, generator=generator) < 0.5
+    return torch.where(flip[:, None, None, None], images.flip(3), images)
+
+
+class InMemoryLoader:
+    """Batches of normalised float images from uint8 tensors; shuffled and sharded over DDP ranks for
+    training (torch's DistributedSampler), contiguous shards without padding for evaluation."""
+
+    def __init__(self, images, labels, batch_size, mean, std, *, train, augment="none", seed=0, rank=0, world=1):
+        self.images, self.labels, self.batch_size = images, labels, batch_size
+        self.mean = torch.tensor(mean).view(1, -1, 1, 1) * 255
+        self.std = torch.tensor(std).view(1, -1, 1, 1) * 255
+        self.train, self.augment, self.seed, self.rank = train, augment, seed, rank
+        self.epoch = 0
+        if train:
+            self.sampler = DistributedSampler(range(len(labels)), num_replicas=world, rank=rank, shuffle=True,
+                                              seed=seed)
+        else:
+            self.sampler = range(rank, len(labels), world)
+
+    def set_epoch(self, epoch: int):
+        self.epoch = epoch
+        if self.train:
+            self.sampler.set_epoch(epoch)
+
+    def __len__(self):
+        return -(-len(self.sampler) // self.batch_size)
+
+    def __iter__(self):
+        indices = torch.as_tensor(list(iter(self.sampler)), dtype=torch.long)
+        generator = torch.Generator().manual_seed((self.seed * 100_003 + self.epoch) * 1_009 + self.rank)
+        for start in range(0, len(indices), self.batch_size):
+            idx = indices[start:start + self.batch_size]
+            images = self.images[idx]
+            if self.train and self.augment != "none":
+                images = crop_flip(images, generator, crop=self.augment == "crop_flip")
+            yield (images.float() - self.mean) / self.std, self.labels[idx]
+
+
+class ImageFolderLoader:
+    """ImageNet-style train/val folders through torchvision with the usual ResNet transforms."""
+
+    def __init__(self, folder, batch_size, *, train, seed, rank, world, num_workers):
+        tv = _torchvision()
+        t = tv.transforms
+        normalize = t.Normalize(IMAGENET_MEAN, IMAGENET_STD)
+        transform = (t.Compose([t.RandomResizedCrop(224), t.RandomHorizontalFlip(), t.ToTensor(), normalize])
+                     if train else t.Compose([t.Resize(256), t.CenterCrop(224), t.ToTensor(), normalize]))
+        self.dataset = tv.datasets.ImageFolder(folder, transform)
+        self.train, self.seed = train, seed
+        self.sampler = (DistributedSampler(self.dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed)
+                        if train else list(range(rank, len(self.dataset), world)))
+        self.generator = torch.Generator()
+        self.loader = torch.utils.data.DataLoader(self.dataset, batch_size=batch_size, sampler=self.sampler,
+                                                  num_workers=num_workers, pin_memory=torch.cuda.is_available(),
+                                                  generator=self.generator)
+
+    def set_epoch(self, epoch):
+        self.generator.manual_seed(self.seed * 100_003 + epoch)  # seeds the workers' augmentation
+        if self.train:
+            self.sampler.set_epoch(epoch)
+
+    def __len__(self):
+        return len(self.loader)
+
+    def __iter__(self):
+        return iter(self.loader)
+
+
+def _torchvision():
+    try:
+        return importlib.import_module("torchvision")
+    except Exception as exc:  # ImportError, or a torchvision built for another torch
+        raise MissingDependencyError(f"dataset 'imagenet' needs torchvision, which failed to import ({exc}); install the "
+                           "torchvision build matching your torch (pip install torchvision)") from exc
+
+
+# ---------------------------------------------------------------------------------------------------- registry
+
+def _in_memory(loader_fn, mean, std, default_augment):
+    def build(cfg, rank, world):
+        splits, num_classes = loader_fn(cfg["data_dir"])
+        (train_x, train_y), (test_x, test_y) = splits["train"], splits["test"]
+        if cfg["train_subset"]:
+            idx = balanced_subset(train_y, cfg["train_subset"], num_classes)
+            train_x, train_y = train_x[idx], train_y[idx]
+        if cfg["test_subset"]:
+            test_x, test_y = test_x[:cfg["test_subset"]], test_y[:cfg["test_subset"]]
+        augment = default_augment if cfg["augment"] == "auto" else cfg["augment"]
+        train = InMemoryLoader(train_x, train_y, _per_rank_batch(cfg, world), mean, std, train=True,
+                               augment=augment, seed=cfg["seed"], rank=rank, world=world)
+        test = InMemoryLoader(test_x, test_y, cfg["test_batch_size"], mean, std, train=False, rank=rank,
+                              world=world)
+        return Data(train, test, num_classes, tuple(train_x.shape[1:]), len(train_y), len(test_y))
+    return build
+
+
+def build_imagenet(cfg, rank, world):
+    folder = cfg["data_dir"] or IMAGENET_DIR
+    if not all(os.path.isdir(os.path.join(folder, s)) for s in ("train", "val")):
+        raise DatasetNotFoundError(f"ImageNet not found: expected the class folders train/ and val/ (ImageFolder "
+                                   f"layout) in {os.path.abspath(folder)}; set data_dir to your ILSVRC-2012 copy")
+    common = dict(seed=cfg["seed"], rank=rank, world=world, num_workers=cfg["num_workers"])
+    train = ImageFolderLoader(os.path.join(folder, "train"), _per_rank_batch(cfg, world), train=True, **common)
+    test = ImageFolderLoader(os.path.join(folder, "val"), cfg["test_batch_size"], train=False, **common)
+    return Data(train, test, len(train.dataset.classes), (3, 224, 224), len(train.dataset), len(test.dataset))
+
+
+def _per_rank_batch(cfg, world):
+    if cfg["batch_size"] % world:
+        raise ValueError(f"batch_size {cfg['batch_size']} must be divisible by the number of processes {world}")
+    return cfg["batch_size"] // world
+
+
+DATASETS = {
+    "fashion_mnist": _in_memory(load_fashion_mnist, FASHION_MNIST_MEAN, FASHION_MNIST_STD, "none"),
+    "cifar100": _in_memory(load_cifar100, CIFAR100_MEAN, CIFAR100_STD, "crop_flip"),
+    "imagenet": build_imagenet,
+}
+
+
+def build_data(cfg, rank=0, world=1) -> Data:
+    return DATASETS[cfg["dataset"]](cfg, rank, world)

@@ -1,0 +1,269 @@
+"""The training loop: seeds, precision, DDP, per-epoch evaluation, checkpoints, --resume and reporting."""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import time
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from . import checkpoint, config
+from .errors import CheckpointError, ConfigError
+from .logs import RunLog
+from .tasks import get_task
+
+SUMMARY_NAME = "summary.json"
+
+
+# ---------------------------------------------------------------------------------------------------- set-up
+
+class Distributed:
+    """Rank, world size and device of this process; torchrun's environment starts a process group (NCCL
+    on CUDA, gloo on CPU)."""
+
+    def __init__(self, device_pref: str):
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        use_cuda = device_pref == "cuda" or (device_pref == "auto" and torch.cuda.is_available())
+        if use_cuda and not torch.cuda.is_available():
+            raise ConfigError("device 'cuda' was requested but CUDA is not available")
+        self.device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
+        if use_cuda:
+            torch.cuda.set_device(self.device)
+        if self.world > 1 and not dist.is_initialized():
+            dist.init_process_group("nccl" if use_cuda else "gloo")
+        self.main = self.rank == 0
+
+    def all_reduce(self, sums: dict) -> dict:
+        names = sorted(sums)
+        values = torch.stack([torch.as_tensor(sums[k], dtype=torch.float64, device=self.device) for k in names])
+        if self.world > 1:
+            dist.all_reduce(values)
+        return dict(zip(names, values.tolist()))
+
+    def barrier(self):
+        if self.world > 1:
+            dist.barrier()
+
+    def close(self):
+        if self.world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def seed_everything(seed: int, deterministic: bool):
+    random.seed(seed)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
+    torch.backends.cudnn.deterministic = deterministic
+    torch.backends.cudnn.benchmark = not deterministic
+
+
+def autocast_factory(cfg, device):
+    amp = cfg["amp"]
+    if amp == "auto":
+        amp = "bf16" if device.type == "cuda" else "off"
+    if amp == "off":
+        return contextlib.nullcontext, amp
+    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
+    return (lambda: torch.autocast(device.type, dtype=dtype)), amp
+
+
+def build_optimizer(cfg, model):
+    if cfg["optimizer"] == "sgd":
+        optimizer = torch.optim.SGD(model.parameters(), lr=cfg["lr"], momentum=cfg["momentum"],
+                                    weight_decay=cfg["weight_decay"])
+    else:
+        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+    epochs, milestones, decay = cfg["epochs"], cfg["lr_milestones"], cfg["lr_decay"]
+    if cfg["lr_schedule"] == "multistep":
+        # RepDistiller: lr * decay^(number of milestones passed); epoch e (0-based) > milestone - 1.
+        def factor(epoch):
+            return decay ** sum(epoch >= m for m in milestones)
+    else:
+        def factor(epoch):
+            return 0.5 * (1 + math.cos(math.pi * epoch / epochs))
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+# ---------------------------------------------------------------------------------------------------- loops
+
+def _means(sums: dict, names) -> dict:
+    n = sums["n"]
+    return {name: (sums[name] / n if name in sums and n else None) for name in names}
+
+
+def run_epoch(task, model, teacher, loader, dist_ctx, autocast, *, optimizer=None, scaler=None, desc="",
+              progress=True) -> tuple[dict, float]:
+    """One pass over ``loader``: training when an optimizer is given, else evaluation. Returns the metric
+    means (all ranks together, top-k in %) and the wall time."""
+    training = optimizer is not None
+    model.train(training)
+    sums: dict = {}
+    start = time.perf_counter()
+    bar = tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, disable=not (progress and dist_ctx.main))
+    with contextlib.nullcontext() if training else torch.no_grad():
+        for step, batch in enumerate(bar):
+            if training:
+                loss, batch_sums = task.train_step(model, teacher, batch, autocast)
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                batch_sums = task.eval_step(model, batch, autocast)
+            for name, value in batch_sums.items():
+                sums[name] = sums.get(name, 0) + (value.detach() if torch.is_tensor(value) else value)
+            if training and step % 20 == 0:  # one host sync every 20 steps
+                value = loss.item()
+                if not math.isfinite(value):
+                    raise FloatingPointError(f"the training loss became {value} at step {step} ({desc}); lower "
+                                             "the lr or beta, or use amp=off")
+                bar.set_postfix(loss=f"{value:.4f}")
+    elapsed = time.perf_counter() - start
+    totals = dist_ctx.all_reduce(sums)
+    means = _means(totals, task.train_metrics if training else task.eval_metrics)
+    for name in ("top1", "top5"):
+        if means.get(name) is not None:
+            means[name] *= 100
+    return means, elapsed
+
+
+# ---------------------------------------------------------------------------------------------------- run
+
+def _resume_state(cfg, out_dir):
+    path = os.path.join(out_dir, checkpoint.LAST)
+    if not os.path.exists(path):
+        raise CheckpointError(f"--resume: no checkpoint to resume from at {path}")
+    state = checkpoint.load(path)
+    changed = [k for k in config.KEYS if k not in config.RESUMABLE_CHANGES and state["config"].get(k) != cfg[k]]
+    if changed:
+        diffs = ", ".join(f"{k}: {state['config'].get(k)!r} -> {cfg[k]!r}" for k in changed)
+        raise ConfigError(f"--resume: the config differs from the checkpoint's in {diffs}; resume with the "
+                          "same settings (only " + ", ".join(config.RESUMABLE_CHANGES) + " may change)")
+    return state
+
+
+def train(cfg: dict, resume: bool = False) -> dict:
+    """Train (or distil) as ``cfg`` says; returns the summary (best and last test top-1, seed, ...)."""
+    dist_ctx = Distributed(cfg["device"])
+    try:
+        return _train(cfg, resume, dist_ctx)
+    finally:
+        dist_ctx.close()
+
+
+def _train(cfg, resume, dist_ctx):
+    out_dir = cfg["out_dir"]
+    if cfg["threads"]:
+        torch.set_num_threads(cfg["threads"])
+    last_path = os.path.join(out_dir, checkpoint.LAST)
+    if not resume and os.path.exists(last_path):
+        raise ConfigError(f"out_dir {out_dir} already holds a run ({last_path}): pass --resume to continue it, "
+                          "or choose another out_dir")
+    state = _resume_state(cfg, out_dir) if resume else None
+    seed_everything(cfg["seed"], cfg["deterministic"])
+    device = dist_ctx.device
+    log = print if dist_ctx.main else (lambda *a, **k: None)
+
+    task = get_task(cfg["task"])(cfg, device)
+    data = task.build_data(dist_ctx.rank, dist_ctx.world)
+    model = task.build_student()
+    teacher = task.build_teacher() if task.objective.needs_teacher else None
+    if teacher is None and cfg["teacher"]:
+        log(f"loss {cfg['loss']!r} trains without a teacher: teacher {cfg['teacher']!r} is not used")
+    autocast, amp = autocast_factory(cfg, device)
+    optimizer, scheduler = build_optimizer(cfg, model)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
+
+    n_params = sum(p.numel() for p in model.parameters())
+    log(f"{cfg['task']} on {cfg['dataset']} ({data.train_size} train / {data.test_size} test images): "
+        f"{cfg['model']} ({n_params / 1e6:.2f}M params), loss {cfg['loss']}, seed {cfg['seed']}, {device}, "
+        f"amp {amp}, {dist_ctx.world} process(es) -> {out_dir}")
+    teacher_top1 = None
+    if teacher is not None:
+        teacher_top1 = state["teacher_top1"] if state else None
+        if cfg["eval_teacher"] and teacher_top1 is None:
+            teacher_eval, _ = run_epoch(task, teacher, None, data.test, dist_ctx, autocast, desc="teacher eval",
+                                        progress=cfg["progress"])
+            teacher_top1 = teacher_eval["top1"]
+        if teacher_top1 is not None:
+            log(f"teacher {cfg['teacher']} ({cfg['teacher_checkpoint']}): test top-1 {teacher_top1:.2f}%")
+
+    start_epoch, history, best = 0, [], {"top1": -1.0, "epoch": 0}
+    if state:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        checkpoint.set_rng_state(state["rng"])
+        start_epoch, history, best = state["epoch"], state["history"], state["best"]
+        log(f"resumed from {last_path} after epoch {start_epoch}")
+    if start_epoch >= cfg["epochs"]:
+        log(f"nothing to do: the run already has {start_epoch} epochs (epochs={cfg['epochs']})")
+
+    train_model = model
+    if dist_ctx.world > 1:
+        train_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    run_log = None
+    if dist_ctx.main:
+        os.makedirs(out_dir, exist_ok=True)
+        with open(os.path.join(out_dir, "config.yaml"), "w") as f:
+            f.write(config.dump(cfg))
+        run_log = RunLog(out_dir, len(history), cfg["tensorboard"], f"{cfg['model']} ({cfg['loss']}) on {cfg['dataset']}")
+
+    for epoch in range(start_epoch, cfg["epochs"]):
+        data.train.set_epoch(epoch)
+        lr = optimizer.param_groups[0]["lr"]
+        desc = f"epoch {epoch + 1}/{cfg['epochs']}"
+        train_means, train_time = run_epoch(task, train_model, teacher, data.train, dist_ctx, autocast,
+                                            optimizer=optimizer, scaler=scaler, desc=desc, progress=cfg["progress"])
+        scheduler.step()
+        test_means, eval_time = run_epoch(task, model, None, data.test, dist_ctx, autocast, desc="eval",
+                                          progress=cfg["progress"])
+        row = {"epoch": epoch + 1, "lr": lr, **{f"train_{k}": v for k, v in train_means.items()},
+               **{f"test_{k}": v for k, v in test_means.items()}, "train_time_s": round(train_time, 3),
+               "eval_time_s": round(eval_time, 3)}
+        if test_means["top1"] > best["top1"]:
+            best = {"top1": test_means["top1"], "epoch": epoch + 1}
+            if dist_ctx.main:
+                checkpoint.save_atomic({"model": model.state_dict(), "epoch": epoch + 1, "top1": best["top1"],
+                                        "config": cfg}, os.path.join(out_dir, checkpoint.BEST))
+        history.append(row)
+        if dist_ctx.main:
+            run_log.write(history)
+            checkpoint.save_atomic({
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": checkpoint.rng_state(),
+                "epoch": epoch + 1, "best": best, "history": history, "teacher_top1": teacher_top1,
+                "config": cfg}, last_path)
+        log(f"{desc}: lr {lr:.4g}  train loss {train_means['loss']:.4f} top-1 {train_means['top1']:.2f}  "
+            f"test top-1 {test_means['top1']:.2f} top-5 {test_means['top5']:.2f} (best {best['top1']:.2f} @ "
+            f"{best['epoch']})  {train_time:.1f}s + eval {eval_time:.1f}s")
+        dist_ctx.barrier()  # no rank starts the next epoch before rank 0 has saved this one
+
+    summary = {
+        "model": cfg["model"], "loss": cfg["loss"], "dataset": cfg["dataset"], "seed": cfg["seed"],
+        "epochs": len(history), "best_top1": best["top1"] if history else None,
+        "best_epoch": best["epoch"] if history else None,
+        "last_top1": history[-1]["test_top1"] if history else None,
+        "teacher": cfg["teacher"] if teacher is not None else None, "teacher_top1": teacher_top1,
+        "mean_train_time_s": sum(r["train_time_s"] for r in history) / len(history) if history else None,
+        "out_dir": out_dir,
+    }
+    if dist_ctx.main:
+        run_log.close()
+        with open(os.path.join(out_dir, SUMMARY_NAME), "w") as f:
+            json.dump(summary, f, indent=2)
+        if history:
+            log(f"done: {cfg['model']} ({cfg['loss']}), seed {cfg['seed']}: best test top-1 {summary['best_top1']:.2f}"
+                f"% (epoch {summary['best_epoch']}), last {summary['last_top1']:.2f}%; results in {out_dir}")
+    return summary
