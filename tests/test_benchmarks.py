@@ -129,3 +129,15 @@ def test_gpu_check_script_parses():
     proc = subprocess.run(["bash", "-n", os.path.join(REPO, "benchmarks", "gpu_check.sh")], capture_output=True,
                           text=True)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_results_md_replaces_only_its_subsection():
+    from benchmarks import results_md
+
+    text = "# Benchmark results\n\n## Other issue\n\nkeep me\n"
+    once = results_md.update(text, "Run A", "### Run A\n\nfirst\n")
+    twice = results_md.update(once, "Run A", "### Run A\n\nsecond\n")
+    both = results_md.update(twice, "Run B", "### Run B\n\nthird\n")
+    assert "keep me" in both and "first" not in both and "second" in both and "third" in both
+    assert both.index("## Other issue") < both.index(results_md.SECTION) < both.index("Run A") < both.index("Run B")
+    assert both.count("### Run A") == 1
