@@ -8,7 +8,7 @@
 #   0. environment: nvidia-smi, python/torch/triton versions, liger presence     -> $OUT/setup.log
 #   1. pip install --no-build-isolation --no-deps -e .   (builds the C++ extension; <= 120 s; if pip
 #      fails, `python setup.py build_ext --inplace` instead, <= 120 s)                          -> setup.log
-#   2. python -m pytest tests -x -q  (the suite uses CUDA tensors when present; <= 150 s; pytest.ini's
+#   2. python -m pytest ${GPU_CHECK_TESTS:-tests}  (CUDA tensors where present; <= 150 s; pytest.ini's
 #      "-q -ra" is replaced by "-ra" so that the one -q still prints the "N passed" line)      -> tests.log
 #   3. python -m benchmarks --preset gpu-check --device cuda  (what is left, <= 270 s, with its own
 #      --time-budget 45 s shorter so that it stops and writes its files by itself)             -> bench.log,
@@ -106,8 +106,10 @@ fi
     >> "$SETUP_LOG" 2>&1
 
 # 2. The test suite (CUDA tensors where the tests use them).
+# GPU_CHECK_TESTS narrows the run to the files that exercise CUDA (the trainer's tests are CPU tests).
+# shellcheck disable=SC2086
 run_step tests "$(cap_for 150 200)" "$OUT/tests.log" \
-    "$PY" -m pytest tests -x -q -o addopts=-ra -p no:cacheprovider --durations=15
+    "$PY" -m pytest ${GPU_CHECK_TESTS:-tests} --maxfail=10 -q -o addopts=-ra -p no:cacheprovider --durations=15
 echo >> "$OUT/tests.log"
 tail -n 4 "$OUT/tests.log" | sed 's/^/  tests: /' | tee -a "$SETUP_LOG"
 

@@ -21,7 +21,7 @@ import triton.testing
 import ttm_kernels
 from ttm_kernels import triton_kernels
 
-BLOCKS = (2048, 4096, 8192, 16384)
+BLOCKS = (4096, 8192, 16384)
 WARPS = (4, 8, 16)
 STAGES = (1, 2)
 
@@ -43,43 +43,44 @@ def main(argv=None) -> None:
     copy_bw = copy_bandwidth()
     print(f"{torch.cuda.get_device_name()}: copy bandwidth {copy_bw / 1e9:.0f} GB/s (read + write)")
     default = triton_kernels.launch_config
-    rows = []
-    for vocab in args.vocab:
-        gen = torch.Generator(device="cuda").manual_seed(0)
-        # Two input sets, alternated, so that one launch does not find the last one's data in L2.
-        inputs = [((torch.randn(args.rows, vocab, device="cuda", generator=gen) * 8).bfloat16(),
-                   (torch.randn(args.rows, vocab, device="cuda", generator=gen) * 8).bfloat16(),
-                   torch.randint(0, vocab, (args.rows,), device="cuda", generator=gen)) for _ in range(2)]
-        for z, _, _ in inputs:
-            z.requires_grad_()
-        step = itertools.count()
-
-        def fwd_bwd():
-            z, v, y = inputs[next(step) % 2]
-            ttm_kernels.fused_wttm_loss(z, v, y, gamma=0.2, beta=2.0).backward()
-            z.grad = None
-
-        bytes_moved = 3 * args.rows * vocab * 2
-        configs = [default(vocab)] + [{"BLOCK_V": b, "num_warps": w, "num_stages": s}
-                                      for b, w, s in itertools.product(BLOCKS, WARPS, STAGES) if b <= 2 * vocab]
-        for i, config in enumerate(configs):
-            triton_kernels.launch_config = lambda V, config=config: config
-            try:
-                ms = triton.testing.do_bench(fwd_bwd, warmup=10, rep=60)
-            except Exception as exc:  # a configuration the compiler rejects (e.g. out of registers)
-                print(f"V={vocab} {config}: failed ({type(exc).__name__})")
-                continue
-            finally:
-                triton_kernels.launch_config = default
-            frac = bytes_moved / (ms * 1e-3) / copy_bw
-            rows.append({"V": vocab, "N": args.rows, **config, "default": i == 0, "ms": round(ms, 4),
-                         "frac_copy_bw": round(frac, 3)})
-            print(f"V={vocab:>6} {'default ' if i == 0 else ''}{config}: {ms:.3f} ms, {frac:.0%} of copy bandwidth")
     path = os.path.join(args.out, "tune_triton.csv")
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+    fields = ["V", "N", "BLOCK_V", "num_warps", "num_stages", "default", "ms", "frac_copy_bw"]
+    with open(path, "w", newline="") as f:  # written row by row, so a run cut short keeps what it measured
+        writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
-        writer.writerows(rows)
+        for vocab in args.vocab:
+            gen = torch.Generator(device="cuda").manual_seed(0)
+            # Two input sets, alternated, so that one launch does not find the last one's data in L2.
+            inputs = [((torch.randn(args.rows, vocab, device="cuda", generator=gen) * 8).bfloat16(),
+                       (torch.randn(args.rows, vocab, device="cuda", generator=gen) * 8).bfloat16(),
+                       torch.randint(0, vocab, (args.rows,), device="cuda", generator=gen)) for _ in range(2)]
+            for z, _, _ in inputs:
+                z.requires_grad_()
+            step = itertools.count()
+
+            def fwd_bwd():
+                z, v, y = inputs[next(step) % 2]
+                ttm_kernels.fused_wttm_loss(z, v, y, gamma=0.2, beta=2.0).backward()
+                z.grad = None
+
+            bytes_moved = 3 * args.rows * vocab * 2
+            configs = [default(vocab)] + [{"BLOCK_V": b, "num_warps": w, "num_stages": s}
+                                          for b, w, s in itertools.product(BLOCKS, WARPS, STAGES) if b <= 2 * vocab]
+            for i, config in enumerate(configs):
+                triton_kernels.launch_config = lambda V, config=config: config
+                try:
+                    ms = triton.testing.do_bench(fwd_bwd, warmup=10, rep=60)
+                except Exception as exc:  # a configuration the compiler rejects (e.g. out of registers)
+                    print(f"V={vocab} {config}: failed ({type(exc).__name__})")
+                    continue
+                finally:
+                    triton_kernels.launch_config = default
+                frac = bytes_moved / (ms * 1e-3) / copy_bw
+                writer.writerow({"V": vocab, "N": args.rows, **config, "default": i == 0, "ms": round(ms, 4),
+                                 "frac_copy_bw": round(frac, 3)})
+                f.flush()
+                print(f"V={vocab:>6} {'default ' if i == 0 else ''}{config}: {ms:.3f} ms, "
+                      f"{frac:.0%} of copy bandwidth", flush=True)
     print(f"wrote {path}")
 
 

@@ -37,9 +37,11 @@ def _grad_pass(s_row, t_row, g_row, y, V, kl_coef, ce_coef, student_scale, teach
                m_s, log_d_s, m_t, log_d_t, m_z, log_d_z, HAS_TARGET: tl.constexpr, SEPARATE_CE: tl.constexpr,
                BLOCK_V: tl.constexpr):
     # d/dz = kl_coef * (softmax(s*z) - softmax(g*v)) + ce_coef * (softmax(z) - onehot(y)); kl_coef already
-    # carries beta * kl_scale * weight * s and the upstream gradient of the row.
-    for start in range(0, V, BLOCK_V):
-        cols = start + tl.arange(0, BLOCK_V)
+    # carries beta * kl_scale * weight * s and the upstream gradient of the row. Last block first: right
+    # after the statistics pass, the blocks it read last are the likeliest to still be in L2.
+    n_blocks = tl.cdiv(V, BLOCK_V)
+    for i in range(n_blocks):
+        cols = (n_blocks - 1 - i) * BLOCK_V + tl.arange(0, BLOCK_V)
         mask = cols < V
         z = tl.load(s_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
         v = tl.load(t_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
