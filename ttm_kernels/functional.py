@@ -62,19 +62,26 @@ def _validate(student_logits, teacher_logits, target, ignore_index, reduction):
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
-    if target is None:
-        return
+    if target is not None:
+        validate_target(target, student_logits.shape[:-1], student_logits.shape[-1], student_logits.device,
+                        ignore_index)
+
+
+def validate_target(target, lead_shape, vocab, device, ignore_index) -> None:
+    """Class indices of the leading shape, on ``device``, in [0, vocab) or ``ignore_index``; else a clear error.
+
+    The range check reads the values (a host sync on GPU); it is skipped under torch.compile, where an index
+    out of range makes that row's loss NaN instead."""
     if not isinstance(target, torch.Tensor):
         raise TypeError(f"target must be a torch.Tensor or None, got {type(target).__name__}")
     if target.dtype.is_floating_point or target.dtype.is_complex or target.dtype == torch.bool:
         raise TypeError(f"target must hold integer class indices, got dtype {target.dtype}")
-    if target.shape != student_logits.shape[:-1]:
-        raise ValueError(f"target must have the leading shape of the logits {tuple(student_logits.shape[:-1])}, "
-                         f"got {tuple(target.shape)}")
-    if target.device != student_logits.device:
-        raise ValueError(f"target must be on the logits' device {student_logits.device}, got {target.device}")
+    if target.shape != lead_shape:
+        raise ValueError(f"target must have the leading shape of the logits {tuple(lead_shape)}, got "
+                         f"{tuple(target.shape)}")
+    if target.device != device:
+        raise ValueError(f"target must be on the logits' device {device}, got {target.device}")
     if not torch.compiler.is_compiling():
-        vocab = student_logits.shape[-1]
         bad = ((target < 0) | (target >= vocab)) & (target != ignore_index)
         if bool(bad.any()):
             raise ValueError(f"target holds class indices outside [0, {vocab}) that are not ignore_index="

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from . import _ops, reference
-from .functional import DEFAULT_GAMMA, DEFAULT_TEMPERATURE, REDUCTIONS, _check_finite
+from .functional import DEFAULT_GAMMA, DEFAULT_TEMPERATURE, REDUCTIONS, _check_finite, validate_target
 
 VOCAB_MISMATCH = ("error", "truncate_teacher")
 # The chunk buffers' bytes are budgeted, not rows. CUDA: 1 GiB (2048 rows at V=128256 bf16) ran within 3% of
@@ -266,7 +266,7 @@ def _fused_linear_loss(student_hidden, student_weight, teacher_hidden, teacher_w
     device = student_hidden.device
     for name, x in (("student_weight", student_weight), ("student_bias", student_bias),
                     ("teacher_hidden", teacher_hidden), ("teacher_weight", teacher_weight),
-                    ("teacher_bias", teacher_bias), ("target", target)):
+                    ("teacher_bias", teacher_bias)):
         if isinstance(x, torch.Tensor) and x.device != device:
             raise ValueError(f"{name} must be on student_hidden's device {device}, got {x.device}")
     if teacher_hidden.requires_grad:
@@ -278,19 +278,8 @@ def _fused_linear_loss(student_hidden, student_weight, teacher_hidden, teacher_w
                          "(teacher_weight rows); pass vocab_mismatch='truncate_teacher' to align the teacher "
                          "to the student's vocabulary")
     if target is not None:
-        if not isinstance(target, torch.Tensor):
-            raise TypeError(f"target must be a torch.Tensor or None, got {type(target).__name__}")
-        if target.dtype.is_floating_point or target.dtype.is_complex or target.dtype == torch.bool:
-            raise TypeError(f"target must hold integer class indices, got dtype {target.dtype}")
-        if target.shape != lead:
-            raise ValueError(f"target must have the hidden states' leading shape {tuple(lead)}, got "
-                             f"{tuple(target.shape)}")
+        validate_target(target, lead, vocab, device, ignore_index)
         target = target.reshape(-1).long()
-        if not torch.compiler.is_compiling():
-            bad = ((target < 0) | (target >= vocab)) & (target != ignore_index)
-            if bool(bad.any()):
-                raise ValueError(f"target holds class indices outside [0, {vocab}) that are not ignore_index="
-                                 f"{ignore_index}, e.g. {target[bad][0].item()}")
     backend = _ops.resolve_backend(backend, device)
 
     spec = _Spec(float(student_scale), float(teacher_scale), float(kl_scale), bool(weighted), beta, ce_weight,
