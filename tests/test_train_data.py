@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from train import data
-from train.errors import DatasetNotFoundError
+from train.errors import DatasetNotFoundError, MissingDependencyError
 
 from train.testing import run_cfg, write_cifar100, write_fashion_mnist, write_idx
 
@@ -73,3 +73,16 @@ def test_shards_cover_the_test_set_once(tmp_path):
     assert sorted(sum((list(d.test.sampler) for d in labels), [])) == list(range(75))
     epoch_orders = [list(d.train.sampler) for d in labels]
     assert not set(epoch_orders[0]) & set(epoch_orders[1])  # distinct training shards
+
+
+def test_imagenet_without_torchvision_is_a_clear_error(tmp_path):
+    try:
+        import torchvision  # noqa: F401
+    except Exception:
+        pass
+    else:
+        pytest.skip("torchvision is installed")
+    for split in ("train", "val"):
+        (tmp_path / "inet" / split).mkdir(parents=True)
+    with pytest.raises(MissingDependencyError, match="needs torchvision"):
+        data.build_data(run_cfg(tmp_path, tmp_path / "inet", "r", dataset="imagenet", model="tv_resnet18"))

@@ -13,7 +13,7 @@ import torch
 from train import checkpoint, engine, logs
 from train.errors import CheckpointError, ConfigError
 from train.models import build_model
-from train.testing import run_cfg, write_fashion_mnist
+from train.testing import run_cfg, write_cifar100, write_fashion_mnist
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -63,6 +63,16 @@ def test_distillation_logs_loss_components(tmp_path, fm, teacher_ckpt, loss):
     else:
         assert 1.0 < weight < 10 ** 0.8  # U = sum(p^0.2) in [1, N^0.8]
     assert float(row["train_kl"]) > 0 and float(row["train_ce"]) > 0
+
+
+def test_cifar100_distillation_from_a_repdistiller_checkpoint(tmp_path):
+    root = write_cifar100(str(tmp_path / "c"), n_train=64, n_test=32)
+    teacher = build_model("resnet8", 100, (3, 32, 32))
+    torch.save({"model": teacher.state_dict(), "epoch": 240}, tmp_path / "ckpt_epoch_240.pth")
+    summary = engine.train(run_cfg(tmp_path, root, "cifar", dataset="cifar100", model="resnet8", teacher="resnet8",
+                                   teacher_checkpoint=str(tmp_path / "ckpt_epoch_240.pth"), loss="wttm",
+                                   batch_size=32))
+    assert summary["epochs"] == 1 and summary["teacher_top1"] is not None
 
 
 def test_resume_is_bitwise_identical(tmp_path, fm, teacher_ckpt):

@@ -82,8 +82,8 @@ KEYS: dict[str, Key] = {
 }
 
 # Keys that may differ between a run and its resumption.
-RESUMABLE_CHANGES = ("epochs", "out_dir", "num_workers", "threads", "channels_last", "tensorboard", "progress", "test_batch_size",
-                     "eval_teacher", "data_dir", "device")
+RESUMABLE_CHANGES = ("epochs", "out_dir", "num_workers", "threads", "channels_last", "tensorboard", "progress",
+                     "test_batch_size", "eval_teacher", "data_dir", "device")
 
 
 def defaults() -> dict:

@@ -76,11 +76,11 @@ def load_fashion_mnist(data_dir: str | None):
     for split, stems in FASHION_MNIST_FILES.items():
         paths = [_find_idx(folder, stem) for stem in stems]
         if None in paths:
+            wanted = ", ".join(stem + "[.gz]" for pair in FASHION_MNIST_FILES.values() for stem in pair)
             raise DatasetNotFoundError(
-                f"Fashion-MNIST not found: looked for {', '.join(s + '[.gz]' for v in FASHION_MNIST_FILES.values() for s in v)} "
-                f"in {os.path.abspath(folder)}. Get it with `apt-get install dataset-fashion-mnist` (Debian/Ubuntu, "
-                f"installs to {FASHION_MNIST_DIR}) or put the four IDX files from "
-                "https://github.com/zalandoresearch/fashion-mnist into data_dir")
+                f"Fashion-MNIST not found: looked for {wanted} in {os.path.abspath(folder)}. Get it with "
+                f"`apt-get install dataset-fashion-mnist` (Debian/Ubuntu, installs to {FASHION_MNIST_DIR}) or put "
+                "the four IDX files from https://github.com/zalandoresearch/fashion-mnist into data_dir")
         images, labels = (read_idx(p) for p in paths)
         if images.dim() != 3 or labels.shape != images.shape[:1]:
             raise ValueError(f"Fashion-MNIST files {paths} hold images {tuple(images.shape)} and labels "
@@ -207,8 +207,8 @@ def _torchvision():
     try:
         return importlib.import_module("torchvision")
     except Exception as exc:  # ImportError, or a torchvision built for another torch
-        raise MissingDependencyError(f"dataset 'imagenet' needs torchvision, which failed to import ({exc}); install the "
-                           "torchvision build matching your torch (pip install torchvision)") from exc
+        raise MissingDependencyError(f"dataset 'imagenet' needs torchvision, which failed to import ({exc}); install "
+                                     "the torchvision build matching your torch (pip install torchvision)") from exc
 
 
 # ---------------------------------------------------------------------------------------------------- registry

@@ -100,6 +100,10 @@ def _means(sums: dict, names) -> dict:
     return {name: (sums[name] / n if name in sums and n else None) for name in names}
 
 
+def _rounded(means: dict, prefix: str) -> dict:
+    return {f"{prefix}{k}": (None if v is None else round(v, 5)) for k, v in means.items()}
+
+
 def run_epoch(task, model, teacher, loader, dist_ctx, autocast, *, optimizer=None, scaler=None, desc="",
               progress=True) -> tuple[dict, float]:
     """One pass over ``loader``: training when an optimizer is given, else evaluation. Returns the metric
@@ -218,7 +222,8 @@ def _train(cfg, resume, dist_ctx):
         os.makedirs(out_dir, exist_ok=True)
         with open(os.path.join(out_dir, "config.yaml"), "w") as f:
             f.write(config.dump(cfg))
-        run_log = RunLog(out_dir, len(history), cfg["tensorboard"], f"{cfg['model']} ({cfg['loss']}) on {cfg['dataset']}")
+        title = f"{cfg['model']} ({cfg['loss']}) on {cfg['dataset']}"
+        run_log = RunLog(out_dir, len(history), cfg["tensorboard"], title)
 
     for epoch in range(start_epoch, cfg["epochs"]):
         data.train.set_epoch(epoch)
@@ -229,9 +234,8 @@ def _train(cfg, resume, dist_ctx):
         scheduler.step()
         test_means, eval_time = run_epoch(task, model, None, data.test, dist_ctx, autocast, desc="eval",
                                           progress=cfg["progress"])
-        row = {"epoch": epoch + 1, "lr": lr, **{f"train_{k}": v for k, v in train_means.items()},
-               **{f"test_{k}": v for k, v in test_means.items()}, "train_time_s": round(train_time, 3),
-               "eval_time_s": round(eval_time, 3)}
+        row = {"epoch": epoch + 1, "lr": lr, **_rounded(train_means, "train_"), **_rounded(test_means, "test_"),
+               "train_time_s": round(train_time, 3), "eval_time_s": round(eval_time, 3)}
         if test_means["top1"] > best["top1"]:
             best = {"top1": test_means["top1"], "epoch": epoch + 1}
             if dist_ctx.main:
@@ -264,6 +268,7 @@ def _train(cfg, resume, dist_ctx):
         with open(os.path.join(out_dir, SUMMARY_NAME), "w") as f:
             json.dump(summary, f, indent=2)
         if history:
-            log(f"done: {cfg['model']} ({cfg['loss']}), seed {cfg['seed']}: best test top-1 {summary['best_top1']:.2f}"
-                f"% (epoch {summary['best_epoch']}), last {summary['last_top1']:.2f}%; results in {out_dir}")
+            log(f"done: {cfg['model']} ({cfg['loss']}), seed {cfg['seed']}: best test top-1 "
+                f"{summary['best_top1']:.2f}% (epoch {summary['best_epoch']}), last {summary['last_top1']:.2f}%; "
+                f"results in {out_dir}")
     return summary
