@@ -111,9 +111,10 @@ def main(argv=None) -> int:
     plot_path = os.path.join(out_dir, "demo.png")
     plot_students(results, teacher["last_top1"], plot_path)
     table = format_table(rows)
-    first = teacher_cfg
-    text = (f"\nFashion-MNIST, {first['train_subset'] or 'all'} training images, 10,000 test images, seed "
-            f"{first['seed']}; test top-1 in %, s / epoch = training time of one epoch\n{table}\n"
+    backends = sorted({summary["loss_backend"] for summary, _ in results.values() if summary["loss_backend"]})
+    text = (f"\nFashion-MNIST, {teacher['train_images']:,} training images, {teacher['test_images']:,} test images, "
+            f"seed {teacher_cfg['seed']}, ttm_kernels backend {'/'.join(backends)}; test top-1 in %, s / epoch = "
+            f"training time of one epoch\n{table}\n"
             f"total wall time {total / 60:.1f} min; plot: {plot_path}; runs: {out_dir}/")
     print(text)
     with open(os.path.join(out_dir, "results.md"), "w") as f:

@@ -188,9 +188,11 @@ def _train(cfg, resume, dist_ctx):
     scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
 
     n_params = sum(p.numel() for p in model.parameters())
+    loss_backend = task.objective.backend_on(device) if teacher is not None else None
     log(f"{cfg['task']} on {cfg['dataset']} ({data.train_size} train / {data.test_size} test images): "
-        f"{cfg['model']} ({n_params / 1e6:.2f}M params), loss {cfg['loss']}, seed {cfg['seed']}, {device}, "
-        f"amp {amp}, {dist_ctx.world} process(es) -> {out_dir}")
+        f"{cfg['model']} ({n_params / 1e6:.2f}M params), loss {cfg['loss']}"
+        + (f" (ttm_kernels backend {loss_backend})" if loss_backend else "")
+        + f", seed {cfg['seed']}, {device}, amp {amp}, {dist_ctx.world} process(es) -> {out_dir}")
     teacher_top1 = None
     if teacher is not None:
         teacher_top1 = state["teacher_top1"] if state else None
@@ -256,10 +258,12 @@ def _train(cfg, resume, dist_ctx):
 
     summary = {
         "model": cfg["model"], "loss": cfg["loss"], "dataset": cfg["dataset"], "seed": cfg["seed"],
+        "train_images": data.train_size, "test_images": data.test_size,
         "epochs": len(history), "best_top1": best["top1"] if history else None,
         "best_epoch": best["epoch"] if history else None,
         "last_top1": history[-1]["test_top1"] if history else None,
         "teacher": cfg["teacher"] if teacher is not None else None, "teacher_top1": teacher_top1,
+        "loss_backend": loss_backend,
         "mean_train_time_s": sum(r["train_time_s"] for r in history) / len(history) if history else None,
         "out_dir": out_dir,
     }

@@ -9,6 +9,7 @@ Each term is a batch mean over samples.
 import torch
 import torch.nn.functional as F
 
+import ttm_kernels
 from ttm_kernels import fused_kd_loss, fused_ttm_loss, fused_wttm_loss
 
 DISTILL_FNS = {"kd": fused_kd_loss, "ttm": fused_ttm_loss, "wttm": fused_wttm_loss}
@@ -27,6 +28,17 @@ class Objective:
     @property
     def needs_teacher(self) -> bool:
         return self.kind != "ce"
+
+    def backend_on(self, device: torch.device) -> str:
+        """The ttm_kernels backend the loss runs with on ``device`` ("auto" resolved as ttm_kernels does)."""
+        backend = self.kwargs["backend"]
+        if backend != "auto":
+            return backend
+        if device.type == "cuda" and ttm_kernels.triton_available():
+            return "triton"
+        if device.type == "cpu" and ttm_kernels.cpu_extension_available():
+            return "cpu"
+        return "torch"
 
     def __call__(self, student_logits, target, teacher_logits=None):
         """The loss and its detached batch-mean components: ce, and with a teacher kl and kl_weight (the mean
