@@ -9,4 +9,4 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
     "$PY" -m pip install -q torch==2.13.0
 fi
 "$PY" -m pip install -q ninja setuptools wheel
-"$PY" -m pip install -q --no-build-isolation -e ".[test,train,bench]"
+"$PY" -m pip install -q --no-build-isolation --use-pep517 -e ".[test,train,bench]"
