@@ -24,8 +24,9 @@ DEFAULT_TEMPERATURE = 4.0
 class LossComponents(NamedTuple):
     """Detached per-batch terms for logging, each averaged over the rows that count (not ignored).
 
-    ``kl``: KL(transformed teacher || student); ``ce``: hard-label cross-entropy (0 without a target);
-    ``weight``: the KL weight, U for WTTM (1 for TTM, T^2 for KD).
+    ``kl``: KL(transformed teacher || student) (for KD, of the tempered student, without the T^2 factor);
+    ``ce``: hard-label cross-entropy of the untempered student (0 without a target); ``weight``: the WTTM
+    weight U = sum(softmax(v)**gamma), 1 for TTM and KD.
     """
 
     kl: torch.Tensor
