@@ -4,6 +4,7 @@ The Triton backend runs on CUDA tensors when a GPU is present, else in the Trito
 tensors (conftest sets TRITON_INTERPRET=1). Every case checks the loss and the student gradient.
 """
 import math
+import os
 
 import pytest
 import torch
@@ -19,6 +20,13 @@ BACKENDS = [
 ]
 FUSED = {"wttm": fused_wttm_loss, "ttm": fused_ttm_loss, "kd": fused_kd_loss}
 REFERENCE = {"wttm": reference.wttm_loss, "ttm": reference.ttm_loss, "kd": reference.kd_loss}
+
+
+@pytest.mark.skipif(not os.environ.get("CI"), reason="CI only: a developer may lack a backend")
+def test_ci_has_every_backend():
+    """In CI both compiled backends must load, so that no backend's tests are skipped unnoticed."""
+    assert ttm_kernels.triton_available()
+    assert ttm_kernels.cpu_extension_available()
 
 
 def device_of(backend):

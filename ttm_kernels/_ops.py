@@ -22,6 +22,7 @@ from __future__ import annotations
 import functools
 import importlib
 import os
+import warnings
 from typing import Optional
 
 import torch
@@ -58,6 +59,13 @@ def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+@functools.cache
+def _warn_unfused(device_type: str) -> None:
+    missing = "triton" if device_type == "cuda" else "the compiled extension ttm_kernels._C (pip install -e .)"
+    warnings.warn(f"ttm_kernels: {missing} is not available, so backend='auto' runs the unfused PyTorch "
+                  f"reference on {device_type} tensors", RuntimeWarning, stacklevel=4)
+
+
 def resolve_backend(backend: str, device: torch.device) -> str:
     """The concrete backend ("triton", "cpu" or "torch") that runs on ``device``, or a clear error."""
     if backend not in BACKENDS:
@@ -67,6 +75,8 @@ def resolve_backend(backend: str, device: torch.device) -> str:
             return "triton"
         if device.type == "cpu" and cpu_extension_available():
             return "cpu"
+        if device.type in ("cuda", "cpu"):
+            _warn_unfused(device.type)
         return "torch"
     if backend == "triton":
         if not triton_available():
