@@ -67,7 +67,8 @@ def _warn_unfused(device_type: str) -> None:
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
-    """The concrete backend ("triton", "cpu" or "torch") that runs on ``device``, or a clear error."""
+    """The concrete backend ("triton", "cpu" or "torch") that ``backend`` runs on ``device``, or a clear error
+    when it cannot run there."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
