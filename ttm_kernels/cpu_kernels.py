@@ -10,6 +10,7 @@ import torch
 
 from . import _C  # noqa: F401  (loading the library registers the ops)
 
+
 def cpu_isa() -> str:
     """The instruction set the kernels run with on this CPU: "avx512", "avx2" or "baseline"."""
     return torch.ops.ttm_kernels_C.cpu_isa()
