@@ -13,6 +13,7 @@ import torch
 from train import checkpoint, engine, logs
 from train.errors import CheckpointError, ConfigError
 from train.models import build_model
+from train.tasks import ClassificationTask
 from train.testing import run_cfg, write_cifar100, write_fashion_mnist
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -56,7 +57,7 @@ def test_distillation_logs_loss_components(tmp_path, fm, teacher_ckpt, loss):
                                    teacher_checkpoint=teacher_ckpt, loss_backend="torch"))
     assert summary["teacher_top1"] > 50  # the synthetic classes are easy
     row = read_csv(tmp_path / loss / logs.CSV_NAME)[0]
-    assert list(row) == list(logs.COLUMNS)
+    assert list(row) == list(logs.columns(ClassificationTask))
     weight = float(row["train_kl_weight"])
     if loss in ("kd", "ttm"):
         assert weight == pytest.approx(1.0)  # ttm_kernels reports the KD factor T^2 inside the KL term

@@ -5,6 +5,7 @@ Every key is declared once in ``KEYS`` (default, type, help); anything else is a
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any
 
 import yaml
@@ -35,19 +36,30 @@ class Key:
 NUM = (int, float)
 KEYS: dict[str, Key] = {
     # what to run
-    "task": Key("classification", str, "task from the task registry (train/tasks.py)"),
-    "dataset": Key("fashion_mnist", str, "dataset", ("fashion_mnist", "cifar100", "imagenet")),
-    "data_dir": Key(None, str, "dataset folder; null = the dataset's default location"),
+    "task": Key("classification", str, "task from the task registry (train/tasks.py): classification, or lm "
+                "(causal language models on dataset text)"),
+    "dataset": Key("fashion_mnist", str, "dataset; text = local text for task lm",
+                   ("fashion_mnist", "cifar100", "imagenet", "text")),
+    "data_dir": Key(None, str, "dataset folder; null = the dataset's default location. text: a text file or a "
+                    "folder of .txt/.md files; null = this repository's README.md"),
     "train_subset": Key(0, int, "train on a class-balanced random subset of this many images (0 = all)"),
     "test_subset": Key(0, int, "evaluate on the first N test images (0 = all)"),
     "augment": Key("auto", str, "train augmentation; auto = crop_flip for CIFAR, none for Fashion-MNIST",
                    ("auto", "none", "flip", "crop_flip")),
-    "model": Key("cnn_student", str, "the model trained (teacher or student)"),
+    "model": Key("cnn_student", str, "the model trained (teacher or student); lm: gpt_tiny, gpt_small, "
+                 "gpt_medium or hf:<local Hugging Face model folder>"),
+    # language models (task lm)
+    "seq_len": Key(128, int, "lm: tokens per sample (inputs; the targets are the next tokens)"),
+    "prompt_tokens": Key(0, int, "lm: the first N targets of every sample are ignored (a prompt to condition on)"),
+    "test_fraction": Key(0.1, NUM, "lm: the last fraction of each text file's tokens is held out for evaluation"),
+    "vocab_mismatch": Key("error", str, "lm: a teacher LM head with another vocabulary size is an error, or is "
+                          "truncated / padded to the student's (ttm_kernels' vocab_mismatch)",
+                          ("error", "truncate_teacher")),
     # distillation
     "loss": Key("ce", str, "ce trains without a teacher (teachers, baselines); kd/ttm/wttm distil", LOSSES),
     "teacher": Key(None, str, "teacher architecture (for kd/ttm/wttm)"),
     "teacher_checkpoint": Key(None, str, "teacher weights: a {'model': state_dict} checkpoint (RepDistiller, "
-                              "mdistiller or this trainer) or a bare state_dict"),
+                              "mdistiller or this trainer) or a bare state_dict; optional for an hf:<path> teacher"),
     "loss_backend": Key("auto", str, "ttm_kernels backend", ("auto", "torch", "cpu", "triton")),
     "ce_weight": Key(None, NUM, "weight of the hard-label CE; null = per-loss default (ce 1, kd 0.1, ttm/wttm 1)"),
     "beta": Key(None, NUM, "weight of the distillation term; null = per-loss default (kd 0.9, ttm 45, wttm 4)"),
@@ -153,6 +165,19 @@ def validate(cfg: dict) -> dict:
     for name in ("epochs", "batch_size", "test_batch_size"):
         if cfg[name] < 1:
             raise ConfigError(f"config key {name!r} must be >= 1, got {cfg[name]}")
+    if (cfg["task"] == "lm") != (cfg["dataset"] == "text"):
+        raise ConfigError(f"task {cfg['task']!r} does not go with dataset {cfg['dataset']!r}: task lm takes dataset "
+                          "text, and dataset text only task lm")
+    if cfg["task"] == "lm" and (cfg["train_subset"] or cfg["test_subset"]):
+        raise ConfigError("config keys 'train_subset' and 'test_subset' select images; task lm takes all the text "
+                          "(point data_dir at less, or change test_fraction)")
+    if cfg["seq_len"] < 1:
+        raise ConfigError(f"config key 'seq_len' must be >= 1, got {cfg['seq_len']}")
+    if not 0 <= cfg["prompt_tokens"] < cfg["seq_len"]:
+        raise ConfigError(f"config key 'prompt_tokens' must be in [0, seq_len={cfg['seq_len']}), got "
+                          f"{cfg['prompt_tokens']}")
+    if not 0 < cfg["test_fraction"] < 1:
+        raise ConfigError(f"config key 'test_fraction' must be in (0, 1), got {cfg['test_fraction']}")
     for name in ("train_subset", "test_subset", "num_workers", "threads"):
         if cfg[name] < 0:
             raise ConfigError(f"config key {name!r} must be >= 0, got {cfg[name]}")
@@ -160,7 +185,7 @@ def validate(cfg: dict) -> dict:
         raise ConfigError(f"config key 'lr_milestones' must be a list of epoch numbers, got {cfg['lr_milestones']}")
     if cfg["loss"] != "ce" and not cfg["teacher"]:
         raise ConfigError(f"loss {cfg['loss']!r} distils from a teacher: set 'teacher' (and 'teacher_checkpoint')")
-    if cfg["loss"] != "ce" and not cfg["teacher_checkpoint"]:
+    if cfg["loss"] != "ce" and not cfg["teacher_checkpoint"] and not cfg["teacher"].startswith("hf:"):
         raise ConfigError(f"loss {cfg['loss']!r} needs trained teacher weights: set 'teacher_checkpoint'")
     for name, value in LOSS_DEFAULTS[cfg["loss"]].items():
         if cfg[name] is None:
@@ -172,7 +197,8 @@ def validate(cfg: dict) -> dict:
     if cfg["lr"] is None:
         cfg["lr"] = 0.01 if cfg["model"] in LOW_LR_STUDENTS else 0.05
     if cfg["out_dir"] is None:
-        cfg["out_dir"] = f"runs/{cfg['dataset']}-{cfg['model']}-{cfg['loss']}-seed{cfg['seed']}"
+        model = os.path.basename(cfg["model"].removeprefix("hf:").rstrip("/"))  # hf:<path>: the folder's name
+        cfg["out_dir"] = f"runs/{cfg['dataset']}-{model}-{cfg['loss']}-seed{cfg['seed']}"
     return cfg
 
 

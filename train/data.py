@@ -39,6 +39,7 @@ class Data:
     input_shape: tuple
     train_size: int
     test_size: int
+    unit: str = "images"  # what train_size and test_size count
 
 
 # ---------------------------------------------------------------------------------------------------- readers

@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from . import checkpoint, config
 from .errors import CheckpointError, ConfigError
-from .logs import RunLog
+from .logs import RunLog, columns
 from .tasks import get_task
 
 SUMMARY_NAME = "summary.json"
@@ -100,6 +100,10 @@ def _means(sums: dict, names) -> dict:
     return {name: (sums[name] / n if name in sums and n else None) for name in names}
 
 
+def _shown(task, means: dict, names) -> str:
+    return "".join(f" {task.format(name, means[name])}" for name in names)
+
+
 def _rounded(means: dict, prefix: str) -> dict:
     return {f"{prefix}{k}": (None if v is None else round(v, 5)) for k, v in means.items()}
 
@@ -107,7 +111,7 @@ def _rounded(means: dict, prefix: str) -> dict:
 def run_epoch(task, model, teacher, loader, dist_ctx, autocast, *, optimizer=None, scaler=None, desc="",
               progress=True) -> tuple[dict, float]:
     """One pass over ``loader``: training when an optimizer is given, else evaluation. Returns the metric
-    means (all ranks together, top-k in %) and the wall time."""
+    means (all ranks together, as ``task.finalize`` reports them) and the wall time."""
     training = optimizer is not None
     model.train(training)
     sums: dict = {}
@@ -134,10 +138,7 @@ def run_epoch(task, model, teacher, loader, dist_ctx, autocast, *, optimizer=Non
     elapsed = time.perf_counter() - start
     totals = dist_ctx.all_reduce(sums)
     means = _means(totals, task.train_metrics if training else task.eval_metrics)
-    for name in ("top1", "top5"):
-        if means.get(name) is not None:
-            means[name] *= 100
-    return means, elapsed
+    return task.finalize(means, training), elapsed
 
 
 # ---------------------------------------------------------------------------------------------------- run
@@ -147,9 +148,11 @@ def _resume_state(cfg, out_dir):
     if not os.path.exists(path):
         raise CheckpointError(f"--resume: no checkpoint to resume from at {path}")
     state = checkpoint.load(path)
-    changed = [k for k in config.KEYS if k not in config.RESUMABLE_CHANGES and state["config"].get(k) != cfg[k]]
+    # A key the checkpoint lacks was added to the trainer after it was written: it ran with that key's default.
+    saved = {k: state["config"].get(k, key.default) for k, key in config.KEYS.items()}
+    changed = [k for k in config.KEYS if k not in config.RESUMABLE_CHANGES and saved[k] != cfg[k]]
     if changed:
-        diffs = ", ".join(f"{k}: {state['config'].get(k)!r} -> {cfg[k]!r}" for k in changed)
+        diffs = ", ".join(f"{k}: {saved[k]!r} -> {cfg[k]!r}" for k in changed)
         raise ConfigError(f"--resume: the config differs from the checkpoint's in {diffs}; resume with the "
                           "same settings (only " + ", ".join(config.RESUMABLE_CHANGES) + " may change)")
     return state
@@ -189,21 +192,23 @@ def _train(cfg, resume, dist_ctx):
 
     n_params = sum(p.numel() for p in model.parameters())
     loss_backend = task.objective.backend_on(device) if teacher is not None else None
-    log(f"{cfg['task']} on {cfg['dataset']} ({data.train_size} train / {data.test_size} test images): "
+    log(f"{cfg['task']} on {cfg['dataset']} ({data.train_size} train / {data.test_size} test {data.unit}): "
         f"{cfg['model']} ({n_params / 1e6:.2f}M params), loss {cfg['loss']}"
         + (f" (ttm_kernels backend {loss_backend})" if loss_backend else "")
         + f", seed {cfg['seed']}, {device}, amp {amp}, {dist_ctx.world} process(es) -> {out_dir}")
-    teacher_top1 = None
+    metric = task.best_metric
+    teacher_score = None
     if teacher is not None:
-        teacher_top1 = state["teacher_top1"] if state else None
-        if cfg["eval_teacher"] and teacher_top1 is None:
+        teacher_score = state.get(f"teacher_{metric}") if state else None
+        if cfg["eval_teacher"] and teacher_score is None:
             teacher_eval, _ = run_epoch(task, teacher, None, data.test, dist_ctx, autocast, desc="teacher eval",
                                         progress=cfg["progress"])
-            teacher_top1 = teacher_eval["top1"]
-        if teacher_top1 is not None:
-            log(f"teacher {cfg['teacher']} ({cfg['teacher_checkpoint']}): test top-1 {teacher_top1:.2f}%")
+            teacher_score = teacher_eval[metric]
+        if teacher_score is not None:
+            source = f" ({cfg['teacher_checkpoint']})" if cfg["teacher_checkpoint"] else ""
+            log(f"teacher {cfg['teacher']}{source}: test {task.format(metric, teacher_score)}")
 
-    start_epoch, history, best = 0, [], {"top1": -1.0, "epoch": 0}
+    start_epoch, history, best = 0, [], {metric: None, "epoch": 0}
     if state:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -225,7 +230,7 @@ def _train(cfg, resume, dist_ctx):
         with open(os.path.join(out_dir, "config.yaml"), "w") as f:
             f.write(config.dump(cfg))
         title = f"{cfg['model']} ({cfg['loss']}) on {cfg['dataset']}"
-        run_log = RunLog(out_dir, len(history), cfg["tensorboard"], title)
+        run_log = RunLog(out_dir, len(history), cfg["tensorboard"], title, columns(task), task.plot_panel)
 
     for epoch in range(start_epoch, cfg["epochs"]):
         data.train.set_epoch(epoch)
@@ -238,10 +243,10 @@ def _train(cfg, resume, dist_ctx):
                                           progress=cfg["progress"])
         row = {"epoch": epoch + 1, "lr": lr, **_rounded(train_means, "train_"), **_rounded(test_means, "test_"),
                "train_time_s": round(train_time, 3), "eval_time_s": round(eval_time, 3)}
-        if test_means["top1"] > best["top1"]:
-            best = {"top1": test_means["top1"], "epoch": epoch + 1}
+        if task.better(test_means[metric], best[metric]):
+            best = {metric: test_means[metric], "epoch": epoch + 1}
             if dist_ctx.main:
-                checkpoint.save_atomic({"model": model.state_dict(), "epoch": epoch + 1, "top1": best["top1"],
+                checkpoint.save_atomic({"model": model.state_dict(), "epoch": epoch + 1, metric: best[metric],
                                         "config": cfg}, os.path.join(out_dir, checkpoint.BEST))
         history.append(row)
         if dist_ctx.main:
@@ -249,20 +254,20 @@ def _train(cfg, resume, dist_ctx):
             checkpoint.save_atomic({
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": checkpoint.rng_state(),
-                "epoch": epoch + 1, "best": best, "history": history, "teacher_top1": teacher_top1,
+                "epoch": epoch + 1, "best": best, "history": history, f"teacher_{metric}": teacher_score,
                 "config": cfg}, last_path)
-        log(f"{desc}: lr {lr:.4g}  train loss {train_means['loss']:.4f} top-1 {train_means['top1']:.2f}  "
-            f"test top-1 {test_means['top1']:.2f} top-5 {test_means['top5']:.2f} (best {best['top1']:.2f} @ "
+        log(f"{desc}: lr {lr:.4g}  train loss {train_means['loss']:.4f}{_shown(task, train_means, task.train_shown)}"
+            f"  test{_shown(task, test_means, task.eval_shown)} (best {task.format(metric, best[metric])} @ "
             f"{best['epoch']})  {train_time:.1f}s + eval {eval_time:.1f}s")
         dist_ctx.barrier()  # no rank starts the next epoch before rank 0 has saved this one
 
     summary = {
         "model": cfg["model"], "loss": cfg["loss"], "dataset": cfg["dataset"], "seed": cfg["seed"],
-        "train_images": data.train_size, "test_images": data.test_size,
-        "epochs": len(history), "best_top1": best["top1"] if history else None,
+        f"train_{data.unit}": data.train_size, f"test_{data.unit}": data.test_size,
+        "epochs": len(history), f"best_{metric}": best[metric] if history else None,
         "best_epoch": best["epoch"] if history else None,
-        "last_top1": history[-1]["test_top1"] if history else None,
-        "teacher": cfg["teacher"] if teacher is not None else None, "teacher_top1": teacher_top1,
+        f"last_{metric}": history[-1][f"test_{metric}"] if history else None,
+        "teacher": cfg["teacher"] if teacher is not None else None, f"teacher_{metric}": teacher_score,
         "loss_backend": loss_backend,
         "mean_train_time_s": sum(r["train_time_s"] for r in history) / len(history) if history else None,
         "out_dir": out_dir,
@@ -272,7 +277,7 @@ def _train(cfg, resume, dist_ctx):
         with open(os.path.join(out_dir, SUMMARY_NAME), "w") as f:
             json.dump(summary, f, indent=2)
         if history:
-            log(f"done: {cfg['model']} ({cfg['loss']}), seed {cfg['seed']}: best test top-1 "
-                f"{summary['best_top1']:.2f}% (epoch {summary['best_epoch']}), last {summary['last_top1']:.2f}%; "
-                f"results in {out_dir}")
+            log(f"done: {cfg['model']} ({cfg['loss']}), seed {cfg['seed']}: best test "
+                f"{task.format(metric, summary[f'best_{metric}'])} (epoch {summary['best_epoch']}), last "
+                f"{task.format(metric, summary[f'last_{metric}'])}; results in {out_dir}")
     return summary

@@ -11,17 +11,22 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-COLUMNS = ("epoch", "lr", "train_loss", "train_ce", "train_kl", "train_kl_weight", "train_top1", "train_top5",
-           "test_loss", "test_top1", "test_top5", "train_time_s", "eval_time_s")
 CSV_NAME, PLOT_NAME, TB_DIR = "metrics.csv", "curves.png", "tensorboard"
+
+
+def columns(task) -> tuple:
+    """The CSV columns of a task's runs."""
+    return (("epoch", "lr") + tuple(f"train_{m}" for m in task.train_metrics)
+            + tuple(f"test_{m}" for m in task.eval_metrics) + ("train_time_s", "eval_time_s"))
 
 
 class RunLog:
     """Owned by rank 0. The history (list of per-epoch rows) is also saved in the checkpoint, so a resumed run
     rewrites the CSV exactly up to the epoch it resumes from."""
 
-    def __init__(self, out_dir: str, epochs_done: int, tensorboard: bool, title: str):
-        self.out_dir, self.title = out_dir, title
+    def __init__(self, out_dir: str, epochs_done: int, tensorboard: bool, title: str, columns: tuple,
+                 metric_panel: tuple):
+        self.out_dir, self.title, self.columns, self.metric_panel = out_dir, title, columns, metric_panel
         writer_class = summary_writer_class() if tensorboard else None
         self.writer = writer_class and writer_class(os.path.join(out_dir, TB_DIR), purge_step=epochs_done + 1)
 
@@ -29,10 +34,10 @@ class RunLog:
         """Record the newest row of ``history``: CSV (rewritten whole), TensorBoard, plot."""
         path = os.path.join(self.out_dir, CSV_NAME)
         with open(path + ".tmp", "w", newline="") as f:
-            writer = csv.DictWriter(f, COLUMNS)
+            writer = csv.DictWriter(f, self.columns)
             writer.writeheader()
             for row in history:
-                writer.writerow({k: "" if row.get(k) is None else row[k] for k in COLUMNS})
+                writer.writerow({k: "" if row.get(k) is None else row[k] for k in self.columns})
         os.replace(path + ".tmp", path)
         if self.writer is not None:
             row = history[-1]
@@ -40,7 +45,7 @@ class RunLog:
                 if name != "epoch" and value is not None:
                     self.writer.add_scalar(name.replace("_", "/", 1), value, row["epoch"])
             self.writer.flush()
-        plot_history(history, os.path.join(self.out_dir, PLOT_NAME), self.title)
+        plot_history(history, os.path.join(self.out_dir, PLOT_NAME), self.title, self.metric_panel)
 
     def close(self):
         if self.writer is not None:
@@ -62,15 +67,15 @@ def _series(history, name):
     return [math.nan if row.get(name) is None else row[name] for row in history]
 
 
-def plot_history(history: list, path: str, title: str):
+def plot_history(history: list, path: str, title: str, metric_panel: tuple):
+    """Loss, loss components, the task's ``metric_panel`` (title, ((column, legend), ...)) and the lr."""
     epochs = [row["epoch"] for row in history]
     fig, axes = plt.subplots(2, 2, figsize=(11, 7))
     panels = [
         (axes[0, 0], "loss", [("train_loss", "train total"), ("test_loss", "test CE")]),
         (axes[0, 1], "loss components (train)", [("train_ce", "CE"), ("train_kl", "KL"),
                                                   ("train_kl_weight", "mean KL weight")]),
-        (axes[1, 0], "accuracy (%)", [("train_top1", "train top-1"), ("test_top1", "test top-1"),
-                                      ("test_top5", "test top-5")]),
+        (axes[1, 0], *metric_panel),
         (axes[1, 1], "learning rate", [("lr", "lr")]),
     ]
     for ax, label, curves in panels:
@@ -83,6 +88,8 @@ def plot_history(history: list, path: str, title: str):
         ax.grid(alpha=0.3)
         if ax.lines:
             ax.legend()
+        else:  # e.g. the loss components of the fused linear loss (task lm), which it does not return
+            ax.text(0.5, 0.5, "not reported", ha="center", va="center", transform=ax.transAxes, color="gray")
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=100)

@@ -4,15 +4,18 @@ kd:   beta * T^2 * KL(softmax(v/T) || softmax(z/T))             (T^2 inside the 
 ttm:  beta * KL(softmax(gamma v) || softmax(z))
 wttm: beta * U * KL(softmax(gamma v) || softmax(z)), U = sum(softmax(v)^gamma)
 ce:   CE only, no teacher.
-Each term is a batch mean over samples.
+Each term is a batch mean over samples (tokens for language models, whose loss is the fused linear one on
+the final hidden states and the LM head: the logits are never materialised).
 """
 import torch
 import torch.nn.functional as F
 
 import ttm_kernels
-from ttm_kernels import fused_kd_loss, fused_ttm_loss, fused_wttm_loss
+from ttm_kernels import (fused_kd_loss, fused_linear_kd_loss, fused_linear_ttm_loss, fused_linear_wttm_loss,
+                         fused_ttm_loss, fused_wttm_loss)
 
 DISTILL_FNS = {"kd": fused_kd_loss, "ttm": fused_ttm_loss, "wttm": fused_wttm_loss}
+LINEAR_FNS = {"kd": fused_linear_kd_loss, "ttm": fused_linear_ttm_loss, "wttm": fused_linear_wttm_loss}
 
 
 class Objective:
@@ -20,6 +23,7 @@ class Objective:
         self.kind = cfg["loss"]
         self.ce_weight = cfg["ce_weight"]
         self.kwargs = {"beta": cfg["beta"], "ce_weight": cfg["ce_weight"], "backend": cfg["loss_backend"]}
+        self.vocab_mismatch = cfg["vocab_mismatch"]
         if self.kind == "kd":
             self.kwargs["temperature"] = cfg["temperature"]
         elif self.kind in ("ttm", "wttm"):
@@ -49,6 +53,27 @@ class Objective:
         loss, parts = DISTILL_FNS[self.kind](student_logits, teacher_logits, target, return_components=True,
                                              **self.kwargs)
         return loss, {"ce": parts.ce, "kl": parts.kl, "kl_weight": parts.weight}
+
+
+    def linear(self, hidden, head, target, teacher_hidden=None, teacher_head=None, dtype=None):
+        """The loss from final hidden states and LM heads (nn.Linear), fused (ttm_kernels.fused_linear_*), as a
+        mean over the targets that are not -100. ``dtype``: the GEMMs' dtype (autocast's), else the head's."""
+        dtype = dtype or head.weight.dtype
+
+        def cast(x):
+            return None if x is None else x.to(dtype)
+
+        hidden, weight, bias = cast(hidden), cast(head.weight), cast(head.bias)
+        if self.kind == "ce":
+            # CE alone through the same fused path (no (tokens, V) logits either): beta 0 drops the distillation
+            # term of a constant teacher (width-1 zeros, a broadcast view: no memory and next to no GEMM).
+            zero = hidden.new_zeros(())
+            return fused_linear_wttm_loss(
+                hidden, weight, zero.expand(*hidden.shape[:-1], 1), zero.expand(weight.shape[0], 1), target,
+                student_bias=bias, beta=0.0, ce_weight=self.ce_weight, backend=self.kwargs["backend"])
+        return LINEAR_FNS[self.kind](hidden, weight, cast(teacher_hidden), cast(teacher_head.weight), target,
+                                     student_bias=bias, teacher_bias=cast(teacher_head.bias),
+                                     vocab_mismatch=self.vocab_mismatch, **self.kwargs)
 
 
 def topk_correct(logits: torch.Tensor, target: torch.Tensor, ks=(1, 5)) -> list:

@@ -1,25 +1,48 @@
 """Task registry. A task owns its data, models and per-batch loss and metrics; the engine (engine.py) owns
-the loop, optimisation, precision, DDP, checkpoints and logging. A new task (e.g. ``lm``, LLM distillation)
-subclasses ``Task`` and is added to ``TASKS``."""
+the loop, optimisation, precision, DDP, checkpoints and logging. A new task subclasses ``Task`` and is added
+to ``TASKS``: ``classification`` (images) and ``lm`` (causal language models on local text)."""
 from __future__ import annotations
 
-import torch
+import math
 
-from . import checkpoint, data, models
+import torch
+import torch.nn.functional as F
+
+from . import checkpoint, data, models, text_data
 from .errors import ConfigError
 from .losses import Objective, topk_correct
+from .models import gpt, hf
 
 
 class Task:
     """Interface the engine relies on. Metric dicts hold sums over samples (tensors), with the sample count
-    under "n"; the engine all-reduces them across ranks and divides by n."""
+    under "n"; the engine all-reduces them across ranks and divides by n, then calls ``finalize``."""
 
     train_metrics: tuple = ()
     eval_metrics: tuple = ()
+    percent_metrics: tuple = ()  # sums of hits, reported in % of n
+    # The held-out metric that picks checkpoint_best.pt and the summary's best_<metric> / last_<metric>.
+    best_metric, higher_is_better = "", True
+    train_shown: tuple = ()  # the metrics of each epoch's log line, with their labels
+    eval_shown: tuple = ()
+    labels: dict = {}
+    plot_panel: tuple = ("", ())  # title and (CSV column, legend) pairs of the curves' metric panel
 
     def __init__(self, cfg, device):
         self.cfg, self.device = cfg, device
         self.objective = Objective(cfg)
+
+    def finalize(self, means: dict, training: bool) -> dict:
+        for name in self.percent_metrics:
+            if means.get(name) is not None:
+                means[name] *= 100
+        return means
+
+    def better(self, value: float, best: float | None) -> bool:
+        return best is None or (value > best if self.higher_is_better else value < best)
+
+    def format(self, name: str, value: float) -> str:
+        return f"{self.labels.get(name, name)} {value:.2f}{'%' if name in self.percent_metrics else ''}"
 
     def build_data(self, rank: int, world: int):
         raise NotImplementedError
@@ -40,6 +63,12 @@ class Task:
 class ClassificationTask(Task):
     train_metrics = ("loss", "ce", "kl", "kl_weight", "top1", "top5")
     eval_metrics = ("loss", "top1", "top5")
+    percent_metrics = ("top1", "top5")
+    best_metric = "top1"
+    train_shown, eval_shown = ("top1",), ("top1", "top5")
+    labels = {"top1": "top-1", "top5": "top-5"}
+    plot_panel = ("accuracy (%)", (("train_top1", "train top-1"), ("test_top1", "test top-1"),
+                                   ("test_top5", "test top-5")))
 
     def build_data(self, rank, world):
         self.data = data.build_data(self.cfg, rank, world)
@@ -89,11 +118,125 @@ class ClassificationTask(Task):
         return {"n": labels.shape[0], "loss": loss, "top1": top1, "top5": top5}
 
 
-TASKS = {"classification": ClassificationTask}
+def lm_head(model) -> torch.nn.Linear:
+    return getattr(model, "module", model).lm_head  # through DDP
+
+
+class LanguageModelTask(Task):
+    """Causal LMs on local text (text_data.py): next-token CE (loss ce) or distillation (kd/ttm/wttm) with the
+    fused linear loss on the final hidden states and the LM heads, a mean over the target tokens.
+
+    The fused linear loss returns no components, so the CSV's train_ce is the CE of loss=ce runs only. Held
+    out: CE per token (test_loss), perplexity exp(test_loss) and top-1 token accuracy."""
+
+    train_metrics = ("loss", "ce")
+    eval_metrics = ("loss", "ppl", "acc")
+    percent_metrics = ("acc",)
+    best_metric, higher_is_better = "ppl", False
+    eval_shown = ("ppl", "acc")
+    labels = {"ppl": "perplexity", "acc": "token accuracy"}
+    plot_panel = ("held-out perplexity", (("test_ppl", "perplexity"),))
+    EVAL_ROWS = 4096  # tokens per logits chunk in evaluation: bounds its (rows, V) memory
+
+    def __init__(self, cfg, device):
+        super().__init__(cfg, device)
+        for key in ("model",) + (("teacher",) if self.objective.needs_teacher else ()):
+            name = cfg[key]
+            if name not in gpt.SPECS and not name.startswith(hf.PREFIX):
+                raise ConfigError(f"config key {key!r}: {name!r} is not a language model; task lm takes "
+                                  f"{', '.join(gpt.SPECS)} or {hf.PREFIX}<local model folder>")
+        if cfg["model"] in gpt.SPECS and cfg["seq_len"] > gpt.MAX_LEN:
+            raise ConfigError(f"config key 'seq_len' must be <= {gpt.MAX_LEN} for {cfg['model']}, got {cfg['seq_len']}")
+
+    def _tokenizer(self, name):
+        if name.startswith(hf.PREFIX):
+            return text_data.HFTokenizer(hf.load_tokenizer(name))
+        return text_data.ByteTokenizer()
+
+    def build_data(self, rank, world):
+        self.tokenizer = self._tokenizer(self.cfg["model"])
+        self.data = text_data.build_text_data(self.cfg, self.tokenizer, rank, world)
+        return self.data
+
+    def _build(self, name):
+        if name.startswith(hf.PREFIX):
+            return hf.HFCausalLM(name)
+        return gpt.build(name, self.data.num_classes)
+
+    def build_student(self):
+        model = self._build(self.cfg["model"])
+        self.student_vocab = lm_head(model).weight.shape[0]
+        return model.to(self.device)
+
+    def build_teacher(self):
+        name, student = self.cfg["teacher"], self.cfg["model"]
+        # The teacher reads the student's token ids: both must tokenise alike.
+        if name.startswith(hf.PREFIX) != student.startswith(hf.PREFIX) or (
+                name.startswith(hf.PREFIX) and self._tokenizer(name).tokenizer.get_vocab()
+                != self.tokenizer.tokenizer.get_vocab()):
+            raise ConfigError(f"teacher {name!r} and model {student!r} tokenise differently; distillation needs "
+                              "one tokenizer (the built-in gpt_* models read bytes)")
+        teacher = self._build(name)
+        if self.cfg["teacher_checkpoint"]:
+            checkpoint.load_weights(teacher, self.cfg["teacher_checkpoint"], f"teacher {name!r} with vocabulary "
+                                    f"{self.data.num_classes} (task lm)")
+        rows = lm_head(teacher).weight.shape[0]
+        if rows != self.student_vocab and self.cfg["vocab_mismatch"] == "error":
+            raise ConfigError(f"teacher {name!r} has an LM head of {rows} tokens, the student {student!r} of "
+                              f"{self.student_vocab}: set vocab_mismatch=truncate_teacher to align the teacher to the "
+                              "student's vocabulary")
+        teacher.eval().requires_grad_(False)
+        return teacher.to(self.device)
+
+    def _batch(self, batch):
+        return (t.to(self.device, non_blocking=True) for t in batch)
+
+    def train_step(self, model, teacher, batch, autocast):
+        tokens, targets = self._batch(batch)
+        with autocast():
+            amp = torch.is_autocast_enabled(self.device.type)
+            dtype = torch.get_autocast_dtype(self.device.type) if amp else None
+            teacher_hidden = None
+            if teacher is not None:
+                with torch.no_grad():
+                    teacher_hidden = teacher(tokens)
+            hidden = model(tokens)
+        # Outside autocast: the fused loss runs its GEMMs in one given dtype (autocast's, when on).
+        loss = self.objective.linear(hidden, lm_head(model), targets, teacher_hidden,
+                                     None if teacher is None else lm_head(teacher), dtype)
+        n = (targets != text_data.IGNORE_INDEX).sum()
+        sums = {"n": n, "loss": loss.detach() * n}
+        if teacher is None and self.objective.ce_weight:
+            sums["ce"] = sums["loss"] / self.objective.ce_weight
+        return loss, sums
+
+    def eval_step(self, model, batch, autocast):
+        tokens, targets = self._batch(batch)
+        with autocast():
+            hidden = model(tokens)
+        head = lm_head(model)
+        valid = targets.reshape(-1) != text_data.IGNORE_INDEX
+        hidden = hidden.reshape(-1, hidden.shape[-1])[valid].to(head.weight.dtype)
+        targets = targets.reshape(-1)[valid]
+        loss = hits = 0
+        for start in range(0, len(targets), self.EVAL_ROWS):
+            logits = F.linear(hidden[start:start + self.EVAL_ROWS], head.weight, head.bias).float()
+            y = targets[start:start + self.EVAL_ROWS]
+            loss = loss + F.cross_entropy(logits, y, reduction="sum")
+            hits = hits + (logits.argmax(-1) == y).sum()
+        return {"n": len(targets), "loss": loss, "acc": hits}
+
+    def finalize(self, means, training):
+        means = super().finalize(means, training)
+        if not training and means.get("loss") is not None:
+            means["ppl"] = math.exp(means["loss"]) if means["loss"] < 700 else math.inf  # exp overflows past 709
+        return means
+
+
+TASKS = {"classification": ClassificationTask, "lm": LanguageModelTask}
 
 
 def get_task(name: str) -> type[Task]:
     if name not in TASKS:
-        raise ConfigError(f"unknown task {name!r}; known tasks: {', '.join(TASKS)} (LLM distillation, 'lm', is "
-                          "not implemented yet)")
+        raise ConfigError(f"unknown task {name!r}; known tasks: {', '.join(TASKS)}")
     return TASKS[name]

@@ -2,6 +2,7 @@
 
 Three families, chosen by the input shape they take: the CIFAR zoo (RepDistiller names and state-dict keys,
 3x32x32), small CNNs for 28x28 grey-scale images, and torchvision ImageNet models (``tv_<name>``, optional).
+The language models of task lm (gpt.py, hf.py) are built by tasks.LanguageModelTask.
 """
 from ..errors import ConfigError
 from . import imagenet, mobilenetv2, resnet, resnetv2, shufflenet, small_cnn, vgg, wrn
