@@ -34,15 +34,8 @@ class Objective:
         return self.kind != "ce"
 
     def backend_on(self, device: torch.device) -> str:
-        """The ttm_kernels backend the loss runs with on ``device`` ("auto" resolved as ttm_kernels does)."""
-        backend = self.kwargs["backend"]
-        if backend != "auto":
-            return backend
-        if device.type == "cuda" and ttm_kernels.triton_available():
-            return "triton"
-        if device.type == "cpu" and ttm_kernels.cpu_extension_available():
-            return "cpu"
-        return "torch"
+        """The ttm_kernels backend the loss runs with on ``device`` (raises if the configured one cannot)."""
+        return ttm_kernels.resolve_backend(self.kwargs["backend"], device)
 
     def __call__(self, student_logits, target, teacher_logits=None):
         """The loss and its detached batch-mean components: ce, and with a teacher kl and kl_weight (the mean
