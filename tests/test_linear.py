@@ -294,3 +294,24 @@ def test_bad_inputs_raise_clear_errors(changes, error, match):
         fused_linear_wttm_loss(args["student_hidden"], args["student_weight"], args["teacher_hidden"],
                                args["teacher_weight"], args["target"], student_bias=args["student_bias"],
                                teacher_bias=args["teacher_bias"], **kw)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", ["wttm", "kd"])
+def test_fused_linear_loss_components(backend, kind):
+    """The logged terms equal the unfused loss's components on the materialised logits."""
+    gen = torch.Generator().manual_seed(5)
+    h_s, w_s = torch.randn(37, 16, generator=gen), torch.randn(300, 16, generator=gen)
+    h_t, w_t = torch.randn(37, 24, generator=gen), torch.randn(300, 24, generator=gen)
+    target = torch.randint(0, 300, (37,), generator=gen)
+    target[::4] = -100
+    scale = {"temperature": 3.0} if kind == "kd" else {"gamma": 0.3}
+    linear_fn = {"wttm": ttm_kernels.fused_linear_wttm_loss, "kd": ttm_kernels.fused_linear_kd_loss}[kind]
+    fused_fn = {"wttm": ttm_kernels.fused_wttm_loss, "kd": ttm_kernels.fused_kd_loss}[kind]
+    loss, parts = linear_fn(h_s * 3, w_s, h_t * 3, w_t, target, chunk_size=10, backend=backend,
+                            return_components=True, **scale)
+    ref_loss, ref_parts = fused_fn((h_s * 3).double() @ w_s.double().T, (h_t * 3).double() @ w_t.double().T,
+                                   target, backend="torch", return_components=True, **scale)
+    torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-5, atol=1e-6)
+    for name in ("kl", "ce", "weight"):
+        torch.testing.assert_close(getattr(parts, name).double(), getattr(ref_parts, name), rtol=1e-5, atol=1e-6)

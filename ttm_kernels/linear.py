@@ -29,7 +29,8 @@ import torch
 from torch import nn
 
 from . import _ops, reference
-from .functional import DEFAULT_GAMMA, DEFAULT_TEMPERATURE, REDUCTIONS, _check_finite, validate_target
+from .functional import (DEFAULT_GAMMA, DEFAULT_TEMPERATURE, REDUCTIONS, LossComponents, _check_finite,
+                         validate_target)
 
 VOCAB_MISMATCH = ("error", "truncate_teacher")
 # The chunk buffers' bytes are budgeted, not rows. CUDA: 1 GiB (2048 rows at V=128256 bf16) ran within 3% of
@@ -85,35 +86,42 @@ def _linear_into(out, hidden, weight, bias):
         torch.addmm(bias, hidden, weight.t(), out=out)
 
 
+ROW_TERMS = ("loss", "kl", "ce", "weight")
+
+
 def _loss_and_grad_torch(z, v, y, row_grad, spec):
-    """The reference on one chunk (fp32), writing d(sum row_grad * loss)/dz into ``z``."""
+    """The reference on one chunk (fp32): its (4, C) row terms, writing d(sum row_grad * loss)/dz into ``z``."""
     params = dict(student_scale=spec.student_scale, teacher_scale=spec.teacher_scale, kl_scale=spec.kl_scale,
                   weighted=spec.weighted, beta=spec.beta, ce_weight=spec.ce_weight,
                   ignore_index=spec.ignore_index)
     if row_grad is None:
-        return reference.loss_rows(z.float(), v.float(), y, **params)["loss"]
+        rows = reference.loss_rows(z.float(), v.float(), y, **params)
+        return torch.stack([rows[k] for k in ROW_TERMS])
     with torch.enable_grad():
         z32 = z.float().requires_grad_()
-        loss = reference.loss_rows(z32, v.float(), y, **params)["loss"]
-        (grad,) = torch.autograd.grad(loss, z32, grad_outputs=row_grad.float().expand_as(loss))
+        rows = reference.loss_rows(z32, v.float(), y, **params)
+        (grad,) = torch.autograd.grad(rows["loss"], z32, grad_outputs=row_grad.float().expand_as(rows["loss"]))
     z.copy_(grad)
-    return loss.detach()
+    return torch.stack([rows[k].detach() for k in ROW_TERMS])
 
 
 def _chunk_loss(z, v, y, row_grad, spec):
-    """Per-row fp32 loss of one chunk; with ``row_grad``, also overwrites ``z`` with its gradient."""
+    """Per-row fp32 (loss, kl, ce, weight) of one chunk; with ``row_grad``, also overwrites ``z`` with its
+    gradient."""
     if spec.backend == "torch":
         return _loss_and_grad_torch(z, v, y, row_grad, spec)
     args = (spec.student_scale, spec.teacher_scale, spec.beta * spec.kl_scale, spec.ce_weight, spec.weighted,
             spec.ignore_index, spec.backend)
     if row_grad is None:
-        return _ops.loss_fwd(z, v, y, *args)[_ops.STAT_LOSS]
-    return _ops.loss_fwd_grad_inplace(z, v, y, row_grad, *args)[_ops.STAT_LOSS]
+        stats = _ops.loss_fwd(z, v, y, *args)
+    else:
+        stats = _ops.loss_fwd_grad_inplace(z, v, y, row_grad, *args)
+    return stats[_ops.STAT_LOSS:_ops.STAT_WEIGHT + 1]
 
 
 def _run_chunks(h_s, w_s, b_s, h_t, w_t, b_t, target, spec, chunk_size, row_grad=None, needs=(False,) * 3):
-    """Loss rows (N,) fp32 and, with ``row_grad`` ((N,) or 0-dim), the gradients of sum_i row_grad_i * loss_i
-    w.r.t. (h_s, w_s, b_s), each None unless ``needs`` asks for it."""
+    """Row terms (4, N) fp32 (loss, kl, ce, weight) and, with ``row_grad`` ((N,) or 0-dim), the gradients of
+    sum_i row_grad_i * loss_i w.r.t. (h_s, w_s, b_s), each None unless ``needs`` asks for it."""
     n, vocab = h_s.shape[0], w_s.shape[0]
     shared = min(vocab, w_t.shape[0])
     w_t = w_t[:shared]
@@ -131,7 +139,7 @@ def _run_chunks(h_s, w_s, b_s, h_t, w_t, b_t, target, spec, chunk_size, row_grad
     # Student-only columns: the teacher gives them probability 0, i.e. logit -inf (a 0 logit would give
     # tokens the teacher lacks mass exp(0) / Z).
     t_buf[:, shared:] = float("-inf")
-    loss = torch.empty(n, dtype=torch.float32, device=device)
+    rows = torch.empty((len(ROW_TERMS), n), dtype=torch.float32, device=device)
     grad_h = torch.empty_like(h_s) if need_h else None
     # Filled by the first chunk (beta=0: neither a memset nor a read of the accumulator).
     grad_w = (torch.empty if n else torch.zeros)(w_s.shape, dtype=torch.float32, device=device) if need_w else None
@@ -145,7 +153,7 @@ def _run_chunks(h_s, w_s, b_s, h_t, w_t, b_t, target, spec, chunk_size, row_grad
         _linear_into(v[:, :shared], h_t[start:end], w_t, b_t)
         y = None if target is None else target[start:end]
         rg = row_grad if row_grad is None or row_grad.dim() == 0 else row_grad[start:end]
-        loss[start:end] = _chunk_loss(z, v, y, rg, spec)
+        rows[:, start:end] = _chunk_loss(z, v, y, rg, spec)
         # From here on z holds dlogits.
         if need_h:
             torch.mm(z, w_s, out=grad_h[start:end])
@@ -165,10 +173,12 @@ def _run_chunks(h_s, w_s, b_s, h_t, w_t, b_t, target, spec, chunk_size, row_grad
         grad_w = grad_w.to(w_s.dtype)
     if grad_b is not None:
         grad_b = grad_b.to(b_s.dtype)
-    return loss, grad_h, grad_w, grad_b
+    return rows, grad_h, grad_w, grad_b
 
 
 class _FusedLinearLoss(torch.autograd.Function):
+    """Returns the reduced loss and the detached (3, N) row terms kl, ce, weight (for logging)."""
+
     @staticmethod
     def forward(ctx, h_s, w_s, b_s, h_t, w_t, b_t, target, spec, reduction, chunk_size, needs):
         inputs = (h_s, w_s, b_s, h_t, w_t, b_t, target, spec, chunk_size)
@@ -178,23 +188,25 @@ class _FusedLinearLoss(torch.autograd.Function):
                 ctx.save_for_backward(h_s, w_s, b_s, h_t, w_t, b_t, target)
                 ctx.params = (spec, chunk_size, needs)
             rows = _run_chunks(*inputs)[0]
-            if reduction == "none":
-                return rows
-            return reference.reduce_rows(rows, _valid(target, h_s, spec.ignore_index), reduction)
-
-        if reduction == "mean":
-            # The normaliser, on the device: no host sync.
-            count = _valid(target, h_s, spec.ignore_index).sum().clamp_min(1)
-            scale = 1.0 / count.to(torch.float32)
+            loss = rows[0] if reduction == "none" else reference.reduce_rows(
+                rows[0], _valid(target, h_s.shape[0], h_s.device, spec.ignore_index), reduction)
         else:
-            scale = torch.ones((), dtype=torch.float32, device=h_s.device)
-        rows, *grads = _run_chunks(*inputs, row_grad=scale, needs=needs)
-        ctx.grads = grads
-        return rows.sum() * scale
+            if reduction == "mean":
+                # The normaliser, on the device: no host sync.
+                count = _valid(target, h_s.shape[0], h_s.device, spec.ignore_index).sum().clamp_min(1)
+                scale = 1.0 / count.to(torch.float32)
+            else:
+                scale = torch.ones((), dtype=torch.float32, device=h_s.device)
+            rows, *grads = _run_chunks(*inputs, row_grad=scale, needs=needs)
+            ctx.grads = grads
+            loss = rows[0].sum() * scale
+        terms = rows[1:]
+        ctx.mark_non_differentiable(terms)
+        return loss, terms
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out):
+    def backward(ctx, grad_out, _grad_terms):
         if ctx.deferred:
             h_s, w_s, b_s, h_t, w_t, b_t, target = ctx.saved_tensors
             spec, chunk_size, needs = ctx.params
@@ -210,9 +222,9 @@ class _FusedLinearLoss(torch.autograd.Function):
         return (*grads, None, None, None, None, None, None, None, None)
 
 
-def _valid(target, hidden, ignore_index):
+def _valid(target, n_rows, device, ignore_index):
     if target is None:
-        return torch.ones(hidden.shape[0], dtype=torch.bool, device=hidden.device)
+        return torch.ones(n_rows, dtype=torch.bool, device=device)
     return target != ignore_index
 
 
@@ -245,7 +257,7 @@ def _validate_side(side, hidden, weight, bias):
 
 def _fused_linear_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, target, *, student_bias,
                        teacher_bias, student_scale, teacher_scale, kl_scale, weighted, beta, ce_weight,
-                       ignore_index, reduction, chunk_size, vocab_mismatch, backend):
+                       ignore_index, reduction, chunk_size, vocab_mismatch, backend, return_components):
     beta = _check_finite("beta", beta)
     ce_weight = _check_finite("ce_weight", ce_weight)
     if reduction not in REDUCTIONS:
@@ -287,11 +299,16 @@ def _fused_linear_loss(student_hidden, student_weight, teacher_hidden, teacher_w
     # Which student gradients to compute (ctx.needs_input_grad ignores torch.no_grad()).
     needs = tuple(torch.is_grad_enabled() and x is not None and x.requires_grad
                   for x in (student_hidden, student_weight, student_bias))
-    loss = _FusedLinearLoss.apply(
+    loss, terms = _FusedLinearLoss.apply(
         student_hidden.reshape(-1, student_hidden.shape[-1]), student_weight, student_bias,
         teacher_hidden.reshape(-1, teacher_hidden.shape[-1]), teacher_weight.detach(),
         None if teacher_bias is None else teacher_bias.detach(), target, spec, reduction, chunk_size, needs)
-    return loss.view(lead) if reduction == "none" else loss
+    if reduction == "none":
+        loss = loss.view(lead)
+    if not return_components:
+        return loss
+    valid = _valid(target, terms.shape[1], terms.device, spec.ignore_index)
+    return loss, LossComponents(*(reference.reduce_rows(x, valid, "mean") for x in terms))
 
 
 _COMMON_DOC = """
@@ -317,9 +334,11 @@ _COMMON_DOC = """
             mass off them. To leave the student's extra columns out instead, pass ``student_weight[:V_t]``.
         backend: ``"auto"`` (Triton on CUDA, the C++ kernel on CPU, else the reference), ``"triton"``,
             ``"cpu"`` or ``"torch"`` (the reference on each chunk).
+        return_components: also return a ``LossComponents`` of detached batch means (KL, CE, WTTM weight),
+            as the unfused loss does.
 
     Returns:
-        The float32 loss. Gradients reach student_hidden, student_weight and student_bias in their dtypes.
+        The float32 loss (with ``return_components``, a ``(loss, LossComponents)`` pair). Gradients reach student_hidden, student_weight and student_bias in their dtypes.
         With "mean" or "sum" they are computed during the forward and the backward only scales them (a
         second backward through the same loss raises); with "none" the backward recomputes the chunks.
 """
@@ -330,13 +349,14 @@ def fused_linear_wttm_loss(student_hidden: torch.Tensor, student_weight: torch.T
                            student_bias: Optional[torch.Tensor] = None, teacher_bias: Optional[torch.Tensor] = None,
                            gamma: float = DEFAULT_GAMMA, beta: float = 1.0, ce_weight: float = 1.0,
                            ignore_index: int = -100, reduction: str = "mean", chunk_size: Optional[int] = None,
-                           vocab_mismatch: str = "error", backend: str = "auto") -> torch.Tensor:
+                           vocab_mismatch: str = "error", backend: str = "auto", return_components: bool = False):
     gamma = _check_finite("gamma", gamma, positive=True)
     return _fused_linear_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, target,
                               student_bias=student_bias, teacher_bias=teacher_bias, student_scale=1.0,
                               teacher_scale=gamma, kl_scale=1.0, weighted=True, beta=beta, ce_weight=ce_weight,
                               ignore_index=ignore_index, reduction=reduction, chunk_size=chunk_size,
-                              vocab_mismatch=vocab_mismatch, backend=backend)
+                              vocab_mismatch=vocab_mismatch, backend=backend,
+                              return_components=return_components)
 
 
 fused_linear_wttm_loss.__doc__ = """``fused_wttm_loss`` on ``student_hidden @ student_weight.T (+ bias)`` and the
@@ -351,13 +371,14 @@ def fused_linear_ttm_loss(student_hidden: torch.Tensor, student_weight: torch.Te
                           student_bias: Optional[torch.Tensor] = None, teacher_bias: Optional[torch.Tensor] = None,
                           gamma: float = DEFAULT_GAMMA, beta: float = 1.0, ce_weight: float = 1.0,
                           ignore_index: int = -100, reduction: str = "mean", chunk_size: Optional[int] = None,
-                          vocab_mismatch: str = "error", backend: str = "auto") -> torch.Tensor:
+                          vocab_mismatch: str = "error", backend: str = "auto", return_components: bool = False):
     gamma = _check_finite("gamma", gamma, positive=True)
     return _fused_linear_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, target,
                               student_bias=student_bias, teacher_bias=teacher_bias, student_scale=1.0,
                               teacher_scale=gamma, kl_scale=1.0, weighted=False, beta=beta, ce_weight=ce_weight,
                               ignore_index=ignore_index, reduction=reduction, chunk_size=chunk_size,
-                              vocab_mismatch=vocab_mismatch, backend=backend)
+                              vocab_mismatch=vocab_mismatch, backend=backend,
+                              return_components=return_components)
 
 
 fused_linear_ttm_loss.__doc__ = """``fused_ttm_loss`` on the student's and teacher's LM-head outputs, chunked.
@@ -371,13 +392,14 @@ def fused_linear_kd_loss(student_hidden: torch.Tensor, student_weight: torch.Ten
                          student_bias: Optional[torch.Tensor] = None, teacher_bias: Optional[torch.Tensor] = None,
                          temperature: float = DEFAULT_TEMPERATURE, beta: float = 1.0, ce_weight: float = 1.0,
                          ignore_index: int = -100, reduction: str = "mean", chunk_size: Optional[int] = None,
-                         vocab_mismatch: str = "error", backend: str = "auto") -> torch.Tensor:
+                         vocab_mismatch: str = "error", backend: str = "auto", return_components: bool = False):
     temperature = _check_finite("temperature", temperature, positive=True)
     return _fused_linear_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, target,
                               student_bias=student_bias, teacher_bias=teacher_bias, student_scale=1.0 / temperature,
                               teacher_scale=1.0 / temperature, kl_scale=temperature**2, weighted=False, beta=beta,
                               ce_weight=ce_weight, ignore_index=ignore_index, reduction=reduction,
-                              chunk_size=chunk_size, vocab_mismatch=vocab_mismatch, backend=backend)
+                              chunk_size=chunk_size, vocab_mismatch=vocab_mismatch, backend=backend,
+                              return_components=return_components)
 
 
 fused_linear_kd_loss.__doc__ = """``fused_kd_loss`` (Hinton KD, T^2 factor) on the LM-head outputs, chunked.
@@ -405,12 +427,13 @@ class _LinearDistillLoss(nn.Module):
 
     def forward(self, student_hidden: torch.Tensor, student_weight: torch.Tensor, teacher_hidden: torch.Tensor,
                 teacher_weight: torch.Tensor, target: Optional[torch.Tensor] = None, *,
-                student_bias: Optional[torch.Tensor] = None, teacher_bias: Optional[torch.Tensor] = None):
+                student_bias: Optional[torch.Tensor] = None, teacher_bias: Optional[torch.Tensor] = None,
+                return_components: bool = False):
         return type(self)._loss_fn(
             student_hidden, student_weight, teacher_hidden, teacher_weight, target, student_bias=student_bias,
             teacher_bias=teacher_bias, **{self._scale_name: self.scale}, beta=self.beta, ce_weight=self.ce_weight,
             ignore_index=self.ignore_index, reduction=self.reduction, chunk_size=self.chunk_size,
-            vocab_mismatch=self.vocab_mismatch, backend=self.backend)
+            vocab_mismatch=self.vocab_mismatch, backend=self.backend, return_components=return_components)
 
     def extra_repr(self) -> str:
         return (f"{self._scale_name}={self.scale}, beta={self.beta}, ce_weight={self.ce_weight}, "
