@@ -84,11 +84,13 @@ def test_loss_on_hidden_states_matches_reference_on_logits(loss):
         t_hidden = teacher(x)
     hidden = student(x)
     weight = student.lm_head.weight
-    fused = Objective(keys).linear(hidden, student.lm_head, y, t_hidden, teacher.lm_head)
+    fused, parts = Objective(keys).linear(hidden, student.lm_head, y, t_hidden, teacher.lm_head)
     logits = hidden.double() @ weight.double().T
+    ce = torch.nn.functional.cross_entropy(logits.reshape(-1, 257), y.reshape(-1))
+    torch.testing.assert_close(parts["ce"].double(), ce, rtol=2e-6, atol=0)
     t_logits = t_hidden.double() @ teacher.lm_head.weight.double().T
     if loss == "ce":
-        ref = 0.7 * torch.nn.functional.cross_entropy(logits.reshape(-1, 257), y.reshape(-1))
+        ref = 0.7 * ce
     else:
         fn = {"wttm": reference.wttm_loss, "ttm": reference.ttm_loss, "kd": reference.kd_loss}[loss]
         scale = {"temperature": 2.0} if loss == "kd" else {"gamma": 0.3}

@@ -88,7 +88,7 @@ def plot_history(history: list, path: str, title: str, metric_panel: tuple):
         ax.grid(alpha=0.3)
         if ax.lines:
             ax.legend()
-        else:  # e.g. the loss components of the fused linear loss (task lm), which it does not return
+        else:  # e.g. the KL components of a loss=ce run
             ax.text(0.5, 0.5, "not reported", ha="center", va="center", transform=ax.transAxes, color="gray")
     fig.suptitle(title)
     fig.tight_layout()

@@ -50,7 +50,8 @@ class Objective:
 
     def linear(self, hidden, head, target, teacher_hidden=None, teacher_head=None, dtype=None):
         """The loss from final hidden states and LM heads (nn.Linear), fused (ttm_kernels.fused_linear_*), as a
-        mean over the targets that are not -100. ``dtype``: the GEMMs' dtype (autocast's), else the head's."""
+        mean over the targets that are not -100, and its detached components as ``__call__`` gives them.
+        ``dtype``: the GEMMs' dtype (autocast's), else the head's."""
         dtype = dtype or head.weight.dtype
 
         def cast(x):
@@ -61,12 +62,16 @@ class Objective:
             # CE alone through the same fused path (no (tokens, V) logits either): beta 0 drops the distillation
             # term of a constant teacher (width-1 zeros, a broadcast view: no memory and next to no GEMM).
             zero = hidden.new_zeros(())
-            return fused_linear_wttm_loss(
+            loss, parts = fused_linear_wttm_loss(
                 hidden, weight, zero.expand(*hidden.shape[:-1], 1), zero.expand(weight.shape[0], 1), target,
-                student_bias=bias, beta=0.0, ce_weight=self.ce_weight, backend=self.kwargs["backend"])
-        return LINEAR_FNS[self.kind](hidden, weight, cast(teacher_hidden), cast(teacher_head.weight), target,
-                                     student_bias=bias, teacher_bias=cast(teacher_head.bias),
-                                     vocab_mismatch=self.vocab_mismatch, **self.kwargs)
+                student_bias=bias, beta=0.0, ce_weight=self.ce_weight, backend=self.kwargs["backend"],
+                return_components=True)
+            return loss, {"ce": parts.ce}
+        loss, parts = LINEAR_FNS[self.kind](hidden, weight, cast(teacher_hidden), cast(teacher_head.weight), target,
+                                            student_bias=bias, teacher_bias=cast(teacher_head.bias),
+                                            vocab_mismatch=self.vocab_mismatch, return_components=True,
+                                            **self.kwargs)
+        return loss, {"ce": parts.ce, "kl": parts.kl, "kl_weight": parts.weight}
 
 
 def topk_correct(logits: torch.Tensor, target: torch.Tensor, ks=(1, 5)) -> list:

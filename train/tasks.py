@@ -126,10 +126,9 @@ class LanguageModelTask(Task):
     """Causal LMs on local text (text_data.py): next-token CE (loss ce) or distillation (kd/ttm/wttm) with the
     fused linear loss on the final hidden states and the LM heads, a mean over the target tokens.
 
-    The fused linear loss returns no components, so the CSV's train_ce is the CE of loss=ce runs only. Held
-    out: CE per token (test_loss), perplexity exp(test_loss) and top-1 token accuracy."""
+    Held out: CE per token (test_loss), perplexity exp(test_loss) and top-1 token accuracy."""
 
-    train_metrics = ("loss", "ce")
+    train_metrics = ("loss", "ce", "kl", "kl_weight")
     eval_metrics = ("loss", "ppl", "acc")
     percent_metrics = ("acc",)
     best_metric, higher_is_better = "ppl", False
@@ -202,12 +201,11 @@ class LanguageModelTask(Task):
                     teacher_hidden = teacher(tokens)
             hidden = model(tokens)
         # Outside autocast: the fused loss runs its GEMMs in one given dtype (autocast's, when on).
-        loss = self.objective.linear(hidden, lm_head(model), targets, teacher_hidden,
-                                     None if teacher is None else lm_head(teacher), dtype)
+        loss, parts = self.objective.linear(hidden, lm_head(model), targets, teacher_hidden,
+                                            None if teacher is None else lm_head(teacher), dtype)
         n = (targets != text_data.IGNORE_INDEX).sum()
         sums = {"n": n, "loss": loss.detach() * n}
-        if teacher is None and self.objective.ce_weight:
-            sums["ce"] = sums["loss"] / self.objective.ce_weight
+        sums.update({name: value * n for name, value in parts.items()})
         return loss, sums
 
     def eval_step(self, model, batch, autocast):
