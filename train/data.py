@@ -139,21 +139,19 @@ def crop_flip(images: torch.Tensor, generator: torch.Generator, crop: bool, pad:
     return torch.where(flip[:, None, None, None], images.flip(3), images)
 
 
-class InMemoryLoader:
-    """Batches of normalised float images from uint8 tensors; shuffled and sharded over DDP ranks for
-    training (torch's DistributedSampler), contiguous shards without padding for evaluation."""
+class ShardedBatches:
+    """Batches of in-memory samples, shuffled and sharded over DDP ranks for training (torch's
+    DistributedSampler, seeded), contiguous shards without padding for evaluation. Subclasses turn a batch
+    of indices into tensors (``batch``)."""
 
-    def __init__(self, images, labels, batch_size, mean, std, *, train, augment="none", seed=0, rank=0, world=1):
-        self.images, self.labels, self.batch_size = images, labels, batch_size
-        self.mean = torch.tensor(mean).view(1, -1, 1, 1) * 255
-        self.std = torch.tensor(std).view(1, -1, 1, 1) * 255
-        self.train, self.augment, self.seed, self.rank = train, augment, seed, rank
+    def __init__(self, n_samples, batch_size, *, train, seed=0, rank=0, world=1):
+        self.batch_size, self.train, self.seed, self.rank = batch_size, train, seed, rank
         self.epoch = 0
         if train:
-            self.sampler = DistributedSampler(range(len(labels)), num_replicas=world, rank=rank, shuffle=True,
+            self.sampler = DistributedSampler(range(n_samples), num_replicas=world, rank=rank, shuffle=True,
                                               seed=seed)
         else:
-            self.sampler = range(rank, len(labels), world)
+            self.sampler = range(rank, n_samples, world)
 
     def set_epoch(self, epoch: int):
         self.epoch = epoch
@@ -167,11 +165,26 @@ class InMemoryLoader:
         indices = torch.as_tensor(list(iter(self.sampler)), dtype=torch.long)
         generator = torch.Generator().manual_seed((self.seed * 100_003 + self.epoch) * 1_009 + self.rank)
         for start in range(0, len(indices), self.batch_size):
-            idx = indices[start:start + self.batch_size]
-            images = self.images[idx]
-            if self.train and self.augment != "none":
-                images = crop_flip(images, generator, crop=self.augment == "crop_flip")
-            yield (images.float() - self.mean) / self.std, self.labels[idx]
+            yield self.batch(indices[start:start + self.batch_size], generator)
+
+    def batch(self, idx, generator):
+        raise NotImplementedError
+
+
+class InMemoryLoader(ShardedBatches):
+    """Normalised float images from uint8 tensors, augmented for training."""
+
+    def __init__(self, images, labels, batch_size, mean, std, *, train, augment="none", seed=0, rank=0, world=1):
+        super().__init__(len(labels), batch_size, train=train, seed=seed, rank=rank, world=world)
+        self.images, self.labels, self.augment = images, labels, augment
+        self.mean = torch.tensor(mean).view(1, -1, 1, 1) * 255
+        self.std = torch.tensor(std).view(1, -1, 1, 1) * 255
+
+    def batch(self, idx, generator):
+        images = self.images[idx]
+        if self.train and self.augment != "none":
+            images = crop_flip(images, generator, crop=self.augment == "crop_flip")
+        return (images.float() - self.mean) / self.std, self.labels[idx]
 
 
 class ImageFolderLoader:

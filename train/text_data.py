@@ -11,9 +11,8 @@ from __future__ import annotations
 import os
 
 import torch
-from torch.utils.data import DistributedSampler
 
-from .data import Data, _per_rank_batch
+from .data import Data, ShardedBatches, _per_rank_batch
 from .errors import ConfigError, DatasetNotFoundError
 
 IGNORE_INDEX = -100
@@ -77,30 +76,15 @@ def windows(tokens: torch.Tensor, seq_len: int, pad_id: int, prompt_tokens: int 
     return inputs.clone(), targets
 
 
-class WindowLoader:
-    """Batches of (inputs, targets) windows, shuffled and sharded over DDP ranks for training (torch's
-    DistributedSampler, seeded), contiguous shards without padding for evaluation."""
+class WindowLoader(ShardedBatches):
+    """Batches of (inputs, targets) token windows."""
 
     def __init__(self, inputs, targets, batch_size, *, train, seed=0, rank=0, world=1):
-        self.inputs, self.targets, self.batch_size, self.train = inputs, targets, batch_size, train
-        if train:
-            self.sampler = DistributedSampler(range(len(inputs)), num_replicas=world, rank=rank, shuffle=True,
-                                              seed=seed)
-        else:
-            self.sampler = range(rank, len(inputs), world)
+        super().__init__(len(inputs), batch_size, train=train, seed=seed, rank=rank, world=world)
+        self.inputs, self.targets = inputs, targets
 
-    def set_epoch(self, epoch: int):
-        if self.train:
-            self.sampler.set_epoch(epoch)
-
-    def __len__(self):
-        return -(-len(self.sampler) // self.batch_size)
-
-    def __iter__(self):
-        indices = torch.as_tensor(list(iter(self.sampler)), dtype=torch.long)
-        for start in range(0, len(indices), self.batch_size):
-            idx = indices[start:start + self.batch_size]
-            yield self.inputs[idx], self.targets[idx]
+    def batch(self, idx, generator):
+        return self.inputs[idx], self.targets[idx]
 
 
 def build_text_data(cfg, tokenizer, rank=0, world=1) -> Data:
