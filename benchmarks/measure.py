@@ -231,7 +231,7 @@ def copy_bandwidth(device: torch.device, nbytes: Optional[int] = None, reps: int
         dst.copy_(src)
 
     timing = time_fn(prepare, run, device, warmup_ms=10, rep_ms=200, min_reps=reps, max_reps=50)
-    del src, dst
+    src = dst = None  # free both buffers before emptying the cache
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return 2 * n * 4 / (timing.median_ms * 1e-3) / 1e9, n * 4
