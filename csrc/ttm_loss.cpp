@@ -2,19 +2,19 @@
 //
 // The same math as ttm_kernels/triton_kernels.py, one row per task, rows in parallel. Per row, with
 // s = student_scale and g = teacher_scale:
-//   forward:  one streaming pass over z and v with online (max, sum) accumulation of lse(s*z), lse(g*v),
-//             lse(v) (WTTM only), lse(z) (cross-entropy under a student temperature only) and
-//             acc = sum exp(g*v - m_t) * ((g*v - m_t) - (s*z - m_s)), so that
-//             KL = acc / d_t - log d_t + log d_s never subtracts two large numbers. Writes 10 fp32 statistics
-//             per row; given `grad`, it also makes the gradient pass.
-//   gradient: a second pass that recomputes the probabilities from the statistics, computes the row's
-//             gradient in fp32 and rounds it once at the store.
-// Statistics, (10, N) fp32: loss, kl, ce, weight (U, or 1), then (max, log of the rescaled sum) of s*z, g*v
-// and z, kept apart (see GradientOptions). Rows whose target is ignore_index get zero statistics and a zero
-// gradient.
+//   statistics: one streaming pass over z and v with online (max, sum) accumulation of lse(s*z), lse(g*v),
+//             lse(v) (WTTM only) and lse(z) (cross-entropy under a student temperature only).
+//   KL / gradient: a second pass that recomputes the probabilities from the statistics and sums the KL in a
+//             form that never cancels (see GradientOptions); given `grad`, it also computes the row's gradient
+//             in fp32 and rounds it once at the store.
+// Statistics, (10, N) fp32, rows as named in ttm_kernels/_stats.py: loss, kl, ce, weight (U, or 1), then
+// (max, log of the rescaled sum) of s*z, g*v and z, kept apart. Rows whose target is ignore_index get zero
+// statistics and a zero gradient; a target outside [0, V) gives the row a NaN loss and a NaN gradient.
 //
-// Logits are (B, T, V) views with a contiguous last dimension and free leading strides; row r lives at
-// (r / T) * stride(0) + (r % T) * stride(1), with each tensor's own T. The gradient may be the student tensor
+// The Python launcher (ttm_kernels/_ops.py) normalises every argument; these ops check that it did. Logits
+// are (B, T, V) views with a contiguous last dimension and free leading strides; row r lives at
+// (r / T) * stride(0) + (r % T) * stride(1), with each tensor's own T. The target is a contiguous int64 (N,)
+// and the upstream gradient a contiguous fp32 (N,) or a 0-dim scalar. The gradient may be the student tensor
 // itself (in-place backward): each block of a row is read in full before it is written.
 #include <Python.h>
 
@@ -24,6 +24,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <optional>
 #include <string>
 
 #include <ATen/Parallel.h>
@@ -36,6 +37,7 @@
 namespace ttm_cpu {
 namespace {
 
+// The statistics rows, in the order of ttm_kernels/_stats.py (RowStats below lists them in the same order).
 enum Stat : int64_t { kLoss, kKl, kCe, kWeight, kMaxS, kLogSumS, kMaxT, kLogSumT, kMaxZ, kLogSumZ, kNumStats };
 
 // The widest block kernels this CPU runs; TTM_KERNELS_CPU_ISA=baseline|avx2 narrows the choice (to test the
@@ -131,77 +133,109 @@ void zero_row(const Rows& grad, int64_t r, int64_t vocab) {
   std::memset(grad.row(r), 0, vocab * grad.element_size);
 }
 
-void gradient_row(const Rows& student, const Rows& teacher, const Rows& grad, const LossSetup& setup, int64_t r,
-                  const float* stats, int64_t n_rows, RowBuffers& buffers) {
-  const float row_grad = setup.row_grad[r * setup.row_grad_stride];
+// The statistics of a row, as stored (see Stat).
+struct RowStats {
+  float loss, kl, ce, weight, m_s, log_d_s, m_t, log_d_t, m_z, log_d_z;
+};
+
+RowStats load_stats(const float* stats, int64_t n_rows, int64_t r) {
+  RowStats row;
+  float* fields[kNumStats] = {&row.loss, &row.kl,  &row.ce,      &row.weight, &row.m_s,
+                              &row.log_d_s, &row.m_t, &row.log_d_t, &row.m_z,    &row.log_d_z};
+  for (int64_t k = 0; k < kNumStats; ++k) *fields[k] = stats[k * n_rows + r];
+  return row;
+}
+
+void store_stats(const RowStats& row, float* stats, int64_t n_rows, int64_t r) {
+  const float values[kNumStats] = {row.loss, row.kl,  row.ce,      row.weight, row.m_s,
+                                   row.log_d_s, row.m_t, row.log_d_t, row.m_z,    row.log_d_z};
+  for (int64_t k = 0; k < kNumStats; ++k) stats[k * n_rows + r] = values[k];
+}
+
+// The second pass over row r: returns its KL and, unless `grad` is null, writes its gradient.
+float kl_gradient_row(const Rows& student, const Rows& teacher, const Rows* grad, const LossSetup& setup,
+                      int64_t r, const RowStats& stats, RowBuffers& buffers) {
+  const float row_grad = grad ? setup.row_grad[r * setup.row_grad_stride] : 0.0f;
+  const int64_t target = setup.target ? setup.target[r] : -1;
+  const bool target_in_range = target >= 0 && target < setup.vocab;
   GradientOptions options;
   options.student_scale = setup.student_scale;
   options.teacher_scale = setup.teacher_scale;
-  options.m_s = stats[kMaxS * n_rows + r];
-  options.log_d_s = stats[kLogSumS * n_rows + r];
-  options.m_t = stats[kMaxT * n_rows + r];
-  options.log_d_t = stats[kLogSumT * n_rows + r];
-  options.m_z = stats[kMaxZ * n_rows + r];
-  options.log_d_z = stats[kLogSumZ * n_rows + r];
-  options.kl_coef = row_grad * setup.kl_coef * stats[kWeight * n_rows + r] * setup.student_scale;
-  options.ce_coef = row_grad * setup.ce_weight;
+  options.m_s = stats.m_s;
+  options.log_d_s = stats.log_d_s;
+  options.m_t = stats.m_t;
+  options.log_d_t = stats.log_d_t;
+  options.m_z = stats.m_z;
+  options.log_d_z = stats.log_d_z;
+  options.kl_coef = row_grad * setup.kl_coef * stats.weight * setup.student_scale;
+  // A class index outside [0, V) poisons the row's gradient, never a silent answer.
+  options.ce_coef = !setup.target || target_in_range ? row_grad * setup.ce_weight
+                                                     : std::numeric_limits<float>::quiet_NaN();
   options.has_target = setup.target != nullptr;
   options.separate_ce = setup.separate_ce;
-  const int64_t target = setup.target ? setup.target[r] : -1;
 
   const BlockKernels& kernels = block_kernels();
   const char* z_row = student.row(r);
   const char* v_row = teacher.row(r);
-  char* g_row = grad.row(r);
+  char* g_row = grad ? grad->row(r) : nullptr;
+  float kl = 0.0f;
   for (int64_t start = 0; start < setup.vocab; start += kBlockSize) {
     const int64_t n = std::min(kBlockSize, setup.vocab - start);
     const float* z = student.block(z_row, start, n, buffers.z);
     const float* v = teacher.block(v_row, start, n, buffers.v);
-    float* out = grad.dtype == Dtype::Float32 ? reinterpret_cast<float*>(g_row) + start : buffers.grad;
-    // An fp32 gradient written over its own (fp32) input: read the block aside first.
-    if (overlaps(out, z, n * sizeof(float))) {
-      std::memcpy(buffers.z, z, n * sizeof(float));
-      z = buffers.z;
-    }
-    if (overlaps(out, v, n * sizeof(float))) {
-      std::memcpy(buffers.v, v, n * sizeof(float));
-      v = buffers.v;
+    float* out = nullptr;
+    if (grad) {
+      out = grad->dtype == Dtype::Float32 ? reinterpret_cast<float*>(g_row) + start : buffers.grad;
+      // An fp32 gradient written over its own (fp32) input: read the block aside first.
+      if (overlaps(out, z, n * sizeof(float))) {
+        std::memcpy(buffers.z, z, n * sizeof(float));
+        z = buffers.z;
+      }
+      if (overlaps(out, v, n * sizeof(float))) {
+        std::memcpy(buffers.v, v, n * sizeof(float));
+        v = buffers.v;
+      }
     }
     options.target_column = target - start;
-    kernels.gradient(z, v, n, options, out);
-    if (grad.dtype != Dtype::Float32) kernels.store(out, n, g_row + start * grad.element_size, grad.dtype);
+    kl += kernels.kl_gradient(z, v, n, options, out);
+    if (grad && grad->dtype != Dtype::Float32) kernels.store(out, n, g_row + start * grad->element_size, grad->dtype);
   }
+  return kl;
 }
 
-void forward_row(const Rows& student, const Rows& teacher, const LossSetup& setup, int64_t r, float* stats,
-                 int64_t n_rows, RowBuffers& buffers) {
+// Statistics of row r (two passes: the online sums, then the KL), writing its gradient too given `grad`.
+void forward_row(const Rows& student, const Rows& teacher, const Rows* grad, const LossSetup& setup, int64_t r,
+                 float* stats, int64_t n_rows, RowBuffers& buffers) {
   const BlockKernels& kernels = block_kernels();
   const ScanOptions options{setup.student_scale, setup.teacher_scale, setup.weighted, setup.separate_ce};
   const char* z_row = student.row(r);
   const char* v_row = teacher.row(r);
-  RowAccumulators row;
+  RowAccumulators sums;
   for (int64_t start = 0; start < setup.vocab; start += kBlockSize) {
     const int64_t n = std::min(kBlockSize, setup.vocab - start);
     kernels.scan(student.block(z_row, start, n, buffers.z), teacher.block(v_row, start, n, buffers.v), n,
-                 options, row);
+                 options, sums);
   }
 
-  const float log_d_s = std::log(row.d_s), log_d_t = std::log(row.d_t);
-  const float kl = row.acc / row.d_t - log_d_t + log_d_s;
+  RowStats row;
+  row.m_s = sums.m_s;
+  row.log_d_s = std::log(sums.d_s);
+  row.m_t = sums.m_t;
+  row.log_d_t = std::log(sums.d_t);
   const float g = setup.teacher_scale;
   // U = sum softmax(v)^g = exp(lse(g*v) - g * lse(v)); the maxima are subtracted first.
-  const float weight = setup.weighted ? std::exp((row.m_t - g * row.m_v) + log_d_t - g * std::log(row.d_v)) : 1.0f;
-  const float m_z = setup.separate_ce ? row.m_z : row.m_s;
-  const float log_d_z = setup.separate_ce ? std::log(row.d_z) : log_d_s;
-  float ce = 0.0f;
+  row.weight = setup.weighted ? std::exp((sums.m_t - g * sums.m_v) + row.log_d_t - g * std::log(sums.d_v)) : 1.0f;
+  row.m_z = setup.separate_ce ? sums.m_z : row.m_s;
+  row.log_d_z = setup.separate_ce ? std::log(sums.d_z) : row.log_d_s;
+  row.ce = 0.0f;
   if (setup.target) {
     const int64_t y = setup.target[r];
     const float z_y = y >= 0 && y < setup.vocab ? student.column(z_row, y) : std::numeric_limits<float>::quiet_NaN();
-    ce = (m_z - z_y) + log_d_z;
+    row.ce = (row.m_z - z_y) + row.log_d_z;
   }
-  const float values[kNumStats] = {setup.kl_coef * weight * kl + setup.ce_weight * ce,
-                                   kl, ce, weight, row.m_s, log_d_s, row.m_t, log_d_t, m_z, log_d_z};
-  for (int64_t k = 0; k < kNumStats; ++k) stats[k * n_rows + r] = values[k];
+  row.kl = kl_gradient_row(student, teacher, grad, setup, r, row, buffers);
+  row.loss = setup.kl_coef * row.weight * row.kl + setup.ce_weight * row.ce;
+  store_stats(row, stats, n_rows, r);
 }
 
 bool is_ignored(const LossSetup& setup, int64_t r) {
@@ -224,37 +258,38 @@ void check_rows(const at::Tensor& x, const at::Tensor& like, const char* name) {
   dtype_of(x, name);
 }
 
-// Target as contiguous int64 (N,), or an undefined tensor without one.
-at::Tensor target_rows(const std::optional<at::Tensor>& target, int64_t n_rows) {
-  if (!target.has_value() || !target->defined()) return {};
-  TORCH_CHECK(target->device().is_cpu(), "target must be a CPU tensor, got ", target->device());
-  TORCH_CHECK(!at::isFloatingType(target->scalar_type()) && target->scalar_type() != at::kBool,
-              "target must hold integer class indices, got ", target->scalar_type());
-  TORCH_CHECK(target->numel() == n_rows, "target must have one entry per row (", n_rows, "), got ",
-              target->numel());
-  return target->reshape({n_rows}).to(at::kLong).contiguous();
+// The target: a contiguous int64 (N,), or none.
+const int64_t* target_rows(const std::optional<at::Tensor>& target, int64_t n_rows) {
+  if (!target.has_value() || !target->defined()) return nullptr;
+  TORCH_CHECK(target->device().is_cpu() && target->scalar_type() == at::kLong && target->dim() == 1 &&
+                  target->size(0) == n_rows && target->is_contiguous(),
+              "target must be a contiguous int64 CPU tensor of shape (", n_rows, ",), got ",
+              target->scalar_type(), " ", target->sizes(), " with strides ", target->strides());
+  return target->data_ptr<int64_t>();
 }
 
-// Upstream gradient as fp32 with a row stride: (N,) or a 0-dim scalar shared by every row (stride 0).
-std::pair<at::Tensor, int64_t> row_grad_rows(const at::Tensor& row_grad, int64_t n_rows) {
-  TORCH_CHECK(row_grad.device().is_cpu(), "row_grad must be a CPU tensor, got ", row_grad.device());
-  TORCH_CHECK(row_grad.dim() == 0 || (row_grad.dim() == 1 && row_grad.size(0) == n_rows),
-              "row_grad must have shape (", n_rows, ",) or be a scalar, got ", row_grad.sizes());
-  const at::Tensor as_float = row_grad.to(at::kFloat);
-  return {as_float, as_float.dim() == 0 ? 0 : as_float.stride(0)};
+// The upstream gradient: a contiguous fp32 (N,), or a 0-dim scalar shared by every row (stride 0).
+void set_row_grad(LossSetup& setup, const at::Tensor& row_grad, int64_t n_rows) {
+  TORCH_CHECK(row_grad.device().is_cpu() && row_grad.scalar_type() == at::kFloat &&
+                  (row_grad.dim() == 0 || (row_grad.dim() == 1 && row_grad.size(0) == n_rows &&
+                                           row_grad.is_contiguous())),
+              "row_grad must be a contiguous float32 CPU tensor of shape (", n_rows, ",) or a scalar, got ",
+              row_grad.scalar_type(), " ", row_grad.sizes());
+  setup.row_grad = row_grad.data_ptr<float>();
+  setup.row_grad_stride = row_grad.dim() == 0 ? 0 : 1;
 }
 
-LossSetup make_setup(const at::Tensor& student, const at::Tensor& target, double student_scale,
-                     double teacher_scale, double kl_coef, double ce_weight, bool weighted, int64_t ignore_index) {
+LossSetup make_setup(const at::Tensor& student, const int64_t* target, double student_scale, double teacher_scale,
+                     double kl_coef, double ce_weight, bool weighted, int64_t ignore_index) {
   LossSetup setup;
   setup.student_scale = static_cast<float>(student_scale);
   setup.teacher_scale = static_cast<float>(teacher_scale);
   setup.kl_coef = static_cast<float>(kl_coef);
   setup.ce_weight = static_cast<float>(ce_weight);
   setup.weighted = weighted;
-  setup.separate_ce = target.defined() && student_scale != 1.0;
+  setup.separate_ce = target != nullptr && student_scale != 1.0;
   setup.ignore_index = ignore_index;
-  setup.target = target.defined() ? target.data_ptr<int64_t>() : nullptr;
+  setup.target = target;
   setup.row_grad = nullptr;
   setup.row_grad_stride = 0;
   setup.vocab = student.size(2);
@@ -268,33 +303,30 @@ at::Tensor forward(const at::Tensor& student, const at::Tensor& teacher, const s
   check_rows(student, student, "student");
   check_rows(teacher, student, "teacher");
   const int64_t n_rows = student.size(0) * student.size(1);
-  const at::Tensor target_long = target_rows(target, n_rows);
-  LossSetup setup = make_setup(student, target_long, student_scale, teacher_scale, kl_coef, ce_weight, weighted,
-                               ignore_index);
+  LossSetup setup = make_setup(student, target_rows(target, n_rows), student_scale, teacher_scale, kl_coef,
+                               ce_weight, weighted, ignore_index);
   const bool has_grad = grad.has_value() && grad->defined();
-  at::Tensor row_grad_float;
   if (has_grad) {
     check_rows(*grad, student, "grad");
     TORCH_CHECK(row_grad.has_value() && row_grad->defined(), "forward with grad needs row_grad");
-    std::tie(row_grad_float, setup.row_grad_stride) = row_grad_rows(*row_grad, n_rows);
-    setup.row_grad = row_grad_float.data_ptr<float>();
+    set_row_grad(setup, *row_grad, n_rows);
   }
   at::Tensor stats = at::empty({kNumStats, n_rows}, student.options().dtype(at::kFloat));
   if (n_rows == 0) return stats;
 
   const Rows student_rows(student, "student"), teacher_rows(teacher, "teacher");
-  const Rows grad_rows = has_grad ? Rows(*grad, "grad") : student_rows;
+  const std::optional<Rows> grad_rows = has_grad ? std::optional<Rows>(Rows(*grad, "grad")) : std::nullopt;
   float* stats_ptr = stats.data_ptr<float>();
   at::parallel_for(0, n_rows, grain_rows(setup.vocab), [&](int64_t begin, int64_t end) {
     RowBuffers buffers;
     for (int64_t r = begin; r < end; ++r) {
       if (is_ignored(setup, r)) {
         for (int64_t k = 0; k < kNumStats; ++k) stats_ptr[k * n_rows + r] = 0.0f;
-        if (has_grad) zero_row(grad_rows, r, setup.vocab);
+        if (grad_rows) zero_row(*grad_rows, r, setup.vocab);
         continue;
       }
-      forward_row(student_rows, teacher_rows, setup, r, stats_ptr, n_rows, buffers);
-      if (has_grad) gradient_row(student_rows, teacher_rows, grad_rows, setup, r, stats_ptr, n_rows, buffers);
+      forward_row(student_rows, teacher_rows, grad_rows ? &*grad_rows : nullptr, setup, r, stats_ptr, n_rows,
+                  buffers);
     }
   });
   return stats;
@@ -308,19 +340,15 @@ void backward(const at::Tensor& row_grad, const at::Tensor& student, const at::T
   check_rows(grad, student, "grad");
   const int64_t n_rows = student.size(0) * student.size(1);
   TORCH_CHECK(stats.device().is_cpu() && stats.scalar_type() == at::kFloat && stats.dim() == 2 &&
-                  stats.size(0) == kNumStats && stats.size(1) == n_rows,
-              "stats must be the (10, ", n_rows, ") float32 CPU tensor of forward, got ", stats.scalar_type(), " ",
-              stats.sizes());
-  const at::Tensor target_long = target_rows(target, n_rows);
-  LossSetup setup = make_setup(student, target_long, student_scale, teacher_scale, kl_coef, ce_weight,
-                               /*weighted=*/false, ignore_index);
-  auto [row_grad_float, row_grad_stride] = row_grad_rows(row_grad, n_rows);
-  setup.row_grad = row_grad_float.data_ptr<float>();
-  setup.row_grad_stride = row_grad_stride;
+                  stats.size(0) == kNumStats && stats.size(1) == n_rows && stats.is_contiguous(),
+              "stats must be the contiguous (", kNumStats, ", ", n_rows, ") float32 CPU tensor of forward, got ",
+              stats.scalar_type(), " ", stats.sizes());
+  LossSetup setup = make_setup(student, target_rows(target, n_rows), student_scale, teacher_scale, kl_coef,
+                               ce_weight, /*weighted=*/false, ignore_index);
+  set_row_grad(setup, row_grad, n_rows);
   if (n_rows == 0) return;
 
-  const at::Tensor stats_contiguous = stats.contiguous();
-  const float* stats_ptr = stats_contiguous.data_ptr<float>();
+  const float* stats_ptr = stats.data_ptr<float>();
   const Rows student_rows(student, "student"), teacher_rows(teacher, "teacher"), grad_rows(grad, "grad");
   at::parallel_for(0, n_rows, grain_rows(setup.vocab), [&](int64_t begin, int64_t end) {
     RowBuffers buffers;
@@ -328,7 +356,8 @@ void backward(const at::Tensor& row_grad, const at::Tensor& student, const at::T
       if (is_ignored(setup, r)) {
         zero_row(grad_rows, r, setup.vocab);
       } else {
-        gradient_row(student_rows, teacher_rows, grad_rows, setup, r, stats_ptr, n_rows, buffers);
+        kl_gradient_row(student_rows, teacher_rows, &grad_rows, setup, r, load_stats(stats_ptr, n_rows, r),
+                        buffers);
       }
     }
   });

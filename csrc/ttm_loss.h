@@ -25,12 +25,10 @@ constexpr float kInitialMax = -1.0e30f;
 enum class Dtype : int { Float32, BFloat16, Float16, Float64 };
 
 // Online (max, sum of exp) state of one row, kept relative to the running maxima:
-//   d_s = sum exp(s*z - m_s), d_t = sum exp(g*v - m_t), d_v = sum exp(v - m_v), d_z = sum exp(z - m_z),
-//   acc = sum exp(g*v - m_t) * ((g*v - m_t) - (s*z - m_s)).
+//   d_s = sum exp(s*z - m_s), d_t = sum exp(g*v - m_t), d_v = sum exp(v - m_v), d_z = sum exp(z - m_z).
 struct RowAccumulators {
   float m_s = kInitialMax, d_s = 0.0f;
   float m_t = kInitialMax, d_t = 0.0f;
-  float acc = 0.0f;
   float m_v = kInitialMax, d_v = 0.0f;  // lse(v): WTTM weight only
   float m_z = kInitialMax, d_z = 0.0f;  // lse(z): cross-entropy under a student temperature only
 };
@@ -41,8 +39,12 @@ struct ScanOptions {
   bool separate_ce;  // accumulate lse(z)
 };
 
-// d/dz = kl_coef * (softmax(s*z) - softmax(g*v)) + ce_coef * (softmax(z) - onehot(y)), where kl_coef already
-// carries beta * kl_scale * weight * s and the row's upstream gradient.
+// The second pass over a row, with the row's final statistics. It sums KL(p || q), p = softmax(g*v) and
+// q = softmax(s*z), as sum_i q_i f(log(p_i / q_i)) with f(y) = y e^y - e^y + 1 >= 0: no term is negative, so
+// the sum never cancels (the one-pass form E_p[g*v - s*z] - lse(g*v) + lse(s*z) loses all its digits when
+// KL << log V, e.g. KD at a large temperature). Given an output it also writes the gradient
+// d/dz = kl_coef * (q - p) + ce_coef * (softmax(z) - onehot(y)), where kl_coef already carries
+// beta * kl_scale * weight * s and the row's upstream gradient.
 // Probabilities are recomputed as exp((x - max) - log_sum), max and log-sum kept apart (as log_softmax does):
 // their fp32 sum, the lse, would lose the log-sum's bits next to a logit of 1e4.
 struct GradientOptions {
@@ -58,8 +60,9 @@ struct BlockKernels {
   const char* isa;
   // Folds n columns of z and v into the row state.
   void (*scan)(const float* z, const float* v, int64_t n, const ScanOptions& options, RowAccumulators& row);
-  // Writes n columns of the fp32 gradient; `grad` must not alias z or v.
-  void (*gradient)(const float* z, const float* v, int64_t n, const GradientOptions& options, float* grad);
+  // Returns the KL terms of n columns and, unless `grad` is null, writes their fp32 gradient; `grad` must not
+  // alias z or v.
+  float (*kl_gradient)(const float* z, const float* v, int64_t n, const GradientOptions& options, float* grad);
   void (*load)(const void* src, Dtype dtype, int64_t n, float* dst);
   // Rounds n fp32 values once (to nearest even) into dst's dtype.
   void (*store)(const float* src, int64_t n, void* dst, Dtype dtype);

@@ -1,12 +1,17 @@
 """Backend dispatch and the ``torch.library`` ops that autograd and ``torch.compile`` see.
 
-Every compiled backend module (``triton_kernels``, ``cpu_kernels``) offers the same two functions on
-(B, T, V) row views (see ``_rows.row_view``):
+Every compiled backend module (``triton_kernels``, ``cpu_kernels``) offers the same two functions, on the
+arguments that ``_kernel_rows`` and ``_row_grad_rows`` normalise (the one place that does): (B, T, V) row
+views of the logits (see ``_rows.row_view``), a contiguous int64 (N,) target, a contiguous fp32 (N,) or 0-dim
+upstream gradient:
 
     forward(student, teacher, target, *, student_scale, teacher_scale, kl_coef, ce_weight, weighted,
-            ignore_index, grad=None, row_grad=None) -> stats (10, N) fp32
+            ignore_index, grad=None, row_grad=None) -> stats (NUM_STATS, N) fp32 (rows: ``_stats.Stat``)
     backward(row_grad, student, teacher, target, stats, grad, *, student_scale, teacher_scale, kl_coef,
              ce_weight, ignore_index) -> None   (writes the gradient into ``grad``)
+
+Every backward refuses to build a graph for higher-order gradients (``refuse_higher_order``): the kernels'
+gradients are not differentiable, and dropping the second-order terms silently would be a wrong answer.
 
 Two autograd paths, each allocating one (N, V) tensor in all, the gradient (none with ``inplace_backward``):
 
@@ -28,11 +33,13 @@ from typing import Optional
 import torch
 
 from ._rows import row_view
+from ._stats import NUM_STATS, Stat
 
 BACKENDS = ("auto", "triton", "cpu", "torch")
-# Every backend's statistics: (NUM_STATS, N) fp32, rows loss, kl, ce, weight, then backend-private ones.
-NUM_STATS = 10
-STAT_LOSS, STAT_KL, STAT_CE, STAT_WEIGHT = 0, 1, 2, 3
+HIGHER_ORDER_ERROR = (
+    "ttm_kernels: the fused backends compute first-order gradients only, and this backward was asked to "
+    "build a graph for higher-order ones (create_graph=True, e.g. a gradient penalty, a Hessian-vector "
+    "product or gradgradcheck). Pass backend='torch': the unfused reference is differentiable to any order.")
 
 
 @functools.cache
@@ -66,11 +73,21 @@ def _warn_unfused(device_type: str) -> None:
                   f"reference on {device_type} tensors", RuntimeWarning, stacklevel=4)
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """The concrete backend ("triton", "cpu" or "torch") that ``backend`` runs on ``device``, or a clear error
-    when it cannot run there."""
+def resolve_backend(backend: str, device: torch.device, dtype: Optional[torch.dtype] = None) -> str:
+    """The concrete backend ("triton", "cpu" or "torch") that ``backend`` runs for student logits of ``dtype``
+    on ``device``, or a clear error when it cannot run there.
+
+    The compiled kernels compute in float32; float64 logits (gradcheck, numerical studies) are computed in
+    float64 by the reference, which "auto" picks for them and which an explicit compiled backend refuses to
+    stand in for."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if dtype == torch.float64:
+        if backend in ("triton", "cpu"):
+            raise ValueError(f"backend={backend!r} computes in float32, and float64 inputs ask for float64: pass "
+                             "backend='auto' or 'torch' (the reference computes float64 in float64, e.g. for "
+                             "torch.autograd.gradcheck), or float32 inputs")
+        return "torch"
     if backend == "auto":
         if device.type == "cuda" and triton_available():
             return "triton"
@@ -99,8 +116,45 @@ def _kernels(backend: str):
     return _load("triton_kernels" if backend == "triton" else "cpu_kernels")[0]
 
 
-def _rows_of(x: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-    return None if x is None else x.reshape(-1)
+def _kernel_rows(student, teacher, target):
+    """The one place where the kernels' arguments are normalised, so that no kernel has to honour a stride it
+    was not written for: logits as (B, T, V) row views (a copy only for layouts no two strides describe),
+    the target as a contiguous int64 (N,) (any integer dtype, any layout: strided, expanded, transposed)."""
+    rows = None if target is None else target.reshape(-1).to(torch.int64).contiguous()
+    return row_view(student), row_view(teacher), rows
+
+
+def _row_grad_rows(row_grad: torch.Tensor) -> torch.Tensor:
+    """The upstream gradient of each row's loss: a contiguous fp32 (N,), or a 0-dim scalar for every row."""
+    return row_grad.to(torch.float32).contiguous()
+
+
+def _params(student_scale, teacher_scale, kl_coef, ce_weight, ignore_index):
+    return dict(student_scale=student_scale, teacher_scale=teacher_scale, kl_coef=kl_coef, ce_weight=ce_weight,
+                ignore_index=ignore_index)
+
+
+def _forward(backend, student, teacher, target, params, *, weighted, grad=None, row_grad=None):
+    """The statistics (NUM_STATS, N) of ``backend``'s kernel; with ``grad`` (a (B, T, V) view) also the
+    gradient of sum_i row_grad_i * loss_i, written into it."""
+    student, teacher, target = _kernel_rows(student, teacher, target)
+    if grad is not None:
+        row_grad = _row_grad_rows(row_grad)
+    return _kernels(backend).forward(student, teacher, target, weighted=weighted, grad=grad, row_grad=row_grad,
+                                     **params)
+
+
+def _backward_into(grad, row_grad, student, teacher, target, stats, params, backend):
+    student, teacher, target = _kernel_rows(student, teacher, target)
+    _kernels(backend).backward(_row_grad_rows(row_grad), student, teacher, target, stats.contiguous(), grad,
+                               **params)
+
+
+def refuse_higher_order() -> None:
+    """Called first in every backward of a fused op: autograd runs a backward with grad mode on exactly when
+    it builds a graph for higher-order gradients, which the kernels' gradients cannot carry."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(HIGHER_ORDER_ERROR)
 
 
 @torch.library.custom_op("ttm_kernels::loss_fwd", mutates_args=())
@@ -108,10 +162,8 @@ def loss_fwd(student: torch.Tensor, teacher: torch.Tensor, target: Optional[torc
              student_scale: float, teacher_scale: float, kl_coef: float, ce_weight: float, weighted: bool,
              ignore_index: int, backend: str) -> torch.Tensor:
     """(NUM_STATS, N) fp32 statistics per row: loss, kl, ce, weight, then what the backward needs."""
-    return _kernels(backend).forward(
-        row_view(student), row_view(teacher), _rows_of(target), student_scale=student_scale,
-        teacher_scale=teacher_scale, kl_coef=kl_coef, ce_weight=ce_weight, weighted=weighted,
-        ignore_index=ignore_index)
+    return _forward(backend, student, teacher, target,
+                    _params(student_scale, teacher_scale, kl_coef, ce_weight, ignore_index), weighted=weighted)
 
 
 @loss_fwd.register_fake
@@ -120,22 +172,14 @@ def _(student, teacher, target, student_scale, teacher_scale, kl_coef, ce_weight
     return student.new_empty((NUM_STATS, student[..., 0].numel()), dtype=torch.float32)
 
 
-def _backward_into(grad, row_grad, student, teacher, target, stats, student_scale, teacher_scale, kl_coef,
-                   ce_weight, ignore_index, backend):
-    _kernels(backend).backward(
-        row_grad, row_view(student), row_view(teacher), _rows_of(target), stats, grad,
-        student_scale=student_scale, teacher_scale=teacher_scale, kl_coef=kl_coef, ce_weight=ce_weight,
-        ignore_index=ignore_index)
-
-
 @torch.library.custom_op("ttm_kernels::loss_bwd", mutates_args=())
 def loss_bwd(row_grad: torch.Tensor, student: torch.Tensor, teacher: torch.Tensor, target: Optional[torch.Tensor],
              stats: torch.Tensor, student_scale: float, teacher_scale: float, kl_coef: float, ce_weight: float,
              ignore_index: int, backend: str) -> torch.Tensor:
     """d(sum_i row_grad_i * loss_i) / d student, in the student's dtype and shape (contiguous)."""
     grad = torch.empty(student.shape, dtype=student.dtype, device=student.device)
-    _backward_into(row_view(grad), row_grad, student, teacher, target, stats, student_scale, teacher_scale,
-                   kl_coef, ce_weight, ignore_index, backend)
+    _backward_into(row_view(grad), row_grad, student, teacher, target, stats,
+                   _params(student_scale, teacher_scale, kl_coef, ce_weight, ignore_index), backend)
     return grad
 
 
@@ -145,6 +189,14 @@ def _(row_grad, student, teacher, target, stats, student_scale, teacher_scale, k
     return torch.empty_like(student, memory_format=torch.contiguous_format)
 
 
+def _own_rows(student: torch.Tensor, what: str) -> torch.Tensor:
+    """The (B, T, V) view of ``student`` that a kernel may overwrite: its own storage, never a copy."""
+    view = row_view(student)
+    if view.data_ptr() != student.data_ptr():
+        raise ValueError(f"{what} needs student logits whose last dimension is contiguous")
+    return view
+
+
 @torch.library.custom_op("ttm_kernels::loss_bwd_inplace", mutates_args=("student",))
 def loss_bwd_inplace(row_grad: torch.Tensor, student: torch.Tensor, teacher: torch.Tensor,
                      target: Optional[torch.Tensor], stats: torch.Tensor, student_scale: float,
@@ -152,8 +204,8 @@ def loss_bwd_inplace(row_grad: torch.Tensor, student: torch.Tensor, teacher: tor
                      backend: str) -> None:
     """Like ``loss_bwd``, but overwrites the student logits with their gradient (one row at a time, each
     row read in full before it is written)."""
-    _backward_into(row_view(student), row_grad, student, teacher, target, stats, student_scale, teacher_scale,
-                   kl_coef, ce_weight, ignore_index, backend)
+    _backward_into(_own_rows(student, "loss_bwd_inplace"), row_grad, student, teacher, target, stats,
+                   _params(student_scale, teacher_scale, kl_coef, ce_weight, ignore_index), backend)
 
 
 @torch.library.custom_op("ttm_kernels::loss_fwd_grad_inplace", mutates_args=("student",))
@@ -163,13 +215,9 @@ def loss_fwd_grad_inplace(student: torch.Tensor, teacher: torch.Tensor, target: 
     """Forward and gradient in one launch: returns the statistics and overwrites ``student`` with
     d(sum_i row_grad_i * loss_i)/dz (``row_grad``: (N,) or a 0-dim scalar for every row). For callers that
     own the logits buffer, such as the fused linear loss."""
-    view = row_view(student)
-    if view.data_ptr() != student.data_ptr():
-        raise ValueError("loss_fwd_grad_inplace needs student logits whose last dimension is contiguous")
-    return _kernels(backend).forward(
-        view, row_view(teacher), _rows_of(target), student_scale=student_scale, teacher_scale=teacher_scale,
-        kl_coef=kl_coef, ce_weight=ce_weight, weighted=weighted, ignore_index=ignore_index, grad=view,
-        row_grad=row_grad.float())
+    return _forward(backend, student, teacher, target,
+                    _params(student_scale, teacher_scale, kl_coef, ce_weight, ignore_index), weighted=weighted,
+                    grad=_own_rows(student, "loss_fwd_grad_inplace"), row_grad=row_grad)
 
 
 @loss_fwd_grad_inplace.register_fake
@@ -186,10 +234,11 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_stats):
+    refuse_higher_order()
     student, teacher, target, stats = ctx.saved_tensors
     if grad_stats is None:
         grad_stats = torch.zeros_like(stats)
-    row_grad = grad_stats[STAT_LOSS].float()
+    row_grad = grad_stats[Stat.LOSS]
     if ctx.inplace:
         loss_bwd_inplace(row_grad, student, teacher, target, stats, *ctx.params)
         grad = student
@@ -223,11 +272,10 @@ def loss_fwd_with_grad(student: torch.Tensor, teacher: torch.Tensor, target: Opt
                        backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss = sum_i row_grad * loss_i, statistics, d loss / d student) from one launch; row_grad is 0-dim."""
     grad = torch.empty(student.shape, dtype=student.dtype, device=student.device)
-    stats = _kernels(backend).forward(
-        row_view(student), row_view(teacher), _rows_of(target), student_scale=student_scale,
-        teacher_scale=teacher_scale, kl_coef=kl_coef, ce_weight=ce_weight, weighted=weighted,
-        ignore_index=ignore_index, grad=row_view(grad), row_grad=row_grad)
-    return stats[STAT_LOSS].sum() * row_grad, stats, grad
+    stats = _forward(backend, student, teacher, target,
+                     _params(student_scale, teacher_scale, kl_coef, ce_weight, ignore_index), weighted=weighted,
+                     grad=row_view(grad), row_grad=row_grad)
+    return stats[Stat.LOSS].sum() * row_grad, stats, grad
 
 
 @loss_fwd_with_grad.register_fake
@@ -256,6 +304,7 @@ def _with_grad_setup_context(ctx, inputs, output):
 
 
 def _with_grad_backward(ctx, grad_loss, _grad_stats, _grad_grad):
+    refuse_higher_order()
     if grad_loss is None:
         return (None,) * 11
     # A second backward (retain_graph=True) is refused by autograd's version check on the saved gradient.
@@ -277,7 +326,7 @@ class _InplaceLossWithGrad(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(student)
         ctx.mark_non_differentiable(stats)
-        return stats[STAT_LOSS].sum() * row_grad, stats
+        return stats[Stat.LOSS].sum() * row_grad, stats
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_stats):
@@ -303,7 +352,7 @@ def fused_loss(student, teacher, target, valid, *, reduction, student_scale, tea
         stats = _InplaceLoss.apply(student, teacher, target, *params)
     else:
         stats = loss_fwd(student, teacher, target, *params)
-    rows = stats[STAT_LOSS].view(student.shape[:-1])
+    rows = stats[Stat.LOSS].view(student.shape[:-1])
     if reduction == "none":
         return rows, stats
     total = rows.sum()

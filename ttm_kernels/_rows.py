@@ -29,3 +29,16 @@ def row_view(x: torch.Tensor) -> torch.Tensor:
         sizes.insert(0, 1)
         strides.insert(0, 0)
     return x.as_strided((sizes[0], sizes[1], x.shape[-1]), (strides[0], strides[1], 1))
+
+
+def rows_overlap(view: torch.Tensor) -> bool:
+    """Whether two elements of a (B, T, V) row view may share memory (stride 0, or rows closer than a row).
+
+    The classic sufficient test: with the leading dimensions sorted by stride, each stride must reach past
+    everything the smaller ones span. Exotic interleavings that pass no such test count as overlapping."""
+    extent = view.shape[-1]
+    for stride, size in sorted((st, n) for n, st in zip(view.shape[:-1], view.stride()[:-1]) if n > 1):
+        if stride < extent:
+            return True
+        extent = stride * (size - 1) + extent
+    return False

@@ -15,6 +15,8 @@ from typing import NamedTuple, Optional
 import torch
 
 from . import _ops, reference
+from ._rows import row_view, rows_overlap
+from ._stats import Stat
 
 REDUCTIONS = ("mean", "sum", "none")
 DEFAULT_GAMMA = 0.2
@@ -40,6 +42,12 @@ def _check_finite(name: str, value, positive: bool = False) -> float:
     if not math.isfinite(value) or (positive and value <= 0):
         raise ValueError(f"{name} must be a finite {'positive ' if positive else ''}number, got {value}")
     return float(value)
+
+
+def _check_flag(name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r} ({type(value).__name__})")
+    return value
 
 
 def _validate(student_logits, teacher_logits, target, ignore_index, reduction):
@@ -68,11 +76,31 @@ def _validate(student_logits, teacher_logits, target, ignore_index, reduction):
                         ignore_index)
 
 
+def _validate_inplace(student_logits: torch.Tensor) -> None:
+    """``inplace_backward=True`` overwrites the student logits' storage with the gradient: refuse the
+    tensors for which that would be wrong (not just unusual)."""
+    if student_logits.requires_grad and student_logits.is_leaf:
+        raise ValueError("inplace_backward=True would overwrite student_logits, a leaf tensor that requires grad "
+                         "(PyTorch refuses in-place operations on such leaves): pass the output of a model, or "
+                         "leave inplace_backward=False")
+    if student_logits.stride(-1) != 1 and student_logits.shape[-1] > 1:
+        raise ValueError("inplace_backward=True needs student_logits whose last dimension is contiguous, got "
+                         f"strides {student_logits.stride()}")
+    if rows_overlap(row_view(student_logits)):
+        raise ValueError("inplace_backward=True needs student_logits with one element per memory location, got an "
+                         f"expanded or overlapping tensor (shape {tuple(student_logits.shape)}, strides "
+                         f"{student_logits.stride()}): the gradients of the rows that share memory would "
+                         "overwrite each other")
+
+
 def validate_target(target, lead_shape, vocab, device, ignore_index) -> None:
     """Class indices of the leading shape, on ``device``, in [0, vocab) or ``ignore_index``; else a clear error.
 
-    The range check reads the values (a host sync on GPU); it is skipped under torch.compile, where an index
-    out of range makes that row's loss NaN instead."""
+    On the CPU the range check raises a ValueError. On other devices it must not make the host wait for the
+    device (one synchronisation per call, and no CUDA graphs), so it is a device-side assertion, as in
+    ``F.cross_entropy``: an index out of range fails the next synchronisation with "device-side assert
+    triggered". Under torch.compile the range check is left to the kernels, which give such a row a NaN
+    loss and a NaN gradient."""
     if not isinstance(target, torch.Tensor):
         raise TypeError(f"target must be a torch.Tensor or None, got {type(target).__name__}")
     if target.dtype.is_floating_point or target.dtype.is_complex or target.dtype == torch.bool:
@@ -82,43 +110,50 @@ def validate_target(target, lead_shape, vocab, device, ignore_index) -> None:
                          f"{tuple(target.shape)}")
     if target.device != device:
         raise ValueError(f"target must be on the logits' device {device}, got {target.device}")
-    if not torch.compiler.is_compiling():
-        bad = ((target < 0) | (target >= vocab)) & (target != ignore_index)
-        if bool(bad.any()):
-            raise ValueError(f"target holds class indices outside [0, {vocab}) that are not ignore_index="
-                             f"{ignore_index}, e.g. {target[bad].flatten()[0].item()}")
+    if torch.compiler.is_compiling():
+        return
+    bad = ((target < 0) | (target >= vocab)) & (target != ignore_index)
+    if target.device.type != "cpu":
+        torch._assert_async(torch.logical_not(bad.any()), f"target holds class indices outside [0, {vocab}) "
+                            f"that are not ignore_index={ignore_index}")
+    elif bool(bad.any()):
+        raise ValueError(f"target holds class indices outside [0, {vocab}) that are not ignore_index="
+                         f"{ignore_index}, e.g. {target[bad].flatten()[0].item()}")
 
 
 def _fused_loss(student_logits, teacher_logits, target, *, student_scale, teacher_scale, kl_scale, weighted,
                 beta, ce_weight, ignore_index, reduction, backend, inplace_backward, return_components):
     beta = _check_finite("beta", beta)
     ce_weight = _check_finite("ce_weight", ce_weight)
+    inplace_backward = _check_flag("inplace_backward", inplace_backward)
+    return_components = _check_flag("return_components", return_components)
     _validate(student_logits, teacher_logits, target, ignore_index, reduction)
-    backend = _ops.resolve_backend(backend, student_logits.device)
-    if target is not None:
-        target = target.long()
+    backend = _ops.resolve_backend(backend, student_logits.device, student_logits.dtype)
+    if inplace_backward:
+        if backend == "torch":
+            raise ValueError("inplace_backward=True needs a compiled backend ('triton' or 'cpu'), not 'torch'")
+        _validate_inplace(student_logits)
     if target is None:
         valid = torch.ones(student_logits.shape[:-1], dtype=torch.bool, device=student_logits.device)
     else:
         valid = target != ignore_index
 
-    if inplace_backward and backend == "torch":
-        raise ValueError("inplace_backward=True needs a compiled backend ('triton' or 'cpu'), not 'torch'")
     if backend == "torch" or student_logits[..., 0].numel() == 0:
-        rows = reference.loss_rows(student_logits, teacher_logits, target, student_scale=student_scale,
-                                   teacher_scale=teacher_scale, kl_scale=kl_scale, weighted=weighted, beta=beta,
-                                   ce_weight=ce_weight, ignore_index=ignore_index)
+        # The kernels' contract: float32 arithmetic (float64 stays float64), a float32 loss, the gradient in
+        # the student's dtype (the cast's backward).
+        compute = torch.float64 if student_logits.dtype == torch.float64 else torch.float32
+        rows = reference.loss_rows(student_logits.to(compute), teacher_logits.to(compute), target,
+                                   student_scale=student_scale, teacher_scale=teacher_scale, kl_scale=kl_scale,
+                                   weighted=weighted, beta=beta, ce_weight=ce_weight, ignore_index=ignore_index)
         loss = reference.reduce_rows(rows["loss"], valid, reduction)
         detached = [rows[k].detach() for k in ("kl", "ce", "weight")]
     else:
-        if inplace_backward and _ops.row_view(student_logits).data_ptr() != student_logits.data_ptr():
-            raise ValueError("inplace_backward=True needs student_logits whose last dimension is contiguous")
         loss, stats = _ops.fused_loss(student_logits, teacher_logits, target, valid, reduction=reduction,
                                       student_scale=student_scale, teacher_scale=teacher_scale,
                                       kl_coef=beta * kl_scale, ce_weight=ce_weight, weighted=weighted,
                                       ignore_index=ignore_index, backend=backend, inplace_backward=inplace_backward)
         lead = student_logits.shape[:-1]
-        detached = [stats[k].detach().view(lead) for k in (_ops.STAT_KL, _ops.STAT_CE, _ops.STAT_WEIGHT)]
+        detached = [stats[k].detach().view(lead) for k in (Stat.KL, Stat.CE, Stat.WEIGHT)]
 
     if not return_components:
         return loss
@@ -130,19 +165,25 @@ _COMMON_DOC = """
         student_logits: (..., V) float32, bfloat16 or float16 logits of the student. Rows may be strided;
             the last dimension should be contiguous.
         teacher_logits: (..., V) logits of the teacher, any floating dtype; must not require grad.
-        target: optional (...) integer class indices. Adds ``ce_weight * CE(student_logits, target)``; rows
-            whose target is ``ignore_index`` contribute nothing to any term.
+        target: optional (...) integer class indices (any integer dtype and layout). Adds
+            ``ce_weight * CE(student_logits, target)``; rows whose target is ``ignore_index`` contribute
+            nothing to any term. An index outside [0, V) raises a ValueError on the CPU; on a GPU it trips a
+            device-side assertion, as in ``F.cross_entropy`` (the check costs no host synchronisation).
         beta: weight of the distillation term.
         ce_weight: weight of the hard-label cross-entropy (used only when ``target`` is given).
         ignore_index: target value of rows to ignore, as in ``torch.nn.functional.cross_entropy``.
         reduction: ``"mean"`` (over the rows not ignored; 0 when every row is ignored), ``"sum"`` or
             ``"none"`` (a float32 tensor of the leading shape, ignored rows 0).
         backend: ``"auto"`` (Triton on CUDA tensors, the compiled C++ kernel on CPU tensors, the reference
-            elsewhere), ``"triton"``, ``"cpu"`` or ``"torch"`` (the unfused reference, which computes and
-            returns in the logits' dtype).
+            for float64 logits and on other devices), ``"triton"``, ``"cpu"`` or ``"torch"`` (the unfused
+            reference, with the same contract: float32 arithmetic and a float32 loss for float32, bfloat16 and
+            float16 logits; float64 for float64 logits). The compiled backends give first-order gradients:
+            a backward through them with ``create_graph=True`` raises; the reference is differentiable to
+            any order (gradcheck, gradgradcheck, gradient penalties).
         inplace_backward: write the gradient into ``student_logits``' own storage, allocating no (N, V)
             tensor at all. Opt-in: the logits' values are destroyed (already during the forward with
-            ``reduction`` "mean" or "sum"), so nothing else may use them afterwards.
+            ``reduction`` "mean" or "sum"), so nothing else may use them afterwards. Refused with the
+            reference backend, for a leaf tensor that requires grad and for expanded or overlapping logits.
         return_components: also return a ``LossComponents`` of detached batch means (KL, CE, KL weight)
             for logging.
 
@@ -153,7 +194,7 @@ _COMMON_DOC = """
     forward keeps per-row float32 statistics and the inputs, and the backward recomputes.
 
     Returns:
-        The float32 loss (computed with float32 accumulation whatever the input dtype), and with
+        The float32 loss (computed with float32 accumulation; float64 for float64 logits), and with
         ``return_components`` a ``(loss, LossComponents)`` pair. The gradient reaches ``student_logits``
         only, in its dtype.
 """

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from . import _ops, reference
+from ._stats import Stat
 from .functional import (DEFAULT_GAMMA, DEFAULT_TEMPERATURE, REDUCTIONS, LossComponents, _check_finite,
                          validate_target)
 
@@ -79,6 +80,10 @@ def default_chunk_size(n_rows: int, vocab: int, student_dtype: torch.dtype, teac
     return max(1, min(n_rows, max(rows, MIN_CHUNK_ROWS)))
 
 
+def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def _linear_into(out, hidden, weight, bias):
     if bias is None:
         torch.mm(hidden, weight.t(), out=out)
@@ -90,17 +95,20 @@ ROW_TERMS = ("loss", "kl", "ce", "weight")
 
 
 def _loss_and_grad_torch(z, v, y, row_grad, spec):
-    """The reference on one chunk (fp32): its (4, C) row terms, writing d(sum row_grad * loss)/dz into ``z``."""
+    """The reference on one chunk, in float32 (float64 for float64 logits): its (4, C) row terms, writing
+    d(sum row_grad * loss)/dz into ``z``."""
+    compute = _accumulation_dtype(z.dtype)
     params = dict(student_scale=spec.student_scale, teacher_scale=spec.teacher_scale, kl_scale=spec.kl_scale,
                   weighted=spec.weighted, beta=spec.beta, ce_weight=spec.ce_weight,
                   ignore_index=spec.ignore_index)
     if row_grad is None:
-        rows = reference.loss_rows(z.float(), v.float(), y, **params)
+        rows = reference.loss_rows(z.to(compute), v.to(compute), y, **params)
         return torch.stack([rows[k] for k in ROW_TERMS])
     with torch.enable_grad():
-        z32 = z.float().requires_grad_()
-        rows = reference.loss_rows(z32, v.float(), y, **params)
-        (grad,) = torch.autograd.grad(rows["loss"], z32, grad_outputs=row_grad.float().expand_as(rows["loss"]))
+        z_compute = z.to(compute).requires_grad_()
+        rows = reference.loss_rows(z_compute, v.to(compute), y, **params)
+        (grad,) = torch.autograd.grad(rows["loss"], z_compute,
+                                      grad_outputs=row_grad.to(compute).expand_as(rows["loss"]))
     z.copy_(grad)
     return torch.stack([rows[k].detach() for k in ROW_TERMS])
 
@@ -116,19 +124,22 @@ def _chunk_loss(z, v, y, row_grad, spec):
         stats = _ops.loss_fwd(z, v, y, *args)
     else:
         stats = _ops.loss_fwd_grad_inplace(z, v, y, row_grad, *args)
-    return stats[_ops.STAT_LOSS:_ops.STAT_WEIGHT + 1]
+    return stats[Stat.LOSS:Stat.WEIGHT + 1]
 
 
 def _run_chunks(h_s, w_s, b_s, h_t, w_t, b_t, target, spec, chunk_size, row_grad=None, needs=(False,) * 3):
-    """Row terms (4, N) fp32 (loss, kl, ce, weight) and, with ``row_grad`` ((N,) or 0-dim), the gradients of
-    sum_i row_grad_i * loss_i w.r.t. (h_s, w_s, b_s), each None unless ``needs`` asks for it."""
+    """Row terms (4, N) (loss, kl, ce, weight; fp32, fp64 for fp64 inputs) and, with ``row_grad`` ((N,) or
+    0-dim), the gradients of sum_i row_grad_i * loss_i w.r.t. (h_s, w_s, b_s), each None unless ``needs`` asks
+    for it."""
     n, vocab = h_s.shape[0], w_s.shape[0]
     shared = min(vocab, w_t.shape[0])
     w_t = w_t[:shared]
     b_t = None if b_t is None else b_t[:shared]
     need_h, need_w, need_b = needs if row_grad is not None else (False,) * 3
-    fp32_out = w_s.dtype != torch.float32 and _addmm_has_fp32_out(w_s.device.type, w_s.dtype)
-    upcast = w_s.dtype != torch.float32 and not fp32_out
+    # dW and db are summed in fp32 (fp64 for fp64 weights) and rounded once at the end.
+    accumulate = _accumulation_dtype(w_s.dtype)
+    fp32_out = w_s.dtype != accumulate and _addmm_has_fp32_out(w_s.device.type, w_s.dtype)
+    upcast = w_s.dtype != accumulate and not fp32_out
     chunk = chunk_size or default_chunk_size(n, vocab, h_s.dtype, h_t.dtype, h_s.device,
                                              fp32_scratch=need_w and upcast)
     chunk = max(1, min(chunk, n))
@@ -139,11 +150,11 @@ def _run_chunks(h_s, w_s, b_s, h_t, w_t, b_t, target, spec, chunk_size, row_grad
     # Student-only columns: the teacher gives them probability 0, i.e. logit -inf (a 0 logit would give
     # tokens the teacher lacks mass exp(0) / Z).
     t_buf[:, shared:] = float("-inf")
-    rows = torch.empty((len(ROW_TERMS), n), dtype=torch.float32, device=device)
+    rows = torch.empty((len(ROW_TERMS), n), dtype=accumulate, device=device)
     grad_h = torch.empty_like(h_s) if need_h else None
     # Filled by the first chunk (beta=0: neither a memset nor a read of the accumulator).
-    grad_w = (torch.empty if n else torch.zeros)(w_s.shape, dtype=torch.float32, device=device) if need_w else None
-    grad_b = torch.zeros(vocab, dtype=torch.float32, device=device) if need_b else None
+    grad_w = (torch.empty if n else torch.zeros)(w_s.shape, dtype=accumulate, device=device) if need_w else None
+    grad_b = torch.zeros(vocab, dtype=accumulate, device=device) if need_b else None
 
     for start in range(0, n, chunk):
         end = min(start + chunk, n)
@@ -166,7 +177,7 @@ def _run_chunks(h_s, w_s, b_s, h_t, w_t, b_t, target, spec, chunk_size, row_grad
             else:
                 grad_w.addmm_(z.t(), hidden, beta=beta)
         if need_b:
-            grad_b += z.sum(0, dtype=torch.float32)
+            grad_b += z.sum(0, dtype=accumulate)
 
     s_buf = t_buf = z = v = None  # free the buffers before the casts below
     if grad_w is not None:
@@ -194,9 +205,9 @@ class _FusedLinearLoss(torch.autograd.Function):
             if reduction == "mean":
                 # The normaliser, on the device: no host sync.
                 count = _valid(target, h_s.shape[0], h_s.device, spec.ignore_index).sum().clamp_min(1)
-                scale = 1.0 / count.to(torch.float32)
+                scale = 1.0 / count.to(_accumulation_dtype(h_s.dtype))
             else:
-                scale = torch.ones((), dtype=torch.float32, device=h_s.device)
+                scale = torch.ones((), dtype=_accumulation_dtype(h_s.dtype), device=h_s.device)
             rows, *grads = _run_chunks(*inputs, row_grad=scale, needs=needs)
             ctx.grads = grads
             loss = rows[0].sum() * scale
@@ -205,20 +216,21 @@ class _FusedLinearLoss(torch.autograd.Function):
         return loss, terms
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out, _grad_terms):
+        _ops.refuse_higher_order()
         if ctx.deferred:
             h_s, w_s, b_s, h_t, w_t, b_t, target = ctx.saved_tensors
             spec, chunk_size, needs = ctx.params
             _, *grads = _run_chunks(h_s, w_s, b_s, h_t, w_t, b_t, target, spec, chunk_size,
-                                    row_grad=grad_out.float().contiguous(), needs=needs)
+                                    row_grad=grad_out.contiguous(), needs=needs)
         else:
             if ctx.grads is None:
                 raise RuntimeError("fused linear loss: its gradients were computed in the forward and already "
                                    "handed to a first backward; recompute the loss to backpropagate again")
             grads, ctx.grads = ctx.grads, None
-            if bool(grad_out != 1):  # one sync, to skip a pass over dW in the usual case
-                grads = [None if g is None else g.mul_(grad_out) for g in grads]
+            for grad in grads:
+                if grad is not None:
+                    _ops.scale_grad_(grad, grad_out)  # on the device: no pass, and no host sync, when it is 1
         return (*grads, None, None, None, None, None, None, None, None)
 
 
@@ -292,7 +304,7 @@ def _fused_linear_loss(student_hidden, student_weight, teacher_hidden, teacher_w
     if target is not None:
         validate_target(target, lead, vocab, device, ignore_index)
         target = target.reshape(-1).long()
-    backend = _ops.resolve_backend(backend, device)
+    backend = _ops.resolve_backend(backend, device, student_hidden.dtype)
 
     spec = _Spec(float(student_scale), float(teacher_scale), float(kl_scale), bool(weighted), beta, ce_weight,
                  int(ignore_index), backend)

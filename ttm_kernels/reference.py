@@ -58,11 +58,20 @@ def loss_rows(
     ``loss``, ``kl``, ``ce``, ``weight`` and ``valid`` (bool).
     """
     teacher_logits = teacher_logits.detach()
+    if target is None:
+        valid = torch.ones(student_logits.shape[:-1], dtype=torch.bool, device=student_logits.device)
+    else:
+        valid = target != ignore_index
+        # Ignored rows are zeroed before any arithmetic: their masked or NaN logits would otherwise give NaN
+        # terms, which torch.where below would hide from the loss but not from the gradient (0 * NaN).
+        student_logits = torch.where(valid.unsqueeze(-1), student_logits, 0)
+        teacher_logits = torch.where(valid.unsqueeze(-1), teacher_logits, 0)
     log_q = torch.log_softmax(student_logits * student_scale, dim=-1)
     log_pt = torch.log_softmax(teacher_logits * teacher_scale, dim=-1)
     pt = log_pt.exp()
-    # 0 * log(0 / q) = 0: a class the transformed teacher never picks contributes nothing, masked or not.
-    kl = torch.where(pt > 0, pt * (log_pt - log_q), torch.zeros_like(pt)).sum(-1)
+    # 0 * log(0 / q) = 0: a class the transformed teacher never picks contributes nothing, masked or not. A NaN
+    # teacher stays NaN (pt == 0 is False for NaN), in the loss as in the gradient.
+    kl = torch.where(pt == 0, torch.zeros_like(pt), pt * (log_pt - log_q)).sum(-1)
     if weighted:
         weight = torch.exp(
             torch.logsumexp(teacher_logits * teacher_scale, -1)
@@ -71,10 +80,8 @@ def loss_rows(
     else:
         weight = torch.ones_like(kl)
     if target is None:
-        valid = torch.ones(kl.shape, dtype=torch.bool, device=kl.device)
         ce = torch.zeros_like(kl)
     else:
-        valid = target != ignore_index
         safe_target = torch.where(valid, target, torch.zeros_like(target))
         log_probs = torch.log_softmax(student_logits, dim=-1)
         ce = -log_probs.gather(-1, safe_target.unsqueeze(-1).long()).squeeze(-1)

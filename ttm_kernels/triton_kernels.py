@@ -1,20 +1,20 @@
 """Triton kernels for the fused TTM / WTTM / KD loss.
 
 One program per row. Logits arrive as (B, T, V) views (last dimension contiguous, free leading strides;
-each tensor with its own B x T split of the N rows).
+each tensor with its own B x T split of the N rows); the target as a contiguous int64 (N,) and the
+upstream gradient as a contiguous fp32 (N,) or a 0-dim scalar (``_ops`` normalises every argument).
 Per row, with s = student_scale, g = teacher_scale:
 
-    forward: one streaming pass over z and v (reads 2V elements) with online (max, sum) accumulation of
-             lse(s*z), lse(g*v), lse(v) (WTTM only), lse(z) (CE under a student temperature only) and
-             acc = sum exp(g*v - m_t) * ((g*v - m_t) - (s*z - m_s)), kept relative to the running maxima so
-             that KL = acc / d_t - log d_t + log d_s never subtracts two large numbers.
-             Writes 10 fp32 statistics per row; with HAS_GRAD it also makes the gradient pass below.
-    gradient: a second pass (reads 2V, writes V) that recomputes the probabilities from the saved
-             statistics, computes the whole row gradient in fp32 and rounds once at the store.
+    statistics pass: one streaming read of z and v (2V elements) with online (max, sum) accumulation of
+             lse(s*z), lse(g*v), lse(v) (WTTM only) and lse(z) (CE under a student temperature only).
+    KL / gradient pass: a second read of the row (from L2 when it is short enough) that recomputes the
+             probabilities q = softmax(s*z) and p = softmax(g*v) and sums the KL as
+             sum_i q_i f(log(p_i / q_i)), f(y) = y e^y - e^y + 1 >= 0: every term is non-negative, so the
+             sum never cancels (the one-pass form, E_p[g*v - s*z] - lse(g*v) + lse(s*z), loses all its
+             digits when KL << log V, e.g. KD at a large temperature). With HAS_GRAD the same pass writes
+             the row's gradient (V more elements), computed in fp32 and rounded to nearest once at the store.
 
-Statistics rows, (10, N) fp32: loss, kl, ce, weight (U, or 1), then (max, log of the rescaled sum) of s*z,
-g*v and z. The max and log-sum stay apart because their fp32 sum, lse, would lose the log-sum's bits next
-to a logit of 1e4: probabilities are recomputed as exp((x - max) - log_sum), as log_softmax does.
+Statistics: (NUM_STATS, N) fp32, rows as named in ``_stats.Stat``.
 """
 from __future__ import annotations
 
@@ -22,8 +22,22 @@ import torch
 import triton
 import triton.language as tl
 
-NUM_STATS = 10
+from ._stats import NUM_STATS, Stat
+
 MAX_BLOCK_V = 4096
+
+# The statistics rows, as compile-time constants of the kernels.
+LOSS = tl.constexpr(int(Stat.LOSS))
+KL = tl.constexpr(int(Stat.KL))
+CE = tl.constexpr(int(Stat.CE))
+WEIGHT = tl.constexpr(int(Stat.WEIGHT))
+MAX_S = tl.constexpr(int(Stat.MAX_S))
+LOG_SUM_S = tl.constexpr(int(Stat.LOG_SUM_S))
+MAX_T = tl.constexpr(int(Stat.MAX_T))
+LOG_SUM_T = tl.constexpr(int(Stat.LOG_SUM_T))
+MAX_Z = tl.constexpr(int(Stat.MAX_Z))
+LOG_SUM_Z = tl.constexpr(int(Stat.LOG_SUM_Z))
+N_STATS = tl.constexpr(NUM_STATS)
 
 
 @triton.jit
@@ -33,28 +47,109 @@ def _row_ptr(base, row, n_inner, stride_b, stride_t):
 
 
 @triton.jit
-def _grad_pass(s_row, t_row, g_row, y, V, kl_coef, ce_coef, student_scale, teacher_scale,
-               m_s, log_d_s, m_t, log_d_t, m_z, log_d_z, HAS_TARGET: tl.constexpr, SEPARATE_CE: tl.constexpr,
-               BLOCK_V: tl.constexpr):
-    # d/dz = kl_coef * (softmax(s*z) - softmax(g*v)) + ce_coef * (softmax(z) - onehot(y)); kl_coef already
-    # carries beta * kl_scale * weight * s and the upstream gradient of the row. Last block first: right
-    # after the statistics pass, the blocks it read last are the likeliest to still be in L2.
+def _store_rounded(ptr, value, mask):
+    # fp32 -> the pointer's dtype, rounded to nearest even explicitly. bf16 is rounded on the bits: the
+    # interpreter truncates fp32 -> bf16 whatever rounding mode is asked for, the GPU rounds to nearest, and
+    # the same integer code gives the GPU's answer in both. NaN stays a quiet NaN.
+    if ptr.dtype.element_ty == tl.bfloat16:
+        bits = value.to(tl.uint32, bitcast=True)
+        rounded = tl.where(value != value, 0x7FC00000, bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        tl.store(ptr, rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True), mask=mask)
+    elif ptr.dtype.element_ty == tl.float16:
+        tl.store(ptr, value.to(tl.float16, fp_downcast_rounding="rtne"), mask=mask)
+    else:
+        tl.store(ptr, value, mask=mask)
+
+
+@triton.jit
+def _stats_pass(s_row, t_row, V, student_scale, teacher_scale, WEIGHTED: tl.constexpr,
+                SEPARATE_CE: tl.constexpr, BLOCK_V: tl.constexpr):
+    # A finite initial max: exp(-inf - m) = 0 and exp(m - m) = 1, so an all -inf prefix never gives inf - inf.
+    m_s = -1.0e30
+    d_s = 0.0
+    m_t = -1.0e30
+    d_t = 0.0
+    m_v = -1.0e30
+    d_v = 0.0
+    m_z = -1.0e30
+    d_z = 0.0
+    for start in range(0, V, BLOCK_V):
+        cols = start + tl.arange(0, BLOCK_V)
+        mask = cols < V
+        z = tl.load(s_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
+        v = tl.load(t_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
+        sz = z * student_scale
+        gv = v * teacher_scale
+        m_s_new = tl.maximum(m_s, tl.max(sz, 0))
+        d_s = d_s * tl.exp(m_s - m_s_new) + tl.sum(tl.exp(sz - m_s_new), 0)
+        m_s = m_s_new
+        m_t_new = tl.maximum(m_t, tl.max(gv, 0))
+        d_t = d_t * tl.exp(m_t - m_t_new) + tl.sum(tl.exp(gv - m_t_new), 0)
+        m_t = m_t_new
+        if WEIGHTED:
+            m_v_new = tl.maximum(m_v, tl.max(v, 0))
+            d_v = d_v * tl.exp(m_v - m_v_new) + tl.sum(tl.exp(v - m_v_new), 0)
+            m_v = m_v_new
+        if SEPARATE_CE:
+            m_z_new = tl.maximum(m_z, tl.max(z, 0))
+            d_z = d_z * tl.exp(m_z - m_z_new) + tl.sum(tl.exp(z - m_z_new), 0)
+            m_z = m_z_new
+    return m_s, d_s, m_t, d_t, m_v, d_v, m_z, d_z
+
+
+@triton.jit
+def _kl_term(q, p, y):
+    # q * f(y) with y = log(p / q), f(y) = (y - 1) e^y + 1 = sum_{n>=2} (n-1)/n! y^n >= 0. For |y| < 1/2 the
+    # series (to n = 10, below 1e-8 relative there) keeps its digits where the closed form would cancel;
+    # elsewhere the closed form p*y - p + q, with p*y = 0 where p = 0 (a class the teacher never picks, also
+    # when the student masks it too and y is NaN).
+    poly = 1.0 / 45360.0 + y * (1.0 / 403200.0)
+    poly = 1.0 / 5760.0 + y * poly
+    poly = 1.0 / 840.0 + y * poly
+    poly = 1.0 / 144.0 + y * poly
+    poly = 1.0 / 30.0 + y * poly
+    poly = 1.0 / 8.0 + y * poly
+    poly = 1.0 / 3.0 + y * poly
+    poly = 0.5 + y * poly
+    series = q * (y * y * poly)
+    closed = tl.where(p > 0, p * y, 0.0) + (q - p)
+    return tl.where(tl.abs(y) < 0.5, series, closed)
+
+
+@triton.jit
+def _kl_grad_pass(s_row, t_row, g_row, y, V, kl_coef, ce_coef, student_scale, teacher_scale,
+                  m_s, log_d_s, m_t, log_d_t, m_z, log_d_z, HAS_TARGET: tl.constexpr, SEPARATE_CE: tl.constexpr,
+                  STORE_GRAD: tl.constexpr, BLOCK_V: tl.constexpr):
+    # Returns KL(p || q) of the row; with STORE_GRAD also writes
+    # d/dz = kl_coef * (q - p) + ce_coef * (softmax(z) - onehot(y)), where kl_coef already carries
+    # beta * kl_scale * weight * s and the row's upstream gradient. Last block first: right after the
+    # statistics pass, the blocks it read last are the likeliest to still be in L2.
+    if HAS_TARGET:
+        # A class index outside [0, V) poisons the row's gradient (the loss is NaN too), never a silent answer.
+        ce_coef = tl.where((y >= 0) & (y < V), ce_coef, float("nan"))
+    log_ratio = log_d_t - log_d_s
+    kl = tl.zeros((BLOCK_V,), dtype=tl.float32)
     n_blocks = tl.cdiv(V, BLOCK_V)
     for i in range(n_blocks):
         cols = (n_blocks - 1 - i) * BLOCK_V + tl.arange(0, BLOCK_V)
         mask = cols < V
         z = tl.load(s_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
         v = tl.load(t_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
-        q_s = tl.exp((z * student_scale - m_s) - log_d_s)
-        p_t = tl.exp((v * teacher_scale - m_t) - log_d_t)
-        grad = kl_coef * (q_s - p_t)
-        if HAS_TARGET:
-            if SEPARATE_CE:
-                q = tl.exp((z - m_z) - log_d_z)
-            else:
-                q = q_s
-            grad += ce_coef * (q - tl.where(cols == y, 1.0, 0.0))
-        tl.store(g_row + cols, grad.to(g_row.dtype.element_ty), mask=mask)
+        a = z * student_scale - m_s
+        b = v * teacher_scale - m_t
+        q = tl.exp(a - log_d_s)
+        p = tl.exp(b - log_d_t)
+        kl += tl.where(mask, _kl_term(q, p, (b - a) - log_ratio), 0.0)
+        if STORE_GRAD:
+            grad = kl_coef * (q - p)
+            if HAS_TARGET:
+                if SEPARATE_CE:
+                    q_ce = tl.exp((z - m_z) - log_d_z)
+                else:
+                    q_ce = q
+                grad += ce_coef * (q_ce - tl.where(cols == y, 1.0, 0.0))
+            _store_rounded(g_row + cols, grad, mask)
+    return tl.sum(kl, 0)
 
 
 @triton.jit
@@ -84,53 +179,16 @@ def ttm_fwd_kernel(
     if HAS_TARGET:
         y = tl.load(Y + row)
         if y == ignore_index:
-            for k in tl.static_range(10):
+            for k in tl.static_range(N_STATS):
                 tl.store(STATS + k * n_rows + row, 0.0)
             if HAS_GRAD:
                 _zero_pass(g_row, V, BLOCK_V)
             return
 
-    # A finite initial max: exp(-inf - m) = 0 and exp(m - m) = 1, so an all -inf prefix never gives inf - inf.
-    m_s = -1.0e30
-    d_s = 0.0
-    m_t = -1.0e30
-    d_t = 0.0
-    acc = 0.0
-    m_v = -1.0e30
-    d_v = 0.0
-    m_z = -1.0e30
-    d_z = 0.0
-    for start in range(0, V, BLOCK_V):
-        cols = start + tl.arange(0, BLOCK_V)
-        mask = cols < V
-        z = tl.load(s_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
-        v = tl.load(t_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
-        sz = z * student_scale
-        gv = v * teacher_scale
-
-        m_s_new = tl.maximum(m_s, tl.max(sz, 0))
-        m_t_new = tl.maximum(m_t, tl.max(gv, 0))
-        alpha_t = tl.exp(m_t - m_t_new)
-        # Move the old terms of acc into the new frames before adding this block's.
-        acc = alpha_t * (acc + ((m_t - m_t_new) - (m_s - m_s_new)) * d_t)
-        e_t = tl.exp(gv - m_t_new)
-        acc += tl.sum(tl.where(e_t > 0, e_t * ((gv - m_t_new) - (sz - m_s_new)), 0.0), 0)
-        d_t = d_t * alpha_t + tl.sum(e_t, 0)
-        d_s = d_s * tl.exp(m_s - m_s_new) + tl.sum(tl.exp(sz - m_s_new), 0)
-        m_s = m_s_new
-        m_t = m_t_new
-        if WEIGHTED:
-            m_v_new = tl.maximum(m_v, tl.max(v, 0))
-            d_v = d_v * tl.exp(m_v - m_v_new) + tl.sum(tl.exp(v - m_v_new), 0)
-            m_v = m_v_new
-        if SEPARATE_CE:
-            m_z_new = tl.maximum(m_z, tl.max(z, 0))
-            d_z = d_z * tl.exp(m_z - m_z_new) + tl.sum(tl.exp(z - m_z_new), 0)
-            m_z = m_z_new
-
+    m_s, d_s, m_t, d_t, m_v, d_v, m_z, d_z = _stats_pass(s_row, t_row, V, student_scale, teacher_scale,
+                                                          WEIGHTED, SEPARATE_CE, BLOCK_V)
     log_d_s = tl.log(d_s)
     log_d_t = tl.log(d_t)
-    kl = acc / d_t - log_d_t + log_d_s
     weight = 1.0
     if WEIGHTED:
         # U = sum softmax(v)^g = exp(lse(g*v) - g * lse(v)); the maxima are subtracted first.
@@ -145,24 +203,23 @@ def ttm_fwd_kernel(
         in_range = (y >= 0) & (y < V)
         z_y = tl.load(s_row + y, mask=in_range, other=float("nan")).to(tl.float32)
         ce = (m_z - z_y) + log_d_z
-    loss = kl_coef * weight * kl + ce_weight * ce
-
-    tl.store(STATS + 0 * n_rows + row, loss)
-    tl.store(STATS + 1 * n_rows + row, kl)
-    tl.store(STATS + 2 * n_rows + row, ce)
-    tl.store(STATS + 3 * n_rows + row, weight)
-    tl.store(STATS + 4 * n_rows + row, m_s)
-    tl.store(STATS + 5 * n_rows + row, log_d_s)
-    tl.store(STATS + 6 * n_rows + row, m_t)
-    tl.store(STATS + 7 * n_rows + row, log_d_t)
-    tl.store(STATS + 8 * n_rows + row, m_z)
-    tl.store(STATS + 9 * n_rows + row, log_d_z)
-
+    row_grad = 0.0
     if HAS_GRAD:
         row_grad = tl.load(ROW_GRAD + row * row_grad_stride)
-        _grad_pass(s_row, t_row, g_row, y, V, row_grad * kl_coef * weight * student_scale,
-                   row_grad * ce_weight, student_scale, teacher_scale, m_s, log_d_s, m_t, log_d_t, m_z,
-                   log_d_z, HAS_TARGET, SEPARATE_CE, BLOCK_V)
+    kl = _kl_grad_pass(s_row, t_row, g_row, y, V, row_grad * kl_coef * weight * student_scale,
+                       row_grad * ce_weight, student_scale, teacher_scale, m_s, log_d_s, m_t, log_d_t, m_z,
+                       log_d_z, HAS_TARGET, SEPARATE_CE, HAS_GRAD, BLOCK_V)
+
+    tl.store(STATS + LOSS * n_rows + row, kl_coef * weight * kl + ce_weight * ce)
+    tl.store(STATS + KL * n_rows + row, kl)
+    tl.store(STATS + CE * n_rows + row, ce)
+    tl.store(STATS + WEIGHT * n_rows + row, weight)
+    tl.store(STATS + MAX_S * n_rows + row, m_s)
+    tl.store(STATS + LOG_SUM_S * n_rows + row, log_d_s)
+    tl.store(STATS + MAX_T * n_rows + row, m_t)
+    tl.store(STATS + LOG_SUM_T * n_rows + row, log_d_t)
+    tl.store(STATS + MAX_Z * n_rows + row, m_z)
+    tl.store(STATS + LOG_SUM_Z * n_rows + row, log_d_z)
 
 
 @triton.jit
@@ -185,17 +242,13 @@ def ttm_bwd_kernel(
         if y == ignore_index:
             _zero_pass(g_row, V, BLOCK_V)
             return
-    weight = tl.load(STATS + 3 * n_rows + row)
-    m_s = tl.load(STATS + 4 * n_rows + row)
-    log_d_s = tl.load(STATS + 5 * n_rows + row)
-    m_t = tl.load(STATS + 6 * n_rows + row)
-    log_d_t = tl.load(STATS + 7 * n_rows + row)
-    m_z = tl.load(STATS + 8 * n_rows + row)
-    log_d_z = tl.load(STATS + 9 * n_rows + row)
+    weight = tl.load(STATS + WEIGHT * n_rows + row)
     row_grad = tl.load(ROW_GRAD + row * row_grad_stride)
-    _grad_pass(s_row, t_row, g_row, y, V, row_grad * kl_coef * weight * student_scale, row_grad * ce_weight,
-               student_scale, teacher_scale, m_s, log_d_s, m_t, log_d_t, m_z, log_d_z, HAS_TARGET, SEPARATE_CE,
-               BLOCK_V)
+    _kl_grad_pass(s_row, t_row, g_row, y, V, row_grad * kl_coef * weight * student_scale, row_grad * ce_weight,
+                  student_scale, teacher_scale, tl.load(STATS + MAX_S * n_rows + row),
+                  tl.load(STATS + LOG_SUM_S * n_rows + row), tl.load(STATS + MAX_T * n_rows + row),
+                  tl.load(STATS + LOG_SUM_T * n_rows + row), tl.load(STATS + MAX_Z * n_rows + row),
+                  tl.load(STATS + LOG_SUM_Z * n_rows + row), HAS_TARGET, SEPARATE_CE, True, BLOCK_V)
 
 
 @triton.jit
@@ -206,7 +259,7 @@ def scale_kernel(G, SCALE, n_elements, BLOCK: tl.constexpr):
         offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < n_elements
         g = tl.load(G + offs, mask=mask).to(tl.float32)
-        tl.store(G + offs, (g * scale).to(G.dtype.element_ty), mask=mask)
+        _store_rounded(G + offs, g * scale, mask)
 
 
 def scale_(grad: torch.Tensor, scale: torch.Tensor) -> None:
@@ -221,47 +274,43 @@ def launch_config(V: int) -> dict:
     return {"BLOCK_V": block_v, "num_warps": 4 if block_v <= 1024 else 8, "num_stages": 1}
 
 
-def _common_args(student, teacher, target, stats, grad, row_grad):
-    B, T, V = student.shape
-    target_arg = target if target is not None else stats
-    return (
-        student, student.shape[1], student.stride(0), student.stride(1),
-        teacher, teacher.shape[1], teacher.stride(0), teacher.stride(1),
-        target_arg, stats,
-        grad, grad.shape[1], grad.stride(0), grad.stride(1),
-        row_grad, row_grad.stride(0) if row_grad.dim() else 0,
-        B * T, V,
-    )
+def _row_args(prefix: str, name: str, x: torch.Tensor) -> dict:
+    return {name: x, f"{prefix}_inner": x.shape[1], f"{prefix}_stride_b": x.stride(0),
+            f"{prefix}_stride_t": x.stride(1)}
 
 
-def forward(student, teacher, target, *, student_scale, teacher_scale, kl_coef, ce_weight, weighted,
-            ignore_index, grad=None, row_grad=None):
-    """Loss statistics (10, N) fp32 of (B, T, V) row views; with ``grad``, also writes d(sum_i row_grad_i *
-    loss_i)/dz into it (a (B, T, V) view, possibly ``student`` itself)."""
-    B, T, V = student.shape
-    stats = torch.empty((NUM_STATS, B * T), dtype=torch.float32, device=student.device)
+def _launch_args(student, teacher, target, stats, grad, row_grad, params) -> dict:
+    return {
+        **_row_args("s", "S", student), **_row_args("t", "TCH", teacher), **_row_args("g", "GRAD", grad),
+        "Y": target if target is not None else stats, "STATS": stats,
+        "ROW_GRAD": row_grad, "row_grad_stride": 1 if row_grad.dim() else 0,
+        "n_rows": student.shape[0] * student.shape[1], "V": student.shape[2],
+        "student_scale": float(params["student_scale"]), "teacher_scale": float(params["teacher_scale"]),
+        "kl_coef": float(params["kl_coef"]), "ce_weight": float(params["ce_weight"]),
+        "ignore_index": int(params["ignore_index"]),
+        "HAS_TARGET": target is not None,
+        "SEPARATE_CE": target is not None and params["student_scale"] != 1.0,
+        **launch_config(student.shape[2]),
+    }
+
+
+def forward(student, teacher, target, *, grad=None, row_grad=None, weighted, **params):
+    """Loss statistics (NUM_STATS, N) fp32 of (B, T, V) row views; with ``grad``, also writes d(sum_i
+    row_grad_i * loss_i)/dz into it (a (B, T, V) view, possibly ``student`` itself)."""
+    n_rows = student.shape[0] * student.shape[1]
+    stats = torch.empty((NUM_STATS, n_rows), dtype=torch.float32, device=student.device)
+    if n_rows == 0:
+        return stats
     has_grad = grad is not None
     if not has_grad:
-        grad, row_grad = student, stats
-    has_target = target is not None
-    ttm_fwd_kernel[(B * T,)](
-        *_common_args(student, teacher, target, stats, grad, row_grad),
-        float(student_scale), float(teacher_scale), float(kl_coef), float(ce_weight), int(ignore_index),
-        HAS_TARGET=has_target, WEIGHTED=weighted,
-        SEPARATE_CE=has_target and student_scale != 1.0, HAS_GRAD=has_grad,
-        **launch_config(V),
-    )
+        grad, row_grad = student, stats  # never touched
+    ttm_fwd_kernel[(n_rows,)](**_launch_args(student, teacher, target, stats, grad, row_grad, params),
+                              WEIGHTED=weighted, HAS_GRAD=has_grad)
     return stats
 
 
-def backward(row_grad, student, teacher, target, stats, grad, *, student_scale, teacher_scale, kl_coef,
-             ce_weight, ignore_index):
+def backward(row_grad, student, teacher, target, stats, grad, **params):
     """Writes d(sum_i row_grad_i * loss_i)/dz into ``grad`` from the statistics of ``forward``."""
-    B, T, V = student.shape
-    has_target = target is not None
-    ttm_bwd_kernel[(B * T,)](
-        *_common_args(student, teacher, target, stats, grad, row_grad),
-        float(student_scale), float(teacher_scale), float(kl_coef), float(ce_weight), int(ignore_index),
-        HAS_TARGET=has_target, SEPARATE_CE=has_target and student_scale != 1.0,
-        **launch_config(V),
-    )
+    n_rows = student.shape[0] * student.shape[1]
+    if n_rows:
+        ttm_bwd_kernel[(n_rows,)](**_launch_args(student, teacher, target, stats, grad, row_grad, params))
