@@ -434,3 +434,225 @@ def test_fused_kd_loss_components_without_ce_weight(backend):
                              return_components=True)
     valid = target != -100
     assert_close("ce", F.cross_entropy(z[valid], target[valid]), parts.ce, 2e-6)
+
+
+# --- Hardening: each test below failed on the code before the fix it covers. ---
+
+
+def _issue_second_order(z, v, target, backend):
+    """The issue's example: a gradient penalty, which needs the second derivative through the loss."""
+    z = z.detach().clone().requires_grad_()
+    loss = fused_wttm_loss(z, v, target, gamma=0.2, beta=2.0, backend=backend)
+    (g,) = torch.autograd.grad(loss, z, create_graph=True)
+    ((g**2).sum() + (z**2).sum()).backward()
+    return z.grad
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_fused_wttm_loss_double_backward_is_refused(backend, reduction):
+    """The kernels' gradients are first-order: asking autograd for a graph through them raises instead of
+    silently dropping the second-order term."""
+    device = device_of(backend)
+    z, v = make_logits((5, 300), 10.0, seed=73, device=device)
+    target = make_target((5,), 300, seed=73, device=device)
+    z = z.float().requires_grad_()
+    loss = fused_wttm_loss(z, v.float(), target, reduction=reduction, backend=backend).sum()
+    with pytest.raises(RuntimeError, match="first-order gradients only.*backend='torch'"):
+        torch.autograd.grad(loss, z, create_graph=True)
+    with pytest.raises(RuntimeError, match="first-order gradients only"):
+        _issue_second_order(z, v.float(), target, backend)
+
+
+def test_fused_wttm_loss_double_backward_reference():
+    """backend='torch' (and 'auto' on float64) is differentiable to any order: the issue's gradient penalty
+    and gradgradcheck."""
+    z, v = make_logits((4, 50), 5.0, seed=79)
+    target = make_target((4,), 50, seed=79)
+    expected = _issue_second_order(z, v, target, "torch")
+    z64 = z.clone().requires_grad_()
+    loss = reference.wttm_loss(z64, v, target, gamma=0.2, beta=2.0)
+    (g,) = torch.autograd.grad(loss, z64, create_graph=True)
+    ((g**2).sum() + (z64**2).sum()).backward()
+    assert_close("second order", z64.grad, expected, 1e-12)
+    assert_close("second order (float32)", z64.grad, _issue_second_order(z.float(), v.float(), target, "torch"), 1e-5)
+    assert torch.autograd.gradgradcheck(lambda x: fused_wttm_loss(x, v, target, gamma=0.2), (z.requires_grad_(),))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_fused_wttm_loss_torch_backend_keeps_the_kernels_contract(dtype):
+    """The reference backend computes half-precision inputs in float32 and returns a float32 loss, as the
+    kernels do; the gradient has the student's dtype."""
+    z64, v64 = make_logits((16, 2500), 8.0, seed=83)
+    z64, v64 = z64.to(dtype).double(), v64.to(dtype).double()
+    target = make_target((16,), 2500, seed=83)
+    ref_loss, ref_grad = reference_loss_and_grad("wttm", z64, v64, target, gamma=0.2, beta=2.0)
+    loss, grad = fused_loss_and_grad("wttm", z64.to(dtype), v64.to(dtype), target, "torch", gamma=0.2, beta=2.0)
+    assert loss.dtype == torch.float32 and grad.dtype == dtype
+    assert_close("loss", ref_loss, loss, 2e-6, 1e-6)
+    # float32 arithmetic, then one rounding to the student's dtype.
+    assert_close("grad", ref_grad, grad, torch.finfo(dtype).eps, 1e-9)
+
+
+@pytest.mark.parametrize("backend", [*BACKENDS, "torch"])
+@pytest.mark.parametrize("kind", ["wttm", "ttm", "kd"])
+def test_fused_loss_non_finite_inputs(backend, kind):
+    """Ignored rows contribute exactly nothing, whatever they hold (all -inf student logits, a NaN or -inf
+    teacher); a NaN teacher in a row that counts makes that row's loss and gradient NaN, on every backend."""
+    device = device_of(backend)
+    z, v = make_logits((6, 700), 10.0, seed=89, device=device)
+    z, v = z.float(), v.float()
+    target = torch.tensor([3, -100, -100, 7, -100, 9], device=device)
+    z[1] = float("-inf")
+    v[2, 10] = float("nan")
+    v[4] = float("-inf")
+    kw = scale_kw(kind, 0.25)
+    ref_loss, ref_grad = reference_loss_and_grad(kind, z.double(), v.double(), target, **kw)
+    loss, grad = fused_loss_and_grad(kind, z, v, target, backend, **kw)
+    assert torch.isfinite(loss) and torch.isfinite(grad).all()
+    assert_close("loss", ref_loss, loss, 2e-6, 1e-6)
+    assert_close("grad", ref_grad, grad, 1e-5, 1e-9)
+    assert (grad[[1, 2, 4]] == 0).all()
+
+    v[3, 100] = float("nan")
+    rows, grad = fused_loss_and_grad(kind, z, v, target, backend, reduction="none", upstream=torch.ones(6, device=device), **kw)
+    assert rows[3].isnan() and grad[3].isnan().all(), "a NaN teacher must not give a finite loss or gradient"
+    assert torch.isfinite(rows[[0, 1, 2, 4, 5]]).all() and torch.isfinite(grad[[0, 1, 2, 4, 5]]).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fused_wttm_loss_float64_needs_the_reference(backend):
+    """The kernels compute in float32: float64 inputs go to the reference under 'auto' (so that gradcheck
+    passes at its default tolerances) and are refused by an explicit compiled backend."""
+    device = device_of(backend)
+    z, v = make_logits((3, 40), 5.0, seed=97, device=device)
+    target = make_target((3,), 40, seed=97, device=device)
+    with pytest.raises(ValueError, match=f"backend='{backend}' computes in float32.*'torch'"):
+        fused_wttm_loss(z, v, target, backend=backend)
+    assert ttm_kernels.resolve_backend("auto", z.device, torch.float64) == "torch"
+    for kind in ("wttm", "ttm", "kd"):
+        assert torch.autograd.gradcheck(lambda x: FUSED[kind](x, v, target, **scale_kw(kind, 0.3)),
+                                        (z.clone().requires_grad_(),))
+    loss = fused_wttm_loss(z, v, target)
+    assert loss.dtype == torch.float64
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fused_wttm_loss_inplace_backward_misuse(backend):
+    device = device_of(backend)
+    z, v = make_logits((4, 300), 10.0, seed=101, device=device)
+    z, v = z.float(), v.float()
+    leaf = z.clone().requires_grad_()
+    with pytest.raises(ValueError, match="leaf tensor that requires grad"):
+        fused_wttm_loss(leaf, v, backend=backend, inplace_backward=True)
+    row = z[:1].clone().requires_grad_()
+    with pytest.raises(ValueError, match="expanded or overlapping"):
+        fused_wttm_loss(row.expand(4, 300), v, backend=backend, inplace_backward=True)
+    with pytest.raises(TypeError, match="inplace_backward must be True or False, got 'no'"):
+        fused_wttm_loss(leaf * 1.0, v, backend=backend, inplace_backward="no")
+    with pytest.raises(TypeError, match="return_components must be True or False"):
+        fused_wttm_loss(leaf * 1.0, v, backend=backend, return_components=1)
+
+
+@pytest.mark.parametrize("backend", [*BACKENDS, "torch"])
+@pytest.mark.parametrize("temperature", [1e2, 1e3, 1e4], ids=lambda t: f"T{t:g}")
+@pytest.mark.parametrize("spread", [1.0, 10.0], ids=lambda s: f"spread{s:g}")
+def test_fused_kd_loss_large_temperature(backend, temperature, spread):
+    """T^2 * KL(softmax(v/T) || softmax(z/T)) stays accurate as T grows: the KL is summed from non-negative
+    terms, so its digits never cancel against lse terms of size log V."""
+    device = device_of(backend)
+    z, v = make_logits((8, 4000), spread, seed=103, device=device)
+    target = make_target((8,), 4000, seed=103, device=device)
+    kw = dict(temperature=temperature, ce_weight=0.0)
+    ref_loss, ref_grad = reference_loss_and_grad("kd", z, v, target, **kw)
+    loss, grad = fused_loss_and_grad("kd", z.float(), v.float(), target, backend, **kw)
+    assert abs(loss.item() - ref_loss.item()) <= 1e-4 * abs(ref_loss.item())
+    # The gradient T * (q - p) is a difference of near-equal fp32 probabilities: as accurate as the paper's
+    # eager code in fp32 (RepDistiller's DistillKL), what users would run instead.
+    z32 = z.float().requires_grad_()
+    reference.paper_kd_loss(z32, v.float(), temperature=temperature, ce_weight=0.0).backward()
+    eager_grad_err = (z32.grad.double() - ref_grad).abs().max().item()
+    grad_err = (grad.double() - ref_grad).abs().max().item()
+    assert grad_err <= 2 * eager_grad_err + 1e-6 * ref_grad.abs().max().item()
+
+
+@pytest.mark.parametrize("backend", [*BACKENDS, "torch"])
+def test_fused_ttm_loss_small_kl_keeps_its_digits(backend):
+    """A student that nearly matches the transformed teacher (KL ~ 1e-6, far below log V): relative error
+    1e-4, where the one-pass formula lost every digit."""
+    device = device_of(backend)
+    v, noise = make_logits((8, 5000), 10.0, seed=107, device=device)
+    z = 0.2 * v + 1e-3 * noise / 10.0
+    ref_loss, _ = reference_loss_and_grad("ttm", z.float().double(), v.float().double(), None, gamma=0.2)
+    loss, _ = fused_loss_and_grad("ttm", z.float(), v.float(), None, backend, gamma=0.2)
+    assert 0 < ref_loss.item() < 1e-5
+    assert abs(loss.item() - ref_loss.item()) <= 1e-4 * ref_loss.item()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_fused_wttm_loss_rounds_the_gradient_to_nearest(backend, dtype):
+    """A low-precision gradient is the fp32 gradient rounded to nearest once, as the GPU stores it (the Triton
+    interpreter truncates fp32 -> bf16 unless the kernel rounds the bits itself)."""
+    device = device_of(backend)
+    z, v = make_logits((8, 3000), 10.0, seed=109, device=device)
+    z, v = z.to(dtype).float(), v.float()
+    target = make_target((8,), 3000, seed=109, device=device)
+    _, grad = fused_loss_and_grad("wttm", z.to(dtype), v, target, backend, gamma=0.2)
+    _, grad32 = fused_loss_and_grad("wttm", z, v, target, backend, gamma=0.2)
+    same = (grad == grad32.to(dtype)).float().mean().item()
+    assert same >= 0.99, f"only {same:.1%} of the gradient equals the fp32 gradient rounded to nearest"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fused_wttm_loss_target_out_of_range_poisons_compiled_rows(backend):
+    """Under torch.compile the range check is the kernels': a bad row gets a NaN loss and a NaN gradient,
+    never a finite wrong one."""
+    device = device_of(backend)
+    z, v = make_logits((4, 100), 5.0, seed=113, device=device)
+    target = torch.tensor([1, 100, -100, -1], device=device)
+
+    @torch.compile(fullgraph=True, dynamic=False)
+    def rows(student, teacher, tgt):
+        return fused_wttm_loss(student, teacher, tgt, reduction="none", backend=backend)
+
+    student = z.float().requires_grad_()
+    loss = rows(student, v.float(), target)
+    loss.backward(torch.ones(4, device=device))
+    assert torch.isfinite(loss[[0, 2]]).all() and loss[[1, 3]].isnan().all()
+    assert torch.isfinite(student.grad[[0, 2]]).all() and student.grad[[1, 3]].isnan().all()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_fused_wttm_loss_no_host_sync_and_cuda_graph():
+    """A training step with the loss never makes the host wait for the device (the target check included)
+    and can be captured in a CUDA graph and replayed."""
+    N, V = 64, 5000
+    z = (torch.randn(N, V, device="cuda") * 5).requires_grad_()
+    v = torch.randn(N, V, device="cuda") * 5
+    target = torch.randint(0, V, (N,), device="cuda")
+    target[::7] = -100
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        fused_wttm_loss(z, v, target, gamma=0.2, beta=2.0).backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    expected = z.grad.clone()
+
+    static_z = z.detach().clone().requires_grad_()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up outside the capture (compilation, allocations)
+        for _ in range(2):
+            static_z.grad = None
+            fused_wttm_loss(static_z, v, target, gamma=0.2, beta=2.0).backward()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    static_z.grad = None
+    with torch.cuda.graph(graph):
+        loss = fused_wttm_loss(static_z, v, target, gamma=0.2, beta=2.0)
+        loss.backward()
+    graph.replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(static_z.grad, expected, rtol=1e-6, atol=1e-9)

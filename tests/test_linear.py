@@ -315,3 +315,39 @@ def test_fused_linear_loss_components(backend, kind):
     torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-5, atol=1e-6)
     for name in ("kl", "ce", "weight"):
         torch.testing.assert_close(getattr(parts, name).double(), getattr(ref_parts, name), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_fused_linear_wttm_loss_double_backward_is_refused(backend, reduction):
+    """The fused linear loss gives first-order gradients: a graph for higher-order ones is refused, never
+    silently built without the second-order terms."""
+    p = make_problem(seed=21)
+    args = {k: None if x is None or not x.is_floating_point() else x.float().to(device_of(backend))
+            for k, x in p.items()}
+    hidden = args["student_hidden"].requires_grad_()
+    loss = fused_linear_wttm_loss(hidden, args["student_weight"], args["teacher_hidden"], args["teacher_weight"],
+                                  p["target"].to(hidden.device), reduction=reduction, chunk_size=8,
+                                  backend=backend).sum()
+    with pytest.raises(RuntimeError, match="first-order gradients only"):
+        torch.autograd.grad(loss, hidden, create_graph=True)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_fused_linear_wttm_loss_float64_gradcheck(reduction):
+    """float64 inputs are computed in float64 (the reference on each chunk, float64 row terms and weight
+    gradient), so that torch.autograd.gradcheck passes at its default tolerances."""
+    p = make_problem(n=9, hidden=5, vocab=12, seed=22)
+    with pytest.raises(ValueError, match="computes in float32"):
+        fused_linear_wttm_loss(p["student_hidden"], p["student_weight"], p["teacher_hidden"], p["teacher_weight"],
+                               p["target"], backend="cpu")
+
+    def loss_of(hidden, weight, bias):
+        loss = fused_linear_wttm_loss(hidden, weight, p["teacher_hidden"], p["teacher_weight"], p["target"],
+                                      student_bias=bias, teacher_bias=p["teacher_bias"], reduction=reduction,
+                                      chunk_size=4)
+        assert loss.dtype == torch.float64
+        return loss
+
+    inputs = tuple(p[k].clone().requires_grad_() for k in STUDENT)
+    assert torch.autograd.gradcheck(loss_of, inputs)

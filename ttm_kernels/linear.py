@@ -193,21 +193,23 @@ class _FusedLinearLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h_s, w_s, b_s, h_t, w_t, b_t, target, spec, reduction, chunk_size, needs):
         inputs = (h_s, w_s, b_s, h_t, w_t, b_t, target, spec, chunk_size)
-        ctx.deferred = reduction == "none" and any(needs)
-        if reduction == "none" or not any(needs):
+        # The gradients are computed in the backward, from the saved inputs, for "none" (the per-row upstream
+        # gradient must reach dlogits before dW sums over the rows) and for float64, which is for checking:
+        # there a backward that can run twice (gradcheck does) matters more than the memory of the forward's.
+        ctx.deferred = any(needs) and (reduction == "none" or h_s.dtype == torch.float64)
+        if reduction == "mean":
+            # The normaliser, on the device: no host sync.
+            count = _valid(target, h_s.shape[0], h_s.device, spec.ignore_index).sum().clamp_min(1)
+            scale = 1.0 / count.to(_accumulation_dtype(h_s.dtype))
+        else:
+            scale = torch.ones((), dtype=_accumulation_dtype(h_s.dtype), device=h_s.device)
+        if ctx.deferred or not any(needs):
             if ctx.deferred:
-                ctx.save_for_backward(h_s, w_s, b_s, h_t, w_t, b_t, target)
+                ctx.save_for_backward(h_s, w_s, b_s, h_t, w_t, b_t, target, None if reduction == "none" else scale)
                 ctx.params = (spec, chunk_size, needs)
             rows = _run_chunks(*inputs)[0]
-            loss = rows[0] if reduction == "none" else reference.reduce_rows(
-                rows[0], _valid(target, h_s.shape[0], h_s.device, spec.ignore_index), reduction)
+            loss = rows[0] if reduction == "none" else rows[0].sum() * scale
         else:
-            if reduction == "mean":
-                # The normaliser, on the device: no host sync.
-                count = _valid(target, h_s.shape[0], h_s.device, spec.ignore_index).sum().clamp_min(1)
-                scale = 1.0 / count.to(_accumulation_dtype(h_s.dtype))
-            else:
-                scale = torch.ones((), dtype=_accumulation_dtype(h_s.dtype), device=h_s.device)
             rows, *grads = _run_chunks(*inputs, row_grad=scale, needs=needs)
             ctx.grads = grads
             loss = rows[0].sum() * scale
@@ -219,10 +221,11 @@ class _FusedLinearLoss(torch.autograd.Function):
     def backward(ctx, grad_out, _grad_terms):
         _ops.refuse_higher_order()
         if ctx.deferred:
-            h_s, w_s, b_s, h_t, w_t, b_t, target = ctx.saved_tensors
+            h_s, w_s, b_s, h_t, w_t, b_t, target, scale = ctx.saved_tensors
             spec, chunk_size, needs = ctx.params
-            _, *grads = _run_chunks(h_s, w_s, b_s, h_t, w_t, b_t, target, spec, chunk_size,
-                                    row_grad=grad_out.contiguous(), needs=needs)
+            row_grad = grad_out.contiguous() if scale is None else grad_out * scale
+            _, *grads = _run_chunks(h_s, w_s, b_s, h_t, w_t, b_t, target, spec, chunk_size, row_grad=row_grad,
+                                    needs=needs)
         else:
             if ctx.grads is None:
                 raise RuntimeError("fused linear loss: its gradients were computed in the forward and already "

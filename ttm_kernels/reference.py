@@ -66,12 +66,24 @@ def loss_rows(
         # terms, which torch.where below would hide from the loss but not from the gradient (0 * NaN).
         student_logits = torch.where(valid.unsqueeze(-1), student_logits, 0)
         teacher_logits = torch.where(valid.unsqueeze(-1), teacher_logits, 0)
-    log_q = torch.log_softmax(student_logits * student_scale, dim=-1)
-    log_pt = torch.log_softmax(teacher_logits * teacher_scale, dim=-1)
-    pt = log_pt.exp()
-    # 0 * log(0 / q) = 0: a class the transformed teacher never picks contributes nothing, masked or not. A NaN
-    # teacher stays NaN (pt == 0 is False for NaN), in the loss as in the gradient.
-    kl = torch.where(pt == 0, torch.zeros_like(pt), pt * (log_pt - log_q)).sum(-1)
+    scaled_student = student_logits * student_scale
+    scaled_teacher = teacher_logits * teacher_scale
+    lse_student = torch.logsumexp(scaled_student, -1, keepdim=True)
+    lse_teacher = torch.logsumexp(scaled_teacher, -1, keepdim=True)
+    q = torch.exp(scaled_student - lse_student)
+    pt = torch.exp(scaled_teacher - lse_teacher)
+    # KL(pt || q) = sum_i q_i f(y_i), y = log(pt / q), f(y) = y e^y - e^y + 1 >= 0 (as sum pt = sum q = 1):
+    # no term is negative, so the sum never cancels, and the lse difference enters y as one constant whose
+    # rounding changes the sum only at second order. The plain sum pt * y loses all the digits of a KL far
+    # below log V (KD at a large temperature, a student close to its teacher). Near y = 0 f is formed from y
+    # alone, y e^y - expm1(y); elsewhere as pt * y - pt + q, which needs no e^y (q may be 0 where pt is not).
+    # 0 * log(0 / q) = 0: a class the transformed teacher never picks contributes its q (masked or not, also
+    # when y is NaN because both logits are -inf); a NaN teacher stays NaN, in the loss as in the gradient.
+    log_ratio = (scaled_teacher - scaled_student) - (lse_teacher - lse_student)
+    near_zero = log_ratio.abs() < 0.5
+    y = torch.where(near_zero, log_ratio, torch.zeros_like(log_ratio))
+    closed = torch.where(pt > 0, pt * log_ratio, torch.zeros_like(pt)) + (q - pt)
+    kl = torch.where(near_zero, q * (y * torch.exp(y) - torch.expm1(y)), closed).sum(-1)
     if weighted:
         weight = torch.exp(
             torch.logsumexp(teacher_logits * teacher_scale, -1)
