@@ -328,7 +328,9 @@ def _fused_linear_loss(student_hidden, student_weight, teacher_hidden, teacher_w
 
 _COMMON_DOC = """
     Args:
-        student_hidden: (..., H_s) last hidden states of the student, float32, bfloat16 or float16.
+        student_hidden: (..., H_s) last hidden states of the student, float32, bfloat16 or float16 (float64
+            for checks such as gradcheck). Every tensor argument may have any layout (strided, expanded,
+            transposed); the target any integer dtype.
         student_weight: (V, H_s) student LM head, same dtype (no autocast: each side's hidden states,
             weight and bias share one dtype); ``student_bias``: optional (V,).
         teacher_hidden: (..., H_t) teacher hidden states with the student's leading shape; must not require
@@ -353,9 +355,12 @@ _COMMON_DOC = """
             as the unfused loss does.
 
     Returns:
-        The float32 loss (with ``return_components``, a ``(loss, LossComponents)`` pair). Gradients reach student_hidden, student_weight and student_bias in their dtypes.
-        With "mean" or "sum" they are computed during the forward and the backward only scales them (a
-        second backward through the same loss raises); with "none" the backward recomputes the chunks.
+        The float32 loss (float64 for float64 inputs, which the reference computes on each chunk; with
+        ``return_components``, a ``(loss, LossComponents)`` pair). Gradients reach student_hidden,
+        student_weight and student_bias in their dtypes, first-order only (a backward with
+        ``create_graph=True`` raises). With "mean" or "sum" they are computed during the forward and the
+        backward only scales them (a second backward through the same loss raises); with "none", and for
+        float64 inputs, the backward recomputes the chunks.
 """
 
 
