@@ -656,3 +656,102 @@ def test_fused_wttm_loss_no_host_sync_and_cuda_graph():
     graph.replay()
     torch.cuda.synchronize()
     torch.testing.assert_close(static_z.grad, expected, rtol=1e-6, atol=1e-9)
+
+
+# --- The split-row path (few long rows): pieces of a row merged, then the KL/gradient pass per piece. ---
+
+TRITON = BACKENDS[:1]
+
+
+@pytest.fixture
+def split_rows(monkeypatch):
+    """Forces the Triton split-row path with pieces of ``width`` columns (not a power of two, so that pieces
+    end inside a block)."""
+    from ttm_kernels import triton_kernels
+
+    def force(width=1000):
+        monkeypatch.setattr(triton_kernels, "row_split", lambda n_rows, V, device: min(width, V))
+    return force
+
+
+SPLIT_CASES = {
+    # name: (shape, spread, kind, kwargs, target kind, layout)
+    "wttm-multipiece": ((5, 4321), 10.0, "wttm", dict(gamma=0.2, beta=2.0, ce_weight=0.7), "random", None),
+    "kd-separate-ce": ((4, 3001), 20.0, "kd", dict(temperature=4.0, ce_weight=0.5), "random", None),
+    "ttm-no-target-sum": ((3, 2500), 5.0, "ttm", dict(gamma=0.1, reduction="sum"), None, None),
+    "wttm-none-upstream": ((2, 3, 2100), 15.0, "wttm", dict(gamma=0.3, reduction="none"), "random", None),
+    "target-in-last-piece": ((3, 2999), 10.0, "wttm", dict(gamma=0.2), "last", None),
+    "masks-across-pieces": ((6, 3100), 10.0, "wttm", dict(gamma=0.2, beta=1.5), "masked", None),
+    "strided-rows": ((3, 8, 2200), 12.0, "wttm", dict(gamma=0.2), "random", "sliced"),
+    "all-ignored": ((4, 2048), 10.0, "wttm", dict(gamma=0.2), "ignored", None),
+}
+
+
+@pytest.mark.parametrize("backend", TRITON)
+@pytest.mark.parametrize("case", list(SPLIT_CASES))
+def test_fused_loss_split_rows(backend, case, split_rows):
+    split_rows()
+    shape, spread, kind, kw, target_kind, layout = SPLIT_CASES[case]
+    device = device_of(backend)
+    z, v = make_logits(shape, spread, seed=len(case), device=device)
+    lead, V = shape[:-1], shape[-1]
+    target = None if target_kind is None else make_target(lead, V, seed=5, device=device)
+    if target_kind == "last":
+        target = torch.full(lead, V - 1, device=device)
+    elif target_kind == "ignored":
+        target = torch.full(lead, -100, device=device)
+    elif target_kind == "masked":
+        z[:, 2000:] = v[:, 2000:] = float("-inf")  # a masked tail spanning two pieces
+        v[:2, :1500] = float("-inf")  # a teacher that rules out whole pieces
+        z[3, 900:1100] = v[3, 900:1100] = float("-inf")  # a mask across a piece boundary
+        target[:] = torch.tensor([1700, 1999, -100, 5, 50, 1], device=device)
+    if layout == "sliced":
+        z, v = z[:, :-1, 50:2150], v[:, 1:, :2100]
+        target = target[:, :-1]
+    upstream = None
+    if kw.get("reduction") == "none":
+        upstream = torch.randn(z.shape[:-1], generator=torch.Generator().manual_seed(1)).to(device)
+    ref_loss, ref_grad = reference_loss_and_grad(kind, z, v, target, upstream=upstream, **kw)
+    loss, grad = fused_loss_and_grad(kind, z.float(), v.float(), target, backend, upstream=upstream, **kw)
+    assert_close("loss", ref_loss, loss, 2e-6, 1e-6)
+    assert_close("grad", ref_grad, grad, 1e-5, 1e-9)
+    if target is not None:
+        assert (grad[target == -100] == 0).all()
+
+
+@pytest.mark.parametrize("backend", TRITON)
+def test_fused_wttm_loss_split_rows_bf16_and_poisoned_target(backend, split_rows):
+    """bf16 gradients rounded to nearest and out-of-range targets poisoned, piece by piece."""
+    split_rows(700)
+    device = device_of(backend)
+    z, v = make_logits((4, 2300), 10.0, seed=3, device=device)
+    z = z.bfloat16().float()
+    target = torch.tensor([3, 2299, 5000, -100], device=device)
+
+    @torch.compile(fullgraph=True, dynamic=False)  # the range check is then the kernels'
+    def rows(student, teacher, tgt):
+        return fused_wttm_loss(student, teacher, tgt, reduction="none", backend=backend)
+
+    student = z.bfloat16().requires_grad_()
+    loss = rows(student, v.float(), target)
+    loss.backward(torch.ones(4, device=device))
+    assert loss[2].isnan() and student.grad[2].isnan().all()
+    z32 = z.clone().requires_grad_()
+    fused_wttm_loss(z32, v.float(), target.clamp(max=2299), reduction="none", backend=backend).backward(
+        torch.ones(4, device=device))
+    same = (student.grad[[0, 1, 3]] == z32.grad[[0, 1, 3]].bfloat16()).float().mean().item()
+    assert same >= 0.99
+
+
+def test_row_split_fills_the_device(monkeypatch):
+    """One program per row while rows fill the SMs; pieces of whole blocks otherwise."""
+    from ttm_kernels import triton_kernels
+
+    monkeypatch.setattr(triton_kernels, "_sm_count", lambda device: 132)
+    cuda = torch.device("cuda")
+    assert triton_kernels.row_split(4096, 262144, cuda) == 262144
+    assert triton_kernels.row_split(4096, 32000, cuda) == 32000
+    width = triton_kernels.row_split(64, 262144, cuda)
+    assert width < 262144 and width % triton_kernels.MAX_BLOCK_V == 0
+    assert 64 * math.ceil(262144 / width) >= 2 * 132  # at least two programs per SM
+    assert triton_kernels.row_split(64, 20000, cuda) == 20000  # too short to split

@@ -6,6 +6,7 @@ time, in a subprocess without TRITON_INTERPRET. On a CUDA machine the loss tests
 real instead.
 """
 import itertools
+import json
 import os
 import subprocess
 import sys
@@ -45,27 +46,81 @@ def compile_every_variant(student, teacher):
     from ttm_kernels import triton_kernels
 
     pointers = {"S": f"*{student}", "TCH": f"*{teacher}", "GRAD": f"*{student}", "Y": "*i64", "STATS": "*fp32",
-                "ROW_GRAD": "*fp32"}
+                "ROW_GRAD": "*fp32", "PARTIAL": "*fp32", "KL_PARTS": "*fp32"}
     for has_target, weighted, separate_ce, has_grad in itertools.product((False, True), repeat=4):
         if separate_ce and not has_target:
             continue
         flags = {"HAS_TARGET": has_target, "SEPARATE_CE": separate_ce, "BLOCK_V": 4096}
-        compile_for_sm90(triton_kernels.ttm_fwd_kernel, pointers,
-                         {**flags, "WEIGHTED": weighted, "HAS_GRAD": has_grad})
-        if not weighted and not has_grad:
-            compile_for_sm90(triton_kernels.ttm_bwd_kernel, pointers, flags)
+        # Integer 1/scale (exponentials derived by powers) and not.
+        powers = {"TEACHER_POWER": 5 if weighted else 0, "STUDENT_POWER": 4 if separate_ce else 0}
+        exp_only = {k: 0 for k in powers}
+        for single_block, variant in ((False, powers), (True, powers), (False, exp_only)):
+            compile_for_sm90(triton_kernels.ttm_fwd_kernel, pointers,
+                             {**flags, **variant, "WEIGHTED": weighted, "HAS_GRAD": has_grad,
+                              "SINGLE_BLOCK": single_block})
+        compile_for_sm90(triton_kernels.ttm_partial_kernel, pointers, {**flags, **powers, "WEIGHTED": weighted})
+        compile_for_sm90(triton_kernels.ttm_merge_kernel, pointers,
+                         {"HAS_TARGET": has_target, "SEPARATE_CE": separate_ce, "WEIGHTED": weighted, "BLOCK_C": 16})
+        compile_for_sm90(triton_kernels.ttm_piece_kernel, pointers,
+                         {**flags, "STUDENT_POWER": powers["STUDENT_POWER"], "HAS_GRAD": has_grad,
+                          "HAS_KL": weighted})
+    compile_for_sm90(triton_kernels.ttm_loss_kernel, pointers, {"BLOCK_C": 16})
     compile_for_sm90(triton_kernels.scale_kernel, {"G": f"*{student}", "SCALE": "*fp32"}, {"BLOCK": 4096})
+
+
+# Training-path variants (bf16, target, gradient, 4096-column blocks over 8 warps: 16 elements per thread)
+# and the most exponentials per element each may issue (the count is per thread in the PTX; a few scalar
+# ones per row come on top).
+EXPONENTIAL_BUDGET = {
+    "wttm-gamma0.2": ({"WEIGHTED": True, "SEPARATE_CE": False, "TEACHER_POWER": 5, "STUDENT_POWER": 0,
+                       "SINGLE_BLOCK": False}, 4),
+    "wttm-gamma0.2-one-block": ({"WEIGHTED": True, "SEPARATE_CE": False, "TEACHER_POWER": 5, "STUDENT_POWER": 0,
+                                 "SINGLE_BLOCK": True}, 2),
+    "kd-T4-with-ce": ({"WEIGHTED": False, "SEPARATE_CE": True, "TEACHER_POWER": 0, "STUDENT_POWER": 4,
+                       "SINGLE_BLOCK": False}, 4),
+}
+ELEMENTS_PER_THREAD = 16
+SCALAR_EXPONENTIALS = 8
+
+
+def exponentials_per_variant():
+    import re
+
+    from ttm_kernels import triton_kernels
+
+    pointers = {"S": "*bf16", "TCH": "*bf16", "GRAD": "*bf16", "Y": "*i64", "STATS": "*fp32", "ROW_GRAD": "*fp32"}
+    counts = {}
+    for name, (flags, _) in EXPONENTIAL_BUDGET.items():
+        kernel = compile_for_sm90(triton_kernels.ttm_fwd_kernel, pointers,
+                                  {**flags, "HAS_TARGET": True, "HAS_GRAD": True, "BLOCK_V": 4096})
+        counts[name] = len(re.findall(r"\bex2\.approx", kernel.asm["ptx"]))
+    return counts
+
+
+def _run_here(*args):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    repo_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (repo_root, env.get("PYTHONPATH")) if p)
+    result = subprocess.run([sys.executable, __file__, *args], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result.stdout
 
 
 @pytest.mark.parametrize("dtypes", [("bf16", "bf16"), ("fp16", "fp32"), ("fp32", "bf16")], ids="-".join)
 def test_triton_kernels_compile_for_sm90(dtypes):
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    repo_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (repo_root, env.get("PYTHONPATH")) if p)
-    result = subprocess.run([sys.executable, __file__, *dtypes], env=env, capture_output=True, text=True,
-                            timeout=300)
-    assert result.returncode == 0, result.stderr[-4000:]
+    _run_here(*dtypes)
+
+
+def test_triton_kernels_exponentials_per_element():
+    """The special-function units issue ~4.2e12 exponentials/s on an H200, HBM moves ~0.8e12 bf16 elements/s
+    (3 touches): each exponential per element counts. Training WTTM at gamma = 1/5 used 5.25 per element."""
+    counts = json.loads(_run_here("count").strip().splitlines()[-1])
+    for name, (_, per_element) in EXPONENTIAL_BUDGET.items():
+        assert counts[name] <= per_element * ELEMENTS_PER_THREAD + SCALAR_EXPONENTIALS, (name, counts[name])
 
 
 if __name__ == "__main__":
-    compile_every_variant(*sys.argv[1:3])
+    if sys.argv[1] == "count":
+        print(json.dumps(exponentials_per_variant()))
+    else:
+        compile_every_variant(*sys.argv[1:3])

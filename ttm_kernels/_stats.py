@@ -21,3 +21,21 @@ class Stat(IntEnum):
 
 
 NUM_STATS = len(Stat)
+
+
+class Partial(IntEnum):
+    """The online sums of one piece of a row (a column range: a piece of a split row, a rank's vocabulary
+    shard), which merge exactly into the row's: maxima by max, sums by sum_c d_c exp(m_c - M)."""
+
+    MAX_S = 0  # max of s*z over the piece
+    SUM_S = 1  # sum exp(s*z - MAX_S)
+    MAX_T = 2  # g*v
+    SUM_T = 3
+    MAX_V = 4  # v (WTTM weight)
+    SUM_V = 5
+    MAX_Z = 6  # z (cross-entropy under a student temperature)
+    SUM_Z = 7
+    TARGET_LOGIT = 8  # z[y] in the piece that holds column y, else -inf (merged by max)
+
+
+NUM_PARTIAL = len(Partial)

@@ -18,11 +18,13 @@ Statistics: (NUM_STATS, N) fp32, rows as named in ``_stats.Stat``.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
-from ._stats import NUM_STATS, Stat
+from ._stats import NUM_PARTIAL, NUM_STATS, Partial, Stat
 
 MAX_BLOCK_V = 4096
 
@@ -38,6 +40,15 @@ LOG_SUM_T = tl.constexpr(int(Stat.LOG_SUM_T))
 MAX_Z = tl.constexpr(int(Stat.MAX_Z))
 LOG_SUM_Z = tl.constexpr(int(Stat.LOG_SUM_Z))
 N_STATS = tl.constexpr(NUM_STATS)
+P_MAX_S = tl.constexpr(int(Partial.MAX_S))
+P_SUM_S = tl.constexpr(int(Partial.SUM_S))
+P_MAX_T = tl.constexpr(int(Partial.MAX_T))
+P_SUM_T = tl.constexpr(int(Partial.SUM_T))
+P_MAX_V = tl.constexpr(int(Partial.MAX_V))
+P_SUM_V = tl.constexpr(int(Partial.SUM_V))
+P_MAX_Z = tl.constexpr(int(Partial.MAX_Z))
+P_SUM_Z = tl.constexpr(int(Partial.SUM_Z))
+P_TARGET_LOGIT = tl.constexpr(int(Partial.TARGET_LOGIT))
 
 
 @triton.jit
@@ -62,8 +73,70 @@ def _store_rounded(ptr, value, mask):
 
 
 @triton.jit
+def _ipow(x, K: tl.constexpr):
+    # x**K for a compile-time integer K in [1, 127], by squaring: multiplications on the FMA units instead of
+    # an exponential on the special-function units, which bind as early as memory does (see _stats_pass).
+    result = x
+    for i in tl.static_range(5, -1, -1):
+        if K >> (i + 1) != 0:  # below K's top bit
+            result = result * result
+            if (K >> i) & 1:
+                result = result * x
+    return result
+
+
+@triton.jit
+def _block_sums(z, v, m_s, d_s, m_t, d_t, m_v, d_v, m_z, d_z, student_scale, teacher_scale,
+                WEIGHTED: tl.constexpr, SEPARATE_CE: tl.constexpr, TEACHER_POWER: tl.constexpr,
+                STUDENT_POWER: tl.constexpr):
+    # One block of the statistics pass: the online sums after it, and the block's exp(s*z - m_s) and
+    # exp(g*v - m_t) against the new maxima. lse(v) (WTTM) and lse(z) (CE under a temperature) cost no
+    # exponential when g = 1/K (TEACHER_POWER = K) or s = 1/K (STUDENT_POWER = K) for an integer K: then
+    # exp(v - K m_t) = exp(g*v - m_t)^K, and their sums live in the frames K m_t and K m_s.
+    sz = z * student_scale
+    gv = v * teacher_scale
+    m_s_new = tl.maximum(m_s, tl.max(sz, 0))
+    alpha_s = tl.exp(m_s - m_s_new)
+    e_s = tl.exp(sz - m_s_new)
+    m_t_new = tl.maximum(m_t, tl.max(gv, 0))
+    alpha_t = tl.exp(m_t - m_t_new)
+    e_t = tl.exp(gv - m_t_new)
+    if WEIGHTED:
+        if TEACHER_POWER > 0:
+            d_v = d_v * _ipow(alpha_t, TEACHER_POWER) + tl.sum(_ipow(e_t, TEACHER_POWER), 0)
+        else:
+            m_v_new = tl.maximum(m_v, tl.max(v, 0))
+            d_v = d_v * tl.exp(m_v - m_v_new) + tl.sum(tl.exp(v - m_v_new), 0)
+            m_v = m_v_new
+    if SEPARATE_CE:
+        if STUDENT_POWER > 0:
+            d_z = d_z * _ipow(alpha_s, STUDENT_POWER) + tl.sum(_ipow(e_s, STUDENT_POWER), 0)
+        else:
+            m_z_new = tl.maximum(m_z, tl.max(z, 0))
+            d_z = d_z * tl.exp(m_z - m_z_new) + tl.sum(tl.exp(z - m_z_new), 0)
+            m_z = m_z_new
+    d_s = d_s * alpha_s + tl.sum(e_s, 0)
+    d_t = d_t * alpha_t + tl.sum(e_t, 0)
+    return m_s_new, d_s, m_t_new, d_t, m_v, d_v, m_z, d_z, e_s, e_t
+
+
+@triton.jit
+def _derived_maxima(m_s, m_t, m_v, m_z, TEACHER_POWER: tl.constexpr, STUDENT_POWER: tl.constexpr):
+    # The frames of the sums _block_sums derives by powers (see there).
+    if TEACHER_POWER > 0:
+        m_v = TEACHER_POWER * m_t
+    if STUDENT_POWER > 0:
+        m_z = STUDENT_POWER * m_s
+    return m_v, m_z
+
+
+@triton.jit
 def _stats_pass(s_row, t_row, V, student_scale, teacher_scale, WEIGHTED: tl.constexpr,
-                SEPARATE_CE: tl.constexpr, BLOCK_V: tl.constexpr):
+                SEPARATE_CE: tl.constexpr, TEACHER_POWER: tl.constexpr, STUDENT_POWER: tl.constexpr,
+                BLOCK_V: tl.constexpr):
+    # Exponentials per element: exp(s*z - m_s) and exp(g*v - m_t), plus one each for lse(v) and lse(z) unless
+    # derived by powers. An H200 issues ~4.2e12 exponentials/s against 0.8e12 bf16 elements/s of HBM traffic
+    # (3 touches of 2 bytes), so at 5 per element the special-function units bind before memory does.
     # A finite initial max: exp(-inf - m) = 0 and exp(m - m) = 1, so an all -inf prefix never gives inf - inf.
     m_s = -1.0e30
     d_s = 0.0
@@ -78,22 +151,10 @@ def _stats_pass(s_row, t_row, V, student_scale, teacher_scale, WEIGHTED: tl.cons
         mask = cols < V
         z = tl.load(s_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
         v = tl.load(t_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
-        sz = z * student_scale
-        gv = v * teacher_scale
-        m_s_new = tl.maximum(m_s, tl.max(sz, 0))
-        d_s = d_s * tl.exp(m_s - m_s_new) + tl.sum(tl.exp(sz - m_s_new), 0)
-        m_s = m_s_new
-        m_t_new = tl.maximum(m_t, tl.max(gv, 0))
-        d_t = d_t * tl.exp(m_t - m_t_new) + tl.sum(tl.exp(gv - m_t_new), 0)
-        m_t = m_t_new
-        if WEIGHTED:
-            m_v_new = tl.maximum(m_v, tl.max(v, 0))
-            d_v = d_v * tl.exp(m_v - m_v_new) + tl.sum(tl.exp(v - m_v_new), 0)
-            m_v = m_v_new
-        if SEPARATE_CE:
-            m_z_new = tl.maximum(m_z, tl.max(z, 0))
-            d_z = d_z * tl.exp(m_z - m_z_new) + tl.sum(tl.exp(z - m_z_new), 0)
-            m_z = m_z_new
+        m_s, d_s, m_t, d_t, m_v, d_v, m_z, d_z, _, _ = _block_sums(
+            z, v, m_s, d_s, m_t, d_t, m_v, d_v, m_z, d_z, student_scale, teacher_scale, WEIGHTED, SEPARATE_CE,
+            TEACHER_POWER, STUDENT_POWER)
+    m_v, m_z = _derived_maxima(m_s, m_t, m_v, m_z, TEACHER_POWER, STUDENT_POWER)
     return m_s, d_s, m_t, d_t, m_v, d_v, m_z, d_z
 
 
@@ -117,17 +178,36 @@ def _kl_term(q, p, y):
 
 
 @triton.jit
+def _block_kl_grad(q, p, e_s, log_ratio, z, cols, mask, y, kl_coef, ce_coef, m_z, log_d_z, inv_d_z,
+                   HAS_TARGET: tl.constexpr, SEPARATE_CE: tl.constexpr, STUDENT_POWER: tl.constexpr):
+    # A block's KL terms and gradient d/dz = kl_coef * (q - p) + ce_coef * (softmax(z) - onehot(y)), where
+    # kl_coef already carries beta * kl_scale * weight * s and the row's upstream gradient. e_s = exp(s*z - m_s)
+    # gives softmax(z) = e_s^K / d_z without an exponential when s = 1/K (see _block_sums).
+    kl_terms = tl.where(mask, _kl_term(q, p, log_ratio), 0.0)
+    grad = kl_coef * (q - p)
+    if HAS_TARGET:
+        if SEPARATE_CE:
+            if STUDENT_POWER > 0:
+                q_ce = _ipow(e_s, STUDENT_POWER) * inv_d_z
+            else:
+                q_ce = tl.exp((z - m_z) - log_d_z)
+        else:
+            q_ce = q
+        grad += ce_coef * (q_ce - tl.where(cols == y, 1.0, 0.0))
+    return kl_terms, grad
+
+
+@triton.jit
 def _kl_grad_pass(s_row, t_row, g_row, y, V, kl_coef, ce_coef, student_scale, teacher_scale,
                   m_s, log_d_s, m_t, log_d_t, m_z, log_d_z, HAS_TARGET: tl.constexpr, SEPARATE_CE: tl.constexpr,
-                  STORE_GRAD: tl.constexpr, BLOCK_V: tl.constexpr):
-    # Returns KL(p || q) of the row; with STORE_GRAD also writes
-    # d/dz = kl_coef * (q - p) + ce_coef * (softmax(z) - onehot(y)), where kl_coef already carries
-    # beta * kl_scale * weight * s and the row's upstream gradient. Last block first: right after the
-    # statistics pass, the blocks it read last are the likeliest to still be in L2.
-    if HAS_TARGET:
-        # A class index outside [0, V) poisons the row's gradient (the loss is NaN too), never a silent answer.
-        ce_coef = tl.where((y >= 0) & (y < V), ce_coef, float("nan"))
+                  STUDENT_POWER: tl.constexpr, STORE_GRAD: tl.constexpr, BLOCK_V: tl.constexpr):
+    # Over V columns from the given pointers (a row, or one piece of it, whose target column is y: it may lie
+    # outside [0, V) when another piece holds it). Returns the columns' share of KL(p || q); with STORE_GRAD
+    # also writes their gradient. Two exponentials per element. Last block first: right after the statistics
+    # pass, the blocks it read last are the likeliest to still be in L2.
     log_ratio = log_d_t - log_d_s
+    d_s = tl.exp(log_d_s)
+    inv_d_z = tl.exp(-log_d_z)
     kl = tl.zeros((BLOCK_V,), dtype=tl.float32)
     n_blocks = tl.cdiv(V, BLOCK_V)
     for i in range(n_blocks):
@@ -139,15 +219,10 @@ def _kl_grad_pass(s_row, t_row, g_row, y, V, kl_coef, ce_coef, student_scale, te
         b = v * teacher_scale - m_t
         q = tl.exp(a - log_d_s)
         p = tl.exp(b - log_d_t)
-        kl += tl.where(mask, _kl_term(q, p, (b - a) - log_ratio), 0.0)
+        kl_terms, grad = _block_kl_grad(q, p, q * d_s, (b - a) - log_ratio, z, cols, mask, y, kl_coef, ce_coef,
+                                        m_z, log_d_z, inv_d_z, HAS_TARGET, SEPARATE_CE, STUDENT_POWER)
+        kl += kl_terms
         if STORE_GRAD:
-            grad = kl_coef * (q - p)
-            if HAS_TARGET:
-                if SEPARATE_CE:
-                    q_ce = tl.exp((z - m_z) - log_d_z)
-                else:
-                    q_ce = q
-                grad += ce_coef * (q_ce - tl.where(cols == y, 1.0, 0.0))
             _store_rounded(g_row + cols, grad, mask)
     return tl.sum(kl, 0)
 
@@ -160,6 +235,48 @@ def _zero_pass(g_row, V, BLOCK_V: tl.constexpr):
 
 
 @triton.jit
+def _finalize(m_s, d_s, m_t, d_t, m_v, d_v, m_z, d_z, z_y, teacher_scale, HAS_TARGET: tl.constexpr,
+              WEIGHTED: tl.constexpr, SEPARATE_CE: tl.constexpr):
+    # A row's online sums -> (log_d_s, log_d_t, weight, m_z, log_d_z, ce), whether the sums were made in one
+    # program or merged from pieces.
+    log_d_s = tl.log(d_s)
+    log_d_t = tl.log(d_t)
+    weight = 1.0
+    if WEIGHTED:
+        # U = sum softmax(v)^g = exp(lse(g*v) - g * lse(v)); the maxima are subtracted first.
+        weight = tl.exp((m_t - teacher_scale * m_v) + log_d_t - teacher_scale * tl.log(d_v))
+    if SEPARATE_CE:
+        log_d_z = tl.log(d_z)
+    else:
+        m_z = m_s
+        log_d_z = log_d_s
+    ce = 0.0
+    if HAS_TARGET:
+        ce = (m_z - z_y) + log_d_z
+    return log_d_s, log_d_t, weight, m_z, log_d_z, ce
+
+
+@triton.jit
+def _checked_ce_coef(ce_coef, y, V, HAS_TARGET: tl.constexpr):
+    # A class index outside [0, V) poisons the row's gradient (its loss is NaN too), never a silent answer.
+    if HAS_TARGET:
+        ce_coef = tl.where((y >= 0) & (y < V), ce_coef, float("nan"))
+    return ce_coef
+
+
+@triton.jit
+def _store_row_stats(STATS, n_rows, row, weight, m_s, log_d_s, m_t, log_d_t, m_z, log_d_z, ce):
+    tl.store(STATS + CE * n_rows + row, ce)
+    tl.store(STATS + WEIGHT * n_rows + row, weight)
+    tl.store(STATS + MAX_S * n_rows + row, m_s)
+    tl.store(STATS + LOG_SUM_S * n_rows + row, log_d_s)
+    tl.store(STATS + MAX_T * n_rows + row, m_t)
+    tl.store(STATS + LOG_SUM_T * n_rows + row, log_d_t)
+    tl.store(STATS + MAX_Z * n_rows + row, m_z)
+    tl.store(STATS + LOG_SUM_Z * n_rows + row, log_d_z)
+
+
+@triton.jit
 def ttm_fwd_kernel(
     S, s_inner, s_stride_b, s_stride_t,
     TCH, t_inner, t_stride_b, t_stride_t,
@@ -168,8 +285,10 @@ def ttm_fwd_kernel(
     n_rows, V,
     student_scale, teacher_scale, kl_coef, ce_weight, ignore_index,
     HAS_TARGET: tl.constexpr, WEIGHTED: tl.constexpr, SEPARATE_CE: tl.constexpr, HAS_GRAD: tl.constexpr,
-    BLOCK_V: tl.constexpr,
+    TEACHER_POWER: tl.constexpr, STUDENT_POWER: tl.constexpr, SINGLE_BLOCK: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
+    # One program per row: statistics, then KL (and gradient), with the row's sums in registers. A row of one
+    # block (SINGLE_BLOCK: V <= BLOCK_V) stays in registers too: read once, two exponentials per element.
     row = tl.program_id(0).to(tl.int64)
     s_row = _row_ptr(S, row, s_inner, s_stride_b, s_stride_t)
     t_row = _row_ptr(TCH, row, t_inner, t_stride_b, t_stride_t)
@@ -185,70 +304,183 @@ def ttm_fwd_kernel(
                 _zero_pass(g_row, V, BLOCK_V)
             return
 
-    m_s, d_s, m_t, d_t, m_v, d_v, m_z, d_z = _stats_pass(s_row, t_row, V, student_scale, teacher_scale,
-                                                          WEIGHTED, SEPARATE_CE, BLOCK_V)
-    log_d_s = tl.log(d_s)
-    log_d_t = tl.log(d_t)
-    weight = 1.0
-    if WEIGHTED:
-        # U = sum softmax(v)^g = exp(lse(g*v) - g * lse(v)); the maxima are subtracted first.
-        weight = tl.exp((m_t - teacher_scale * m_v) + log_d_t - teacher_scale * tl.log(d_v))
-    if SEPARATE_CE:
-        log_d_z = tl.log(d_z)
+    if SINGLE_BLOCK:
+        cols = tl.arange(0, BLOCK_V)
+        mask = cols < V
+        z = tl.load(s_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
+        v = tl.load(t_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
+        m_s, d_s, m_t, d_t, m_v, d_v, m_z, d_z, e_s, e_t = _block_sums(
+            z, v, -1.0e30, 0.0, -1.0e30, 0.0, -1.0e30, 0.0, -1.0e30, 0.0, student_scale, teacher_scale, WEIGHTED,
+            SEPARATE_CE, TEACHER_POWER, STUDENT_POWER)
+        m_v, m_z = _derived_maxima(m_s, m_t, m_v, m_z, TEACHER_POWER, STUDENT_POWER)
     else:
-        m_z = m_s
-        log_d_z = log_d_s
-    ce = 0.0
+        m_s, d_s, m_t, d_t, m_v, d_v, m_z, d_z = _stats_pass(s_row, t_row, V, student_scale, teacher_scale,
+                                                              WEIGHTED, SEPARATE_CE, TEACHER_POWER, STUDENT_POWER,
+                                                              BLOCK_V)
+    z_y = 0.0
     if HAS_TARGET:
-        in_range = (y >= 0) & (y < V)
-        z_y = tl.load(s_row + y, mask=in_range, other=float("nan")).to(tl.float32)
-        ce = (m_z - z_y) + log_d_z
+        z_y = tl.load(s_row + y, mask=(y >= 0) & (y < V), other=float("nan")).to(tl.float32)
+    log_d_s, log_d_t, weight, m_z, log_d_z, ce = _finalize(m_s, d_s, m_t, d_t, m_v, d_v, m_z, d_z, z_y,
+                                                           teacher_scale, HAS_TARGET, WEIGHTED, SEPARATE_CE)
     row_grad = 0.0
     if HAS_GRAD:
         row_grad = tl.load(ROW_GRAD + row * row_grad_stride)
-    kl = _kl_grad_pass(s_row, t_row, g_row, y, V, row_grad * kl_coef * weight * student_scale,
-                       row_grad * ce_weight, student_scale, teacher_scale, m_s, log_d_s, m_t, log_d_t, m_z,
-                       log_d_z, HAS_TARGET, SEPARATE_CE, HAS_GRAD, BLOCK_V)
-
-    tl.store(STATS + LOSS * n_rows + row, kl_coef * weight * kl + ce_weight * ce)
+    grad_kl_coef = row_grad * kl_coef * weight * student_scale
+    ce_coef = _checked_ce_coef(row_grad * ce_weight, y, V, HAS_TARGET)
+    if SINGLE_BLOCK:
+        a = z * student_scale - m_s
+        b = v * teacher_scale - m_t
+        kl_terms, grad = _block_kl_grad(e_s / d_s, e_t / d_t, e_s, (b - a) - (log_d_t - log_d_s), z, cols, mask, y,
+                                        grad_kl_coef, ce_coef, m_z, log_d_z, tl.exp(-log_d_z), HAS_TARGET,
+                                        SEPARATE_CE, STUDENT_POWER)
+        kl = tl.sum(kl_terms, 0)
+        if HAS_GRAD:
+            _store_rounded(g_row + cols, grad, mask)
+    else:
+        kl = _kl_grad_pass(s_row, t_row, g_row, y, V, grad_kl_coef, ce_coef, student_scale, teacher_scale, m_s,
+                           log_d_s, m_t, log_d_t, m_z, log_d_z, HAS_TARGET, SEPARATE_CE, STUDENT_POWER, HAS_GRAD,
+                           BLOCK_V)
+    _store_row_stats(STATS, n_rows, row, weight, m_s, log_d_s, m_t, log_d_t, m_z, log_d_z, ce)
     tl.store(STATS + KL * n_rows + row, kl)
-    tl.store(STATS + CE * n_rows + row, ce)
-    tl.store(STATS + WEIGHT * n_rows + row, weight)
-    tl.store(STATS + MAX_S * n_rows + row, m_s)
-    tl.store(STATS + LOG_SUM_S * n_rows + row, log_d_s)
-    tl.store(STATS + MAX_T * n_rows + row, m_t)
-    tl.store(STATS + LOG_SUM_T * n_rows + row, log_d_t)
-    tl.store(STATS + MAX_Z * n_rows + row, m_z)
-    tl.store(STATS + LOG_SUM_Z * n_rows + row, log_d_z)
+    tl.store(STATS + LOSS * n_rows + row, kl_coef * weight * kl + ce_weight * ce)
+
+
+# The split-row path, for few long rows: programs over (row, piece of CHUNK_V columns). Each writes its
+# piece's online sums (PARTIAL: N_PARTIAL x N x C fp32, rows as named in _stats.Partial); one program per row
+# merges them into the row's statistics; the piece programs then make the KL and gradient pass over their
+# pieces (KL_PARTS: N x C); one program per row sums the KL and writes the loss.
 
 
 @triton.jit
-def ttm_bwd_kernel(
+def ttm_partial_kernel(
     S, s_inner, s_stride_b, s_stride_t,
     TCH, t_inner, t_stride_b, t_stride_t,
-    Y, STATS,
-    GRAD, g_inner, g_stride_b, g_stride_t, ROW_GRAD, row_grad_stride,
-    n_rows, V,
-    student_scale, teacher_scale, kl_coef, ce_weight, ignore_index,
-    HAS_TARGET: tl.constexpr, SEPARATE_CE: tl.constexpr, BLOCK_V: tl.constexpr,
+    Y, PARTIAL, n_rows, V, chunk_v, n_chunks,
+    student_scale, teacher_scale, ignore_index,
+    HAS_TARGET: tl.constexpr, WEIGHTED: tl.constexpr, SEPARATE_CE: tl.constexpr, TEACHER_POWER: tl.constexpr,
+    STUDENT_POWER: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
-    s_row = _row_ptr(S, row, s_inner, s_stride_b, s_stride_t)
-    t_row = _row_ptr(TCH, row, t_inner, t_stride_b, t_stride_t)
-    g_row = _row_ptr(GRAD, row, g_inner, g_stride_b, g_stride_t)
+    chunk = tl.program_id(1).to(tl.int64)
+    start = chunk * chunk_v
+    width = tl.minimum(chunk_v, V - start)
+    s_row = _row_ptr(S, row, s_inner, s_stride_b, s_stride_t) + start
+    t_row = _row_ptr(TCH, row, t_inner, t_stride_b, t_stride_t) + start
+    y = 0
+    if HAS_TARGET:
+        y = tl.load(Y + row)
+    z_y = float("-inf")  # merged by max: only the piece that holds the target column has it
+    if HAS_TARGET and y != ignore_index:
+        in_piece = (y >= start) & (y < start + width)
+        z_y = tl.load(s_row + (y - start), mask=in_piece, other=float("-inf")).to(tl.float32)
+    m_s, d_s, m_t, d_t, m_v, d_v, m_z, d_z = _stats_pass(s_row, t_row, width, student_scale, teacher_scale,
+                                                          WEIGHTED, SEPARATE_CE, TEACHER_POWER, STUDENT_POWER,
+                                                          BLOCK_V)
+    out = PARTIAL + row * n_chunks + chunk
+    stride = n_rows * n_chunks
+    tl.store(out + P_MAX_S * stride, m_s)
+    tl.store(out + P_SUM_S * stride, d_s)
+    tl.store(out + P_MAX_T * stride, m_t)
+    tl.store(out + P_SUM_T * stride, d_t)
+    tl.store(out + P_MAX_V * stride, m_v)
+    tl.store(out + P_SUM_V * stride, d_v)
+    tl.store(out + P_MAX_Z * stride, m_z)
+    tl.store(out + P_SUM_Z * stride, d_z)
+    tl.store(out + P_TARGET_LOGIT * stride, z_y)
+
+
+@triton.jit
+def _merged(PARTIAL, k_max, k_sum, offs, mask, stride):
+    # The online (max, sum) pair of a row merged over its pieces: M = max m_c, D = sum d_c exp(m_c - M).
+    m = tl.load(PARTIAL + k_max * stride + offs, mask=mask, other=-1.0e30)
+    d = tl.load(PARTIAL + k_sum * stride + offs, mask=mask, other=0.0)
+    m_all = tl.max(m, 0)
+    return m_all, tl.sum(d * tl.exp(m - m_all), 0)
+
+
+@triton.jit
+def ttm_merge_kernel(
+    PARTIAL, Y, STATS, n_rows, n_chunks, V, teacher_scale, ignore_index,
+    HAS_TARGET: tl.constexpr, WEIGHTED: tl.constexpr, SEPARATE_CE: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
     y = 0
     if HAS_TARGET:
         y = tl.load(Y + row)
         if y == ignore_index:
-            _zero_pass(g_row, V, BLOCK_V)
+            for k in tl.static_range(N_STATS):
+                tl.store(STATS + k * n_rows + row, 0.0)
+            return
+    pieces = tl.arange(0, BLOCK_C)
+    mask = pieces < n_chunks
+    offs = row * n_chunks + pieces
+    stride = n_rows * n_chunks
+    m_s, d_s = _merged(PARTIAL, P_MAX_S, P_SUM_S, offs, mask, stride)
+    m_t, d_t = _merged(PARTIAL, P_MAX_T, P_SUM_T, offs, mask, stride)
+    m_v, d_v = _merged(PARTIAL, P_MAX_V, P_SUM_V, offs, mask, stride)
+    m_z, d_z = _merged(PARTIAL, P_MAX_Z, P_SUM_Z, offs, mask, stride)
+    z_y = 0.0
+    if HAS_TARGET:
+        z_y = tl.max(tl.load(PARTIAL + P_TARGET_LOGIT * stride + offs, mask=mask, other=float("-inf")), 0)
+        z_y = tl.where((y >= 0) & (y < V), z_y, float("nan"))
+    log_d_s, log_d_t, weight, m_z, log_d_z, ce = _finalize(m_s, d_s, m_t, d_t, m_v, d_v, m_z, d_z, z_y,
+                                                           teacher_scale, HAS_TARGET, WEIGHTED, SEPARATE_CE)
+    _store_row_stats(STATS, n_rows, row, weight, m_s, log_d_s, m_t, log_d_t, m_z, log_d_z, ce)
+
+
+@triton.jit
+def ttm_piece_kernel(
+    S, s_inner, s_stride_b, s_stride_t,
+    TCH, t_inner, t_stride_b, t_stride_t,
+    Y, STATS,
+    GRAD, g_inner, g_stride_b, g_stride_t, ROW_GRAD, row_grad_stride,
+    KL_PARTS, n_rows, V, chunk_v, n_chunks,
+    student_scale, teacher_scale, kl_coef, ce_weight, ignore_index,
+    HAS_TARGET: tl.constexpr, SEPARATE_CE: tl.constexpr, STUDENT_POWER: tl.constexpr, HAS_GRAD: tl.constexpr,
+    HAS_KL: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    # The KL (HAS_KL) and gradient (HAS_GRAD) pass over one piece of a row, from the row's statistics. With one
+    # piece per row, this is also the backward of either path.
+    row = tl.program_id(0).to(tl.int64)
+    chunk = tl.program_id(1).to(tl.int64)
+    start = chunk * chunk_v
+    width = tl.minimum(chunk_v, V - start)
+    s_row = _row_ptr(S, row, s_inner, s_stride_b, s_stride_t) + start
+    t_row = _row_ptr(TCH, row, t_inner, t_stride_b, t_stride_t) + start
+    g_row = _row_ptr(GRAD, row, g_inner, g_stride_b, g_stride_t) + start
+    y = 0
+    if HAS_TARGET:
+        y = tl.load(Y + row)
+        if y == ignore_index:
+            if HAS_GRAD:
+                _zero_pass(g_row, width, BLOCK_V)
+            if HAS_KL:
+                tl.store(KL_PARTS + row * n_chunks + chunk, 0.0)
             return
     weight = tl.load(STATS + WEIGHT * n_rows + row)
-    row_grad = tl.load(ROW_GRAD + row * row_grad_stride)
-    _kl_grad_pass(s_row, t_row, g_row, y, V, row_grad * kl_coef * weight * student_scale, row_grad * ce_weight,
-                  student_scale, teacher_scale, tl.load(STATS + MAX_S * n_rows + row),
-                  tl.load(STATS + LOG_SUM_S * n_rows + row), tl.load(STATS + MAX_T * n_rows + row),
-                  tl.load(STATS + LOG_SUM_T * n_rows + row), tl.load(STATS + MAX_Z * n_rows + row),
-                  tl.load(STATS + LOG_SUM_Z * n_rows + row), HAS_TARGET, SEPARATE_CE, True, BLOCK_V)
+    row_grad = 0.0
+    if HAS_GRAD:
+        row_grad = tl.load(ROW_GRAD + row * row_grad_stride)
+    kl = _kl_grad_pass(s_row, t_row, g_row, y - start, width, row_grad * kl_coef * weight * student_scale,
+                       _checked_ce_coef(row_grad * ce_weight, y, V, HAS_TARGET), student_scale, teacher_scale,
+                       tl.load(STATS + MAX_S * n_rows + row), tl.load(STATS + LOG_SUM_S * n_rows + row),
+                       tl.load(STATS + MAX_T * n_rows + row), tl.load(STATS + LOG_SUM_T * n_rows + row),
+                       tl.load(STATS + MAX_Z * n_rows + row), tl.load(STATS + LOG_SUM_Z * n_rows + row),
+                       HAS_TARGET, SEPARATE_CE, STUDENT_POWER, HAS_GRAD, BLOCK_V)
+    if HAS_KL:
+        tl.store(KL_PARTS + row * n_chunks + chunk, kl)
+
+
+@triton.jit
+def ttm_loss_kernel(KL_PARTS, STATS, n_rows, n_chunks, kl_coef, ce_weight, BLOCK_C: tl.constexpr):
+    # Sums a row's KL over its pieces (in piece order: the same result on every run) and writes KL and loss.
+    row = tl.program_id(0).to(tl.int64)
+    pieces = tl.arange(0, BLOCK_C)
+    kl = tl.sum(tl.load(KL_PARTS + row * n_chunks + pieces, mask=pieces < n_chunks, other=0.0), 0)
+    weight = tl.load(STATS + WEIGHT * n_rows + row)
+    ce = tl.load(STATS + CE * n_rows + row)
+    tl.store(STATS + KL * n_rows + row, kl)
+    tl.store(STATS + LOSS * n_rows + row, kl_coef * weight * kl + ce_weight * ce)
 
 
 @triton.jit
@@ -269,9 +501,41 @@ def scale_(grad: torch.Tensor, scale: torch.Tensor) -> None:
 
 
 def launch_config(V: int) -> dict:
-    """BLOCK_V and launch options for a vocabulary of V; benchmarks/tune_triton.py sweeps the alternatives."""
+    """BLOCK_V and launch options for rows (or pieces) of V columns; benchmarks/tune_triton.py sweeps the
+    alternatives."""
     block_v = min(triton.next_power_of_2(V), MAX_BLOCK_V)
     return {"BLOCK_V": block_v, "num_warps": 4 if block_v <= 1024 else 8, "num_stages": 1}
+
+
+# The split-row path pays for itself when one program per row leaves SMs idle: aim at PROGRAMS_PER_SM programs
+# per SM, in pieces of at least MIN_PIECE_COLUMNS columns (enough work per program to hide its start-up and
+# the merge). Both to be set from the device sweep (benchmarks/tune_triton.py).
+PROGRAMS_PER_SM = 4
+MIN_PIECE_COLUMNS = 16384
+
+
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 1  # the interpreter runs programs one by one: nothing to fill
+
+
+def row_split(n_rows: int, V: int, device: torch.device) -> int:
+    """Columns per program: V (one program per row) unless rows are too few to fill the device, then pieces
+    of a multiple of MAX_BLOCK_V columns. The one place that picks the path."""
+    wanted = triton.cdiv(PROGRAMS_PER_SM * _sm_count(device), max(n_rows, 1))
+    pieces = min(wanted, V // MIN_PIECE_COLUMNS)
+    if pieces <= 1:
+        return V
+    return triton.cdiv(triton.cdiv(V, pieces), MAX_BLOCK_V) * MAX_BLOCK_V
+
+
+def _integer_inverse(scale: float) -> int:
+    """K when ``scale`` is 1/K for an integer K in [1, 127] (to fp32 precision), else 0: the exponent that
+    derives exp(x - K m) from exp(scale * x - m) (``_block_sums``)."""
+    k = round(1.0 / scale)
+    return k if 1 <= k <= 127 and abs(k * scale - 1.0) < 1e-6 else 0
 
 
 def _row_args(prefix: str, name: str, x: torch.Tensor) -> dict:
@@ -280,6 +544,7 @@ def _row_args(prefix: str, name: str, x: torch.Tensor) -> dict:
 
 
 def _launch_args(student, teacher, target, stats, grad, row_grad, params) -> dict:
+    separate_ce = target is not None and params["student_scale"] != 1.0
     return {
         **_row_args("s", "S", student), **_row_args("t", "TCH", teacher), **_row_args("g", "GRAD", grad),
         "Y": target if target is not None else stats, "STATS": stats,
@@ -289,28 +554,58 @@ def _launch_args(student, teacher, target, stats, grad, row_grad, params) -> dic
         "kl_coef": float(params["kl_coef"]), "ce_weight": float(params["ce_weight"]),
         "ignore_index": int(params["ignore_index"]),
         "HAS_TARGET": target is not None,
-        "SEPARATE_CE": target is not None and params["student_scale"] != 1.0,
-        **launch_config(student.shape[2]),
+        "SEPARATE_CE": separate_ce,
+        "STUDENT_POWER": _integer_inverse(params["student_scale"]) if separate_ce else 0,
     }
+
+
+def _pieces(args: dict, chunk_v: int) -> dict:
+    return {"chunk_v": chunk_v, "n_chunks": triton.cdiv(args["V"], chunk_v), **launch_config(chunk_v)}
 
 
 def forward(student, teacher, target, *, grad=None, row_grad=None, weighted, **params):
     """Loss statistics (NUM_STATS, N) fp32 of (B, T, V) row views; with ``grad``, also writes d(sum_i
     row_grad_i * loss_i)/dz into it (a (B, T, V) view, possibly ``student`` itself)."""
-    n_rows = student.shape[0] * student.shape[1]
+    n_rows, V = student.shape[0] * student.shape[1], student.shape[2]
     stats = torch.empty((NUM_STATS, n_rows), dtype=torch.float32, device=student.device)
     if n_rows == 0:
         return stats
     has_grad = grad is not None
     if not has_grad:
         grad, row_grad = student, stats  # never touched
-    ttm_fwd_kernel[(n_rows,)](**_launch_args(student, teacher, target, stats, grad, row_grad, params),
-                              WEIGHTED=weighted, HAS_GRAD=has_grad)
+    args = _launch_args(student, teacher, target, stats, grad, row_grad, params)
+    teacher_power = _integer_inverse(params["teacher_scale"]) if weighted else 0
+    chunk_v = row_split(n_rows, V, student.device)
+    if chunk_v == V:
+        config = launch_config(V)
+        ttm_fwd_kernel[(n_rows,)](**args, WEIGHTED=weighted, HAS_GRAD=has_grad, TEACHER_POWER=teacher_power,
+                                  SINGLE_BLOCK=V <= config["BLOCK_V"], **config)
+        return stats
+    pieces = _pieces(args, chunk_v)
+    n_chunks = pieces["n_chunks"]
+    partial = torch.empty((NUM_PARTIAL, n_rows, n_chunks), dtype=torch.float32, device=student.device)
+    kl_parts = torch.empty((n_rows, n_chunks), dtype=torch.float32, device=student.device)
+    row_args = {k: args[k] for k in ("S", "s_inner", "s_stride_b", "s_stride_t", "TCH", "t_inner", "t_stride_b",
+                                     "t_stride_t", "Y", "n_rows", "V", "student_scale", "teacher_scale",
+                                     "ignore_index", "HAS_TARGET", "SEPARATE_CE", "STUDENT_POWER")}
+    block_c = triton.next_power_of_2(n_chunks)
+    ttm_partial_kernel[(n_rows, n_chunks)](**row_args, PARTIAL=partial, WEIGHTED=weighted,
+                                           TEACHER_POWER=teacher_power, **pieces)
+    ttm_merge_kernel[(n_rows,)](PARTIAL=partial, Y=args["Y"], STATS=stats, n_rows=n_rows, n_chunks=n_chunks, V=V,
+                                teacher_scale=args["teacher_scale"], ignore_index=args["ignore_index"],
+                                HAS_TARGET=args["HAS_TARGET"], WEIGHTED=weighted, SEPARATE_CE=args["SEPARATE_CE"],
+                                BLOCK_C=block_c)
+    ttm_piece_kernel[(n_rows, n_chunks)](**args, KL_PARTS=kl_parts, HAS_GRAD=has_grad, HAS_KL=True, **pieces)
+    ttm_loss_kernel[(n_rows,)](KL_PARTS=kl_parts, STATS=stats, n_rows=n_rows, n_chunks=n_chunks,
+                               kl_coef=args["kl_coef"], ce_weight=args["ce_weight"], BLOCK_C=block_c)
     return stats
 
 
 def backward(row_grad, student, teacher, target, stats, grad, **params):
     """Writes d(sum_i row_grad_i * loss_i)/dz into ``grad`` from the statistics of ``forward``."""
-    n_rows = student.shape[0] * student.shape[1]
-    if n_rows:
-        ttm_bwd_kernel[(n_rows,)](**_launch_args(student, teacher, target, stats, grad, row_grad, params))
+    n_rows, V = student.shape[0] * student.shape[1], student.shape[2]
+    if n_rows == 0:
+        return
+    args = _launch_args(student, teacher, target, stats, grad, row_grad, params)
+    pieces = _pieces(args, row_split(n_rows, V, student.device))
+    ttm_piece_kernel[(n_rows, pieces["n_chunks"])](**args, KL_PARTS=stats, HAS_GRAD=True, HAS_KL=False, **pieces)
