@@ -17,20 +17,22 @@ def main(argv=None):
     parser = argparse.ArgumentParser(
         prog="python -m train", usage=USAGE, formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Train a teacher (loss=ce) or distil a student (loss=kd|ttm|wttm) with ttm_kernels. "
-                    "Multi-GPU / multi-node: torchrun --nproc_per_node=N -m train --config FILE.",
+                    "Multi-GPU / multi-node: torchrun --nproc_per_node=N -m train --config FILE. Exit codes: 0 "
+                    "done; 2 the input is wrong (one 'error:' line says what to change); 3 training diverged (a "
+                    "non-finite loss or gradient; the last good checkpoint is kept, see on_nonfinite).",
         epilog=config.help_text())
     parser.add_argument("--config", help="YAML file of key: value (see below); train/configs/ has examples")
     parser.add_argument("--resume", action="store_true",
                         help="continue the run in out_dir from its last checkpoint")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="override config keys")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # key=value both before and after --resume
     try:
         from .engine import train
         cfg = config.load(args.config, args.overrides)
         train(cfg, resume=args.resume)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return exc.exit_code
     return 0
 
 

@@ -5,13 +5,40 @@ Every key is declared once in ``KEYS`` (default, type, help); anything else is a
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
+import re
 from typing import Any
 
 import yaml
 
 from .errors import ConfigError
 from .models import LOW_LR_STUDENTS
+
+
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader (YAML 1.1) that also reads YAML 1.2's float notations: 1e-3, 1E+9, 2e5 and -.5 are
+    numbers, where YAML 1.1 wants a dot and a signed exponent (1.0e-3) and reads the others as strings."""
+
+
+_Loader.add_implicit_resolver(  # tried after YAML 1.1's int and float patterns: it only adds notations
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:(?:[0-9][0-9_]*\.[0-9_]*|\.[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)?|[0-9][0-9_]*[eE][-+]?[0-9]+)$"),
+    list("-+.0123456789"))
+
+
+def load_yaml(stream, source: str):
+    """YAML text or file as Python values (every float notation is a float); a syntax error names ``source``
+    and the line and column, on one line."""
+    try:
+        return yaml.load(stream, Loader=_Loader)
+    except yaml.YAMLError as exc:
+        mark, problem = getattr(exc, "problem_mark", None), getattr(exc, "problem", None) or exc
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{source} is not valid YAML{where}: {problem}") from exc
+    except ValueError as exc:  # a scalar PyYAML resolves but cannot convert, e.g. 0x_
+        raise ConfigError(f"{source}: {exc}") from exc
+
 
 LOSSES = ("ce", "kd", "ttm", "wttm")
 # Per-loss defaults for keys left null: the CIFAR-100 recipes of RepDistiller (KD) and the public TTM code.
@@ -78,6 +105,12 @@ KEYS: dict[str, Key] = {
                        ("multistep", "cosine")),
     "lr_milestones": Key([150, 180, 210], list, "epochs after which the lr is multiplied by lr_decay"),
     "lr_decay": Key(0.1, NUM, "multistep decay factor"),
+    "on_nonfinite": Key("error", str, "a training step whose loss or gradient is NaN or infinite never updates the "
+                        "model; error: the run stops at the next check (exit code 3, the last good checkpoint is "
+                        "kept, --resume continues from it); skip: it goes on without such steps and logs their count",
+                        ("error", "skip")),
+    "log_every": Key(20, int, "training steps between host reads of the loss: the progress bar's loss and the "
+                     "non-finite check (on GPU each read waits for the device); every epoch's end is checked too"),
     # reproducibility and hardware
     "seed": Key(0, int, "seed of the model init, the data order and the augmentation"),
     "deterministic": Key(False, bool, "deterministic algorithms only (bitwise reproducible runs and resumes)"),
@@ -95,7 +128,7 @@ KEYS: dict[str, Key] = {
 
 # Keys that may differ between a run and its resumption.
 RESUMABLE_CHANGES = ("epochs", "out_dir", "num_workers", "threads", "channels_last", "tensorboard", "progress",
-                     "test_batch_size", "eval_teacher", "data_dir", "device")
+                     "test_batch_size", "eval_teacher", "data_dir", "device", "log_every", "on_nonfinite")
 
 
 def defaults() -> dict:
@@ -116,7 +149,15 @@ def _check(name: str, value):
         raise ConfigError(f"config key {name!r} must be {want}, got {value!r} ({type(value).__name__})")
     if key.choices and value not in key.choices:
         raise ConfigError(f"config key {name!r} must be one of {key.choices}, got {value!r}")
-    return float(value) if types == NUM else value
+    if types != NUM:
+        return value
+    try:
+        value = float(value)
+    except OverflowError:  # an int beyond float's range
+        value = math.inf
+    if not math.isfinite(value):
+        raise ConfigError(f"config key {name!r} must be a finite number, got {value}")
+    return value
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -126,10 +167,7 @@ def parse_override(text: str) -> tuple[str, Any]:
     name = name.strip()
     if name not in KEYS:
         raise ConfigError(f"unknown config key {name!r}; run `python -m train --help` for the list of keys")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"cannot parse the value of {name!r}: {raw!r} ({exc})") from exc
+    value = load_yaml(raw, f"the value of {name!r} ({raw!r})") if raw.strip() else None
     if KEYS[name].type is str and value is not None and not isinstance(value, str):
         value = raw  # e.g. out_dir=2024 stays the string "2024"
     return name, value
@@ -141,7 +179,7 @@ def load(path: str | None = None, overrides: list[str] = ()) -> dict:
     if path:
         try:
             with open(path) as f:
-                data = yaml.safe_load(f) or {}
+                data = load_yaml(f, f"config file {path}") or {}
         except OSError as exc:
             raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
         if not isinstance(data, dict):
@@ -162,7 +200,7 @@ def validate(cfg: dict) -> dict:
     missing = set(KEYS) - set(cfg)
     if missing:
         raise ConfigError(f"config is missing keys {sorted(missing)}")
-    for name in ("epochs", "batch_size", "test_batch_size"):
+    for name in ("epochs", "batch_size", "test_batch_size", "log_every"):
         if cfg[name] < 1:
             raise ConfigError(f"config key {name!r} must be >= 1, got {cfg[name]}")
     if (cfg["task"] == "lm") != (cfg["dataset"] == "text"):
@@ -190,12 +228,14 @@ def validate(cfg: dict) -> dict:
     for name, value in LOSS_DEFAULTS[cfg["loss"]].items():
         if cfg[name] is None:
             cfg[name] = value
-    if cfg["loss"] in ("ttm", "wttm") and cfg["gamma"] <= 0:
-        raise ConfigError(f"config key 'gamma' must be > 0, got {cfg['gamma']}")
-    if cfg["temperature"] <= 0:
-        raise ConfigError(f"config key 'temperature' must be > 0, got {cfg['temperature']}")
     if cfg["lr"] is None:
         cfg["lr"] = 0.01 if cfg["model"] in LOW_LR_STUDENTS else 0.05
+    for name in ("lr", "lr_decay", "temperature") + (("gamma",) if cfg["loss"] in ("ttm", "wttm") else ()):
+        if cfg[name] <= 0:
+            raise ConfigError(f"config key {name!r} must be > 0, got {cfg[name]}")
+    for name in ("momentum", "weight_decay", "ce_weight", "beta"):
+        if cfg[name] < 0:
+            raise ConfigError(f"config key {name!r} must be >= 0, got {cfg[name]}")
     if cfg["out_dir"] is None:
         model = os.path.basename(cfg["model"].removeprefix("hf:").rstrip("/"))  # hf:<path>: the folder's name
         cfg["out_dir"] = f"runs/{cfg['dataset']}-{model}-{cfg['loss']}-seed{cfg['seed']}"

@@ -9,15 +9,17 @@ from __future__ import annotations
 import dataclasses
 import gzip
 import importlib
+import math
 import os
 import pickle
 import struct
+import zlib
 
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DistributedSampler
 
-from .errors import DatasetNotFoundError, MissingDependencyError
+from .errors import ConfigError, DataError, DatasetNotFoundError, MissingDependencyError
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 CIFAR100_DIR = "data"
@@ -47,20 +49,25 @@ class Data:
 def read_idx(path: str) -> torch.Tensor:
     """An IDX file (the MNIST format), gzip-compressed or raw, as a tensor of its dtype and shape."""
     opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rb") as f:
-        raw = f.read()
+    try:
+        with opener(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError, zlib.error) as exc:  # unreadable, or a truncated or corrupt gzip stream
+        raise DataError(f"cannot read {path} ({exc}): replace it with an intact copy") from exc
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in IDX_DTYPES:
-        raise ValueError(f"{path} is not an IDX file (bad magic number {raw[:4].hex()})")
+        raise DataError(f"{path} is not an IDX file (bad magic number {raw[:4].hex()})")
     dtype, ndim = IDX_DTYPES[raw[2]], raw[3]
-    shape = struct.unpack(f">{ndim}I", raw[4:4 + 4 * ndim])
-    data = torch.frombuffer(bytearray(raw[4 + 4 * ndim:]), dtype=torch.uint8)
+    body = 4 + 4 * ndim
+    if len(raw) < body:
+        raise DataError(f"{path} ends inside its IDX header: replace it with an intact copy")
+    shape = struct.unpack(f">{ndim}I", raw[4:body])
+    expected = dtype.itemsize * math.prod(shape)
+    if len(raw) - body != expected:
+        raise DataError(f"{path}: its header says shape {shape} ({expected} bytes) but {len(raw) - body} bytes "
+                        "follow: replace it with an intact copy")
+    data = torch.frombuffer(bytearray(raw[body:]), dtype=torch.uint8)
     if dtype != torch.uint8:  # multi-byte IDX values are big-endian
         data = data.view(-1, dtype.itemsize).flip(1).reshape(-1).view(dtype)
-    expected = 1
-    for size in shape:
-        expected *= size
-    if data.numel() != expected:
-        raise ValueError(f"{path}: header says shape {shape} but the file holds {data.numel()} values")
     return data.reshape(shape)
 
 
@@ -84,21 +91,31 @@ def load_fashion_mnist(data_dir: str | None):
                 "the four IDX files from https://github.com/zalandoresearch/fashion-mnist into data_dir")
         images, labels = (read_idx(p) for p in paths)
         if images.dim() != 3 or labels.shape != images.shape[:1]:
-            raise ValueError(f"Fashion-MNIST files {paths} hold images {tuple(images.shape)} and labels "
-                             f"{tuple(labels.shape)}; expected (N, 28, 28) and (N,)")
+            raise DataError(f"Fashion-MNIST files {paths} hold images {tuple(images.shape)} and labels "
+                            f"{tuple(labels.shape)}; expected (N, 28, 28) and (N,)")
         splits[split] = (images.unsqueeze(1), labels.long())
     return splits, 10
 
 
 def _read_cifar_pickle(path: str):
-    with open(path, "rb") as f:
-        entry = pickle.load(f, encoding="latin1")
-    entry = {k.decode() if isinstance(k, bytes) else k: v for k, v in entry.items()}
-    if "data" not in entry or "fine_labels" not in entry:
-        raise ValueError(f"{path} is not a CIFAR-100 python pickle (keys {sorted(entry)}; expected 'data' and "
-                         "'fine_labels')")
+    try:
+        with open(path, "rb") as f:
+            entry = pickle.load(f, encoding="latin1")
+    except Exception as exc:  # a truncated or foreign file raises any of several unpickling errors
+        raise DataError(f"cannot read the CIFAR-100 pickle {path} ({type(exc).__name__}: {exc}): replace it with "
+                        "an intact copy") from exc
+    if isinstance(entry, dict):
+        entry = {k.decode() if isinstance(k, bytes) else k: v for k, v in entry.items()}
+    if not isinstance(entry, dict) or "data" not in entry or "fine_labels" not in entry:
+        keys = sorted(map(str, entry)) if isinstance(entry, dict) else type(entry).__name__
+        raise DataError(f"{path} is not a CIFAR-100 python pickle (it holds {keys}; expected 'data' and "
+                        "'fine_labels')")
     images = torch.as_tensor(entry["data"], dtype=torch.uint8)
-    return images.reshape(-1, 3, 32, 32), torch.as_tensor(entry["fine_labels"], dtype=torch.long)
+    labels = torch.as_tensor(entry["fine_labels"], dtype=torch.long)
+    if images.numel() != len(labels) * 3 * 32 * 32:
+        raise DataError(f"{path} holds {len(labels)} labels but {images.numel()} pixel values, not "
+                        f"{len(labels)} x 3 x 32 x 32: replace it with an intact copy")
+    return images.reshape(-1, 3, 32, 32), labels
 
 
 def load_cifar100(data_dir: str | None):
@@ -258,7 +275,7 @@ def build_imagenet(cfg, rank, world):
 
 def _per_rank_batch(cfg, world):
     if cfg["batch_size"] % world:
-        raise ValueError(f"batch_size {cfg['batch_size']} must be divisible by the number of processes {world}")
+        raise ConfigError(f"batch_size {cfg['batch_size']} must be divisible by the number of processes {world}")
     return cfg["batch_size"] // world
 
 

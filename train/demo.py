@@ -14,7 +14,6 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-import yaml  # noqa: E402
 
 from . import checkpoint, config  # noqa: E402
 from .engine import train  # noqa: E402
@@ -25,8 +24,13 @@ LABELS = {"ce": "CE only", "kd": "KD", "ttm": "TTM", "wttm": "WTTM"}
 
 
 def read_plan(path: str) -> dict:
-    with open(path) as f:
-        plan = yaml.safe_load(f)
+    try:
+        with open(path) as f:
+            plan = config.load_yaml(f, f"demo config {path}")
+    except OSError as exc:
+        raise ConfigError(f"cannot read demo config {path}: {exc.strerror}") from exc
+    if not isinstance(plan, dict):
+        raise ConfigError(f"demo config {path} must hold a mapping with common, teacher and students")
     for section in ("common", "teacher", "students"):
         if not isinstance(plan.get(section), dict):
             raise ConfigError(f"demo config {path} needs a mapping {section!r}")
@@ -99,7 +103,7 @@ def main(argv=None) -> int:
             results[name] = (summary, checkpoint.load(os.path.join(cfg["out_dir"], checkpoint.LAST))["history"])
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return exc.exit_code
     total = time.perf_counter() - start
 
     rows = [("teacher", teacher_cfg["model"], "ce", f"{teacher['best_top1']:.2f}", f"{teacher['last_top1']:.2f}",

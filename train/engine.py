@@ -12,9 +12,10 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from . import checkpoint, config
-from .errors import CheckpointError, ConfigError
+from . import checkpoint, config, run_lock
+from .errors import CheckpointError, ConfigError, UserError
 from .logs import RunLog, columns
+from .nonfinite import StepGuard
 from .tasks import get_task
 
 SUMMARY_NAME = "summary.json"
@@ -77,11 +78,19 @@ def autocast_factory(cfg, device):
 
 
 def build_optimizer(cfg, model):
+    # Fused: one kernel per step, and it honours ``found_inf`` on the device, which is how a non-finite step
+    # leaves the weights and the optimizer state untouched without a host sync (nonfinite.py).
     if cfg["optimizer"] == "sgd":
         optimizer = torch.optim.SGD(model.parameters(), lr=cfg["lr"], momentum=cfg["momentum"],
-                                    weight_decay=cfg["weight_decay"])
+                                    weight_decay=cfg["weight_decay"], fused=True)
+        if cfg["momentum"]:
+            # Fused SGD allocates its momentum buffers uninitialised in its first step and fills them in that
+            # step's update: a skipped first step would leave garbage. Zeros give the same first update.
+            for p in model.parameters():
+                optimizer.state[p]["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
     else:
-        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"],
+                                      fused=True)
     epochs, milestones, decay = cfg["epochs"], cfg["lr_milestones"], cfg["lr_decay"]
     if cfg["lr_schedule"] == "multistep":
         # RepDistiller: lr * decay^(number of milestones passed); epoch e (0-based) > milestone - 1.
@@ -108,11 +117,13 @@ def _rounded(means: dict, prefix: str) -> dict:
     return {f"{prefix}{k}": (None if v is None else round(v, 5)) for k, v in means.items()}
 
 
-def run_epoch(task, model, teacher, loader, dist_ctx, autocast, *, optimizer=None, scaler=None, desc="",
-              progress=True) -> tuple[dict, float]:
-    """One pass over ``loader``: training when an optimizer is given, else evaluation. Returns the metric
-    means (all ranks together, as ``task.finalize`` reports them) and the wall time."""
+def run_epoch(task, model, teacher, loader, dist_ctx, autocast, *, optimizer=None, scaler=None, guard=None,
+              desc="", progress=True) -> tuple[dict, float, int]:
+    """One pass over ``loader``: training when an optimizer is given (with its GradScaler and StepGuard), else
+    evaluation. Returns the metric means (all ranks together, as ``task.finalize`` reports them; the means of
+    training leave out the skipped non-finite steps), the wall time and the number of skipped steps."""
     training = optimizer is not None
+    skipped = 0
     model.train(training)
     sums: dict = {}
     start = time.perf_counter()
@@ -120,34 +131,43 @@ def run_epoch(task, model, teacher, loader, dist_ctx, autocast, *, optimizer=Non
     with contextlib.nullcontext() if training else torch.no_grad():
         for step, batch in enumerate(bar):
             if training:
+                guard.before_forward()
                 loss, batch_sums = task.train_step(model, teacher, batch, autocast)
                 optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
+                scaler.scale(guard.backward_loss(loss)).backward()
+                bad = guard.after_backward(loss, step)
                 scaler.step(optimizer)
                 scaler.update()
+                batch_sums = {name: torch.where(bad, 0, value) for name, value in batch_sums.items()}
             else:
                 batch_sums = task.eval_step(model, batch, autocast)
             for name, value in batch_sums.items():
                 sums[name] = sums.get(name, 0) + (value.detach() if torch.is_tensor(value) else value)
-            if training and step % 20 == 0:  # one host sync every 20 steps
-                value = loss.item()
-                if not math.isfinite(value):
-                    raise FloatingPointError(f"the training loss became {value} at step {step} ({desc}); lower "
-                                             "the lr or beta, or use amp=off")
-                bar.set_postfix(loss=f"{value:.4f}")
+            if training and step % guard.log_every == 0:  # the only host syncs of the loop
+                bar.set_postfix(loss=f"{guard.check(loss):.4f}")
+        if training:
+            skipped = guard.end_epoch(loss)
     elapsed = time.perf_counter() - start
     totals = dist_ctx.all_reduce(sums)
     means = _means(totals, task.train_metrics if training else task.eval_metrics)
-    return task.finalize(means, training), elapsed
+    return task.finalize(means, training), elapsed, skipped
 
 
 # ---------------------------------------------------------------------------------------------------- run
+
+RESUME_KEYS = ("config", "model", "optimizer", "scheduler", "scaler", "rng", "epoch", "best", "history")
+
 
 def _resume_state(cfg, out_dir):
     path = os.path.join(out_dir, checkpoint.LAST)
     if not os.path.exists(path):
         raise CheckpointError(f"--resume: no checkpoint to resume from at {path}")
     state = checkpoint.load(path)
+    missing = [k for k in RESUME_KEYS if k not in state] if isinstance(state, dict) else list(RESUME_KEYS)
+    if missing or not isinstance(state["config"], dict):
+        raise CheckpointError(f"--resume: {path} is not a checkpoint_last.pt of this trainer (it lacks "
+                              f"{', '.join(missing or ['a config mapping'])}): resume only the run that wrote it, or "
+                              "start a new run in another out_dir")
     # A key the checkpoint lacks was added to the trainer after it was written: it ran with that key's default.
     saved = {k: state["config"].get(k, key.default) for k, key in config.KEYS.items()}
     changed = [k for k in config.KEYS if k not in config.RESUMABLE_CHANGES and saved[k] != cfg[k]]
@@ -162,9 +182,26 @@ def train(cfg: dict, resume: bool = False) -> dict:
     """Train (or distil) as ``cfg`` says; returns the summary (best and last test top-1, seed, ...)."""
     dist_ctx = Distributed(cfg["device"])
     try:
-        return _train(cfg, resume, dist_ctx)
+        with _hold_run_dir(cfg["out_dir"], dist_ctx):
+            return _train(cfg, resume, dist_ctx)
     finally:
         dist_ctx.close()
+
+
+@contextlib.contextmanager
+def _hold_run_dir(out_dir, dist_ctx):
+    """Rank 0 creates out_dir and locks it for the run's life (run_lock.py); every rank learns whether it could,
+    so that none goes on to wait for a rank 0 that stopped."""
+    with contextlib.ExitStack() as stack:
+        error = None
+        if dist_ctx.main:
+            try:
+                stack.enter_context(run_lock.hold(out_dir))
+            except UserError as exc:
+                error = exc
+        if dist_ctx.all_reduce({"failed": error is not None})["failed"]:
+            raise error or ConfigError(f"out_dir {out_dir} cannot be used (rank 0 says why)")
+        yield
 
 
 def _train(cfg, resume, dist_ctx):
@@ -181,6 +218,7 @@ def _train(cfg, resume, dist_ctx):
     log = print if dist_ctx.main else (lambda *a, **k: None)
 
     task = get_task(cfg["task"])(cfg, device)
+    loss_backend = task.loss_backend()  # a backend this device cannot run is an error before any work
     data = task.build_data(dist_ctx.rank, dist_ctx.world)
     model = task.build_student()
     teacher = task.build_teacher() if task.objective.needs_teacher else None
@@ -191,7 +229,6 @@ def _train(cfg, resume, dist_ctx):
     scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
 
     n_params = sum(p.numel() for p in model.parameters())
-    loss_backend = task.objective.backend_on(device) if teacher is not None else None
     log(f"{cfg['task']} on {cfg['dataset']} ({data.train_size} train / {data.test_size} test {data.unit}): "
         f"{cfg['model']} ({n_params / 1e6:.2f}M params), loss {cfg['loss']}"
         + (f" (ttm_kernels backend {loss_backend})" if loss_backend else "")
@@ -201,8 +238,8 @@ def _train(cfg, resume, dist_ctx):
     if teacher is not None:
         teacher_score = state.get(f"teacher_{metric}") if state else None
         if cfg["eval_teacher"] and teacher_score is None:
-            teacher_eval, _ = run_epoch(task, teacher, None, data.test, dist_ctx, autocast, desc="teacher eval",
-                                        progress=cfg["progress"])
+            teacher_eval, _, _ = run_epoch(task, teacher, None, data.test, dist_ctx, autocast,
+                                           desc="teacher eval", progress=cfg["progress"])
             teacher_score = teacher_eval[metric]
         if teacher_score is not None:
             source = f" ({cfg['teacher_checkpoint']})" if cfg["teacher_checkpoint"] else ""
@@ -224,9 +261,9 @@ def _train(cfg, resume, dist_ctx):
     if dist_ctx.world > 1:
         train_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
+    guard = StepGuard(model, optimizer, scaler, cfg["on_nonfinite"], cfg["log_every"], dist_ctx.world)
     run_log = None
     if dist_ctx.main:
-        os.makedirs(out_dir, exist_ok=True)
         with open(os.path.join(out_dir, "config.yaml"), "w") as f:
             f.write(config.dump(cfg))
         title = f"{cfg['model']} ({cfg['loss']}) on {cfg['dataset']}"
@@ -236,11 +273,14 @@ def _train(cfg, resume, dist_ctx):
         data.train.set_epoch(epoch)
         lr = optimizer.param_groups[0]["lr"]
         desc = f"epoch {epoch + 1}/{cfg['epochs']}"
-        train_means, train_time = run_epoch(task, train_model, teacher, data.train, dist_ctx, autocast,
-                                            optimizer=optimizer, scaler=scaler, desc=desc, progress=cfg["progress"])
+        guard.start_epoch(epoch, len(data.train), f"{last_path} (epoch {epoch})" if epoch else None)
+        train_means, train_time, skipped = run_epoch(task, train_model, teacher, data.train, dist_ctx, autocast,
+                                                     optimizer=optimizer, scaler=scaler, guard=guard, desc=desc,
+                                                     progress=cfg["progress"])
+        guard.check_weights(model)
         scheduler.step()
-        test_means, eval_time = run_epoch(task, model, None, data.test, dist_ctx, autocast, desc="eval",
-                                          progress=cfg["progress"])
+        test_means, eval_time, _ = run_epoch(task, model, None, data.test, dist_ctx, autocast, desc="eval",
+                                             progress=cfg["progress"])
         row = {"epoch": epoch + 1, "lr": lr, **_rounded(train_means, "train_"), **_rounded(test_means, "test_"),
                "train_time_s": round(train_time, 3), "eval_time_s": round(eval_time, 3)}
         if task.better(test_means[metric], best[metric]):
@@ -258,7 +298,8 @@ def _train(cfg, resume, dist_ctx):
                 "config": cfg}, last_path)
         log(f"{desc}: lr {lr:.4g}  train loss {train_means['loss']:.4f}{_shown(task, train_means, task.train_shown)}"
             f"  test{_shown(task, test_means, task.eval_shown)} (best {task.format(metric, best[metric])} @ "
-            f"{best['epoch']})  {train_time:.1f}s + eval {eval_time:.1f}s")
+            f"{best['epoch']})  {train_time:.1f}s + eval {eval_time:.1f}s"
+            + (f"; skipped {skipped} non-finite step(s)" if skipped else ""))
         dist_ctx.barrier()  # no rank starts the next epoch before rank 0 has saved this one
 
     summary = {

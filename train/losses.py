@@ -14,6 +14,8 @@ import ttm_kernels
 from ttm_kernels import (fused_kd_loss, fused_linear_kd_loss, fused_linear_ttm_loss, fused_linear_wttm_loss,
                          fused_ttm_loss, fused_wttm_loss)
 
+from .errors import ConfigError
+
 DISTILL_FNS = {"kd": fused_kd_loss, "ttm": fused_ttm_loss, "wttm": fused_wttm_loss}
 LINEAR_FNS = {"kd": fused_linear_kd_loss, "ttm": fused_linear_ttm_loss, "wttm": fused_linear_wttm_loss}
 
@@ -34,8 +36,12 @@ class Objective:
         return self.kind != "ce"
 
     def backend_on(self, device: torch.device) -> str:
-        """The ttm_kernels backend the loss runs with on ``device`` (raises if the configured one cannot)."""
-        return ttm_kernels.resolve_backend(self.kwargs["backend"], device)
+        """The ttm_kernels backend the loss runs with on ``device``; ConfigError if the configured one cannot."""
+        try:
+            return ttm_kernels.resolve_backend(self.kwargs["backend"], device)
+        except (ValueError, RuntimeError) as exc:
+            raise ConfigError(f"loss_backend {self.kwargs['backend']!r} cannot run on {device.type} ({exc}); set "
+                              "loss_backend=auto, which picks the fastest backend the device has") from exc
 
     def __call__(self, student_logits, target, teacher_logits=None):
         """The loss and its detached batch-mean components: ce, and with a teacher kl and kl_weight (the mean

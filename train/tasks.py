@@ -44,6 +44,11 @@ class Task:
     def format(self, name: str, value: float) -> str:
         return f"{self.labels.get(name, name)} {value:.2f}{'%' if name in self.percent_metrics else ''}"
 
+    def loss_backend(self) -> str | None:
+        """The ttm_kernels backend the loss runs with (ConfigError when loss_backend cannot run on the device);
+        None when the loss does not go through ttm_kernels (loss ce on images)."""
+        return self.objective.backend_on(self.device) if self.objective.needs_teacher else None
+
     def build_data(self, rank: int, world: int):
         raise NotImplementedError
 
@@ -146,6 +151,9 @@ class LanguageModelTask(Task):
                                   f"{', '.join(gpt.SPECS)} or {hf.PREFIX}<local model folder>")
         if cfg["model"] in gpt.SPECS and cfg["seq_len"] > gpt.MAX_LEN:
             raise ConfigError(f"config key 'seq_len' must be <= {gpt.MAX_LEN} for {cfg['model']}, got {cfg['seq_len']}")
+
+    def loss_backend(self):
+        return self.objective.backend_on(self.device)  # loss ce too runs the fused linear loss
 
     def _tokenizer(self, name):
         if name.startswith(hf.PREFIX):
