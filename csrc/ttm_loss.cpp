@@ -37,8 +37,13 @@
 namespace ttm_cpu {
 namespace {
 
-// The statistics rows, in the order of ttm_kernels/_stats.py (RowStats below lists them in the same order).
+// The statistics rows, in the order of ttm_kernels/_stats.py's Stat (RowStats below lists them in the same
+// order), and the rows of a piece's online sums, in the order of its Partial.
 enum Stat : int64_t { kLoss, kKl, kCe, kWeight, kMaxS, kLogSumS, kMaxT, kLogSumT, kMaxZ, kLogSumZ, kNumStats };
+enum Partial : int64_t {
+  kPartMaxS, kPartSumS, kPartMaxT, kPartSumT, kPartMaxV, kPartSumV, kPartMaxZ, kPartSumZ, kPartTargetLogit,
+  kNumPartial
+};
 
 // The widest block kernels this CPU runs; TTM_KERNELS_CPU_ISA=baseline|avx2 narrows the choice (to test the
 // other builds on a wide machine).
@@ -115,7 +120,9 @@ struct LossSetup {
   const int64_t* target;  // nullptr without a target
   const float* row_grad;  // upstream gradient of each row's loss
   int64_t row_grad_stride;
-  int64_t vocab;
+  int64_t vocab;         // columns of the tensors here: the whole row, or a piece of it
+  int64_t col_offset;    // the row column of their first column (a piece's place in the row)
+  int64_t row_vocab;     // columns of the whole row: targets must lie in [0, row_vocab)
 };
 
 bool overlaps(const void* a, const void* b, int64_t bytes) {
@@ -157,7 +164,7 @@ float kl_gradient_row(const Rows& student, const Rows& teacher, const Rows* grad
                       int64_t r, const RowStats& stats, RowBuffers& buffers) {
   const float row_grad = grad ? setup.row_grad[r * setup.row_grad_stride] : 0.0f;
   const int64_t target = setup.target ? setup.target[r] : -1;
-  const bool target_in_range = target >= 0 && target < setup.vocab;
+  const bool target_in_range = target >= 0 && target < setup.row_vocab;
   GradientOptions options;
   options.student_scale = setup.student_scale;
   options.teacher_scale = setup.teacher_scale;
@@ -196,16 +203,16 @@ float kl_gradient_row(const Rows& student, const Rows& teacher, const Rows* grad
         v = buffers.v;
       }
     }
-    options.target_column = target - start;
+    options.target_column = target - setup.col_offset - start;
     kl += kernels.kl_gradient(z, v, n, options, out);
     if (grad && grad->dtype != Dtype::Float32) kernels.store(out, n, g_row + start * grad->element_size, grad->dtype);
   }
   return kl;
 }
 
-// Statistics of row r (two passes: the online sums, then the KL), writing its gradient too given `grad`.
-void forward_row(const Rows& student, const Rows& teacher, const Rows* grad, const LossSetup& setup, int64_t r,
-                 float* stats, int64_t n_rows, RowBuffers& buffers) {
+// The online sums of row r's columns here, and its target logit if one of them holds it (else -inf).
+RowAccumulators scan_row(const Rows& student, const Rows& teacher, const LossSetup& setup, int64_t r,
+                         RowBuffers& buffers, float* target_logit) {
   const BlockKernels& kernels = block_kernels();
   const ScanOptions options{setup.student_scale, setup.teacher_scale, setup.weighted, setup.separate_ce};
   const char* z_row = student.row(r);
@@ -216,7 +223,16 @@ void forward_row(const Rows& student, const Rows& teacher, const Rows* grad, con
     kernels.scan(student.block(z_row, start, n, buffers.z), teacher.block(v_row, start, n, buffers.v), n,
                  options, sums);
   }
+  *target_logit = -std::numeric_limits<float>::infinity();
+  if (setup.target) {
+    const int64_t column = setup.target[r] - setup.col_offset;
+    if (column >= 0 && column < setup.vocab) *target_logit = student.column(z_row, column);
+  }
+  return sums;
+}
 
+// A row's statistics from its (whole or merged) online sums; the KL and the loss come from the second pass.
+RowStats finalize(const RowAccumulators& sums, float target_logit, const LossSetup& setup, int64_t r) {
   RowStats row;
   row.m_s = sums.m_s;
   row.log_d_s = std::log(sums.d_s);
@@ -230,9 +246,20 @@ void forward_row(const Rows& student, const Rows& teacher, const Rows* grad, con
   row.ce = 0.0f;
   if (setup.target) {
     const int64_t y = setup.target[r];
-    const float z_y = y >= 0 && y < setup.vocab ? student.column(z_row, y) : std::numeric_limits<float>::quiet_NaN();
+    const float z_y = y >= 0 && y < setup.row_vocab ? target_logit : std::numeric_limits<float>::quiet_NaN();
     row.ce = (row.m_z - z_y) + row.log_d_z;
   }
+  row.kl = 0.0f;
+  row.loss = 0.0f;
+  return row;
+}
+
+// Statistics of row r (two passes: the online sums, then the KL), writing its gradient too given `grad`.
+void forward_row(const Rows& student, const Rows& teacher, const Rows* grad, const LossSetup& setup, int64_t r,
+                 float* stats, int64_t n_rows, RowBuffers& buffers) {
+  float target_logit;
+  const RowAccumulators sums = scan_row(student, teacher, setup, r, buffers, &target_logit);
+  RowStats row = finalize(sums, target_logit, setup, r);
   row.kl = kl_gradient_row(student, teacher, grad, setup, r, row, buffers);
   row.loss = setup.kl_coef * row.weight * row.kl + setup.ce_weight * row.ce;
   store_stats(row, stats, n_rows, r);
@@ -293,7 +320,17 @@ LossSetup make_setup(const at::Tensor& student, const int64_t* target, double st
   setup.row_grad = nullptr;
   setup.row_grad_stride = 0;
   setup.vocab = student.size(2);
+  setup.col_offset = 0;
+  setup.row_vocab = setup.vocab;
   return setup;
+}
+
+// A piece of the row: columns [col_offset, col_offset + V) of rows of row_vocab columns.
+void set_piece(LossSetup& setup, int64_t col_offset, int64_t row_vocab) {
+  TORCH_CHECK(col_offset >= 0 && col_offset + setup.vocab <= row_vocab, "a piece of columns [", col_offset, ", ",
+              col_offset + setup.vocab, ") does not fit rows of ", row_vocab, " columns");
+  setup.col_offset = col_offset;
+  setup.row_vocab = row_vocab;
 }
 
 at::Tensor forward(const at::Tensor& student, const at::Tensor& teacher, const std::optional<at::Tensor>& target,
@@ -332,12 +369,96 @@ at::Tensor forward(const at::Tensor& student, const at::Tensor& teacher, const s
   return stats;
 }
 
-void backward(const at::Tensor& row_grad, const at::Tensor& student, const at::Tensor& teacher,
-              const std::optional<at::Tensor>& target, const at::Tensor& stats, const at::Tensor& grad,
-              double student_scale, double teacher_scale, double kl_coef, double ce_weight, int64_t ignore_index) {
+// The online sums of each row's columns here, a piece [col_offset, col_offset + V) of the row:
+// (NUM_PARTIAL, N) fp32, rows as named in ttm_kernels/_stats.py's Partial.
+at::Tensor partial(const at::Tensor& student, const at::Tensor& teacher, const std::optional<at::Tensor>& target,
+                   double student_scale, double teacher_scale, bool weighted, int64_t ignore_index,
+                   int64_t col_offset) {
   check_rows(student, student, "student");
   check_rows(teacher, student, "teacher");
-  check_rows(grad, student, "grad");
+  const int64_t n_rows = student.size(0) * student.size(1);
+  LossSetup setup = make_setup(student, target_rows(target, n_rows), student_scale, teacher_scale, 0.0, 0.0,
+                               weighted, ignore_index);
+  setup.col_offset = col_offset;
+  at::Tensor partials = at::empty({kNumPartial, n_rows}, student.options().dtype(at::kFloat));
+  if (n_rows == 0) return partials;
+  const Rows student_rows(student, "student"), teacher_rows(teacher, "teacher");
+  float* out = partials.data_ptr<float>();
+  at::parallel_for(0, n_rows, grain_rows(setup.vocab), [&](int64_t begin, int64_t end) {
+    RowBuffers buffers;
+    for (int64_t r = begin; r < end; ++r) {
+      float target_logit = -std::numeric_limits<float>::infinity();
+      const RowAccumulators sums = is_ignored(setup, r)
+                                       ? RowAccumulators()
+                                       : scan_row(student_rows, teacher_rows, setup, r, buffers, &target_logit);
+      const float values[kNumPartial] = {sums.m_s, sums.d_s, sums.m_t, sums.d_t, sums.m_v,
+                                         sums.d_v, sums.m_z, sums.d_z, target_logit};
+      for (int64_t k = 0; k < kNumPartial; ++k) out[k * n_rows + r] = values[k];
+    }
+  });
+  return partials;
+}
+
+// One online (max, sum) pair merged over a row's pieces: M = max m_c, D = sum d_c exp(m_c - M).
+void merge_pair(const float* m, const float* d, int64_t n_pieces, float& m_out, float& d_out) {
+  float m_all = kInitialMax;
+  for (int64_t c = 0; c < n_pieces; ++c) m_all = std::max(m_all, m[c]);
+  float d_all = 0.0f;
+  for (int64_t c = 0; c < n_pieces; ++c) d_all += d[c] * std::exp(m[c] - m_all);
+  m_out = m_all;
+  d_out = d_all;
+}
+
+// The rows' statistics from the partials of their pieces, (NUM_PARTIAL, N, C): all but the KL and the loss,
+// which the pieces' second pass gives (see pieces).
+at::Tensor merge(const at::Tensor& partials, const std::optional<at::Tensor>& target, double student_scale,
+                 double teacher_scale, bool weighted, int64_t ignore_index, int64_t row_vocab) {
+  TORCH_CHECK(partials.device().is_cpu() && partials.scalar_type() == at::kFloat && partials.dim() == 3 &&
+                  partials.size(0) == kNumPartial && partials.is_contiguous(),
+              "partials must be a contiguous (", kNumPartial, ", N, pieces) float32 CPU tensor, got ",
+              partials.scalar_type(), " ", partials.sizes());
+  const int64_t n_rows = partials.size(1), n_pieces = partials.size(2);
+  const int64_t* target_ptr = target_rows(target, n_rows);
+  LossSetup setup;
+  setup.student_scale = static_cast<float>(student_scale);
+  setup.teacher_scale = static_cast<float>(teacher_scale);
+  setup.weighted = weighted;
+  setup.separate_ce = target_ptr != nullptr && student_scale != 1.0;
+  setup.ignore_index = ignore_index;
+  setup.target = target_ptr;
+  setup.row_vocab = row_vocab;
+  at::Tensor stats = at::empty({kNumStats, n_rows}, partials.options());
+  const float* in = partials.data_ptr<float>();
+  float* out = stats.data_ptr<float>();
+  at::parallel_for(0, n_rows, 1024, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      if (is_ignored(setup, r)) {
+        for (int64_t k = 0; k < kNumStats; ++k) out[k * n_rows + r] = 0.0f;
+        continue;
+      }
+      auto field = [&](Partial k) { return in + (k * n_rows + r) * n_pieces; };
+      RowAccumulators sums;
+      merge_pair(field(kPartMaxS), field(kPartSumS), n_pieces, sums.m_s, sums.d_s);
+      merge_pair(field(kPartMaxT), field(kPartSumT), n_pieces, sums.m_t, sums.d_t);
+      merge_pair(field(kPartMaxV), field(kPartSumV), n_pieces, sums.m_v, sums.d_v);
+      merge_pair(field(kPartMaxZ), field(kPartSumZ), n_pieces, sums.m_z, sums.d_z);
+      const float* logits = field(kPartTargetLogit);
+      const float target_logit = *std::max_element(logits, logits + n_pieces);
+      store_stats(finalize(sums, target_logit, setup, r), out, n_rows, r);
+    }
+  });
+  return stats;
+}
+
+// The second pass over each row's columns here, a piece [col_offset, col_offset + V) of rows of row_vocab
+// columns, from the rows' statistics: returns the piece's KL terms (N,) and, given `grad`, writes its gradient
+// of sum_i row_grad_i * loss_i. With the whole row (col_offset 0, row_vocab V) this is the backward.
+at::Tensor pieces(const at::Tensor& student, const at::Tensor& teacher, const std::optional<at::Tensor>& target,
+                  const at::Tensor& stats, double student_scale, double teacher_scale, double kl_coef,
+                  double ce_weight, int64_t ignore_index, int64_t col_offset, int64_t row_vocab,
+                  const std::optional<at::Tensor>& grad, const std::optional<at::Tensor>& row_grad) {
+  check_rows(student, student, "student");
+  check_rows(teacher, student, "teacher");
   const int64_t n_rows = student.size(0) * student.size(1);
   TORCH_CHECK(stats.device().is_cpu() && stats.scalar_type() == at::kFloat && stats.dim() == 2 &&
                   stats.size(0) == kNumStats && stats.size(1) == n_rows && stats.is_contiguous(),
@@ -345,22 +466,32 @@ void backward(const at::Tensor& row_grad, const at::Tensor& student, const at::T
               stats.scalar_type(), " ", stats.sizes());
   LossSetup setup = make_setup(student, target_rows(target, n_rows), student_scale, teacher_scale, kl_coef,
                                ce_weight, /*weighted=*/false, ignore_index);
-  set_row_grad(setup, row_grad, n_rows);
-  if (n_rows == 0) return;
-
+  set_piece(setup, col_offset, row_vocab);
+  const bool has_grad = grad.has_value() && grad->defined();
+  if (has_grad) {
+    check_rows(*grad, student, "grad");
+    TORCH_CHECK(row_grad.has_value() && row_grad->defined(), "pieces with grad needs row_grad");
+    set_row_grad(setup, *row_grad, n_rows);
+  }
+  at::Tensor kl = at::empty({n_rows}, stats.options());
+  if (n_rows == 0) return kl;
   const float* stats_ptr = stats.data_ptr<float>();
-  const Rows student_rows(student, "student"), teacher_rows(teacher, "teacher"), grad_rows(grad, "grad");
+  float* kl_ptr = kl.data_ptr<float>();
+  const Rows student_rows(student, "student"), teacher_rows(teacher, "teacher");
+  const std::optional<Rows> grad_rows = has_grad ? std::optional<Rows>(Rows(*grad, "grad")) : std::nullopt;
   at::parallel_for(0, n_rows, grain_rows(setup.vocab), [&](int64_t begin, int64_t end) {
     RowBuffers buffers;
     for (int64_t r = begin; r < end; ++r) {
       if (is_ignored(setup, r)) {
-        zero_row(grad_rows, r, setup.vocab);
+        kl_ptr[r] = 0.0f;
+        if (grad_rows) zero_row(*grad_rows, r, setup.vocab);
       } else {
-        kl_gradient_row(student_rows, teacher_rows, &grad_rows, setup, r, load_stats(stats_ptr, n_rows, r),
-                        buffers);
+        kl_ptr[r] = kl_gradient_row(student_rows, teacher_rows, grad_rows ? &*grad_rows : nullptr, setup, r,
+                                    load_stats(stats_ptr, n_rows, r), buffers);
       }
     }
   });
+  return kl;
 }
 
 std::string cpu_isa() { return block_kernels().isa; }
@@ -374,15 +505,24 @@ TORCH_LIBRARY(ttm_kernels_C, m) {
       "float kl_coef, float ce_weight, bool weighted, int ignore_index, Tensor(a!)? grad, Tensor? row_grad) "
       "-> Tensor");
   m.def(
-      "backward(Tensor row_grad, Tensor student, Tensor teacher, Tensor? target, Tensor stats, Tensor(a!) grad, "
-      "float student_scale, float teacher_scale, float kl_coef, float ce_weight, int ignore_index) -> ()");
+      "partial(Tensor student, Tensor teacher, Tensor? target, float student_scale, float teacher_scale, "
+      "bool weighted, int ignore_index, int col_offset) -> Tensor");
+  m.def(
+      "merge(Tensor partials, Tensor? target, float student_scale, float teacher_scale, bool weighted, "
+      "int ignore_index, int row_vocab) -> Tensor");
+  m.def(
+      "pieces(Tensor student, Tensor teacher, Tensor? target, Tensor stats, float student_scale, "
+      "float teacher_scale, float kl_coef, float ce_weight, int ignore_index, int col_offset, int row_vocab, "
+      "Tensor(a!)? grad, Tensor? row_grad) -> Tensor");
   // The instruction set the block kernels were picked for ("avx512", "avx2" or "baseline").
   m.def("cpu_isa() -> str", &ttm_cpu::cpu_isa);
 }
 
 TORCH_LIBRARY_IMPL(ttm_kernels_C, CPU, m) {
   m.impl("forward", &ttm_cpu::forward);
-  m.impl("backward", &ttm_cpu::backward);
+  m.impl("partial", &ttm_cpu::partial);
+  m.impl("merge", &ttm_cpu::merge);
+  m.impl("pieces", &ttm_cpu::pieces);
 }
 
 // `import ttm_kernels._C` loads this library, which registers the ops above; the module itself is empty.

@@ -119,9 +119,14 @@ def _kernels(backend: str):
 def _kernel_rows(student, teacher, target):
     """The one place where the kernels' arguments are normalised, so that no kernel has to honour a stride it
     was not written for: logits as (B, T, V) row views (a copy only for layouts no two strides describe),
-    the target as a contiguous int64 (N,) (any integer dtype, any layout: strided, expanded, transposed)."""
-    rows = None if target is None else target.reshape(-1).to(torch.int64).contiguous()
-    return row_view(student), row_view(teacher), rows
+    the target as a contiguous int64 (N,) (``_target_rows``)."""
+    return row_view(student), row_view(teacher), _target_rows(target)
+
+
+def _target_rows(target: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """The target as a contiguous int64 (N,), from any integer dtype and any layout (strided, expanded,
+    transposed)."""
+    return None if target is None else target.reshape(-1).to(torch.int64).contiguous()
 
 
 def _row_grad_rows(row_grad: torch.Tensor) -> torch.Tensor:
@@ -139,7 +144,7 @@ def _forward(backend, student, teacher, target, params, *, weighted, grad=None, 
     gradient of sum_i row_grad_i * loss_i, written into it."""
     student, teacher, target = _kernel_rows(student, teacher, target)
     if grad is not None:
-        row_grad = _row_grad_rows(row_grad)
+        grad, row_grad = _own_rows(grad, "the gradient"), _row_grad_rows(row_grad)
     return _kernels(backend).forward(student, teacher, target, weighted=weighted, grad=grad, row_grad=row_grad,
                                      **params)
 
@@ -148,6 +153,37 @@ def _backward_into(grad, row_grad, student, teacher, target, stats, params, back
     student, teacher, target = _kernel_rows(student, teacher, target)
     _kernels(backend).backward(_row_grad_rows(row_grad), student, teacher, target, stats.contiguous(), grad,
                                **params)
+
+
+class RowPieces:
+    """The loss of rows held in pieces (column ranges: the pieces of a split row, the vocabulary shards of
+    ranks), with ``backend``'s kernels: each piece's online sums (``partial``), merged into the rows'
+    statistics (``merge``, given every piece's partials concatenated on the last dimension, in any order),
+    each piece's second pass (``second_pass``: its KL terms and, given ``grad``, its gradient), then the KL and
+    the loss from the pieces' KL (``finish``). Arguments are normalised as for the whole-row ops; ``params``
+    as ``_params`` makes them; ``vocab`` is the whole row's width, ``col_offset`` a piece's first column."""
+
+    def __init__(self, backend: str, params: dict, weighted: bool, vocab: int):
+        self.kernels = _kernels(backend)
+        self.params, self.weighted, self.vocab = params, weighted, vocab
+
+    def partial(self, student, teacher, target, col_offset: int) -> torch.Tensor:
+        student, teacher, target = _kernel_rows(student, teacher, target)
+        return self.kernels.partial(student, teacher, target, weighted=self.weighted, col_offset=col_offset,
+                                    **self.params)
+
+    def merge(self, partials, target) -> torch.Tensor:
+        return self.kernels.merge(partials, _target_rows(target), weighted=self.weighted, vocab=self.vocab, **self.params)
+
+    def second_pass(self, student, teacher, target, stats, col_offset: int, grad=None, row_grad=None):
+        student, teacher, target = _kernel_rows(student, teacher, target)
+        if grad is not None:
+            grad, row_grad = _own_rows(grad, "the gradient"), _row_grad_rows(row_grad)
+        return self.kernels.pieces(student, teacher, target, stats, col_offset=col_offset, vocab=self.vocab,
+                                   grad=grad, row_grad=row_grad, **self.params)
+
+    def finish(self, stats, kl_parts) -> None:
+        self.kernels.finish(stats, kl_parts, **self.params)
 
 
 def refuse_higher_order() -> None:
@@ -193,7 +229,7 @@ def _own_rows(student: torch.Tensor, what: str) -> torch.Tensor:
     """The (B, T, V) view of ``student`` that a kernel may overwrite: its own storage, never a copy."""
     view = row_view(student)
     if view.data_ptr() != student.data_ptr():
-        raise ValueError(f"{what} needs student logits whose last dimension is contiguous")
+        raise ValueError(f"{what} needs a tensor whose last dimension is contiguous")
     return view
 
 

@@ -1,7 +1,10 @@
 """The C++ CPU kernels of the fused TTM / WTTM / KD loss (ops ``ttm_kernels_C::forward`` / ``backward``).
 
 Same interface and math as ``triton_kernels`` (see csrc/ttm_loss.cpp): logits are (B, T, V) row views,
-the statistics a (10, N) fp32 tensor, and the gradient is computed in fp32 and rounded once when stored.
+the statistics a (NUM_STATS, N) fp32 tensor, and the gradient is computed in fp32 and rounded once when
+stored. ``partial``/``merge``/``pieces``/``finish`` are the same loss computed from pieces of the rows
+(column ranges, e.g. the vocabulary shards of ranks): each piece's online sums, merged into the rows'
+statistics, then each piece's second pass.
 Importing this module raises ImportError when the extension ttm_kernels._C was not built.
 """
 from __future__ import annotations
@@ -9,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from . import _C  # noqa: F401  (loading the library registers the ops)
+from ._stats import Stat
 
 
 def cpu_isa() -> str:
@@ -25,9 +29,38 @@ def forward(student, teacher, target, *, student_scale, teacher_scale, kl_coef, 
         bool(weighted), int(ignore_index), grad, row_grad)
 
 
-def backward(row_grad, student, teacher, target, stats, grad, *, student_scale, teacher_scale, kl_coef,
-             ce_weight, ignore_index):
-    """Writes d(sum_i row_grad_i * loss_i)/dz into ``grad`` from the statistics of ``forward``."""
-    torch.ops.ttm_kernels_C.backward(
-        row_grad, student, teacher, target, stats, grad, float(student_scale), float(teacher_scale),
-        float(kl_coef), float(ce_weight), int(ignore_index))
+def backward(row_grad, student, teacher, target, stats, grad, **params):
+    """Writes d(sum_i row_grad_i * loss_i)/dz into ``grad`` from the statistics of ``forward``: the second
+    pass over whole rows."""
+    V = student.shape[2]
+    pieces(student, teacher, target, stats, col_offset=0, vocab=V, grad=grad, row_grad=row_grad, **params)
+
+
+def partial(student, teacher, target, *, student_scale, teacher_scale, weighted, ignore_index, col_offset,
+            **_unused):
+    """The online sums of each row's columns here, columns [col_offset, col_offset + V) of the rows:
+    (NUM_PARTIAL, N, 1) fp32 (rows: ``_stats.Partial``)."""
+    return torch.ops.ttm_kernels_C.partial(student, teacher, target, float(student_scale), float(teacher_scale),
+                                           bool(weighted), int(ignore_index), int(col_offset)).unsqueeze(-1)
+
+
+def merge(partials, target, *, student_scale, teacher_scale, weighted, ignore_index, vocab, **_unused):
+    """The rows' statistics (NUM_STATS, N) from their pieces' partials (NUM_PARTIAL, N, C), all but KL and
+    loss (``finish`` writes them from the pieces' KL)."""
+    return torch.ops.ttm_kernels_C.merge(partials.contiguous(), target, float(student_scale), float(teacher_scale),
+                                         bool(weighted), int(ignore_index), int(vocab))
+
+
+def pieces(student, teacher, target, stats, *, col_offset, vocab, grad=None, row_grad=None, student_scale,
+           teacher_scale, kl_coef, ce_weight, ignore_index):
+    """The second pass over each row's columns here (columns [col_offset, col_offset + V) of rows of
+    ``vocab``): their KL terms (N, 1), and with ``grad`` their gradient, written into it."""
+    return torch.ops.ttm_kernels_C.pieces(
+        student, teacher, target, stats, float(student_scale), float(teacher_scale), float(kl_coef),
+        float(ce_weight), int(ignore_index), int(col_offset), int(vocab), grad, row_grad).unsqueeze(-1)
+
+
+def finish(stats, kl_parts, *, kl_coef, ce_weight, **_unused):
+    """Writes the rows' KL (the sum of their pieces', (N, C)) and loss into ``stats``."""
+    stats[Stat.KL] = kl_parts.sum(1)
+    stats[Stat.LOSS] = kl_coef * stats[Stat.WEIGHT] * stats[Stat.KL] + ce_weight * stats[Stat.CE]

@@ -355,7 +355,7 @@ def ttm_fwd_kernel(
 def ttm_partial_kernel(
     S, s_inner, s_stride_b, s_stride_t,
     TCH, t_inner, t_stride_b, t_stride_t,
-    Y, PARTIAL, n_rows, V, chunk_v, n_chunks,
+    Y, PARTIAL, n_rows, V, col_offset, chunk_v, n_chunks,
     student_scale, teacher_scale, ignore_index,
     HAS_TARGET: tl.constexpr, WEIGHTED: tl.constexpr, SEPARATE_CE: tl.constexpr, TEACHER_POWER: tl.constexpr,
     STUDENT_POWER: tl.constexpr, BLOCK_V: tl.constexpr,
@@ -371,8 +371,8 @@ def ttm_partial_kernel(
         y = tl.load(Y + row)
     z_y = float("-inf")  # merged by max: only the piece that holds the target column has it
     if HAS_TARGET and y != ignore_index:
-        in_piece = (y >= start) & (y < start + width)
-        z_y = tl.load(s_row + (y - start), mask=in_piece, other=float("-inf")).to(tl.float32)
+        column = y - col_offset - start
+        z_y = tl.load(s_row + column, mask=(column >= 0) & (column < width), other=float("-inf")).to(tl.float32)
     m_s, d_s, m_t, d_t, m_v, d_v, m_z, d_z = _stats_pass(s_row, t_row, width, student_scale, teacher_scale,
                                                           WEIGHTED, SEPARATE_CE, TEACHER_POWER, STUDENT_POWER,
                                                           BLOCK_V)
@@ -434,13 +434,14 @@ def ttm_piece_kernel(
     TCH, t_inner, t_stride_b, t_stride_t,
     Y, STATS,
     GRAD, g_inner, g_stride_b, g_stride_t, ROW_GRAD, row_grad_stride,
-    KL_PARTS, n_rows, V, chunk_v, n_chunks,
+    KL_PARTS, n_rows, V, col_offset, row_vocab, chunk_v, n_chunks,
     student_scale, teacher_scale, kl_coef, ce_weight, ignore_index,
     HAS_TARGET: tl.constexpr, SEPARATE_CE: tl.constexpr, STUDENT_POWER: tl.constexpr, HAS_GRAD: tl.constexpr,
     HAS_KL: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
-    # The KL (HAS_KL) and gradient (HAS_GRAD) pass over one piece of a row, from the row's statistics. With one
-    # piece per row, this is also the backward of either path.
+    # The KL (HAS_KL) and gradient (HAS_GRAD) pass over one piece of a row, from the row's statistics: the V
+    # columns here are columns [col_offset, col_offset + V) of rows of row_vocab. With one piece per row, this
+    # is also the backward of either path.
     row = tl.program_id(0).to(tl.int64)
     chunk = tl.program_id(1).to(tl.int64)
     start = chunk * chunk_v
@@ -461,8 +462,9 @@ def ttm_piece_kernel(
     row_grad = 0.0
     if HAS_GRAD:
         row_grad = tl.load(ROW_GRAD + row * row_grad_stride)
-    kl = _kl_grad_pass(s_row, t_row, g_row, y - start, width, row_grad * kl_coef * weight * student_scale,
-                       _checked_ce_coef(row_grad * ce_weight, y, V, HAS_TARGET), student_scale, teacher_scale,
+    kl = _kl_grad_pass(s_row, t_row, g_row, y - col_offset - start, width,
+                       row_grad * kl_coef * weight * student_scale,
+                       _checked_ce_coef(row_grad * ce_weight, y, row_vocab, HAS_TARGET), student_scale, teacher_scale,
                        tl.load(STATS + MAX_S * n_rows + row), tl.load(STATS + LOG_SUM_S * n_rows + row),
                        tl.load(STATS + MAX_T * n_rows + row), tl.load(STATS + LOG_SUM_T * n_rows + row),
                        tl.load(STATS + MAX_Z * n_rows + row), tl.load(STATS + LOG_SUM_Z * n_rows + row),
@@ -543,8 +545,15 @@ def _row_args(prefix: str, name: str, x: torch.Tensor) -> dict:
             f"{prefix}_stride_t": x.stride(1)}
 
 
+def _separate_ce(target, student_scale) -> bool:
+    return target is not None and student_scale != 1.0
+
+
+def _student_power(target, student_scale) -> int:
+    return _integer_inverse(student_scale) if _separate_ce(target, student_scale) else 0
+
+
 def _launch_args(student, teacher, target, stats, grad, row_grad, params) -> dict:
-    separate_ce = target is not None and params["student_scale"] != 1.0
     return {
         **_row_args("s", "S", student), **_row_args("t", "TCH", teacher), **_row_args("g", "GRAD", grad),
         "Y": target if target is not None else stats, "STATS": stats,
@@ -554,58 +563,106 @@ def _launch_args(student, teacher, target, stats, grad, row_grad, params) -> dic
         "kl_coef": float(params["kl_coef"]), "ce_weight": float(params["ce_weight"]),
         "ignore_index": int(params["ignore_index"]),
         "HAS_TARGET": target is not None,
-        "SEPARATE_CE": separate_ce,
-        "STUDENT_POWER": _integer_inverse(params["student_scale"]) if separate_ce else 0,
+        "SEPARATE_CE": _separate_ce(target, params["student_scale"]),
+        "STUDENT_POWER": _student_power(target, params["student_scale"]),
     }
 
 
-def _pieces(args: dict, chunk_v: int) -> dict:
-    return {"chunk_v": chunk_v, "n_chunks": triton.cdiv(args["V"], chunk_v), **launch_config(chunk_v)}
+def _pieces(n_cols: int, chunk_v: int) -> dict:
+    return {"chunk_v": chunk_v, "n_chunks": triton.cdiv(n_cols, chunk_v), **launch_config(chunk_v)}
 
 
 def forward(student, teacher, target, *, grad=None, row_grad=None, weighted, **params):
     """Loss statistics (NUM_STATS, N) fp32 of (B, T, V) row views; with ``grad``, also writes d(sum_i
     row_grad_i * loss_i)/dz into it (a (B, T, V) view, possibly ``student`` itself)."""
     n_rows, V = student.shape[0] * student.shape[1], student.shape[2]
+    chunk_v = row_split(n_rows, V, student.device)
+    if chunk_v != V:
+        partials = partial(student, teacher, target, weighted=weighted, col_offset=0, chunk_v=chunk_v, **params)
+        stats = merge(partials, target, weighted=weighted, vocab=V, **params)
+        kl_parts = pieces(student, teacher, target, stats, col_offset=0, vocab=V, grad=grad, row_grad=row_grad,
+                          chunk_v=chunk_v, **params)
+        finish(stats, kl_parts, **params)
+        return stats
     stats = torch.empty((NUM_STATS, n_rows), dtype=torch.float32, device=student.device)
     if n_rows == 0:
         return stats
     has_grad = grad is not None
     if not has_grad:
         grad, row_grad = student, stats  # never touched
-    args = _launch_args(student, teacher, target, stats, grad, row_grad, params)
-    teacher_power = _integer_inverse(params["teacher_scale"]) if weighted else 0
-    chunk_v = row_split(n_rows, V, student.device)
-    if chunk_v == V:
-        config = launch_config(V)
-        ttm_fwd_kernel[(n_rows,)](**args, WEIGHTED=weighted, HAS_GRAD=has_grad, TEACHER_POWER=teacher_power,
-                                  SINGLE_BLOCK=V <= config["BLOCK_V"], **config)
-        return stats
-    pieces = _pieces(args, chunk_v)
-    n_chunks = pieces["n_chunks"]
-    partial = torch.empty((NUM_PARTIAL, n_rows, n_chunks), dtype=torch.float32, device=student.device)
-    kl_parts = torch.empty((n_rows, n_chunks), dtype=torch.float32, device=student.device)
-    row_args = {k: args[k] for k in ("S", "s_inner", "s_stride_b", "s_stride_t", "TCH", "t_inner", "t_stride_b",
-                                     "t_stride_t", "Y", "n_rows", "V", "student_scale", "teacher_scale",
-                                     "ignore_index", "HAS_TARGET", "SEPARATE_CE", "STUDENT_POWER")}
-    block_c = triton.next_power_of_2(n_chunks)
-    ttm_partial_kernel[(n_rows, n_chunks)](**row_args, PARTIAL=partial, WEIGHTED=weighted,
-                                           TEACHER_POWER=teacher_power, **pieces)
-    ttm_merge_kernel[(n_rows,)](PARTIAL=partial, Y=args["Y"], STATS=stats, n_rows=n_rows, n_chunks=n_chunks, V=V,
-                                teacher_scale=args["teacher_scale"], ignore_index=args["ignore_index"],
-                                HAS_TARGET=args["HAS_TARGET"], WEIGHTED=weighted, SEPARATE_CE=args["SEPARATE_CE"],
-                                BLOCK_C=block_c)
-    ttm_piece_kernel[(n_rows, n_chunks)](**args, KL_PARTS=kl_parts, HAS_GRAD=has_grad, HAS_KL=True, **pieces)
-    ttm_loss_kernel[(n_rows,)](KL_PARTS=kl_parts, STATS=stats, n_rows=n_rows, n_chunks=n_chunks,
-                               kl_coef=args["kl_coef"], ce_weight=args["ce_weight"], BLOCK_C=block_c)
+    config = launch_config(V)
+    ttm_fwd_kernel[(n_rows,)](**_launch_args(student, teacher, target, stats, grad, row_grad, params),
+                              WEIGHTED=weighted, HAS_GRAD=has_grad, SINGLE_BLOCK=V <= config["BLOCK_V"],
+                              TEACHER_POWER=_integer_inverse(params["teacher_scale"]) if weighted else 0, **config)
     return stats
 
 
 def backward(row_grad, student, teacher, target, stats, grad, **params):
-    """Writes d(sum_i row_grad_i * loss_i)/dz into ``grad`` from the statistics of ``forward``."""
+    """Writes d(sum_i row_grad_i * loss_i)/dz into ``grad`` from the statistics of ``forward``: the second
+    pass over whole rows (in pieces when the rows are too few to fill the device)."""
+    V = student.shape[2]
+    pieces(student, teacher, target, stats, col_offset=0, vocab=V, grad=grad, row_grad=row_grad, with_kl=False,
+           **params)
+
+
+def partial(student, teacher, target, *, weighted, col_offset, chunk_v=None, student_scale, teacher_scale,
+            ignore_index, **_unused):
+    """The online sums of pieces of each row's columns here, columns [col_offset, col_offset + V) of the rows:
+    (NUM_PARTIAL, N, C) fp32 (rows: ``_stats.Partial``), C pieces of ``chunk_v`` columns (default from
+    ``row_split``)."""
     n_rows, V = student.shape[0] * student.shape[1], student.shape[2]
-    if n_rows == 0:
-        return
-    args = _launch_args(student, teacher, target, stats, grad, row_grad, params)
-    pieces = _pieces(args, row_split(n_rows, V, student.device))
-    ttm_piece_kernel[(n_rows, pieces["n_chunks"])](**args, KL_PARTS=stats, HAS_GRAD=True, HAS_KL=False, **pieces)
+    pieces_args = _pieces(V, chunk_v or row_split(n_rows, V, student.device))
+    partials = torch.empty((NUM_PARTIAL, n_rows, pieces_args["n_chunks"]), dtype=torch.float32,
+                           device=student.device)
+    if n_rows:
+        ttm_partial_kernel[(n_rows, pieces_args["n_chunks"])](
+            **_row_args("s", "S", student), **_row_args("t", "TCH", teacher),
+            Y=target if target is not None else partials, PARTIAL=partials, n_rows=n_rows, V=V,
+            col_offset=col_offset, student_scale=float(student_scale), teacher_scale=float(teacher_scale),
+            ignore_index=int(ignore_index), HAS_TARGET=target is not None, WEIGHTED=weighted,
+            SEPARATE_CE=_separate_ce(target, student_scale),
+            TEACHER_POWER=_integer_inverse(teacher_scale) if weighted else 0,
+            STUDENT_POWER=_student_power(target, student_scale), **pieces_args)
+    return partials
+
+
+def merge(partials, target, *, weighted, vocab, student_scale, teacher_scale, ignore_index, **_unused):
+    """The rows' statistics (NUM_STATS, N) from their pieces' partials (NUM_PARTIAL, N, C), all but KL and
+    loss (``finish`` writes them from the pieces' KL). Rows of ``vocab`` columns."""
+    partials = partials.contiguous()
+    n_rows, n_chunks = partials.shape[1], partials.shape[2]
+    stats = torch.empty((NUM_STATS, n_rows), dtype=torch.float32, device=partials.device)
+    if n_rows:
+        ttm_merge_kernel[(n_rows,)](
+            PARTIAL=partials, Y=target if target is not None else partials, STATS=stats, n_rows=n_rows,
+            n_chunks=n_chunks, V=vocab, teacher_scale=float(teacher_scale), ignore_index=int(ignore_index),
+            HAS_TARGET=target is not None, WEIGHTED=weighted, SEPARATE_CE=_separate_ce(target, student_scale),
+            BLOCK_C=triton.next_power_of_2(n_chunks))
+    return stats
+
+
+def pieces(student, teacher, target, stats, *, col_offset, vocab, grad=None, row_grad=None, chunk_v=None,
+           with_kl=True, **params):
+    """The second pass over each row's columns here (columns [col_offset, col_offset + V) of rows of
+    ``vocab``), in pieces of ``chunk_v`` columns (default from ``row_split``): their KL terms (N, C) (unless
+    not ``with_kl``: a backward needs none), and with ``grad`` their gradient, written into it."""
+    n_rows, V = student.shape[0] * student.shape[1], student.shape[2]
+    pieces_args = _pieces(V, chunk_v or row_split(n_rows, V, student.device))
+    kl_parts = torch.empty((n_rows, pieces_args["n_chunks"]), dtype=torch.float32, device=student.device)
+    has_grad = grad is not None
+    if not has_grad:
+        grad, row_grad = student, kl_parts  # never touched
+    if n_rows:
+        ttm_piece_kernel[(n_rows, pieces_args["n_chunks"])](
+            **_launch_args(student, teacher, target, stats, grad, row_grad, params), KL_PARTS=kl_parts,
+            col_offset=col_offset, row_vocab=vocab, HAS_GRAD=has_grad, HAS_KL=with_kl, **pieces_args)
+    return kl_parts
+
+
+def finish(stats, kl_parts, *, kl_coef, ce_weight, **_unused):
+    """Writes the rows' KL (the sum of their pieces', (N, C)) and loss into ``stats``."""
+    n_rows, n_chunks = kl_parts.shape
+    if n_rows:
+        ttm_loss_kernel[(n_rows,)](KL_PARTS=kl_parts.contiguous(), STATS=stats, n_rows=n_rows, n_chunks=n_chunks,
+                                   kl_coef=float(kl_coef), ce_weight=float(ce_weight),
+                                   BLOCK_C=triton.next_power_of_2(n_chunks))
