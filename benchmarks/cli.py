@@ -31,7 +31,7 @@ PRESETS = {
     # The GPU machine's check (benchmarks/gpu_check.sh), most important case first, so that a time budget
     # that runs out drops the least important ones.
     "gpu-check": dict(cases=[(4096, 32000, "bf16"), (4096, 128256, "bf16"), (4096, 262144, "bf16"),
-                             (4096, 32000, "fp32"), (16384, 32000, "bf16")]),
+                             (64, 262144, "bf16"), (4096, 32000, "fp32"), (16384, 32000, "bf16")]),
 }
 QUICK_TIMING = dict(warmup_ms=5.0, rep_ms=30.0, min_reps=5, max_reps=50)
 

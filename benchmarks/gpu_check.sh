@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The GPU machine's check, in one run of under 8 minutes, everything written under $OUT:
+# The GPU machine's check, the one prepared device script, in one run of under 8 minutes, everything written
+# under $OUT as it goes:
 #
 #     OUT=/some/dir bash benchmarks/gpu_check.sh        (from the repo root; OUT defaults to out/gpu_check)
 #
@@ -8,13 +9,21 @@
 #   0. environment: nvidia-smi, python/torch/triton versions, liger presence     -> $OUT/setup.log
 #   1. pip install --no-build-isolation --no-deps -e .   (builds the C++ extension; <= 120 s; if pip
 #      fails, `python setup.py build_ext --inplace` instead, <= 120 s)                          -> setup.log
-#   2. python -m pytest ${GPU_CHECK_TESTS:-tests}  (CUDA tensors where present; <= 150 s; pytest.ini's
-#      "-q -ra" is replaced by "-ra" so that the one -q still prints the "N passed" line)      -> tests.log
-#   3. python -m benchmarks --preset gpu-check --device cuda  (what is left, <= 270 s, with its own
-#      --time-budget 45 s shorter so that it stops and writes its files by itself)             -> bench.log,
-#      gpu.csv, gpu.json, gpu_time.png, gpu_memory.png
-#   4. a compact summary of the results and the status of every step, on stdout and in setup.log.
-# Seven files in all, none over a few MiB (logs are cut to their last 8 MiB just in case).
+#   2. python -m pytest $GPU_CHECK_TESTS (default: the loss, layout, row-pieces and fused linear tests, on
+#      CUDA tensors; <= 150 s; pytest.ini's "-q -ra" is replaced by "-ra" so that the one -q still prints
+#      the "N passed" line)                                                                   -> tests.log
+#   3. python -m benchmarks --preset gpu-check --device cuda: fused, eager, torch.compile, Liger (when its
+#      wheel is installed) and the copy bandwidth, at N x V = 4096 x {32000, 128256, 262144} and 64 x 262144
+#      (<= 150 s, with its own --time-budget 30 s shorter so that it writes its files by itself)
+#                                                 -> bench.log, gpu.csv, gpu.json, gpu_time.png, gpu_memory.png
+#   4. python -m benchmarks.tune_triton: split-row piece widths at 64 x 262144, then BLOCK_V x warps x stages
+#      (<= 80 s, its own --time-budget 60 s)                                        -> tune.log, tune_triton.csv
+#   5. python -m benchmarks.linear_bench --tokens 16384 --no-write: the fused linear loss against the
+#      materialised logits (<= 60 s)                                                            -> linear.log
+#   6. a compact summary of the results and the status of every step, on stdout and in setup.log.
+# Liger: `pip install --no-deps .whl/liger_kernel-*.whl` first when such a wheel was carried (.whl/ is
+# ignored by git; the device has no network).
+# Ten files in all, none over a few MiB (logs are cut to their last 8 MiB just in case).
 # Overall budget: $GPU_CHECK_BUDGET_S seconds (default 440; with the 20 s grace of the last `timeout` and
 # the summary, under 8 minutes); each step's cap shrinks to leave the later steps their share.
 set -uo pipefail
@@ -102,26 +111,39 @@ if ! run_step install "$(cap_for 120 300)" "$SETUP_LOG" \
         "$PY" -m pip install --no-build-isolation --no-deps --no-input -e .; then
     run_step build_ext "$(cap_for 120 300)" "$SETUP_LOG" "$PY" setup.py build_ext --inplace
 fi
+for wheel in .whl/liger_kernel-*.whl; do
+    [ -f "$wheel" ] && run_step liger 60 "$SETUP_LOG" "$PY" -m pip install --no-deps --no-input "$wheel"
+done
 "$PY" -c "import ttm_kernels as t; print('ttm_kernels', t.__file__, 'triton', t.triton_available(), 'cpu ext', t.cpu_extension_available())" \
     >> "$SETUP_LOG" 2>&1
 
 # 2. The test suite (CUDA tensors where the tests use them).
-# GPU_CHECK_TESTS narrows the run to the files that exercise CUDA (the trainer's tests are CPU tests).
+# The files that exercise CUDA (the trainer's tests are CPU tests); GPU_CHECK_TESTS replaces the list.
+GPU_CHECK_TESTS=${GPU_CHECK_TESTS:-tests/test_fused_loss.py tests/test_layouts.py tests/test_row_pieces.py tests/test_linear.py}
 # shellcheck disable=SC2086
-run_step tests "$(cap_for 150 200)" "$OUT/tests.log" \
-    "$PY" -m pytest ${GPU_CHECK_TESTS:-tests} --maxfail=10 -q -o addopts=-ra -p no:cacheprovider --durations=15
+run_step tests "$(cap_for 150 230)" "$OUT/tests.log" \
+    "$PY" -m pytest $GPU_CHECK_TESTS --maxfail=10 -q -o addopts=-ra -p no:cacheprovider --durations=15
 echo >> "$OUT/tests.log"
 tail -n 4 "$OUT/tests.log" | sed 's/^/  tests: /' | tee -a "$SETUP_LOG"
 
-# 3. The benchmark sweep, in what is left (10 s kept for the summary).
-BENCH_CAP=$(cap_for 270 10)
-BENCH_BUDGET=$(( BENCH_CAP - 45 ))
+# 3. The benchmark sweep (150 s, leaving the tuning sweep, the linear benchmark and the summary theirs).
+BENCH_CAP=$(cap_for 150 150)
+BENCH_BUDGET=$(( BENCH_CAP - 30 ))
 (( BENCH_BUDGET < 20 )) && BENCH_BUDGET=20
 run_step bench "$BENCH_CAP" "$OUT/bench.log" \
     "$PY" -m benchmarks --preset gpu-check --device cuda --out "$OUT" --tag gpu \
     --providers fused,eager,compile,liger,fused_inplace --time-budget "$BENCH_BUDGET" --no-progress
 
-# 4. Summary.
+# 4. The tuning sweep: split-row piece widths, then launch configurations.
+TUNE_CAP=$(cap_for 80 70)
+run_step tune "$TUNE_CAP" "$OUT/tune.log" \
+    "$PY" -m benchmarks.tune_triton --out "$OUT" --time-budget $(( TUNE_CAP > 40 ? TUNE_CAP - 20 : 20 ))
+
+# 5. The fused linear loss (H = 4096, V = 128256, bf16) against the materialised logits.
+run_step linear "$(cap_for 60 10)" "$OUT/linear.log" \
+    "$PY" -m benchmarks.linear_bench --device cuda --tokens 16384 --no-write
+
+# 6. Summary.
 {
     echo "=== summary ==="
     for s in "${STATUS[@]}"; do echo "  $s"; done
