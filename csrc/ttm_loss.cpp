@@ -306,7 +306,8 @@ void set_row_grad(LossSetup& setup, const at::Tensor& row_grad, int64_t n_rows) 
   setup.row_grad_stride = row_grad.dim() == 0 ? 0 : 1;
 }
 
-LossSetup make_setup(const at::Tensor& student, const int64_t* target, double student_scale, double teacher_scale,
+// The setup of rows of `vocab` columns (a whole row until set_piece says otherwise).
+LossSetup make_setup(int64_t vocab, const int64_t* target, double student_scale, double teacher_scale,
                      double kl_coef, double ce_weight, bool weighted, int64_t ignore_index) {
   LossSetup setup;
   setup.student_scale = static_cast<float>(student_scale);
@@ -319,7 +320,7 @@ LossSetup make_setup(const at::Tensor& student, const int64_t* target, double st
   setup.target = target;
   setup.row_grad = nullptr;
   setup.row_grad_stride = 0;
-  setup.vocab = student.size(2);
+  setup.vocab = vocab;
   setup.col_offset = 0;
   setup.row_vocab = setup.vocab;
   return setup;
@@ -340,7 +341,7 @@ at::Tensor forward(const at::Tensor& student, const at::Tensor& teacher, const s
   check_rows(student, student, "student");
   check_rows(teacher, student, "teacher");
   const int64_t n_rows = student.size(0) * student.size(1);
-  LossSetup setup = make_setup(student, target_rows(target, n_rows), student_scale, teacher_scale, kl_coef,
+  LossSetup setup = make_setup(student.size(2), target_rows(target, n_rows), student_scale, teacher_scale, kl_coef,
                                ce_weight, weighted, ignore_index);
   const bool has_grad = grad.has_value() && grad->defined();
   if (has_grad) {
@@ -377,7 +378,7 @@ at::Tensor partial(const at::Tensor& student, const at::Tensor& teacher, const s
   check_rows(student, student, "student");
   check_rows(teacher, student, "teacher");
   const int64_t n_rows = student.size(0) * student.size(1);
-  LossSetup setup = make_setup(student, target_rows(target, n_rows), student_scale, teacher_scale, 0.0, 0.0,
+  LossSetup setup = make_setup(student.size(2), target_rows(target, n_rows), student_scale, teacher_scale, 0.0, 0.0,
                                weighted, ignore_index);
   setup.col_offset = col_offset;
   at::Tensor partials = at::empty({kNumPartial, n_rows}, student.options().dtype(at::kFloat));
@@ -418,15 +419,8 @@ at::Tensor merge(const at::Tensor& partials, const std::optional<at::Tensor>& ta
               "partials must be a contiguous (", kNumPartial, ", N, pieces) float32 CPU tensor, got ",
               partials.scalar_type(), " ", partials.sizes());
   const int64_t n_rows = partials.size(1), n_pieces = partials.size(2);
-  const int64_t* target_ptr = target_rows(target, n_rows);
-  LossSetup setup;
-  setup.student_scale = static_cast<float>(student_scale);
-  setup.teacher_scale = static_cast<float>(teacher_scale);
-  setup.weighted = weighted;
-  setup.separate_ce = target_ptr != nullptr && student_scale != 1.0;
-  setup.ignore_index = ignore_index;
-  setup.target = target_ptr;
-  setup.row_vocab = row_vocab;
+  const LossSetup setup = make_setup(row_vocab, target_rows(target, n_rows), student_scale, teacher_scale, 0.0, 0.0,
+                                     weighted, ignore_index);
   at::Tensor stats = at::empty({kNumStats, n_rows}, partials.options());
   const float* in = partials.data_ptr<float>();
   float* out = stats.data_ptr<float>();
@@ -464,7 +458,7 @@ at::Tensor pieces(const at::Tensor& student, const at::Tensor& teacher, const st
                   stats.size(0) == kNumStats && stats.size(1) == n_rows && stats.is_contiguous(),
               "stats must be the contiguous (", kNumStats, ", ", n_rows, ") float32 CPU tensor of forward, got ",
               stats.scalar_type(), " ", stats.sizes());
-  LossSetup setup = make_setup(student, target_rows(target, n_rows), student_scale, teacher_scale, kl_coef,
+  LossSetup setup = make_setup(student.size(2), target_rows(target, n_rows), student_scale, teacher_scale, kl_coef,
                                ce_weight, /*weighted=*/false, ignore_index);
   set_piece(setup, col_offset, row_vocab);
   const bool has_grad = grad.has_value() && grad->defined();

@@ -352,6 +352,15 @@ def ttm_fwd_kernel(
 
 
 @triton.jit
+def _program_piece(V, chunk_v):
+    # Programs over (row, piece): this program's row, piece, first column and width.
+    row = tl.program_id(0).to(tl.int64)
+    chunk = tl.program_id(1).to(tl.int64)
+    start = chunk * chunk_v
+    return row, chunk, start, tl.minimum(chunk_v, V - start)
+
+
+@triton.jit
 def ttm_partial_kernel(
     S, s_inner, s_stride_b, s_stride_t,
     TCH, t_inner, t_stride_b, t_stride_t,
@@ -360,10 +369,7 @@ def ttm_partial_kernel(
     HAS_TARGET: tl.constexpr, WEIGHTED: tl.constexpr, SEPARATE_CE: tl.constexpr, TEACHER_POWER: tl.constexpr,
     STUDENT_POWER: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
-    chunk = tl.program_id(1).to(tl.int64)
-    start = chunk * chunk_v
-    width = tl.minimum(chunk_v, V - start)
+    row, chunk, start, width = _program_piece(V, chunk_v)
     s_row = _row_ptr(S, row, s_inner, s_stride_b, s_stride_t) + start
     t_row = _row_ptr(TCH, row, t_inner, t_stride_b, t_stride_t) + start
     y = 0
@@ -442,10 +448,7 @@ def ttm_piece_kernel(
     # The KL (HAS_KL) and gradient (HAS_GRAD) pass over one piece of a row, from the row's statistics: the V
     # columns here are columns [col_offset, col_offset + V) of rows of row_vocab. With one piece per row, this
     # is also the backward of either path.
-    row = tl.program_id(0).to(tl.int64)
-    chunk = tl.program_id(1).to(tl.int64)
-    start = chunk * chunk_v
-    width = tl.minimum(chunk_v, V - start)
+    row, chunk, start, width = _program_piece(V, chunk_v)
     s_row = _row_ptr(S, row, s_inner, s_stride_b, s_stride_t) + start
     t_row = _row_ptr(TCH, row, t_inner, t_stride_b, t_stride_t) + start
     g_row = _row_ptr(GRAD, row, g_inner, g_stride_b, g_stride_t) + start
