@@ -515,7 +515,8 @@ def test_fused_loss_non_finite_inputs(backend, kind):
     assert (grad[[1, 2, 4]] == 0).all()
 
     v[3, 100] = float("nan")
-    rows, grad = fused_loss_and_grad(kind, z, v, target, backend, reduction="none", upstream=torch.ones(6, device=device), **kw)
+    rows, grad = fused_loss_and_grad(kind, z, v, target, backend, reduction="none",
+                                     upstream=torch.ones(6, device=device), **kw)
     assert rows[3].isnan() and grad[3].isnan().all(), "a NaN teacher must not give a finite loss or gradient"
     assert torch.isfinite(rows[[0, 1, 2, 4, 5]]).all() and torch.isfinite(grad[[0, 1, 2, 4, 5]]).all()
 

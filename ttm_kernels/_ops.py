@@ -1,6 +1,6 @@
 """Backend dispatch and the ``torch.library`` ops that autograd and ``torch.compile`` see.
 
-Every compiled backend module (``triton_kernels``, ``cpu_kernels``) offers the same two functions, on the
+Every compiled backend module (``triton_kernels``, ``cpu_kernels``) offers the same functions, on the
 arguments that ``_kernel_rows`` and ``_row_grad_rows`` normalise (the one place that does): (B, T, V) row
 views of the logits (see ``_rows.row_view``), a contiguous int64 (N,) target, a contiguous fp32 (N,) or 0-dim
 upstream gradient:
@@ -9,6 +9,7 @@ upstream gradient:
             ignore_index, grad=None, row_grad=None) -> stats (NUM_STATS, N) fp32 (rows: ``_stats.Stat``)
     backward(row_grad, student, teacher, target, stats, grad, *, student_scale, teacher_scale, kl_coef,
              ce_weight, ignore_index) -> None   (writes the gradient into ``grad``)
+    partial / merge / pieces / finish: the same loss of rows held in column pieces (see ``RowPieces``)
 
 Every backward refuses to build a graph for higher-order gradients (``refuse_higher_order``): the kernels'
 gradients are not differentiable, and dropping the second-order terms silently would be a wrong answer.
@@ -150,9 +151,10 @@ def _forward(backend, student, teacher, target, params, *, weighted, grad=None, 
 
 
 def _backward_into(grad, row_grad, student, teacher, target, stats, params, backend):
+    """Writes the gradient of sum_i row_grad_i * loss_i into ``grad`` (its own storage), from the statistics."""
     student, teacher, target = _kernel_rows(student, teacher, target)
-    _kernels(backend).backward(_row_grad_rows(row_grad), student, teacher, target, stats.contiguous(), grad,
-                               **params)
+    _kernels(backend).backward(_row_grad_rows(row_grad), student, teacher, target, stats.contiguous(),
+                               _own_rows(grad, "the gradient"), **params)
 
 
 class RowPieces:
@@ -173,7 +175,8 @@ class RowPieces:
                                     **self.params)
 
     def merge(self, partials, target) -> torch.Tensor:
-        return self.kernels.merge(partials, _target_rows(target), weighted=self.weighted, vocab=self.vocab, **self.params)
+        return self.kernels.merge(partials, _target_rows(target), weighted=self.weighted, vocab=self.vocab,
+                                  **self.params)
 
     def second_pass(self, student, teacher, target, stats, col_offset: int, grad=None, row_grad=None):
         student, teacher, target = _kernel_rows(student, teacher, target)
@@ -214,7 +217,7 @@ def loss_bwd(row_grad: torch.Tensor, student: torch.Tensor, teacher: torch.Tenso
              ignore_index: int, backend: str) -> torch.Tensor:
     """d(sum_i row_grad_i * loss_i) / d student, in the student's dtype and shape (contiguous)."""
     grad = torch.empty(student.shape, dtype=student.dtype, device=student.device)
-    _backward_into(row_view(grad), row_grad, student, teacher, target, stats,
+    _backward_into(grad, row_grad, student, teacher, target, stats,
                    _params(student_scale, teacher_scale, kl_coef, ce_weight, ignore_index), backend)
     return grad
 
@@ -240,7 +243,7 @@ def loss_bwd_inplace(row_grad: torch.Tensor, student: torch.Tensor, teacher: tor
                      backend: str) -> None:
     """Like ``loss_bwd``, but overwrites the student logits with their gradient (one row at a time, each
     row read in full before it is written)."""
-    _backward_into(_own_rows(student, "loss_bwd_inplace"), row_grad, student, teacher, target, stats,
+    _backward_into(student, row_grad, student, teacher, target, stats,
                    _params(student_scale, teacher_scale, kl_coef, ce_weight, ignore_index), backend)
 
 
@@ -253,7 +256,7 @@ def loss_fwd_grad_inplace(student: torch.Tensor, teacher: torch.Tensor, target: 
     own the logits buffer, such as the fused linear loss."""
     return _forward(backend, student, teacher, target,
                     _params(student_scale, teacher_scale, kl_coef, ce_weight, ignore_index), weighted=weighted,
-                    grad=_own_rows(student, "loss_fwd_grad_inplace"), row_grad=row_grad)
+                    grad=student, row_grad=row_grad)
 
 
 @loss_fwd_grad_inplace.register_fake
@@ -310,7 +313,7 @@ def loss_fwd_with_grad(student: torch.Tensor, teacher: torch.Tensor, target: Opt
     grad = torch.empty(student.shape, dtype=student.dtype, device=student.device)
     stats = _forward(backend, student, teacher, target,
                      _params(student_scale, teacher_scale, kl_coef, ce_weight, ignore_index), weighted=weighted,
-                     grad=row_view(grad), row_grad=row_grad)
+                     grad=grad, row_grad=row_grad)
     return stats[Stat.LOSS].sum() * row_grad, stats, grad
 
 
