@@ -11,7 +11,8 @@ slice of the gradient, by:
   the all_gather of the per-row partial sums, the merge, the second pass and the KL all-reduce.
 * ``gather logits``: what users do without it: all_gather both slices into the (N, V) logits on every rank,
   ``fused_wttm_loss`` on them, and keep the slice of the gradient.
-* ``one process`` (W = 1 only): ``fused_wttm_loss`` without a process group (the cost of the path itself).
+
+With W = 1 the vocabulary-parallel call runs the one-process kernels (a group of one holds whole rows).
 
 Time: per step, every rank's ``perf_counter`` time after a barrier; the step's time is the slowest rank's;
 the table gives the median over ``--reps`` steps after two warm-up steps. ``--threads`` torch threads per
@@ -94,11 +95,6 @@ def _worker(rank, world, args, store, out):
         fused_wttm_loss(student, teacher, target).backward()
         return student.grad[:, rank * width:(rank + 1) * width]
 
-    def one_process():
-        student = z.detach().requires_grad_()
-        fused_wttm_loss(student, v, target).backward()
-        return student.grad
-
     partials = torch.randn(NUM_PARTIAL, n, device=device)
     gathered = torch.empty(world * NUM_PARTIAL, n, device=device)
 
@@ -111,8 +107,6 @@ def _worker(rank, world, args, store, out):
         dist.all_reduce(sums, group=group)
 
     providers = {"vocab-parallel": vocab_parallel, "gather logits": gather_logits}
-    if world == 1:
-        providers["one process"] = one_process
     result = {name: _steps(fn, args.reps, device) for name, fn in providers.items()}
     result["all_gather partials"] = _steps(all_gather_partials, args.reps * 4, device)
     result["two all-reduces"] = _steps(two_all_reduces, args.reps * 4, device)
@@ -161,13 +155,11 @@ def main(argv=None):
         ours, gather = sent_bytes(world, args.N, args.V)
         rows.append((world, result, ours, gather))
     print("\n| processes | V per rank | vocab-parallel ms | gather logits ms | gather / vocab-parallel | "
-          "one process ms | sent per rank: vocab-parallel | sent per rank: gather logits |")
-    print("|---|---|---|---|---|---|---|---|")
+          "sent per rank: vocab-parallel | sent per rank: gather logits |")
+    print("|---|---|---|---|---|---|---|")
     for world, result, ours, gather in rows:
-        one = result.get("one process")
         print(f"| {world} | {args.V // world} | {result['vocab-parallel']:.1f} | {result['gather logits']:.1f} | "
-              f"{result['gather logits'] / result['vocab-parallel']:.2f} | {'' if one is None else f'{one:.1f}'} | "
-              f"{_size(ours)} | {_size(gather)} |")
+              f"{result['gather logits'] / result['vocab-parallel']:.2f} | {_size(ours)} | {_size(gather)} |")
     print(f"\nThe merge's collective alone (N={args.N}): ms per call")
     print("\n| processes | all_gather of the (9, N) partials | two all-reduces (max, sum) |")
     print("|---|---|---|")

@@ -81,3 +81,32 @@ def test_fused_loss_process_group_without_init():
     z = torch.randn(2, 5)
     with pytest.raises(RuntimeError, match="torch.distributed is not initialized"):
         ttm_kernels.fused_wttm_loss(z, z, process_group=object())
+
+
+@pytest.fixture
+def one_rank_group(tmp_path):
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    yield dist.group.WORLD
+    dist.destroy_process_group()
+
+
+@needs_gloo
+@needs_cpu_kernels
+def test_fused_losses_one_rank_group(one_rank_group):
+    """A group of one holds whole rows: the one-process kernels, bit for bit."""
+    z, v, target = (t.float() if t.is_floating_point() else t for t in distributed_checks.make_rows(seed=20))
+    grads = []
+    for group in (one_rank_group, None):
+        student = z.clone().requires_grad_()
+        loss = ttm_kernels.fused_wttm_loss(student, v, target, gamma=0.3, process_group=group)
+        loss.backward()
+        grads.append((loss, student.grad))
+    hs, ws, _, ht, wt, _, target = (t.float() if t.is_floating_point() else t
+                                    for t in distributed_checks.make_linear(seed=21))
+    for group in (one_rank_group, None):
+        hidden, weight = hs.clone().requires_grad_(), ws.clone().requires_grad_()
+        loss = ttm_kernels.fused_linear_kd_loss(hidden, weight, ht, wt, target, process_group=group)
+        loss.backward()
+        grads.append((loss, hidden.grad, weight.grad))
+    for ours, theirs in (grads[:2], grads[2:]):
+        assert all(torch.equal(a, b) for a, b in zip(ours, theirs))

@@ -20,8 +20,8 @@ sums): it is one collective instead of two (at O(N) bytes both are latency-bound
 that split rows and shards share, and each rank merges identical inputs in the same order. It moves more
 bytes beyond two ranks: a rank sends (world - 1) * 36 bytes per row (ring all_gather) against
 2 * (world - 1) / world * 36 for two ring all-reduces, equal at 2 ranks, 2x at 4, 4x at 8: still O(N), against
-the (world - 1) / world * N * V * itemsize bytes that gathering the logits moves (README, "Vocabulary
-parallelism").
+the (world - 1) / world * 2 * N * V * itemsize bytes that gathering both logits moves (README, "Beyond one
+device").
 
 The backward issues no collective for the logits losses: the gradient of "mean"/"sum" is computed in the
 forward; "none" recomputes it from the merged statistics it saved. The fused linear loss's backward sums the
@@ -84,7 +84,7 @@ def _encode(value) -> int:
 def _shown(local, code: int) -> str:
     if isinstance(local, torch.dtype):
         return str(_DTYPES[code]) if 0 <= code < len(_DTYPES) else "another dtype"
-    return str(code)
+    return str(bool(code)) if isinstance(local, bool) else str(code)
 
 
 def _target_facts(target, ignore_index, device) -> torch.Tensor:
@@ -271,6 +271,12 @@ def vocab_parallel_loss(student_logits, teacher_logits, target, *, process_group
     """``functional._fused_loss`` for logits whose columns the ranks of ``process_group`` hold (or DTensors
     sharded on the last dimension): the loss of the whole rows on every rank, and this rank's columns' gradient."""
     student, teacher, target, group, index = _local_logits(student_logits, teacher_logits, target, process_group)
+    if dist.get_world_size(group) == 1:  # the whole rows are here: the one-pass kernels
+        return functional._fused_loss(student, teacher, target, student_scale=student_scale,
+                                      teacher_scale=teacher_scale, kl_scale=kl_scale, weighted=weighted, beta=beta,
+                                      ce_weight=ce_weight, ignore_index=ignore_index, reduction=reduction,
+                                      backend=backend, inplace_backward=inplace_backward,
+                                      return_components=return_components)
     device = student.device
     names = ("the number of rows N", "the student_logits dtype", "the teacher_logits dtype", "the device type",
              "whether a target is given", "the loss settings (gamma or temperature, beta, ce_weight, "
@@ -349,6 +355,13 @@ def vocab_parallel_linear_loss(student_hidden, student_weight, teacher_hidden, t
     """``linear._fused_linear_loss`` with each rank's rows of both LM heads: the chunk loop of ``linear._run_chunks``
     with the sharded rows' loss per chunk (every rank runs the same chunks)."""
     index = _member(process_group)
+    if dist.get_world_size(process_group) == 1:  # the whole LM heads are here
+        return linear._fused_linear_loss(
+            student_hidden, student_weight, teacher_hidden, teacher_weight, target, student_bias=student_bias,
+            teacher_bias=teacher_bias, student_scale=student_scale, teacher_scale=teacher_scale, kl_scale=kl_scale,
+            weighted=weighted, beta=beta, ce_weight=ce_weight, ignore_index=ignore_index, reduction=reduction,
+            chunk_size=chunk_size, vocab_mismatch=vocab_mismatch, backend=backend,
+            return_components=return_components)
     if not isinstance(student_hidden, torch.Tensor):
         raise TypeError(f"student_hidden must be a torch.Tensor, got {type(student_hidden).__name__}")
     device = student_hidden.device
