@@ -9,6 +9,7 @@ the single-process compiled loss.
 """
 from __future__ import annotations
 
+import copy
 import datetime
 import json
 import os
@@ -20,7 +21,7 @@ from torch import nn
 
 import ttm_kernels
 from ttm_kernels import reference
-from test_fused_loss import FUSED, REFERENCE, assert_close, reference_loss_and_grad, scale_kw
+from test_fused_loss import FUSED, REFERENCE, assert_close, reference_loss_and_grad
 
 V = 1500
 LEAD = (3, 3)
@@ -378,8 +379,6 @@ def check_fsdp2(separate_head):
     a sharded DTensor outside its forward, gathered by the loss) or in the root's unit (FSDP2 leaves the root's
     parameters unsharded after the forward, and reduce-scatters their gradients itself)."""
     def check(rank, world):
-        import copy
-
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
 
