@@ -115,6 +115,10 @@ KEYS: dict[str, Key] = {
     "seed": Key(0, int, "seed of the model init, the data order and the augmentation"),
     "deterministic": Key(False, bool, "deterministic algorithms only (bitwise reproducible runs and resumes)"),
     "device": Key("auto", str, "auto = cuda when available", ("auto", "cpu", "cuda")),
+    "parallel": Key("ddp", str, "several processes (torchrun): ddp = a replica and a share of every batch per rank; "
+                    "task lm also fsdp = FSDP2-sharded student, a share of every batch per rank; tp = "
+                    "vocabulary-parallel LM heads (and tied embeddings) of student and teacher, the rest "
+                    "replicated, the whole batch on every rank (train/parallel.py)", ("ddp", "fsdp", "tp")),
     "amp": Key("auto", str, "autocast: auto = bf16 on CUDA, off on CPU", ("auto", "off", "bf16", "fp16")),
     "num_workers": Key(4, int, "data-loader workers (ImageNet only; the other datasets live in memory)"),
     "threads": Key(0, int, "torch CPU threads (0 = torch's default)"),
@@ -209,6 +213,16 @@ def validate(cfg: dict) -> dict:
     if cfg["task"] == "lm" and (cfg["train_subset"] or cfg["test_subset"]):
         raise ConfigError("config keys 'train_subset' and 'test_subset' select images; task lm takes all the text "
                           "(point data_dir at less, or change test_fraction)")
+    if cfg["parallel"] != "ddp" and cfg["task"] != "lm":
+        raise ConfigError(f"parallel {cfg['parallel']!r} is for task lm; task {cfg['task']!r} runs with parallel ddp")
+    if cfg["parallel"] == "fsdp" and cfg["optimizer"] == "sgd":
+        # The fused optimizers honour the non-finite flag on the device (nonfinite.py); torch 2.13 runs fused
+        # AdamW on FSDP2's DTensor parameters but has no DTensor implementation of fused SGD.
+        raise ConfigError("parallel fsdp trains with optimizer adamw (torch has no fused SGD for FSDP2's sharded "
+                          "parameters)")
+    if cfg["parallel"] == "tp" and cfg["vocab_mismatch"] != "error":
+        raise ConfigError("parallel tp shards the student's and the teacher's LM heads alike: it needs one "
+                          "vocabulary (vocab_mismatch error)")
     if cfg["seq_len"] < 1:
         raise ConfigError(f"config key 'seq_len' must be >= 1, got {cfg['seq_len']}")
     if not 0 <= cfg["prompt_tokens"] < cfg["seq_len"]:

@@ -16,7 +16,8 @@ from . import checkpoint, config, run_lock
 from .errors import CheckpointError, ConfigError, UserError
 from .logs import RunLog, columns
 from .nonfinite import StepGuard
-from .tasks import get_task
+from .parallel import Parallel
+from .tasks import get_task, lm_head
 
 SUMMARY_NAME = "summary.json"
 
@@ -219,20 +220,23 @@ def _train(cfg, resume, dist_ctx):
 
     task = get_task(cfg["task"])(cfg, device)
     loss_backend = task.loss_backend()  # a backend this device cannot run is an error before any work
-    data = task.build_data(dist_ctx.rank, dist_ctx.world)
+    parallel = Parallel(cfg["parallel"], dist_ctx.world, device)
+    data = task.build_data(*parallel.data_shard(dist_ctx.rank))
     model = task.build_student()
     teacher = task.build_teacher() if task.objective.needs_teacher else None
     if teacher is None and cfg["teacher"]:
         log(f"loss {cfg['loss']!r} trains without a teacher: teacher {cfg['teacher']!r} is not used")
+    n_params = sum(p.numel() for p in model.parameters())
+    parallel.prepare(model, teacher, lm_head)
     autocast, amp = autocast_factory(cfg, device)
     optimizer, scheduler = build_optimizer(cfg, model)
     scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
 
-    n_params = sum(p.numel() for p in model.parameters())
     log(f"{cfg['task']} on {cfg['dataset']} ({data.train_size} train / {data.test_size} test {data.unit}): "
         f"{cfg['model']} ({n_params / 1e6:.2f}M params), loss {cfg['loss']}"
         + (f" (ttm_kernels backend {loss_backend})" if loss_backend else "")
-        + f", seed {cfg['seed']}, {device}, amp {amp}, {dist_ctx.world} process(es) -> {out_dir}")
+        + f", seed {cfg['seed']}, {device}, amp {amp}, {dist_ctx.world} process(es)"
+        + (f" ({cfg['parallel']})" if parallel.mode else "") + f" -> {out_dir}")
     metric = task.best_metric
     teacher_score = None
     if teacher is not None:
@@ -247,8 +251,7 @@ def _train(cfg, resume, dist_ctx):
 
     start_epoch, history, best = 0, [], {metric: None, "epoch": 0}
     if state:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        parallel.load(model, optimizer, state["model"], state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
         checkpoint.set_rng_state(state["rng"])
@@ -257,10 +260,7 @@ def _train(cfg, resume, dist_ctx):
     if start_epoch >= cfg["epochs"]:
         log(f"nothing to do: the run already has {start_epoch} epochs (epochs={cfg['epochs']})")
 
-    train_model = model
-    if dist_ctx.world > 1:
-        train_model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
+    train_model = parallel.wrap(model)
     guard = StepGuard(model, optimizer, scaler, cfg["on_nonfinite"], cfg["log_every"], dist_ctx.world)
     run_log = None
     if dist_ctx.main:
@@ -285,14 +285,16 @@ def _train(cfg, resume, dist_ctx):
                "train_time_s": round(train_time, 3), "eval_time_s": round(eval_time, 3)}
         if task.better(test_means[metric], best[metric]):
             best = {metric: test_means[metric], "epoch": epoch + 1}
+            model_state = parallel.model_state(model)  # every rank: fsdp and tp gather the shards
             if dist_ctx.main:
-                checkpoint.save_atomic({"model": model.state_dict(), "epoch": epoch + 1, metric: best[metric],
+                checkpoint.save_atomic({"model": model_state, "epoch": epoch + 1, metric: best[metric],
                                         "config": cfg}, os.path.join(out_dir, checkpoint.BEST))
         history.append(row)
+        model_state, optimizer_state = parallel.model_state(model), parallel.optimizer_state(model, optimizer)
         if dist_ctx.main:
             run_log.write(history)
             checkpoint.save_atomic({
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "model": model_state, "optimizer": optimizer_state,
                 "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": checkpoint.rng_state(),
                 "epoch": epoch + 1, "best": best, "history": history, f"teacher_{metric}": teacher_score,
                 "config": cfg}, last_path)

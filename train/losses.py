@@ -64,6 +64,9 @@ class Objective:
             return None if x is None else x.to(dtype)
 
         hidden, weight, bias = cast(hidden), cast(head.weight), cast(head.bias)
+        # A vocabulary-parallel head (parallel tp, train/parallel.py) holds this rank's rows of the LM heads.
+        group = getattr(head, "process_group", None)
+        sharded = {} if group is None else {"process_group": group}
         if self.kind == "ce":
             # CE alone through the same fused path (no (tokens, V) logits either): beta 0 drops the distillation
             # term of a constant teacher (width-1 zeros, a broadcast view: no memory and next to no GEMM).
@@ -71,12 +74,12 @@ class Objective:
             loss, parts = fused_linear_wttm_loss(
                 hidden, weight, zero.expand(*hidden.shape[:-1], 1), zero.expand(weight.shape[0], 1), target,
                 student_bias=bias, beta=0.0, ce_weight=self.ce_weight, backend=self.kwargs["backend"],
-                return_components=True)
+                return_components=True, **sharded)
             return loss, {"ce": parts.ce}
         loss, parts = LINEAR_FNS[self.kind](hidden, weight, cast(teacher_hidden), cast(teacher_head.weight), target,
                                             student_bias=bias, teacher_bias=cast(teacher_head.bias),
                                             vocab_mismatch=self.vocab_mismatch, return_components=True,
-                                            **self.kwargs)
+                                            **self.kwargs, **sharded)
         return loss, {"ce": parts.ce, "kl": parts.kl, "kl_weight": parts.weight}
 
 

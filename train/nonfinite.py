@@ -95,8 +95,14 @@ class StepGuard:
 
     def check_weights(self, model):
         """Before a checkpoint: the weights and buffers are finite (an update can overflow with finite gradients)."""
-        tensors = [t for t in model.state_dict().values() if t.is_floating_point()]
-        if not torch.stack([torch.isfinite(t).all() for t in tensors]).all():
+        # Each rank checks the tensors it holds (FSDP2's DTensors by their local shards, parallel tp's LM-head
+        # rows), and the ranks decide together: a rank that stopped alone would leave the others waiting.
+        tensors = [t.to_local() if hasattr(t, "to_local") else t for t in model.state_dict().values()
+                   if t.is_floating_point()]
+        finite = torch.stack([torch.isfinite(t).all() for t in tensors]).all().to(self.found_inf.dtype)
+        if self.world > 1:
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        if not finite:
             self._fail(f"the model's weights became non-finite in epoch {self.epoch + 1} (an update overflowed)",
                        skipping_helps=False)
 

@@ -8,7 +8,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from . import checkpoint, data, models, text_data
+from . import checkpoint, data, models, parallel, text_data
 from .errors import ConfigError
 from .losses import Objective, topk_correct
 from .models import gpt, hf
@@ -221,12 +221,14 @@ class LanguageModelTask(Task):
         with autocast():
             hidden = model(tokens)
         head = lm_head(model)
+        # A vocabulary-parallel head (parallel tp) is gathered: the metrics need whole rows of logits.
+        weight, bias = head.full() if isinstance(head, parallel.VocabShardLinear) else (head.weight, head.bias)
         valid = targets.reshape(-1) != text_data.IGNORE_INDEX
-        hidden = hidden.reshape(-1, hidden.shape[-1])[valid].to(head.weight.dtype)
+        hidden = hidden.reshape(-1, hidden.shape[-1])[valid].to(weight.dtype)
         targets = targets.reshape(-1)[valid]
         loss = hits = 0
         for start in range(0, len(targets), self.EVAL_ROWS):
-            logits = F.linear(hidden[start:start + self.EVAL_ROWS], head.weight, head.bias).float()
+            logits = F.linear(hidden[start:start + self.EVAL_ROWS], weight, bias).float()
             y = targets[start:start + self.EVAL_ROWS]
             loss = loss + F.cross_entropy(logits, y, reduction="sum")
             hits = hits + (logits.argmax(-1) == y).sum()

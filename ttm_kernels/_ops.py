@@ -169,10 +169,12 @@ class RowPieces:
         self.kernels = _kernels(backend)
         self.params, self.weighted, self.vocab = params, weighted, vocab
 
-    def partial(self, student, teacher, target, col_offset: int) -> torch.Tensor:
+    def partial(self, student, teacher, target, col_offset: int, chunk_v: Optional[int] = None) -> torch.Tensor:
+        """``chunk_v``: columns per piece of the output (Triton; the C++ kernel gives one piece per row), e.g.
+        the width here for exactly one piece, as the ranks of a process group exchange them."""
         student, teacher, target = _kernel_rows(student, teacher, target)
         return self.kernels.partial(student, teacher, target, weighted=self.weighted, col_offset=col_offset,
-                                    **self.params)
+                                    chunk_v=chunk_v, **self.params)
 
     def merge(self, partials, target) -> torch.Tensor:
         return self.kernels.merge(partials, _target_rows(target), weighted=self.weighted, vocab=self.vocab,

@@ -10,6 +10,7 @@ read of each row, saving only per-row fp32 statistics for the backward.
 from __future__ import annotations
 
 import math
+import sys
 from typing import NamedTuple, Optional
 
 import torch
@@ -93,8 +94,16 @@ def _validate_inplace(student_logits: torch.Tensor) -> None:
                          "overwrite each other")
 
 
+def is_dtensor(x) -> bool:
+    """Whether ``x`` is a ``torch.distributed.tensor.DTensor`` (without importing that module, slow to import:
+    no DTensor exists before it is imported)."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(x, module.DTensor)
+
+
 def validate_target(target, lead_shape, vocab, device, ignore_index) -> None:
     """Class indices of the leading shape, on ``device``, in [0, vocab) or ``ignore_index``; else a clear error.
+    ``vocab=None`` leaves the range to the caller (the vocabulary-parallel losses check it across ranks).
 
     On the CPU the range check raises a ValueError. On other devices it must not make the host wait for the
     device (one synchronisation per call, and no CUDA graphs), so it is a device-side assertion, as in
@@ -110,7 +119,7 @@ def validate_target(target, lead_shape, vocab, device, ignore_index) -> None:
                          f"{tuple(target.shape)}")
     if target.device != device:
         raise ValueError(f"target must be on the logits' device {device}, got {target.device}")
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or vocab is None:
         return
     bad = ((target < 0) | (target >= vocab)) & (target != ignore_index)
     if target.device.type != "cpu":
@@ -122,11 +131,19 @@ def validate_target(target, lead_shape, vocab, device, ignore_index) -> None:
 
 
 def _fused_loss(student_logits, teacher_logits, target, *, student_scale, teacher_scale, kl_scale, weighted,
-                beta, ce_weight, ignore_index, reduction, backend, inplace_backward, return_components):
+                beta, ce_weight, ignore_index, reduction, backend, inplace_backward, return_components,
+                process_group=None):
     beta = _check_finite("beta", beta)
     ce_weight = _check_finite("ce_weight", ce_weight)
     inplace_backward = _check_flag("inplace_backward", inplace_backward)
     return_components = _check_flag("return_components", return_components)
+    if process_group is not None or (not torch.compiler.is_compiling() and is_dtensor(student_logits)):
+        from . import distributed  # imported on first use: it imports this module
+        return distributed.vocab_parallel_loss(
+            student_logits, teacher_logits, target, process_group=process_group, student_scale=student_scale,
+            teacher_scale=teacher_scale, kl_scale=kl_scale, weighted=weighted, beta=beta, ce_weight=ce_weight,
+            ignore_index=ignore_index, reduction=reduction, backend=backend, inplace_backward=inplace_backward,
+            return_components=return_components)
     _validate(student_logits, teacher_logits, target, ignore_index, reduction)
     backend = _ops.resolve_backend(backend, student_logits.device, student_logits.dtype)
     if inplace_backward:
@@ -186,6 +203,11 @@ _COMMON_DOC = """
             reference backend, for a leaf tensor that requires grad and for expanded or overlapping logits.
         return_components: also return a ``LossComponents`` of detached batch means (KL, CE, KL weight)
             for logging.
+        process_group: a ``torch.distributed`` process group whose ranks each hold a contiguous slice of the
+            vocabulary columns of both logits (rank order = column order, uneven widths allowed; ``target``
+            holds global ids): the vocabulary-parallel loss (``ttm_kernels.distributed``). Every rank gets the
+            loss of the whole rows, and its slice of their gradient. Logits given as DTensors sharded on the
+            last dimension (``Shard(-1)``) over a 1-D device mesh take this path without it.
 
     Memory: with ``reduction`` "mean" or "sum" and a student that requires grad, the forward computes the
     gradient in the same pass over the logits (each row is read once from memory) and keeps only it: the
@@ -203,12 +225,13 @@ _COMMON_DOC = """
 def fused_wttm_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, target: Optional[torch.Tensor] = None,
                     *, gamma: float = DEFAULT_GAMMA, beta: float = 1.0, ce_weight: float = 1.0,
                     ignore_index: int = -100, reduction: str = "mean", backend: str = "auto",
-                    inplace_backward: bool = False, return_components: bool = False):
+                    inplace_backward: bool = False, return_components: bool = False,
+                    process_group=None):
     gamma = _check_finite("gamma", gamma, positive=True)
     return _fused_loss(student_logits, teacher_logits, target, student_scale=1.0, teacher_scale=gamma,
                        kl_scale=1.0, weighted=True, beta=beta, ce_weight=ce_weight, ignore_index=ignore_index,
                        reduction=reduction, backend=backend, inplace_backward=inplace_backward,
-                       return_components=return_components)
+                       return_components=return_components, process_group=process_group)
 
 
 fused_wttm_loss.__doc__ = """Weighted Transformed Teacher Matching (Zheng & Yang, ICLR 2024).
@@ -225,12 +248,13 @@ fused_wttm_loss.__doc__ = """Weighted Transformed Teacher Matching (Zheng & Yang
 def fused_ttm_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, target: Optional[torch.Tensor] = None,
                    *, gamma: float = DEFAULT_GAMMA, beta: float = 1.0, ce_weight: float = 1.0,
                    ignore_index: int = -100, reduction: str = "mean", backend: str = "auto",
-                   inplace_backward: bool = False, return_components: bool = False):
+                   inplace_backward: bool = False, return_components: bool = False,
+                   process_group=None):
     gamma = _check_finite("gamma", gamma, positive=True)
     return _fused_loss(student_logits, teacher_logits, target, student_scale=1.0, teacher_scale=gamma,
                        kl_scale=1.0, weighted=False, beta=beta, ce_weight=ce_weight, ignore_index=ignore_index,
                        reduction=reduction, backend=backend, inplace_backward=inplace_backward,
-                       return_components=return_components)
+                       return_components=return_components, process_group=process_group)
 
 
 fused_ttm_loss.__doc__ = """Transformed Teacher Matching: ``ce_weight * CE + beta * mean_rows(KL(softmax(gamma * v) || softmax(z)))``.
@@ -243,12 +267,14 @@ fused_ttm_loss.__doc__ = """Transformed Teacher Matching: ``ce_weight * CE + bet
 def fused_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, target: Optional[torch.Tensor] = None,
                   *, temperature: float = DEFAULT_TEMPERATURE, beta: float = 1.0, ce_weight: float = 1.0,
                   ignore_index: int = -100, reduction: str = "mean", backend: str = "auto",
-                  inplace_backward: bool = False, return_components: bool = False):
+                  inplace_backward: bool = False, return_components: bool = False,
+                  process_group=None):
     temperature = _check_finite("temperature", temperature, positive=True)
     return _fused_loss(student_logits, teacher_logits, target, student_scale=1.0 / temperature,
                        teacher_scale=1.0 / temperature, kl_scale=temperature**2, weighted=False, beta=beta,
                        ce_weight=ce_weight, ignore_index=ignore_index, reduction=reduction, backend=backend,
-                       inplace_backward=inplace_backward, return_components=return_components)
+                       inplace_backward=inplace_backward, return_components=return_components,
+                       process_group=process_group)
 
 
 fused_kd_loss.__doc__ = """Classic KD (Hinton et al.): ``ce_weight * CE + beta * T^2 * mean_rows(KL(softmax(v/T) || softmax(z/T)))``.

@@ -31,7 +31,7 @@ from torch import nn
 from . import _ops, reference
 from ._stats import Stat
 from .functional import (DEFAULT_GAMMA, DEFAULT_TEMPERATURE, REDUCTIONS, LossComponents, _check_finite,
-                         validate_target)
+                         is_dtensor, validate_target)
 
 VOCAB_MISMATCH = ("error", "truncate_teacher")
 # The chunk buffers' bytes are budgeted, not rows. CUDA: 1 GiB (2048 rows at V=128256 bf16) ran within 3% of
@@ -127,10 +127,12 @@ def _chunk_loss(z, v, y, row_grad, spec):
     return stats[Stat.LOSS:Stat.WEIGHT + 1]
 
 
-def _run_chunks(h_s, w_s, b_s, h_t, w_t, b_t, target, spec, chunk_size, row_grad=None, needs=(False,) * 3):
+def _run_chunks(h_s, w_s, b_s, h_t, w_t, b_t, target, spec, chunk_size, row_grad=None, needs=(False,) * 3,
+                chunk_loss=_chunk_loss):
     """Row terms (4, N) (loss, kl, ce, weight; fp32, fp64 for fp64 inputs) and, with ``row_grad`` ((N,) or
     0-dim), the gradients of sum_i row_grad_i * loss_i w.r.t. (h_s, w_s, b_s), each None unless ``needs`` asks
-    for it."""
+    for it. ``chunk_loss`` is ``_chunk_loss``'s stand-in for rows held in column shards by the ranks of a process
+    group (``distributed.py``); every rank then runs the same chunks."""
     n, vocab = h_s.shape[0], w_s.shape[0]
     shared = min(vocab, w_t.shape[0])
     w_t = w_t[:shared]
@@ -164,7 +166,7 @@ def _run_chunks(h_s, w_s, b_s, h_t, w_t, b_t, target, spec, chunk_size, row_grad
         _linear_into(v[:, :shared], h_t[start:end], w_t, b_t)
         y = None if target is None else target[start:end]
         rg = row_grad if row_grad is None or row_grad.dim() == 0 else row_grad[start:end]
-        rows[:, start:end] = _chunk_loss(z, v, y, rg, spec)
+        rows[:, start:end] = chunk_loss(z, v, y, rg, spec)
         # From here on z holds dlogits.
         if need_h:
             torch.mm(z, w_s, out=grad_h[start:end])
@@ -191,7 +193,8 @@ class _FusedLinearLoss(torch.autograd.Function):
     """Returns the reduced loss and the detached (3, N) row terms kl, ce, weight (for logging)."""
 
     @staticmethod
-    def forward(ctx, h_s, w_s, b_s, h_t, w_t, b_t, target, spec, reduction, chunk_size, needs):
+    def forward(ctx, h_s, w_s, b_s, h_t, w_t, b_t, target, spec, reduction, chunk_size, needs,
+                chunk_loss=_chunk_loss):
         inputs = (h_s, w_s, b_s, h_t, w_t, b_t, target, spec, chunk_size)
         # The gradients are computed in the backward, from the saved inputs, for "none" (the per-row upstream
         # gradient must reach dlogits before dW sums over the rows) and for float64, which is for checking:
@@ -206,11 +209,11 @@ class _FusedLinearLoss(torch.autograd.Function):
         if ctx.deferred or not any(needs):
             if ctx.deferred:
                 ctx.save_for_backward(h_s, w_s, b_s, h_t, w_t, b_t, target, None if reduction == "none" else scale)
-                ctx.params = (spec, chunk_size, needs)
-            rows = _run_chunks(*inputs)[0]
+                ctx.params = (spec, chunk_size, needs, chunk_loss)
+            rows = _run_chunks(*inputs, chunk_loss=chunk_loss)[0]
             loss = rows[0] if reduction == "none" else rows[0].sum() * scale
         else:
-            rows, *grads = _run_chunks(*inputs, row_grad=scale, needs=needs)
+            rows, *grads = _run_chunks(*inputs, row_grad=scale, needs=needs, chunk_loss=chunk_loss)
             ctx.grads = grads
             loss = rows[0].sum() * scale
         terms = rows[1:]
@@ -222,10 +225,10 @@ class _FusedLinearLoss(torch.autograd.Function):
         _ops.refuse_higher_order()
         if ctx.deferred:
             h_s, w_s, b_s, h_t, w_t, b_t, target, scale = ctx.saved_tensors
-            spec, chunk_size, needs = ctx.params
+            spec, chunk_size, needs, chunk_loss = ctx.params
             row_grad = grad_out.contiguous() if scale is None else grad_out * scale
             _, *grads = _run_chunks(h_s, w_s, b_s, h_t, w_t, b_t, target, spec, chunk_size, row_grad=row_grad,
-                                    needs=needs)
+                                    needs=needs, chunk_loss=chunk_loss)
         else:
             if ctx.grads is None:
                 raise RuntimeError("fused linear loss: its gradients were computed in the forward and already "
@@ -234,7 +237,7 @@ class _FusedLinearLoss(torch.autograd.Function):
             for grad in grads:
                 if grad is not None:
                     _ops.scale_grad_(grad, grad_out)  # on the device: no pass, and no host sync, when it is 1
-        return (*grads, None, None, None, None, None, None, None, None)
+        return (*grads, None, None, None, None, None, None, None, None, None)
 
 
 def _valid(target, n_rows, device, ignore_index):
@@ -270,11 +273,9 @@ def _validate_side(side, hidden, weight, bias):
                              f"{tuple(bias.shape)} and {bias.dtype}")
 
 
-def _fused_linear_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, target, *, student_bias,
-                       teacher_bias, student_scale, teacher_scale, kl_scale, weighted, beta, ce_weight,
-                       ignore_index, reduction, chunk_size, vocab_mismatch, backend, return_components):
-    beta = _check_finite("beta", beta)
-    ce_weight = _check_finite("ce_weight", ce_weight)
+def _check_linear_args(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
+                       ignore_index, reduction, chunk_size, vocab_mismatch) -> torch.Size:
+    """Every check of the arguments that needs no other process and no vocabulary; returns the leading shape."""
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
@@ -299,6 +300,31 @@ def _fused_linear_loss(student_hidden, student_weight, teacher_hidden, teacher_w
     if teacher_hidden.requires_grad:
         raise ValueError("teacher_hidden requires grad, but no gradient flows to the teacher: run the teacher "
                          "under torch.no_grad() or pass teacher_hidden.detach()")
+    return lead
+
+
+def _fused_linear_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, target, *, student_bias,
+                       teacher_bias, student_scale, teacher_scale, kl_scale, weighted, beta, ce_weight,
+                       ignore_index, reduction, chunk_size, vocab_mismatch, backend, return_components,
+                       process_group=None, reduce_hidden_grad=True):
+    beta = _check_finite("beta", beta)
+    ce_weight = _check_finite("ce_weight", ce_weight)
+    if process_group is not None:
+        from . import distributed  # imported on first use: it imports this module
+        return distributed.vocab_parallel_linear_loss(
+            student_hidden, student_weight, teacher_hidden, teacher_weight, target, process_group=process_group,
+            reduce_hidden_grad=reduce_hidden_grad, student_bias=student_bias, teacher_bias=teacher_bias,
+            student_scale=student_scale, teacher_scale=teacher_scale, kl_scale=kl_scale, weighted=weighted,
+            beta=beta, ce_weight=ce_weight, ignore_index=ignore_index, reduction=reduction, chunk_size=chunk_size,
+            vocab_mismatch=vocab_mismatch, backend=backend, return_components=return_components)
+    if not torch.compiler.is_compiling() and any(map(is_dtensor, (student_weight, student_bias, teacher_weight,
+                                                                   teacher_bias))):
+        from . import distributed
+        student_weight, student_bias = distributed.full_parameters(student_weight, student_bias)
+        teacher_weight, teacher_bias = distributed.full_parameters(teacher_weight, teacher_bias, constant=True)
+    lead = _check_linear_args(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight,
+                              teacher_bias, ignore_index, reduction, chunk_size, vocab_mismatch)
+    device = student_hidden.device
     vocab, teacher_vocab = student_weight.shape[0], teacher_weight.shape[0]
     if vocab != teacher_vocab and vocab_mismatch == "error":
         raise ValueError(f"student vocabulary {vocab} (student_weight rows) != teacher vocabulary {teacher_vocab} "
@@ -353,6 +379,18 @@ _COMMON_DOC = """
             ``"cpu"`` or ``"torch"`` (the reference on each chunk).
         return_components: also return a ``LossComponents`` of detached batch means (KL, CE, WTTM weight),
             as the unfused loss does.
+        process_group: vocabulary parallelism (``ttm_kernels.distributed``): each rank of this
+            ``torch.distributed`` group passes its rows of both LM heads (and biases), a contiguous slice of the
+            vocabulary (rank order = row order, uneven slices allowed), and the same hidden states and target
+            (global ids). Every rank gets the loss of the whole rows; the weight and bias gradients are its
+            slices' (local); the hidden-state gradient is summed over the group before it is returned.
+        reduce_hidden_grad: with ``process_group``, False returns this rank's part of the hidden-state
+            gradient instead (the sum over the group is the gradient), for frameworks whose column-parallel
+            LM head all-reduces it in its own backward (Megatron's ``copy_to_tensor_model_parallel_region``).
+
+    FSDP2: LM heads of ``fully_shard``-ed modules (DTensor parameters) are gathered for the call
+    (``full_tensor``); their gradients reach the sharded parameters reduce-scattered and averaged over the
+    mesh, as FSDP2 averages the other gradients.
 
     Returns:
         The float32 loss (float64 for float64 inputs, which the reference computes on each chunk; with
@@ -369,14 +407,16 @@ def fused_linear_wttm_loss(student_hidden: torch.Tensor, student_weight: torch.T
                            student_bias: Optional[torch.Tensor] = None, teacher_bias: Optional[torch.Tensor] = None,
                            gamma: float = DEFAULT_GAMMA, beta: float = 1.0, ce_weight: float = 1.0,
                            ignore_index: int = -100, reduction: str = "mean", chunk_size: Optional[int] = None,
-                           vocab_mismatch: str = "error", backend: str = "auto", return_components: bool = False):
+                           vocab_mismatch: str = "error", backend: str = "auto", return_components: bool = False,
+                           process_group=None, reduce_hidden_grad: bool = True):
     gamma = _check_finite("gamma", gamma, positive=True)
     return _fused_linear_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, target,
                               student_bias=student_bias, teacher_bias=teacher_bias, student_scale=1.0,
                               teacher_scale=gamma, kl_scale=1.0, weighted=True, beta=beta, ce_weight=ce_weight,
                               ignore_index=ignore_index, reduction=reduction, chunk_size=chunk_size,
                               vocab_mismatch=vocab_mismatch, backend=backend,
-                              return_components=return_components)
+                              return_components=return_components, process_group=process_group,
+                              reduce_hidden_grad=reduce_hidden_grad)
 
 
 fused_linear_wttm_loss.__doc__ = """``fused_wttm_loss`` on ``student_hidden @ student_weight.T (+ bias)`` and the
@@ -391,14 +431,16 @@ def fused_linear_ttm_loss(student_hidden: torch.Tensor, student_weight: torch.Te
                           student_bias: Optional[torch.Tensor] = None, teacher_bias: Optional[torch.Tensor] = None,
                           gamma: float = DEFAULT_GAMMA, beta: float = 1.0, ce_weight: float = 1.0,
                           ignore_index: int = -100, reduction: str = "mean", chunk_size: Optional[int] = None,
-                          vocab_mismatch: str = "error", backend: str = "auto", return_components: bool = False):
+                          vocab_mismatch: str = "error", backend: str = "auto", return_components: bool = False,
+                          process_group=None, reduce_hidden_grad: bool = True):
     gamma = _check_finite("gamma", gamma, positive=True)
     return _fused_linear_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, target,
                               student_bias=student_bias, teacher_bias=teacher_bias, student_scale=1.0,
                               teacher_scale=gamma, kl_scale=1.0, weighted=False, beta=beta, ce_weight=ce_weight,
                               ignore_index=ignore_index, reduction=reduction, chunk_size=chunk_size,
                               vocab_mismatch=vocab_mismatch, backend=backend,
-                              return_components=return_components)
+                              return_components=return_components, process_group=process_group,
+                              reduce_hidden_grad=reduce_hidden_grad)
 
 
 fused_linear_ttm_loss.__doc__ = """``fused_ttm_loss`` on the student's and teacher's LM-head outputs, chunked.
@@ -412,14 +454,16 @@ def fused_linear_kd_loss(student_hidden: torch.Tensor, student_weight: torch.Ten
                          student_bias: Optional[torch.Tensor] = None, teacher_bias: Optional[torch.Tensor] = None,
                          temperature: float = DEFAULT_TEMPERATURE, beta: float = 1.0, ce_weight: float = 1.0,
                          ignore_index: int = -100, reduction: str = "mean", chunk_size: Optional[int] = None,
-                         vocab_mismatch: str = "error", backend: str = "auto", return_components: bool = False):
+                         vocab_mismatch: str = "error", backend: str = "auto", return_components: bool = False,
+                         process_group=None, reduce_hidden_grad: bool = True):
     temperature = _check_finite("temperature", temperature, positive=True)
     return _fused_linear_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, target,
                               student_bias=student_bias, teacher_bias=teacher_bias, student_scale=1.0 / temperature,
                               teacher_scale=1.0 / temperature, kl_scale=temperature**2, weighted=False, beta=beta,
                               ce_weight=ce_weight, ignore_index=ignore_index, reduction=reduction,
                               chunk_size=chunk_size, vocab_mismatch=vocab_mismatch, backend=backend,
-                              return_components=return_components)
+                              return_components=return_components, process_group=process_group,
+                              reduce_hidden_grad=reduce_hidden_grad)
 
 
 fused_linear_kd_loss.__doc__ = """``fused_kd_loss`` (Hinton KD, T^2 factor) on the LM-head outputs, chunked.

@@ -1,0 +1,443 @@
+"""Beyond one device: vocabulary-parallel (tensor-parallel) losses on ``torch.distributed``, DTensor logits and
+FSDP2 LM heads.
+
+Vocabulary parallelism (Megatron-style): each rank of a process group holds a contiguous slice of the
+vocabulary columns of both logits (rank order = column order, uneven widths allowed), or of the rows of both
+LM heads for the fused linear loss, and the same target (global ids). No logits are gathered:
+
+1. Agreement, once per call: one ``all_gather`` of a few int64 per rank (shard width and place, rows, dtypes,
+   a checksum of the settings, the target's fingerprint and range, whether the rank's own argument checks
+   passed). Every rank then knows the column layout and raises the same error when the ranks disagree or any
+   of them rejected its arguments, instead of leaving the others blocked in a collective.
+2. Each rank's online (max, sum) pairs over its columns (``_ops.RowPieces.partial``: NUM_PARTIAL fp32 per row),
+   one ``all_gather`` of them, and every rank merges all of them (``RowPieces.merge``, the merge of the split-row
+   path): the rows' statistics, bit for bit the same on every rank.
+3. The second pass over the local columns: their KL terms and, for "mean"/"sum", their gradient.
+4. One ``all_reduce`` (sum) of the rows' KL (one fp32 per row): the loss, the same on every rank.
+
+Why an all_gather of the partials rather than two all-reduces (max of the maxima, then sum of the rescaled
+sums): it is one collective instead of two (at O(N) bytes both are latency-bound), it reuses the one merge
+that split rows and shards share, and each rank merges identical inputs in the same order. It moves more
+bytes beyond two ranks: a rank sends (world - 1) * 36 bytes per row (ring all_gather) against
+2 * (world - 1) / world * 36 for two ring all-reduces, equal at 2 ranks, 2x at 4, 4x at 8: still O(N), against
+the (world - 1) / world * 2 * N * V * itemsize bytes that gathering both logits moves (README, "Beyond one
+device").
+
+The backward issues no collective for the logits losses: the gradient of "mean"/"sum" is computed in the
+forward; "none" recomputes it from the merged statistics it saved. The fused linear loss's backward sums the
+hidden-state gradient over the group (one all-reduce, unless ``reduce_hidden_grad=False``) and, for "none",
+recomputes the chunks (their collectives included): every rank must call backward on the loss, as every rank
+of a tensor-parallel model does.
+"""
+from __future__ import annotations
+
+import functools
+import zlib
+from typing import NamedTuple
+
+import torch
+import torch.distributed as dist
+
+from . import _ops, functional, linear, reference
+from ._stats import Stat
+from .functional import LossComponents, is_dtensor
+
+# float dtypes as small integers for the agreement exchange
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_INT64_MAX = torch.iinfo(torch.int64).max
+# torch 2.13 renamed all_gather_into_tensor (now deprecated) to all_gather_single.
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
+class Shards(NamedTuple):
+    """The vocabulary layout that the ranks agreed on: this rank's place in column order (``index``), its first
+    global column (``offset``), the global vocabulary and every shard's width, in column order."""
+
+    group: object
+    index: int
+    offset: int
+    vocab: int
+    widths: tuple
+
+
+def _member(process_group) -> int:
+    """This process's rank in ``process_group`` (its place in column order)."""
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError("process_group was given, but torch.distributed is not initialized: call "
+                           "torch.distributed.init_process_group first")
+    if not isinstance(process_group, dist.ProcessGroup):
+        raise TypeError(f"process_group must be a torch.distributed.ProcessGroup, got {type(process_group).__name__}")
+    rank = dist.get_rank(process_group)
+    if rank < 0:
+        raise ValueError("this process is not a member of process_group")
+    return rank
+
+
+def _encode(value) -> int:
+    if isinstance(value, torch.dtype):
+        return _DTYPES.index(value) if value in _DTYPES else -1
+    if isinstance(value, str):
+        return zlib.crc32(value.encode())
+    return int(value)
+
+
+def _shown(local, code: int) -> str:
+    if isinstance(local, torch.dtype):
+        return str(_DTYPES[code]) if 0 <= code < len(_DTYPES) else "another dtype"
+    return str(bool(code)) if isinstance(local, bool) else str(code)
+
+
+def _target_facts(target, ignore_index, device) -> torch.Tensor:
+    """(fingerprint, smallest, largest class index that is not ignore_index) of the target, int64 on ``device``:
+    the fingerprint tells whether the ranks hold the same target, the range is checked against the global
+    vocabulary (known only after the exchange)."""
+    if target is None or target.numel() == 0:
+        return torch.tensor([0, _INT64_MAX, -1], dtype=torch.int64, device=device)
+    t = target.reshape(-1).long()
+    valid = t != ignore_index
+    position = torch.arange(1, t.numel() + 1, dtype=torch.int64, device=device)
+    return torch.stack([(t * position).sum(), torch.where(valid, t, _INT64_MAX).min(),
+                        torch.where(valid, t, -1).max()])
+
+
+def agree(group, index: int, device, check, names, target=None, ignore_index=-100) -> Shards:
+    """The vocabulary layout of ``group``, after one all_gather in which every rank also learns whether every other
+    rank's own checks passed and whether they agree on ``names``.
+
+    ``check()`` runs this rank's checks (those that need no other rank) and returns its shard width and one value
+    per name (ints, dtypes, or strings compared by checksum). An exception it raises is exchanged, not raised at
+    once, so that every rank raises (this one its own exception; the others a RuntimeError naming the rank and
+    its message) rather than some waiting forever in the next collective."""
+    world = dist.get_world_size(group)
+    error, width, values = None, 0, [0] * len(names)
+    try:
+        width, values = check()
+        facts = _target_facts(target, ignore_index, device)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        error, facts = exc, _target_facts(None, ignore_index, device)
+    head = [int(error is not None), index, width] + [_encode(v) for v in values]
+    row = torch.cat([torch.tensor(head, dtype=torch.int64, device=device), facts])
+    table = row.new_empty(world * row.numel())  # gloo wants the inputs concatenated, not stacked
+    _all_gather_single(table, row, group=group)
+    table = table.view(world, -1).tolist()  # the one host sync of the call
+
+    failed = [rank for rank in range(world) if table[rank][0]]
+    if failed:
+        messages = [None] * world
+        dist.all_gather_object(messages, None if error is None else f"{type(error).__name__}: {error}", group=group)
+        if error is not None:
+            raise error
+        raise RuntimeError(f"rank {failed[0]} of the process group rejected its arguments ({messages[failed[0]]}); "
+                           "every rank raises")
+    indices = [row[1] for row in table]
+    if sorted(indices) != list(range(world)):
+        raise ValueError(f"the ranks' places in column order must be 0..{world - 1} once each, got {indices}")
+    for k, (name, local) in enumerate(zip(names, values), start=3):
+        codes = [row[k] for row in table]
+        if len(set(codes)) > 1:
+            if isinstance(local, str):
+                raise ValueError(f"the ranks of the process group disagree on {name}")
+            raise ValueError(f"the ranks of the process group disagree on {name}: "
+                             + ", ".join(f"rank {r}: {_shown(local, c)}" for r, c in enumerate(codes)))
+    fingerprint, low, high = (table[0][k] for k in range(-3, 0))
+    if any(row[-3] != fingerprint for row in table):
+        raise ValueError("the ranks of the process group hold different targets: every rank must pass the same "
+                         "target (global class ids)")
+    widths = [0] * world
+    for row in table:
+        widths[row[1]] = row[2]
+    vocab = sum(widths)
+    if target is not None and (low < 0 or high >= vocab):
+        raise ValueError(f"target holds class indices outside [0, {vocab}) (the global vocabulary: the ranks' shard "
+                         f"widths {widths} together) that are not ignore_index={ignore_index}, e.g. "
+                         f"{low if low < 0 else high}")
+    return Shards(group, index, sum(widths[:index]), vocab, tuple(widths))
+
+
+def _compiled_backend(backend: str, device, dtype) -> str:
+    resolved = _ops.resolve_backend(backend, device, dtype)
+    if resolved == "torch":
+        raise ValueError(f"the vocabulary-parallel loss runs on the compiled kernels ('triton' on CUDA, 'cpu' on "
+                         f"the CPU), but backend={backend!r} gives the unfused reference for {dtype} tensors on "
+                         f"{device} (float64 inputs, or kernels that are not built): pass float32, bfloat16 or "
+                         "float16 inputs with a compiled backend")
+    return resolved
+
+
+def _settings(*values) -> str:
+    """The loss's settings as one string, compared across ranks by checksum."""
+    return repr(values)
+
+
+def sharded_rows(pieces: _ops.RowPieces, shards: Shards, student, teacher, target, grad=None, row_grad=None):
+    """The statistics (NUM_STATS, N) of rows whose columns the ranks of ``shards.group`` hold, the same on every
+    rank, from this rank's columns (``student``, ``teacher``: (..., width)); with ``grad``, this rank's columns'
+    gradient of sum_i row_grad_i * loss_i written into it. Two collectives: the partials' all_gather and the KL's
+    all_reduce."""
+    local = pieces.partial(student, teacher, target, shards.offset, chunk_v=student.shape[-1])
+    n_partial, n_rows = local.shape[:2]
+    gathered = local.new_empty((len(shards.widths) * n_partial, n_rows))
+    _all_gather_single(gathered, local.view(n_partial, n_rows), group=shards.group)
+    stats = pieces.merge(gathered.view(-1, n_partial, n_rows).permute(1, 2, 0), target)
+    kl = pieces.second_pass(student, teacher, target, stats, shards.offset, grad=grad, row_grad=row_grad)
+    kl = kl.sum(1, keepdim=True)
+    dist.all_reduce(kl, group=shards.group)
+    pieces.finish(stats, kl)
+    return stats
+
+
+def _components(rows, valid, lead) -> LossComponents:
+    """Batch means of the detached (kl, ce, weight) rows over the rows that count."""
+    return LossComponents(*(reference.reduce_rows(x.detach().view(lead), valid, "mean") for x in rows))
+
+
+# ---------------------------------------------------------------------------------------------- logits
+
+
+class _VocabParallelLoss(torch.autograd.Function):
+    """(the rows' losses, or their sum times ``row_grad``; the statistics) of rows held in column shards.
+
+    ``row_grad``: the 0-dim gradient of every row's loss ("mean": 1/count, "sum": 1) when the gradient is
+    computed in the forward and kept alone; None: the forward saves the statistics and the inputs, and the
+    backward recomputes the gradient from them for its per-row upstream gradients ("none"). Neither backward
+    issues a collective."""
+
+    @staticmethod
+    def forward(ctx, student, teacher, target, row_grad, pieces, shards):
+        ctx.set_materialize_grads(False)
+        grad = None if row_grad is None else torch.empty(student.shape, dtype=student.dtype, device=student.device)
+        stats = sharded_rows(pieces, shards, student, teacher, target, grad=grad, row_grad=row_grad)
+        ctx.mark_non_differentiable(stats)
+        ctx.eager, ctx.grad = grad is not None, grad
+        if ctx.eager:
+            return stats[Stat.LOSS].sum() * row_grad, stats
+        ctx.pieces, ctx.offset = pieces, shards.offset
+        ctx.save_for_backward(student, teacher, target, stats)
+        return stats[Stat.LOSS].clone(), stats
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_stats):
+        _ops.refuse_higher_order()
+        if grad_loss is None:
+            return (None,) * 6
+        if ctx.eager:
+            if ctx.grad is None:
+                raise RuntimeError("vocabulary-parallel loss: its gradient was computed in the forward and already "
+                                   "handed to a first backward; recompute the loss to backpropagate again")
+            grad, ctx.grad = ctx.grad, None
+            _ops.scale_grad_(grad, grad_loss)
+            return grad, None, None, None, None, None
+        student, teacher, target, stats = ctx.saved_tensors
+        grad = torch.empty(student.shape, dtype=student.dtype, device=student.device)
+        ctx.pieces.second_pass(student, teacher, target, stats, ctx.offset, grad=grad, row_grad=grad_loss.reshape(-1))
+        return grad, None, None, None, None, None
+
+
+def _local_logits(student, teacher, target, process_group):
+    """(student, teacher, target, group, place in column order): DTensor logits sharded on the last dimension over a
+    1-D mesh become their local shards (differentiably) on the mesh's group. Only global facts of DTensors are
+    checked here, the same on every rank, so raising at once leaves no rank waiting."""
+    if not (is_dtensor(student) or is_dtensor(teacher)):
+        if not isinstance(student, torch.Tensor):
+            raise TypeError(f"student_logits must be a torch.Tensor, got {type(student).__name__}")
+        return student, teacher, target, process_group, _member(process_group)
+    from torch.distributed.tensor import Shard
+
+    for name, x in (("student_logits", student), ("teacher_logits", teacher)):
+        if not is_dtensor(x):
+            raise TypeError(f"{name} must be a DTensor like the other logits, got {type(x).__name__}")
+        if x.device_mesh.ndim != 1 or tuple(x.placements) != (Shard(x.ndim - 1),):
+            raise ValueError(f"{name} is a DTensor with placements {tuple(x.placements)} over a mesh of shape "
+                             f"{tuple(x.device_mesh.shape)}; the vocabulary-parallel loss takes DTensors sharded on "
+                             "the last dimension (Shard(-1)) over a 1-D mesh: redistribute them, or pass "
+                             ".full_tensor() for the loss on one device")
+    mesh = student.device_mesh
+    if teacher.device_mesh != mesh:
+        raise ValueError("student_logits and teacher_logits must be DTensors over the same device mesh")
+    group = mesh.get_group()
+    if process_group is not None and process_group != group:
+        raise ValueError("process_group must be the DTensor logits' mesh group (or None)")
+    if is_dtensor(target):
+        if not all(p.is_replicate() for p in target.placements):
+            raise ValueError(f"target must be replicated (every rank holds all of it), got placements "
+                             f"{tuple(target.placements)}")
+        target = target.to_local()
+    return student.to_local(), teacher.to_local(), target, group, mesh.get_local_rank()
+
+
+def vocab_parallel_loss(student_logits, teacher_logits, target, *, process_group, student_scale, teacher_scale,
+                        kl_scale, weighted, beta, ce_weight, ignore_index, reduction, backend, inplace_backward,
+                        return_components):
+    """``functional._fused_loss`` for logits whose columns the ranks of ``process_group`` hold (or DTensors
+    sharded on the last dimension): the loss of the whole rows on every rank, and this rank's columns' gradient."""
+    student, teacher, target, group, index = _local_logits(student_logits, teacher_logits, target, process_group)
+    if dist.get_world_size(group) == 1:  # the whole rows are here: the one-pass kernels
+        return functional._fused_loss(student, teacher, target, student_scale=student_scale,
+                                      teacher_scale=teacher_scale, kl_scale=kl_scale, weighted=weighted, beta=beta,
+                                      ce_weight=ce_weight, ignore_index=ignore_index, reduction=reduction,
+                                      backend=backend, inplace_backward=inplace_backward,
+                                      return_components=return_components)
+    device = student.device
+    names = ("the number of rows N", "the student_logits dtype", "the teacher_logits dtype", "the device type",
+             "whether a target is given", "the loss settings (gamma or temperature, beta, ce_weight, "
+             "ignore_index, reduction, backend)")
+
+    def check():
+        if inplace_backward:
+            raise ValueError("inplace_backward=True is not supported with process_group (each rank's logits are "
+                             "already 1/world of the vocabulary)")
+        functional._validate(student, teacher, None, ignore_index, reduction)
+        if target is not None:
+            functional.validate_target(target, student.shape[:-1], None, device, ignore_index)
+        resolved = _compiled_backend(backend, device, student.dtype)
+        settings = _settings(student_scale, teacher_scale, kl_scale, weighted, beta, ce_weight, ignore_index,
+                             reduction, resolved)
+        return student.shape[-1], (student[..., 0].numel(), student.dtype, teacher.dtype, device.type,
+                                   target is not None, settings)
+
+    shards = agree(group, index, device, check, names, target, ignore_index)
+    backend = _ops.resolve_backend(backend, device, student.dtype)
+    lead = student.shape[:-1]
+    flat_target = None if target is None else target.reshape(-1).long()
+    valid = (torch.ones(lead, dtype=torch.bool, device=device) if target is None else target != ignore_index)
+    pieces = _ops.RowPieces(backend, _ops._params(student_scale, teacher_scale, beta * kl_scale, ce_weight,
+                                                  ignore_index), weighted, shards.vocab)
+    row_grad = None
+    if reduction != "none" and student.requires_grad and torch.is_grad_enabled():
+        row_grad = (1.0 / valid.sum().clamp_min(1).float() if reduction == "mean"
+                    else torch.ones((), dtype=torch.float32, device=device))
+    loss, stats = _VocabParallelLoss.apply(student, teacher, flat_target, row_grad, pieces, shards)
+    if row_grad is None:
+        if reduction == "none":
+            loss = loss.view(lead)
+        else:
+            loss = loss.sum()
+            loss = loss / valid.sum().clamp_min(1) if reduction == "mean" else loss
+    if not return_components:
+        return loss
+    return loss, _components(stats[Stat.KL:Stat.WEIGHT + 1], valid, lead)
+
+
+# ---------------------------------------------------------------------------------------------- fused linear
+
+
+class _SumGradOverGroup(torch.autograd.Function):
+    """The identity, whose backward sums the gradient over the group (Megatron's
+    ``copy_to_tensor_model_parallel_region``): each rank's LM-head shard gives a part of the hidden-state
+    gradient."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
+def _sharded_chunk_loss(z, v, y, row_grad, spec, *, shards):
+    """``linear._chunk_loss`` for a chunk whose columns the ranks hold: the chunk's (loss, kl, ce, weight) rows,
+    and with ``row_grad`` its gradient written over ``z``."""
+    pieces = _ops.RowPieces(spec.backend, _ops._params(spec.student_scale, spec.teacher_scale,
+                                                       spec.beta * spec.kl_scale, spec.ce_weight, spec.ignore_index),
+                            spec.weighted, shards.vocab)
+    stats = sharded_rows(pieces, shards, z, v, y, grad=None if row_grad is None else z, row_grad=row_grad)
+    return stats[Stat.LOSS:Stat.WEIGHT + 1]
+
+
+def vocab_parallel_linear_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, target, *,
+                               process_group, reduce_hidden_grad, student_bias, teacher_bias, student_scale,
+                               teacher_scale, kl_scale, weighted, beta, ce_weight, ignore_index, reduction, chunk_size,
+                               vocab_mismatch, backend, return_components):
+    """``linear._fused_linear_loss`` with each rank's rows of both LM heads: the chunk loop of ``linear._run_chunks``
+    with the sharded rows' loss per chunk (every rank runs the same chunks)."""
+    index = _member(process_group)
+    if dist.get_world_size(process_group) == 1:  # the whole LM heads are here
+        return linear._fused_linear_loss(
+            student_hidden, student_weight, teacher_hidden, teacher_weight, target, student_bias=student_bias,
+            teacher_bias=teacher_bias, student_scale=student_scale, teacher_scale=teacher_scale, kl_scale=kl_scale,
+            weighted=weighted, beta=beta, ce_weight=ce_weight, ignore_index=ignore_index, reduction=reduction,
+            chunk_size=chunk_size, vocab_mismatch=vocab_mismatch, backend=backend,
+            return_components=return_components)
+    if not isinstance(student_hidden, torch.Tensor):
+        raise TypeError(f"student_hidden must be a torch.Tensor, got {type(student_hidden).__name__}")
+    device = student_hidden.device
+    names = ("the number of rows N", "the student hidden size", "the teacher hidden size", "the student dtype",
+             "the teacher dtype", "the device type", "whether a target is given",
+             "the loss settings (gamma or temperature, beta, ce_weight, ignore_index, reduction, chunk_size, "
+             "reduce_hidden_grad, biases, backend)")
+
+    def check():
+        if not isinstance(reduce_hidden_grad, bool):
+            raise TypeError(f"reduce_hidden_grad must be True or False, got {reduce_hidden_grad!r}")
+        tensors = (student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias)
+        if any(map(is_dtensor, tensors)):
+            raise TypeError("with process_group, pass each rank's own shards as plain tensors (DTensor.to_local())")
+        lead = linear._check_linear_args(student_hidden, student_weight, student_bias, teacher_hidden,
+                                         teacher_weight, teacher_bias, ignore_index, reduction, chunk_size,
+                                         vocab_mismatch)
+        if vocab_mismatch != "error":
+            raise ValueError(f"vocab_mismatch={vocab_mismatch!r} is not supported with process_group: give every "
+                             "rank the teacher's rows of the student's vocabulary slice")
+        if teacher_weight.shape[0] != student_weight.shape[0]:
+            raise ValueError(f"with process_group, each rank's teacher_weight must hold the rows of its "
+                             f"student_weight's vocabulary slice: got {teacher_weight.shape[0]} and "
+                             f"{student_weight.shape[0]} rows")
+        if target is not None:
+            functional.validate_target(target, lead, None, device, ignore_index)
+        resolved = _compiled_backend(backend, device, student_hidden.dtype)
+        settings = _settings(student_scale, teacher_scale, kl_scale, weighted, beta, ce_weight, ignore_index,
+                             reduction, chunk_size, reduce_hidden_grad, student_bias is None, teacher_bias is None,
+                             resolved)
+        return student_weight.shape[0], (lead.numel(), student_hidden.shape[-1], teacher_hidden.shape[-1],
+                                          student_hidden.dtype, teacher_hidden.dtype, device.type,
+                                          target is not None, settings)
+
+    shards = agree(process_group, index, device, check, names, target, ignore_index)
+    backend = _ops.resolve_backend(backend, device, student_hidden.dtype)
+    lead = student_hidden.shape[:-1]
+    n = lead.numel()
+    target = None if target is None else target.reshape(-1).long()
+    spec = linear._Spec(float(student_scale), float(teacher_scale), float(kl_scale), bool(weighted), beta, ce_weight,
+                        int(ignore_index), backend)
+    needs = tuple(torch.is_grad_enabled() and x is not None and x.requires_grad
+                  for x in (student_hidden, student_weight, student_bias))
+    # Every rank runs the same chunks (each one's collectives): sized for the widest shard.
+    chunk = chunk_size or linear.default_chunk_size(
+        n, max(shards.widths), student_hidden.dtype, teacher_hidden.dtype, device,
+        fp32_scratch=needs[1] and student_weight.dtype not in (torch.float32, torch.float64))
+    hidden = student_hidden.reshape(-1, student_hidden.shape[-1])
+    if reduce_hidden_grad and needs[0]:
+        hidden = _SumGradOverGroup.apply(hidden, process_group)
+    loss, terms = linear._FusedLinearLoss.apply(
+        hidden, student_weight, student_bias, teacher_hidden.reshape(-1, teacher_hidden.shape[-1]),
+        teacher_weight.detach(), None if teacher_bias is None else teacher_bias.detach(), target, spec, reduction,
+        chunk, needs, functools.partial(_sharded_chunk_loss, shards=shards))
+    if reduction == "none":
+        loss = loss.view(lead)
+    if not return_components:
+        return loss
+    return loss, _components(terms, linear._valid(target, n, device, ignore_index), lead)
+
+
+# ---------------------------------------------------------------------------------------------- FSDP2
+
+
+def full_parameters(*params, constant=False):
+    """``params`` with each DTensor (an FSDP2 ``fully_shard``-ed module's parameter) replaced by its whole tensor
+    for one call (``DTensor.full_tensor``, an all-gather). The backward reduce-scatters the gradient back to the
+    shards averaged over the mesh (``Partial("avg")``), as FSDP2 averages the gradients of the parameters it
+    gathers itself. ``constant`` (a teacher's): gathered detached."""
+    from torch.distributed.tensor import Partial
+
+    def full(x):
+        if not is_dtensor(x):
+            return x
+        if constant or not (x.requires_grad and torch.is_grad_enabled()):
+            return x.detach().full_tensor()
+        return x.full_tensor(grad_placements=[Partial("avg")] * x.device_mesh.ndim)
+
+    return tuple(full(x) for x in params)
