@@ -3,6 +3,10 @@
 Tiny causal LMs are built from configs (random weights, nothing downloaded); their LM heads are scaled so
 that the logits spread over several units (a random init gives logits near 0, which no soft-cap touches).
 """
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -13,6 +17,7 @@ from test_distill import readme_block  # noqa: E402
 from ttm_kernels import FusedLinearDistillLoss, reference  # noqa: E402
 from ttm_kernels.integrations import hf  # noqa: E402
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VOCAB = 96
 COMMON = dict(vocab_size=VOCAB, intermediate_size=32, num_attention_heads=2, num_key_value_heads=1,
               max_position_embeddings=64, tie_word_embeddings=False)
@@ -147,22 +152,43 @@ def one_sgd_step(tmp_path, batch_size, accumulation, data, accepts_loss_kwargs=T
     return {name: p.detach().clone() for name, p in student.named_parameters()}, trainer
 
 
+def assert_same_step(expected, out):
+    start = {name: p.detach() for name, p in tiny_lm("llama", 16, 1, seed=0).named_parameters()}
+    assert expected.keys() == out.keys()
+    for name in expected:
+        step_expected, step_out = expected[name] - start[name], out[name] - start[name]
+        assert step_expected.abs().max() > 0, name
+        torch.testing.assert_close(step_out, step_expected, rtol=1e-4, atol=1e-6, msg=name)
+
+
+UNEVEN = dict(seed=4, rows=4, pad=(0, 2, 5, 9))  # 4 sequences, unevenly padded
+
+
 def test_trainer_gradient_accumulation_equals_the_full_batch(tmp_path):
     """4 micro-batches of uneven padding, accumulated, take the SGD step of the one batch of 4."""
-    data = make_batch(seed=4, rows=4, pad=(0, 2, 5, 9))
+    data = make_batch(**UNEVEN)
     full, _ = one_sgd_step(tmp_path / "full", batch_size=4, accumulation=1, data=data)
     accumulated, _ = one_sgd_step(tmp_path / "accumulated", batch_size=1, accumulation=4, data=data)
-    start = {name: p.detach() for name, p in tiny_lm("llama", 16, 1, seed=0).named_parameters()}
-    for name in full:
-        step_full, step_accumulated = full[name] - start[name], accumulated[name] - start[name]
-        assert step_full.abs().max() > 0, name
-        torch.testing.assert_close(step_accumulated, step_full, rtol=1e-4, atol=1e-6, msg=name)
+    assert_same_step(full, accumulated)
     # The check has teeth: without num_items_in_batch (a mean per micro-batch, averaged over the
     # micro-batches) the unevenly padded step differs.
     averaged, _ = one_sgd_step(tmp_path / "averaged", batch_size=1, accumulation=4, data=data,
                                accepts_loss_kwargs=False)
+    start = tiny_lm("llama", 16, 1, seed=0).state_dict()
     weight = "model.layers.0.mlp.down_proj.weight"
     assert not torch.allclose(averaged[weight] - start[weight], full[weight] - start[weight], rtol=1e-2)
+
+
+def test_trainer_ddp_two_processes_equals_one(tmp_path):
+    """DDP, 2 CPU processes (gloo), 2 micro-batches each: the count of all ranks' tokens, the loss multiplied
+    by the world size and DDP's gradient averaging take the single-process step on the same 4 sequences."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           os.path.abspath(__file__), str(tmp_path)], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    single, _ = one_sgd_step(tmp_path / "single", batch_size=4, accumulation=1, data=make_batch(**UNEVEN))
+    assert_same_step(single, torch.load(tmp_path / "ddp.pt"))
 
 
 def test_trainer_bf16_and_evaluate(tmp_path):
@@ -225,3 +251,11 @@ def test_trl_sft_trainer_with_the_mixin(tmp_path):
     torch.testing.assert_close(loss.detach().double(), ref, rtol=2e-5, atol=1e-7)
     trainer.train()
     assert trainer.state.global_step == 1
+
+
+if __name__ == "__main__":  # one rank of test_trainer_ddp_two_processes_equals_one, under torchrun
+    out = sys.argv[1]
+    weights, trainer = one_sgd_step(out, batch_size=1, accumulation=2, data=make_batch(**UNEVEN), ddp_backend="gloo")
+    assert trainer.accelerator.num_processes == 2
+    if trainer.is_world_process_zero():
+        torch.save(weights, os.path.join(out, "ddp.pt"))

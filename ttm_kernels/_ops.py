@@ -353,10 +353,11 @@ def _eager(student: torch.Tensor, teacher: torch.Tensor) -> bool:
 
 
 class _EagerLossWithGrad(torch.autograd.Function):
-    """``loss_fwd_with_grad`` and its backward in eager mode, minus the custom op's dispatch."""
+    """``loss_fwd_with_grad`` and its backward in eager mode, minus the custom op's dispatch. The parameters
+    come as one tuple: ``apply`` walks its arguments, a few microseconds each."""
 
     @staticmethod
-    def forward(ctx, student, teacher, target, row_grad, *params):
+    def forward(ctx, student, teacher, target, row_grad, params):
         loss, stats, grad = _loss_with_grad(student, teacher, target, row_grad, *params)
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(grad)
@@ -365,7 +366,7 @@ class _EagerLossWithGrad(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_stats):
-        return _with_grad_backward(ctx, grad_loss, None, None)
+        return _with_grad_backward(ctx, grad_loss, None, None)[:5]  # the student's gradient, then Nones
 
 
 def fused_loss(student, teacher, target, denominator, *, reduction, student_scale, teacher_scale, kl_coef,
@@ -378,13 +379,13 @@ def fused_loss(student, teacher, target, denominator, *, reduction, student_scal
     with_grad = student.requires_grad and torch.is_grad_enabled()
     if reduction != "none" and with_grad:
         if reduction == "mean":
-            row_grad = 1.0 / denominator
+            row_grad = denominator.reciprocal()
         else:
             row_grad = torch.ones((), dtype=torch.float32, device=student.device)
         if inplace_backward:
             loss, stats = _InplaceLossWithGrad.apply(student, teacher, target, row_grad, *params)
         elif eager:
-            loss, stats = _EagerLossWithGrad.apply(student, teacher, target, row_grad, *params)
+            loss, stats = _EagerLossWithGrad.apply(student, teacher, target, row_grad, params)
         else:
             loss, stats, _ = loss_fwd_with_grad(student, teacher, target, row_grad, *params)
         return loss, stats
