@@ -76,11 +76,11 @@ def last_hidden_states(model, inputs: dict) -> torch.Tensor:
     head: ``model`` runs as called in training (through any DDP wrapper, so that gradients are synchronised),
     with ``logits_to_keep`` empty, and a hook on its backbone keeps what the head would have read."""
     lm = _causal_lm(model)
+    keep_none = torch.empty(0, dtype=torch.long, device=lm.get_output_embeddings().weight.device)
     captured = []
     handle = lm.base_model.register_forward_hook(lambda module, args, output: captured.append(output[0]))
     try:
-        model(**inputs, logits_to_keep=torch.empty(0, dtype=torch.long, device=inputs["input_ids"].device),
-              use_cache=False)
+        model(**{**inputs, "logits_to_keep": keep_none, "use_cache": False})
     finally:
         handle.remove()
     if len(captured) != 1:
