@@ -302,7 +302,7 @@ def scale_grad_(grad: torch.Tensor, scale: torch.Tensor) -> None:
 def _scale_grad(grad, scale):
     if grad.is_cuda and grad.is_contiguous() and triton_available():
         _kernels("triton").scale_(grad, scale.float())
-    elif scale.item() != 1:  # .item(): a CPU scalar's value without a comparison op
+    elif scale.item() != 1:  # the value itself: no comparison op before the read
         grad.mul_(scale)
 
 

@@ -152,6 +152,10 @@ class DistillationMixin:
         if teacher_model is None:
             raise ValueError("teacher_model is required: the causal LM to distil from")
         super().__init__(*args, **kwargs)
+        if self.args.n_gpu > 1:
+            # nn.DataParallel runs replicas of the model, whose backbones the hidden-state hook never sees.
+            raise ValueError(f"{type(self).__name__} does not support DataParallel ({self.args.n_gpu} GPUs in "
+                             "one process): launch one process per GPU with torchrun (DDP)")
         if distill_loss is None:
             softcap, logit_scale = head_transform(_causal_lm(self.model).config)
             distill_loss = FusedLinearDistillLoss(softcap=softcap, logit_scale=logit_scale)
