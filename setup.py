@@ -38,9 +38,12 @@ setup(
     install_requires=["torch>=2.4"],
     extras_require={
         "triton": ["triton>=3.6"],
-        "test": ["pytest", "pytest-benchmark", "triton>=3.6", "numpy"],
+        # trl: the test of the README's TRL lines (tests/test_hf_integration.py).
+        "test": ["pytest", "pytest-benchmark", "triton>=3.6", "numpy", "trl"],
         "train": ["pyyaml", "tqdm", "matplotlib"],
         "bench": ["pytest-benchmark", "matplotlib", "tqdm"],
+        # ttm_kernels.integrations.hf (logits_to_keep as an index tensor: transformers >= 4.50).
+        "hf": ["transformers>=4.50", "accelerate>=1.0"],
     },
     ext_modules=extensions(),
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},

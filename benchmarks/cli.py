@@ -75,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--mem-fraction", type=float, default=0.85,
                     help="skip a combination whose estimated peak exceeds this fraction of free memory")
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory pass")
+    ap.add_argument("--no-overhead", action="store_true",
+                    help="skip the per-call fixed-cost measurement (forward + backward on a 2 x 8 problem)")
     ap.add_argument("--no-plots", action="store_true", help="write no PNG")
     ap.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
     ap.add_argument("--compile-dynamic", action="store_true",
@@ -110,7 +112,8 @@ def config_from_args(args) -> Config:
     return Config(
         device=str(device), cases=cases, providers=args.providers, modes=args.modes, out=args.out,
         tag=args.tag or f"{preset}-{device.type}", time_budget_s=args.time_budget, mem_fraction=args.mem_fraction,
-        memory=not args.no_memory, plots=not args.no_plots, compile_dynamic=args.compile_dynamic,
+        memory=not args.no_memory, overhead=not args.no_overhead, plots=not args.no_plots,
+        compile_dynamic=args.compile_dynamic,
         rotate_bytes=None if args.rotate_mib is None else int(args.rotate_mib * (1 << 20)), seed=args.seed,
         copy_mib=args.copy_mib, progress=not args.no_progress, **timing)
 

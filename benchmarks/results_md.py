@@ -32,10 +32,18 @@ Definitions are in the docstrings of `benchmarks/measure.py` and `benchmarks/pro
 
 - time: median (p20-p80) of the timed calls;
 - peak: the **extra** peak over what was allocated when the call started;
-- %copy: the bytes model over the time, as a percentage of the device copy bandwidth measured in the same run.
+- %copy: the bytes model over the time, as a percentage of the device copy bandwidth measured in the same run;
+- per-call fixed cost: the median forward + backward time on a tiny problem (N = 2, V = 8), whose arithmetic is
+  negligible: what every call pays whatever its size (`runner.fixed_cost_us`).
 
 The bytes model counts 2NVb for `fwd`, 1NVb for `bwd` and 3NVb for `full`. Compare providers on `full`.
 """
+
+
+def fixed_cost_line(meta: dict) -> str:
+    n, v = meta["fixed_cost_case"]
+    costs = ", ".join(f"{k} {us:.0f}" for k, us in meta["fixed_cost_us"].items())
+    return f"Per-call fixed cost (forward + backward, N={n}, V={v}, fp32; median us): {costs}"
 
 
 def _num(x):
@@ -65,6 +73,8 @@ def render(doc: dict, title: str, images: str) -> str:
         f"- Command: `{meta['command']}`",
         f"- Backends: {', '.join(backends)}.",
     ]
+    if meta.get("fixed_cost_us"):
+        lines.append(f"- {fixed_cost_line(meta)}.")
     for note in doc.get("notes", []):
         lines.append(f"- Note: {note}")
     lines += ["", "Median ms (p20-p80), extra peak MiB, % of copy bandwidth, and speed-up over eager (x):", ""]

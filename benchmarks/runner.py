@@ -26,6 +26,7 @@ from typing import Optional
 import torch
 
 from . import measure, providers as P
+from .results_md import fixed_cost_line
 
 CSV_FIELDS = [
     "provider", "backend", "mode", "N", "V", "dtype", "status", "median_ms", "p20_ms", "p80_ms", "reps",
@@ -58,6 +59,7 @@ class Config:
     copy_mib: Optional[float] = None  # copy-bandwidth buffer; default 1 GiB on CUDA, 256 MiB on CPU
     seed: int = 0
     progress: bool = True
+    overhead: bool = True  # measure each provider's per-call fixed cost first (fixed_cost_us)
 
 
 class _Stop(Exception):
@@ -153,6 +155,10 @@ def run(cfg: Config) -> dict:
             print(f"# provider {name} skipped: {exc}", flush=True)
     # fused_inplace overwrites z with its gradient: run it after everything else on each case.
     resolved.sort(key=lambda p: p.destroys_input)
+    if cfg.overhead:
+        env["fixed_cost_us"] = fixed_cost_us(resolved, device, cfg)
+        env["fixed_cost_case"] = list(FIXED_COST_CASE)
+        print(f"# {fixed_cost_line(env)}", flush=True)
 
     rows: list = []
     old_handler = signal.signal(signal.SIGTERM, _on_sigterm) if _main_thread() else None
@@ -257,6 +263,24 @@ def run(cfg: Config) -> dict:
             print(f"# plots failed: {type(exc).__name__}: {exc}", flush=True)
     print(f"# wrote {csv_path} and {json_path}; wall time {env['wall_s']:.1f} s", flush=True)
     return doc
+
+
+FIXED_COST_CASE = (2, 8)  # (N, V): a problem whose arithmetic takes well under a microsecond
+
+
+def fixed_cost_us(providers: list, device: torch.device, cfg: Config) -> dict:
+    """Each provider's per-call fixed cost in microseconds: the median time of one forward + backward
+    (``full``) on ``FIXED_COST_CASE``, where nothing is left but the cost that every call pays whatever its
+    size (Python dispatch and argument checks, small tensor operations, kernel launches, autograd)."""
+    n, v = FIXED_COST_CASE
+    case = P.make_case(n, v, torch.float32, device, seed=cfg.seed)
+    costs = {}
+    for prov in providers:
+        prepare, run_fn = P.mode_fns(prov, case, "full")
+        timing = measure.time_fn(prepare, run_fn, device, warmup_ms=max(cfg.warmup_ms, 20.0),
+                                 rep_ms=max(cfg.rep_ms, 50.0), min_reps=max(cfg.min_reps, 50), max_reps=10000)
+        costs[prov.name] = timing.median_ms * 1e3
+    return costs
 
 
 def _measure_one(prov, case, mode, device, cfg, deadline, copy_gbps) -> dict:

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One-time set-up on a fresh machine, safe to rerun: torch (only where none is installed: a user's CUDA
-# build is never replaced), then this project with its extension built by ninja and its test, training and
-# benchmark extras, and the demo's Fashion-MNIST files (Debian's dataset-fashion-mnist) where apt can.
+# build is never replaced), then this project with its extension built by ninja and its test, training,
+# benchmark and Hugging Face extras (the integration's tests run in CI), and the demo's Fashion-MNIST files
+# (Debian's dataset-fashion-mnist) where apt can.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -10,7 +11,7 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
 fi
 "$PY" -m pip install -q ninja setuptools wheel
 # PEP 517 without isolation: the extension builds against the torch installed above.
-"$PY" -m pip install -q --no-build-isolation --use-pep517 -e ".[test,train,bench]"
+"$PY" -m pip install -q --no-build-isolation --use-pep517 -e ".[test,train,bench,hf]"
 
 FASHION_MNIST=/usr/share/datasets/fashion-mnist
 if [ ! -d "$FASHION_MNIST" ]; then

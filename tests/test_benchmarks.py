@@ -33,6 +33,7 @@ def test_cli_quick_machinery_end_to_end(tmp_path):
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "copy bandwidth" in proc.stdout and "median ms" in proc.stdout
+    assert "Per-call fixed cost (forward + backward, N=2, V=8, fp32; median us): fused " in proc.stdout
 
     with open(out / "t.csv", newline="") as f:
         rows = list(csv.DictReader(f))
@@ -44,6 +45,8 @@ def test_cli_quick_machinery_end_to_end(tmp_path):
         assert r["device"] == "cpu" and r["torch"] == torch.__version__ and r["commit"]
     doc = json.loads((out / "t.json").read_text())
     assert doc["meta"]["copy_gbps"] > 0 and len(doc["rows"]) == len(rows)
+    assert set(doc["meta"]["fixed_cost_us"]) == {"fused", "eager"}
+    assert all(0 < us < 1e5 for us in doc["meta"]["fixed_cost_us"].values())
     try:
         import matplotlib  # noqa: F401
     except ImportError:

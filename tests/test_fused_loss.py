@@ -763,3 +763,59 @@ def test_row_split_fills_the_device(monkeypatch):
     assert width < 262144 and width % triton_kernels.MAX_BLOCK_V == 0
     assert 64 * math.ceil(262144 / width) >= 2 * 132  # at least two programs per SM
     assert triton_kernels.row_split(64, 20000, cuda) == 20000  # too short to split
+
+
+@pytest.mark.parametrize("backend", [*BACKENDS, "torch"])
+@pytest.mark.parametrize("kind", ["wttm", "kd"])
+def test_fused_loss_num_items_in_batch_accumulates_to_the_full_batch(backend, kind):
+    """4 micro-batches of uneven padding (one all padding), each divided by the labelled rows of all four
+    (a tensor, as Hugging Face's Trainer passes it, or a number), accumulate to the full batch's loss and
+    gradient; module and functional agree."""
+    device = device_of(backend)
+    z, v = make_logits((4, 9, 301), 10.0, seed=71, device=device)
+    target = make_target((4, 9), 301, seed=71, ignore_fraction=0.0, device=device)
+    for batch, pad in enumerate((0, 2, 5, 9)):
+        target[batch, 9 - pad:] = -100
+    kw = dict(beta=2.0, ce_weight=0.5, **scale_kw(kind, 0.25))
+    full_loss, full_grad = fused_loss_and_grad(kind, z.float(), v.float(), target, backend, **kw)
+    count = (target != -100).sum()
+    student = z.float().requires_grad_()
+    total = 0.0
+    for batch, num_items in enumerate((count, int(count), float(count), count.float())):
+        loss = FUSED[kind](student[batch], v[batch].float(), target[batch], backend=backend,
+                           num_items_in_batch=num_items, **kw)
+        loss.backward()
+        total += loss.item()
+    assert_close("loss", full_loss, torch.tensor(total), 2e-6, 1e-7)
+    assert_close("grad", full_grad, student.grad, 1e-6, 1e-9)
+    module = (WTTMLoss(0.25, beta=2.0, ce_weight=0.5, backend=backend) if kind == "wttm"
+              else KDLoss(4.0, beta=2.0, ce_weight=0.5, backend=backend))
+    with torch.no_grad():
+        assert torch.equal(module(z[1].float(), v[1].float(), target[1], num_items_in_batch=count),
+                           FUSED[kind](z[1].float(), v[1].float(), target[1], backend=backend,
+                                       num_items_in_batch=count, **kw))
+
+
+@pytest.mark.parametrize("num_items,kwargs,error,match", [
+    (0, {}, ValueError, "finite positive count, got 0"),
+    (-3.0, {}, ValueError, "finite positive"),
+    (float("nan"), {}, ValueError, "finite positive"),
+    (torch.tensor(0), {}, ValueError, "finite positive"),
+    (torch.tensor([3, 4]), {}, ValueError, "one-element tensor"),
+    (torch.tensor(True), {}, TypeError, "must hold a count"),
+    (True, {}, TypeError, "num_items_in_batch must be None, a number or a tensor"),
+    ("12", {}, TypeError, "num_items_in_batch must be None"),
+    (12, {"reduction": "sum"}, ValueError, "denominator of reduction='mean'"),
+], ids=lambda x: x if isinstance(x, str) else None)
+def test_fused_wttm_loss_bad_num_items_in_batch(num_items, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        fused_wttm_loss(**_bad(), num_items_in_batch=num_items, **kwargs)
+
+
+def test_fused_wttm_loss_fast_target_check_still_refuses():
+    """The one-reduction check of well-formed targets passes ignored rows to the full check, which still
+    finds an out-of-range index among them."""
+    args = _bad(target=torch.tensor([1, -100, -7, 4]))
+    with pytest.raises(ValueError, match=r"outside \[0, 10\).*e.g. -7"):
+        fused_wttm_loss(**args)
+    fused_wttm_loss(**_bad(target=torch.tensor([1, -100, 9, 0])))

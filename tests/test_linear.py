@@ -54,7 +54,14 @@ def make_problem(n=23, hidden=16, vocab=70, teacher_vocab=None, spread=10.0, see
 STUDENT = ("student_hidden", "student_weight", "student_bias")
 
 
-def reference_loss_and_grads(kind, p, reduction="mean", upstream=None, ignore_index=-100, **kw):
+def head(logits, softcap=None, logit_scale=1.0):
+    """What the models' heads do to their logits (Cohere's scale, Gemma-2's soft-cap), written out."""
+    logits = logits * logit_scale
+    return logits if softcap is None else softcap * torch.tanh(logits / softcap)
+
+
+def reference_loss_and_grads(kind, p, reduction="mean", upstream=None, ignore_index=-100, softcap=None,
+                             logit_scale=1.0, **kw):
     """float64: materialise both logits (teacher aligned to the student's vocabulary as documented)."""
     leaves = {k: p[k].detach().double().requires_grad_() for k in STUDENT if p[k] is not None}
     z = leaves["student_hidden"] @ leaves["student_weight"].T
@@ -63,6 +70,7 @@ def reference_loss_and_grads(kind, p, reduction="mean", upstream=None, ignore_in
     v = p["teacher_hidden"].double() @ p["teacher_weight"].double().T
     if p["teacher_bias"] is not None:
         v = v + p["teacher_bias"].double()
+    z, v = head(z, softcap, logit_scale), head(v, softcap, logit_scale)
     vocab = z.shape[-1]
     if v.shape[-1] >= vocab:
         v = v[..., :vocab]
@@ -97,9 +105,9 @@ def assert_close(name, ref, out, rtol=2e-4):
 
 
 def check_against_reference(kind, p, backend, reduction="mean", upstream=None, **kw):
-    ref_loss, ref_grads = reference_loss_and_grads(kind, p, reduction, upstream,
-                                                   ignore_index=kw.get("ignore_index", -100),
-                                                   **{k: kw[k] for k in ("beta", "ce_weight") if k in kw})
+    ref_loss, ref_grads = reference_loss_and_grads(
+        kind, p, reduction, upstream, ignore_index=kw.get("ignore_index", -100),
+        **{k: kw[k] for k in ("beta", "ce_weight", "softcap", "logit_scale") if k in kw})
     loss, grads = fused_loss_and_grads(kind, p, backend, reduction=reduction, upstream=upstream, **kw)
     assert loss.dtype == torch.float32
     assert_close("loss", ref_loss, loss)
@@ -137,6 +145,58 @@ def test_matches_float64_reference(backend, kind, case):
     elif upstream is not None:
         upstream = torch.tensor(float(upstream))
     check_against_reference(kind, p, backend, reduction=reduction, upstream=upstream, **loss_kw)
+
+
+# The heads' own post-processing of their logits; with spread-10 logits the soft-caps bind hard.
+HEADS = [("softcap5", {"softcap": 5.0}), ("logit-scale0.3", {"logit_scale": 0.3}),
+         ("logit-scale2.5-softcap8", {"logit_scale": 2.5, "softcap": 8.0})]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", ["wttm", "ttm", "kd"])
+@pytest.mark.parametrize("head_kw", [h for _, h in HEADS], ids=[name for name, _ in HEADS])
+def test_fused_linear_loss_softcap_and_logit_scale(backend, kind, head_kw):
+    """softcap and logit_scale reach both models' logits, with their gradient; the teacher's -inf columns
+    (a smaller teacher vocabulary) stay -inf rather than becoming -softcap."""
+    p = make_problem(vocab=70, teacher_vocab=66, seed=31)
+    check_against_reference(kind, p, backend, chunk_size=6, vocab_mismatch="truncate_teacher", **head_kw)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fused_linear_wttm_loss_softcap_reduction_none(backend):
+    """The recomputing backward of reduction="none" applies the same chain rule."""
+    p = make_problem(lead=(3, 5), seed=32)
+    upstream = torch.randn((3, 5), generator=torch.Generator().manual_seed(3))
+    check_against_reference("wttm", p, backend, reduction="none", upstream=upstream, chunk_size=4, softcap=4.0,
+                            logit_scale=1.5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", ["wttm", "kd"])
+def test_fused_linear_loss_num_items_in_batch_accumulates_to_the_full_batch(backend, kind):
+    """4 micro-batches of uneven padding (one all padding), each divided by the labelled rows of all four
+    (a tensor, as Hugging Face passes it, or a number), sum to the full batch's loss and gradients."""
+    p = make_problem(n=32, seed=33, ignore_fraction=0.0)
+    target = p["target"].clone()
+    for batch, pad in enumerate((0, 3, 6, 8)):
+        target[batch * 8 + 8 - pad: batch * 8 + 8] = -100
+    p["target"] = target
+    full_loss, full_grads = fused_loss_and_grads(kind, p, backend, chunk_size=5)
+    count = (target != -100).sum()
+    args = {k: None if x is None else x.to(device_of(backend)) for k, x in p.items()}
+    leaves = {k: args[k].float().requires_grad_() for k in STUDENT}
+    total = 0.0
+    for batch, num_items in enumerate((count, int(count), float(count), count.float())):
+        rows = slice(batch * 8, batch * 8 + 8)
+        loss = FUSED[kind](leaves["student_hidden"][rows], leaves["student_weight"], args["teacher_hidden"][rows].float(),
+                           args["teacher_weight"].float(), args["target"][rows], student_bias=leaves["student_bias"],
+                           teacher_bias=args["teacher_bias"].float(), backend=backend, chunk_size=5,
+                           num_items_in_batch=num_items, **HYPER[kind])
+        loss.backward()
+        total += loss.item()
+    assert_close("loss", full_loss, torch.tensor(total), rtol=2e-6)
+    for k in STUDENT:
+        assert_close(f"d {k}", full_grads[k], leaves[k].grad, rtol=2e-6)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -284,6 +344,13 @@ BAD = [
     ({"beta": float("nan")}, ValueError, "beta"),
     ({"ignore_index": 1.5}, TypeError, "ignore_index"),
     ({"backend": "cuda"}, ValueError, "backend"),
+    ({"softcap": 0.0}, ValueError, "softcap must be a finite positive"),
+    ({"softcap": float("inf")}, ValueError, "softcap"),
+    ({"logit_scale": -1.0}, ValueError, "logit_scale must be a finite positive"),
+    ({"logit_scale": torch.tensor(2.0)}, TypeError, "logit_scale must be a Python number"),
+    ({"num_items_in_batch": 0}, ValueError, "num_items_in_batch must be a finite positive"),
+    ({"num_items_in_batch": torch.tensor([3, 4])}, ValueError, "one-element"),
+    ({"num_items_in_batch": 12, "reduction": "sum"}, ValueError, "denominator of reduction='mean'"),
 ]
 
 
@@ -333,10 +400,11 @@ def test_fused_linear_wttm_loss_double_backward_is_refused(backend, reduction):
         torch.autograd.grad(loss, hidden, create_graph=True)
 
 
-@pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_fused_linear_wttm_loss_float64_gradcheck(reduction):
+@pytest.mark.parametrize("reduction,head_kw", [("mean", {}), ("none", {}), ("mean", {"softcap": 3.0, "logit_scale": 1.5})],
+                         ids=["mean", "none", "mean-softcap"])
+def test_fused_linear_wttm_loss_float64_gradcheck(reduction, head_kw):
     """float64 inputs are computed in float64 (the reference on each chunk, float64 row terms and weight
-    gradient), so that torch.autograd.gradcheck passes at its default tolerances."""
+    gradient), so that torch.autograd.gradcheck passes at its default tolerances, soft-cap included."""
     p = make_problem(n=9, hidden=5, vocab=12, seed=22)
     with pytest.raises(ValueError, match="computes in float32"):
         fused_linear_wttm_loss(p["student_hidden"], p["student_weight"], p["teacher_hidden"], p["teacher_weight"],
@@ -345,7 +413,7 @@ def test_fused_linear_wttm_loss_float64_gradcheck(reduction):
     def loss_of(hidden, weight, bias):
         loss = fused_linear_wttm_loss(hidden, weight, p["teacher_hidden"], p["teacher_weight"], p["target"],
                                       student_bias=bias, teacher_bias=p["teacher_bias"], reduction=reduction,
-                                      chunk_size=4)
+                                      chunk_size=4, **head_kw)
         assert loss.dtype == torch.float64
         return loss
 

@@ -1,6 +1,7 @@
 """Fused Transformed Teacher Matching (TTM / WTTM) and KD losses for knowledge distillation."""
 from . import reference
 from ._ops import cpu_extension_available, resolve_backend, triton_available
+from .distill import FusedLinearDistillLoss
 from .functional import LossComponents, fused_kd_loss, fused_ttm_loss, fused_wttm_loss
 from .linear import (LinearKDLoss, LinearTTMLoss, LinearWTTMLoss, fused_linear_kd_loss, fused_linear_ttm_loss,
                      fused_linear_wttm_loss)
@@ -21,6 +22,7 @@ __all__ = [
     "LinearWTTMLoss",
     "LinearTTMLoss",
     "LinearKDLoss",
+    "FusedLinearDistillLoss",
     "LossComponents",
     "reference",
     "triton_available",

@@ -312,6 +312,12 @@ def loss_fwd_with_grad(student: torch.Tensor, teacher: torch.Tensor, target: Opt
                        ce_weight: float, weighted: bool, ignore_index: int,
                        backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss = sum_i row_grad * loss_i, statistics, d loss / d student) from one launch; row_grad is 0-dim."""
+    return _loss_with_grad(student, teacher, target, row_grad, student_scale, teacher_scale, kl_coef, ce_weight,
+                           weighted, ignore_index, backend)
+
+
+def _loss_with_grad(student, teacher, target, row_grad, student_scale, teacher_scale, kl_coef, ce_weight, weighted,
+                    ignore_index, backend):
     grad = torch.empty(student.shape, dtype=student.dtype, device=student.device)
     stats = _forward(backend, student, teacher, target,
                      _params(student_scale, teacher_scale, kl_coef, ce_weight, ignore_index), weighted=weighted,
@@ -331,9 +337,13 @@ def _(student, teacher, target, row_grad, student_scale, teacher_scale, kl_coef,
 def scale_grad_(grad: torch.Tensor, scale: torch.Tensor) -> None:
     """grad *= scale in place; skipped (no pass over the gradient) when scale is 1, the usual case. On CUDA
     a kernel reads the scale on the device, so the host does not wait for it."""
+    _scale_grad(grad, scale)
+
+
+def _scale_grad(grad, scale):
     if grad.is_cuda and grad.is_contiguous() and triton_available():
         _kernels("triton").scale_(grad, scale.float())
-    elif bool(scale != 1):
+    elif scale.item() != 1:  # the value itself: no comparison op before the read
         grad.mul_(scale)
 
 
@@ -350,7 +360,7 @@ def _with_grad_backward(ctx, grad_loss, _grad_stats, _grad_grad):
         return (None,) * 11
     # A second backward (retain_graph=True) is refused by autograd's version check on the saved gradient.
     (grad,) = ctx.saved_tensors
-    scale_grad_(grad, grad_loss)
+    (_scale_grad if _eager(grad, grad_loss) else scale_grad_)(grad, grad_loss)
     return grad, None, None, None, None, None, None, None, None, None, None
 
 
@@ -374,27 +384,61 @@ class _InplaceLossWithGrad(torch.autograd.Function):
         return _with_grad_backward(ctx, grad_loss, None, None)
 
 
-def fused_loss(student, teacher, target, valid, *, reduction, student_scale, teacher_scale, kl_coef, ce_weight,
-               weighted, ignore_index, backend, inplace_backward=False):
-    """The reduced loss (float32) and the (NUM_STATS, N) statistics (rows loss, kl, ce, weight detached)."""
+def _eager(student: torch.Tensor, teacher: torch.Tensor) -> bool:
+    """Whether the kernels may run without the custom ops' dispatch, which costs about 0.1 ms of Python a call:
+    in eager mode on plain tensors, with no function or dispatch mode and no torch.func transform active.
+    torch.compile, export, fake tensors and subclasses take the custom ops, which they know how to trace."""
+    return (type(student) is torch.Tensor and type(teacher) is torch.Tensor and not torch.compiler.is_compiling()
+            and not torch._C._is_torch_function_mode_enabled() and torch._C._len_torch_dispatch_stack() == 0
+            and torch._C._functorch.peek_interpreter_stack() is None)
+
+
+class _EagerLossWithGrad(torch.autograd.Function):
+    """``loss_fwd_with_grad`` and its backward in eager mode, minus the custom op's dispatch. The parameters
+    come as one tuple: ``apply`` walks its arguments, a few microseconds each."""
+
+    @staticmethod
+    def forward(ctx, student, teacher, target, row_grad, params):
+        loss, stats, grad = _loss_with_grad(student, teacher, target, row_grad, *params)
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(grad)
+        ctx.mark_non_differentiable(stats)
+        return loss, stats
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_stats):
+        return _with_grad_backward(ctx, grad_loss, None, None)[:5]  # the student's gradient, then Nones
+
+
+def fused_loss(student, teacher, target, denominator, *, reduction, student_scale, teacher_scale, kl_coef,
+               ce_weight, weighted, ignore_index, backend, inplace_backward=False):
+    """The reduced loss (float32) and the (NUM_STATS, N) statistics (rows loss, kl, ce, weight detached).
+    ``denominator``: the 0-dim float32 divisor of reduction "mean" (``functional.mean_denominator``)."""
     params = (float(student_scale), float(teacher_scale), float(kl_coef), float(ce_weight), bool(weighted),
               int(ignore_index), backend)
-    if reduction != "none" and student.requires_grad and torch.is_grad_enabled():
+    eager = _eager(student, teacher)
+    with_grad = student.requires_grad and torch.is_grad_enabled()
+    if reduction != "none" and with_grad:
         if reduction == "mean":
-            row_grad = 1.0 / valid.sum().clamp_min(1).float()
+            row_grad = denominator.reciprocal()
         else:
             row_grad = torch.ones((), dtype=torch.float32, device=student.device)
         if inplace_backward:
             loss, stats = _InplaceLossWithGrad.apply(student, teacher, target, row_grad, *params)
+        elif eager:
+            loss, stats = _EagerLossWithGrad.apply(student, teacher, target, row_grad, params)
         else:
             loss, stats, _ = loss_fwd_with_grad(student, teacher, target, row_grad, *params)
         return loss, stats
     if inplace_backward:
         stats = _InplaceLoss.apply(student, teacher, target, *params)
+    elif eager and not with_grad:
+        stats = _forward(backend, student, teacher, target,
+                         _params(student_scale, teacher_scale, kl_coef, ce_weight, ignore_index), weighted=weighted)
     else:
         stats = loss_fwd(student, teacher, target, *params)
     rows = stats[Stat.LOSS].view(student.shape[:-1])
     if reduction == "none":
         return rows, stats
     total = rows.sum()
-    return (total / valid.sum().clamp_min(1) if reduction == "mean" else total), stats
+    return (total / denominator if reduction == "mean" else total), stats

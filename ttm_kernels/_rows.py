@@ -11,6 +11,8 @@ import torch
 
 def row_view(x: torch.Tensor) -> torch.Tensor:
     """A (B, T, V) view of ``x`` with ``stride(-1) == 1``; a copy only when no such view exists."""
+    if x.dim() == 2 and x.shape[0] > 1 and x.is_contiguous():  # the usual (N, V) batch, without the loop below
+        return x.as_strided((1, x.shape[0], x.shape[1]), (0, x.shape[1], 1))
     if x.stride(-1) != 1 and x.shape[-1] > 1:
         x = x.contiguous()
     sizes, strides = [], []

@@ -267,7 +267,7 @@ def _local_logits(student, teacher, target, process_group):
 
 def vocab_parallel_loss(student_logits, teacher_logits, target, *, process_group, student_scale, teacher_scale,
                         kl_scale, weighted, beta, ce_weight, ignore_index, reduction, backend, inplace_backward,
-                        return_components):
+                        return_components, num_items_in_batch=None):
     """``functional._fused_loss`` for logits whose columns the ranks of ``process_group`` hold (or DTensors
     sharded on the last dimension): the loss of the whole rows on every rank, and this rank's columns' gradient."""
     student, teacher, target, group, index = _local_logits(student_logits, teacher_logits, target, process_group)
@@ -276,7 +276,7 @@ def vocab_parallel_loss(student_logits, teacher_logits, target, *, process_group
                                       teacher_scale=teacher_scale, kl_scale=kl_scale, weighted=weighted, beta=beta,
                                       ce_weight=ce_weight, ignore_index=ignore_index, reduction=reduction,
                                       backend=backend, inplace_backward=inplace_backward,
-                                      return_components=return_components)
+                                      return_components=return_components, num_items_in_batch=num_items_in_batch)
     device = student.device
     names = ("the number of rows N", "the student_logits dtype", "the teacher_logits dtype", "the device type",
              "whether a target is given", "the loss settings (gamma or temperature, beta, ce_weight, "
@@ -287,6 +287,7 @@ def vocab_parallel_loss(student_logits, teacher_logits, target, *, process_group
             raise ValueError("inplace_backward=True is not supported with process_group (each rank's logits are "
                              "already 1/world of the vocabulary)")
         functional._validate(student, teacher, None, ignore_index, reduction)
+        functional.validate_num_items(num_items_in_batch, reduction)
         if target is not None:
             functional.validate_target(target, student.shape[:-1], None, device, ignore_index)
         resolved = _compiled_backend(backend, device, student.dtype)
@@ -302,9 +303,12 @@ def vocab_parallel_loss(student_logits, teacher_logits, target, *, process_group
     valid = (torch.ones(lead, dtype=torch.bool, device=device) if target is None else target != ignore_index)
     pieces = _ops.RowPieces(backend, _ops._params(student_scale, teacher_scale, beta * kl_scale, ce_weight,
                                                   ignore_index), weighted, shards.vocab)
+    denominator = None
+    if reduction == "mean":
+        denominator = functional.mean_denominator(target, ignore_index, valid.numel(), device, num_items_in_batch)
     row_grad = None
     if reduction != "none" and student.requires_grad and torch.is_grad_enabled():
-        row_grad = (1.0 / valid.sum().clamp_min(1).float() if reduction == "mean"
+        row_grad = (1.0 / denominator if reduction == "mean"
                     else torch.ones((), dtype=torch.float32, device=device))
     loss, stats = _VocabParallelLoss.apply(student, teacher, flat_target, row_grad, pieces, shards)
     if row_grad is None:
@@ -312,7 +316,7 @@ def vocab_parallel_loss(student_logits, teacher_logits, target, *, process_group
             loss = loss.view(lead)
         else:
             loss = loss.sum()
-            loss = loss / valid.sum().clamp_min(1) if reduction == "mean" else loss
+            loss = loss / denominator if reduction == "mean" else loss
     if not return_components:
         return loss
     return loss, _components(stats[Stat.KL:Stat.WEIGHT + 1], valid, lead)
@@ -351,7 +355,7 @@ def _sharded_chunk_loss(z, v, y, row_grad, spec, *, shards):
 def vocab_parallel_linear_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, target, *,
                                process_group, reduce_hidden_grad, student_bias, teacher_bias, student_scale,
                                teacher_scale, kl_scale, weighted, beta, ce_weight, ignore_index, reduction, chunk_size,
-                               vocab_mismatch, backend, return_components):
+                               vocab_mismatch, backend, return_components, num_items_in_batch=None):
     """``linear._fused_linear_loss`` with each rank's rows of both LM heads: the chunk loop of ``linear._run_chunks``
     with the sharded rows' loss per chunk (every rank runs the same chunks)."""
     index = _member(process_group)
@@ -361,7 +365,7 @@ def vocab_parallel_linear_loss(student_hidden, student_weight, teacher_hidden, t
             teacher_bias=teacher_bias, student_scale=student_scale, teacher_scale=teacher_scale, kl_scale=kl_scale,
             weighted=weighted, beta=beta, ce_weight=ce_weight, ignore_index=ignore_index, reduction=reduction,
             chunk_size=chunk_size, vocab_mismatch=vocab_mismatch, backend=backend,
-            return_components=return_components)
+            return_components=return_components, num_items_in_batch=num_items_in_batch)
     if not isinstance(student_hidden, torch.Tensor):
         raise TypeError(f"student_hidden must be a torch.Tensor, got {type(student_hidden).__name__}")
     device = student_hidden.device
@@ -378,7 +382,7 @@ def vocab_parallel_linear_loss(student_hidden, student_weight, teacher_hidden, t
             raise TypeError("with process_group, pass each rank's own shards as plain tensors (DTensor.to_local())")
         lead = linear._check_linear_args(student_hidden, student_weight, student_bias, teacher_hidden,
                                          teacher_weight, teacher_bias, ignore_index, reduction, chunk_size,
-                                         vocab_mismatch)
+                                         vocab_mismatch, num_items_in_batch)
         if vocab_mismatch != "error":
             raise ValueError(f"vocab_mismatch={vocab_mismatch!r} is not supported with process_group: give every "
                              "rank the teacher's rows of the student's vocabulary slice")
@@ -403,6 +407,10 @@ def vocab_parallel_linear_loss(student_hidden, student_weight, teacher_hidden, t
     target = None if target is None else target.reshape(-1).long()
     spec = linear._Spec(float(student_scale), float(teacher_scale), float(kl_scale), bool(weighted), beta, ce_weight,
                         int(ignore_index), backend)
+    denominator = None
+    if reduction == "mean":
+        denominator = functional.mean_denominator(target, ignore_index, n, device, num_items_in_batch,
+                                                  dtype=linear._accumulation_dtype(student_hidden.dtype))
     needs = tuple(torch.is_grad_enabled() and x is not None and x.requires_grad
                   for x in (student_hidden, student_weight, student_bias))
     # Every rank runs the same chunks (each one's collectives): sized for the widest shard.
@@ -415,12 +423,12 @@ def vocab_parallel_linear_loss(student_hidden, student_weight, teacher_hidden, t
     loss, terms = linear._FusedLinearLoss.apply(
         hidden, student_weight, student_bias, teacher_hidden.reshape(-1, teacher_hidden.shape[-1]),
         teacher_weight.detach(), None if teacher_bias is None else teacher_bias.detach(), target, spec, reduction,
-        chunk, needs, functools.partial(_sharded_chunk_loss, shards=shards))
+        chunk, needs, denominator, functools.partial(_sharded_chunk_loss, shards=shards))
     if reduction == "none":
         loss = loss.view(lead)
     if not return_components:
         return loss
-    return loss, _components(terms, linear._valid(target, n, device, ignore_index), lead)
+    return loss, _components(terms, functional._valid_rows(target, (n,), device, ignore_index), lead)
 
 
 # ---------------------------------------------------------------------------------------------- FSDP2

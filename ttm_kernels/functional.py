@@ -121,6 +121,11 @@ def validate_target(target, lead_shape, vocab, device, ignore_index) -> None:
         raise ValueError(f"target must be on the logits' device {device}, got {target.device}")
     if torch.compiler.is_compiling() or vocab is None:
         return
+    if target.device.type == "cpu" and target.numel():
+        # One reduction decides the usual case (no index out of [0, vocab)), ignored rows or not.
+        lo, hi = torch.aminmax(target)
+        if 0 <= lo.item() and hi.item() < vocab:
+            return
     bad = ((target < 0) | (target >= vocab)) & (target != ignore_index)
     if target.device.type != "cpu":
         torch._assert_async(torch.logical_not(bad.any()), f"target holds class indices outside [0, {vocab}) "
@@ -130,9 +135,66 @@ def validate_target(target, lead_shape, vocab, device, ignore_index) -> None:
                          f"{ignore_index}, e.g. {target[bad].flatten()[0].item()}")
 
 
+def validate_num_items(num_items_in_batch, reduction) -> None:
+    """``num_items_in_batch``: None, or a positive count (int, float, or a one-element tensor on any device, as
+    Hugging Face's Trainer passes it) that only ``reduction="mean"`` uses; else a clear error.
+
+    A tensor on the CPU is checked here; on another device the check is a device-side assertion (no host
+    synchronisation), and under torch.compile it is skipped."""
+    if num_items_in_batch is None:
+        return
+    if reduction != "mean":
+        raise ValueError(f"num_items_in_batch is the denominator of reduction='mean', got reduction={reduction!r}")
+    if isinstance(num_items_in_batch, torch.Tensor):
+        if num_items_in_batch.numel() != 1:
+            raise ValueError("num_items_in_batch must be a number or a one-element tensor, got shape "
+                             f"{tuple(num_items_in_batch.shape)}")
+        if num_items_in_batch.dtype == torch.bool or num_items_in_batch.dtype.is_complex:
+            raise TypeError(f"num_items_in_batch must hold a count, got dtype {num_items_in_batch.dtype}")
+        if torch.compiler.is_compiling():
+            return
+        if num_items_in_batch.device.type == "cpu":
+            value = num_items_in_batch.item()
+        else:
+            count = num_items_in_batch.reshape(())
+            torch._assert_async((count > 0) & (count < math.inf),
+                                "num_items_in_batch must be a finite positive count")
+            return
+    else:
+        value = num_items_in_batch
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"num_items_in_batch must be None, a number or a tensor, got {type(value).__name__}")
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"num_items_in_batch must be a finite positive count, got {value}")
+
+
+def mean_denominator(target, ignore_index, n_rows, device, num_items_in_batch=None,
+                     dtype=torch.float32) -> torch.Tensor:
+    """The divisor of ``reduction="mean"`` as a 0-dim ``dtype`` tensor on ``device``, computed without a host
+    synchronisation: ``num_items_in_batch`` when given (validated by ``validate_num_items``; a tensor may sit
+    on another device), else the rows whose target is not ``ignore_index`` (all ``n_rows`` without a target),
+    at least 1."""
+    if num_items_in_batch is not None:
+        if isinstance(num_items_in_batch, torch.Tensor):
+            return num_items_in_batch.reshape(()).to(device=device, dtype=dtype, non_blocking=True)
+        return torch.full((), float(num_items_in_batch), dtype=dtype, device=device)
+    if target is None:
+        return torch.full((), max(n_rows, 1), dtype=dtype, device=device)
+    if target.device.type == "cpu" and not torch.compiler.is_compiling():
+        # On the CPU reading the count costs no synchronisation, and saves two small tensor operations.
+        return torch.full((), max(int((target != ignore_index).sum()), 1), dtype=dtype, device=device)
+    return (target != ignore_index).sum().clamp_min(1).to(dtype)
+
+
+def _valid_rows(target, lead_shape, device, ignore_index):
+    if target is None:
+        return torch.ones(lead_shape, dtype=torch.bool, device=device)
+    return target != ignore_index
+
+
 def _fused_loss(student_logits, teacher_logits, target, *, student_scale, teacher_scale, kl_scale, weighted,
                 beta, ce_weight, ignore_index, reduction, backend, inplace_backward, return_components,
-                process_group=None):
+                num_items_in_batch, process_group=None):
     beta = _check_finite("beta", beta)
     ce_weight = _check_finite("ce_weight", ce_weight)
     inplace_backward = _check_flag("inplace_backward", inplace_backward)
@@ -143,38 +205,44 @@ def _fused_loss(student_logits, teacher_logits, target, *, student_scale, teache
             student_logits, teacher_logits, target, process_group=process_group, student_scale=student_scale,
             teacher_scale=teacher_scale, kl_scale=kl_scale, weighted=weighted, beta=beta, ce_weight=ce_weight,
             ignore_index=ignore_index, reduction=reduction, backend=backend, inplace_backward=inplace_backward,
-            return_components=return_components)
+            return_components=return_components, num_items_in_batch=num_items_in_batch)
     _validate(student_logits, teacher_logits, target, ignore_index, reduction)
+    validate_num_items(num_items_in_batch, reduction)
     backend = _ops.resolve_backend(backend, student_logits.device, student_logits.dtype)
     if inplace_backward:
         if backend == "torch":
             raise ValueError("inplace_backward=True needs a compiled backend ('triton' or 'cpu'), not 'torch'")
         _validate_inplace(student_logits)
-    if target is None:
-        valid = torch.ones(student_logits.shape[:-1], dtype=torch.bool, device=student_logits.device)
-    else:
-        valid = target != ignore_index
+    lead = student_logits.shape[:-1]
+    denominator = None
+    if reduction == "mean":
+        denominator = mean_denominator(target, ignore_index, student_logits.numel() // student_logits.shape[-1],
+                                       student_logits.device, num_items_in_batch)
 
-    if backend == "torch" or student_logits[..., 0].numel() == 0:
+    if backend == "torch" or student_logits.numel() == 0:
         # The kernels' contract: float32 arithmetic (float64 stays float64), a float32 loss, the gradient in
         # the student's dtype (the cast's backward).
         compute = torch.float64 if student_logits.dtype == torch.float64 else torch.float32
         rows = reference.loss_rows(student_logits.to(compute), teacher_logits.to(compute), target,
                                    student_scale=student_scale, teacher_scale=teacher_scale, kl_scale=kl_scale,
                                    weighted=weighted, beta=beta, ce_weight=ce_weight, ignore_index=ignore_index)
-        loss = reference.reduce_rows(rows["loss"], valid, reduction)
-        detached = [rows[k].detach() for k in ("kl", "ce", "weight")]
+        loss = rows["loss"] if reduction == "none" else rows["loss"].sum()
+        if denominator is not None:
+            loss = loss / denominator.to(compute)
+        terms = [rows[k] for k in ("kl", "ce", "weight")]
     else:
-        loss, stats = _ops.fused_loss(student_logits, teacher_logits, target, valid, reduction=reduction,
+        loss, stats = _ops.fused_loss(student_logits, teacher_logits, target, denominator, reduction=reduction,
                                       student_scale=student_scale, teacher_scale=teacher_scale,
                                       kl_coef=beta * kl_scale, ce_weight=ce_weight, weighted=weighted,
                                       ignore_index=ignore_index, backend=backend, inplace_backward=inplace_backward)
-        lead = student_logits.shape[:-1]
-        detached = [stats[k].detach().view(lead) for k in (Stat.KL, Stat.CE, Stat.WEIGHT)]
+        terms = None  # views of stats, made only when asked for: each costs a few microseconds
 
     if not return_components:
         return loss
-    return loss, LossComponents(*(reference.reduce_rows(x, valid, "mean") for x in detached))
+    if terms is None:
+        terms = [stats[k].view(lead) for k in (Stat.KL, Stat.CE, Stat.WEIGHT)]
+    valid = _valid_rows(target, lead, student_logits.device, ignore_index)
+    return loss, LossComponents(*(reference.reduce_rows(x.detach(), valid, "mean") for x in terms))
 
 
 _COMMON_DOC = """
@@ -203,6 +271,14 @@ _COMMON_DOC = """
             reference backend, for a leaf tensor that requires grad and for expanded or overlapping logits.
         return_components: also return a ``LossComponents`` of detached batch means (KL, CE, KL weight)
             for logging.
+        num_items_in_batch: the divisor of ``reduction="mean"`` in place of this call's non-ignored rows:
+            the non-ignored rows of all gradient-accumulation micro-batches together (Hugging Face's
+            Trainer passes it to ``compute_loss``), so that summing the micro-batches' gradients gives the
+            gradient of one big batch. An int, a float or a one-element tensor (on any device; no host
+            synchronisation), positive. Under DDP the loss is this rank's rows over it: with Hugging Face's
+            default ``average_tokens_across_devices=True`` it is the count of all ranks, and the Trainer
+            multiplies the loss by the world size to undo DDP's gradient averaging. The logged
+            ``LossComponents`` stay means over this call's rows.
         process_group: a ``torch.distributed`` process group whose ranks each hold a contiguous slice of the
             vocabulary columns of both logits (rank order = column order, uneven widths allowed; ``target``
             holds global ids): the vocabulary-parallel loss (``ttm_kernels.distributed``). Every rank gets the
@@ -226,12 +302,13 @@ def fused_wttm_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, 
                     *, gamma: float = DEFAULT_GAMMA, beta: float = 1.0, ce_weight: float = 1.0,
                     ignore_index: int = -100, reduction: str = "mean", backend: str = "auto",
                     inplace_backward: bool = False, return_components: bool = False,
-                    process_group=None):
+                    num_items_in_batch=None, process_group=None):
     gamma = _check_finite("gamma", gamma, positive=True)
     return _fused_loss(student_logits, teacher_logits, target, student_scale=1.0, teacher_scale=gamma,
                        kl_scale=1.0, weighted=True, beta=beta, ce_weight=ce_weight, ignore_index=ignore_index,
                        reduction=reduction, backend=backend, inplace_backward=inplace_backward,
-                       return_components=return_components, process_group=process_group)
+                       return_components=return_components, num_items_in_batch=num_items_in_batch,
+                       process_group=process_group)
 
 
 fused_wttm_loss.__doc__ = """Weighted Transformed Teacher Matching (Zheng & Yang, ICLR 2024).
@@ -249,12 +326,13 @@ def fused_ttm_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, t
                    *, gamma: float = DEFAULT_GAMMA, beta: float = 1.0, ce_weight: float = 1.0,
                    ignore_index: int = -100, reduction: str = "mean", backend: str = "auto",
                    inplace_backward: bool = False, return_components: bool = False,
-                   process_group=None):
+                   num_items_in_batch=None, process_group=None):
     gamma = _check_finite("gamma", gamma, positive=True)
     return _fused_loss(student_logits, teacher_logits, target, student_scale=1.0, teacher_scale=gamma,
                        kl_scale=1.0, weighted=False, beta=beta, ce_weight=ce_weight, ignore_index=ignore_index,
                        reduction=reduction, backend=backend, inplace_backward=inplace_backward,
-                       return_components=return_components, process_group=process_group)
+                       return_components=return_components, num_items_in_batch=num_items_in_batch,
+                       process_group=process_group)
 
 
 fused_ttm_loss.__doc__ = """Transformed Teacher Matching: ``ce_weight * CE + beta * mean_rows(KL(softmax(gamma * v) || softmax(z)))``.
@@ -268,13 +346,13 @@ def fused_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, ta
                   *, temperature: float = DEFAULT_TEMPERATURE, beta: float = 1.0, ce_weight: float = 1.0,
                   ignore_index: int = -100, reduction: str = "mean", backend: str = "auto",
                   inplace_backward: bool = False, return_components: bool = False,
-                  process_group=None):
+                  num_items_in_batch=None, process_group=None):
     temperature = _check_finite("temperature", temperature, positive=True)
     return _fused_loss(student_logits, teacher_logits, target, student_scale=1.0 / temperature,
                        teacher_scale=1.0 / temperature, kl_scale=temperature**2, weighted=False, beta=beta,
                        ce_weight=ce_weight, ignore_index=ignore_index, reduction=reduction, backend=backend,
                        inplace_backward=inplace_backward, return_components=return_components,
-                       process_group=process_group)
+                       num_items_in_batch=num_items_in_batch, process_group=process_group)
 
 
 fused_kd_loss.__doc__ = """Classic KD (Hinton et al.): ``ce_weight * CE + beta * T^2 * mean_rows(KL(softmax(v/T) || softmax(z/T)))``.

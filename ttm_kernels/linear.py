@@ -30,8 +30,8 @@ from torch import nn
 
 from . import _ops, reference
 from ._stats import Stat
-from .functional import (DEFAULT_GAMMA, DEFAULT_TEMPERATURE, REDUCTIONS, LossComponents, _check_finite,
-                         is_dtensor, validate_target)
+from .functional import (DEFAULT_GAMMA, DEFAULT_TEMPERATURE, REDUCTIONS, LossComponents, _check_finite, _valid_rows,
+                         is_dtensor, mean_denominator, validate_num_items, validate_target)
 
 VOCAB_MISMATCH = ("error", "truncate_teacher")
 # The chunk buffers' bytes are budgeted, not rows. CUDA: 1 GiB (2048 rows at V=128256 bf16) ran within 3% of
@@ -51,6 +51,8 @@ class _Spec(NamedTuple):
     ce_weight: float
     ignore_index: int
     backend: str
+    softcap: Optional[float] = None  # the heads' logit post-processing, see _head_transform_
+    logit_scale: float = 1.0
 
 
 @functools.cache
@@ -67,12 +69,13 @@ def _addmm_has_fp32_out(device_type: str, dtype: torch.dtype) -> bool:
 
 
 def default_chunk_size(n_rows: int, vocab: int, student_dtype: torch.dtype, teacher_dtype: torch.dtype,
-                       device: torch.device, fp32_scratch: bool = False) -> int:
+                       device: torch.device, fp32_scratch: bool = False, softcap_scratch: bool = False) -> int:
     """Rows per chunk: as many as fit the device's budget (``CHUNK_BUDGET_BYTES``, 1 GiB on CUDA, 64 MiB
     elsewhere) for the student and teacher (C, V) buffers (plus an fp32 copy of the student's when the
-    weight gradient is summed through an upcast), rounded down to a multiple of 128, clamped to
-    [min(256, N), N]."""
-    row_bytes = vocab * (student_dtype.itemsize + teacher_dtype.itemsize + (4 if fp32_scratch else 0))
+    weight gradient is summed through an upcast, and a student-dtype one for the soft-cap's derivative),
+    rounded down to a multiple of 128, clamped to [min(256, N), N]."""
+    row_bytes = vocab * (student_dtype.itemsize * (2 if softcap_scratch else 1) + teacher_dtype.itemsize
+                         + (4 if fp32_scratch else 0))
     budget = CHUNK_BUDGET_BYTES.get(torch.device(device).type, DEFAULT_CHUNK_BUDGET_BYTES)
     rows = budget // max(row_bytes, 1)
     if rows > 128:
@@ -89,6 +92,28 @@ def _linear_into(out, hidden, weight, bias):
         torch.mm(hidden, weight.t(), out=out)
     else:
         torch.addmm(bias, hidden, weight.t(), out=out)
+
+
+def _head_transform_(logits, spec, derivative=None):
+    """The LM head's own post-processing of its logits, in place: ``x * logit_scale`` (Cohere's multiplier,
+    Granite's 1 / logits_scaling), then ``softcap * tanh(x / softcap)`` (Gemma-2's final soft-capping), in
+    the models' order and dtype. With ``derivative`` (a buffer of the same shape) and a soft-cap, also
+    writes d out / d x = logit_scale * (1 - tanh^2) there, from the rounded tanh as eager autograd does."""
+    if spec.logit_scale != 1.0:
+        logits.mul_(spec.logit_scale)
+    if spec.softcap is not None:
+        logits.div_(spec.softcap).tanh_()
+        if derivative is not None:
+            torch.mul(logits, logits, out=derivative).mul_(-spec.logit_scale).add_(spec.logit_scale)
+        logits.mul_(spec.softcap)
+
+
+def _head_transform_backward_(grad, spec, derivative):
+    """d loss / d logits -> d loss / d (the GEMM's output), in place: the chain rule of ``_head_transform_``."""
+    if spec.softcap is not None:
+        grad.mul_(derivative)
+    elif spec.logit_scale != 1.0:
+        grad.mul_(spec.logit_scale)
 
 
 ROW_TERMS = ("loss", "kl", "ce", "weight")
@@ -142,13 +167,16 @@ def _run_chunks(h_s, w_s, b_s, h_t, w_t, b_t, target, spec, chunk_size, row_grad
     accumulate = _accumulation_dtype(w_s.dtype)
     fp32_out = w_s.dtype != accumulate and _addmm_has_fp32_out(w_s.device.type, w_s.dtype)
     upcast = w_s.dtype != accumulate and not fp32_out
+    # The soft-cap's derivative needs the capped logits, which the kernel overwrites with their gradient.
+    softcap_scratch = row_grad is not None and spec.softcap is not None
     chunk = chunk_size or default_chunk_size(n, vocab, h_s.dtype, h_t.dtype, h_s.device,
-                                             fp32_scratch=need_w and upcast)
+                                             fp32_scratch=need_w and upcast, softcap_scratch=softcap_scratch)
     chunk = max(1, min(chunk, n))
 
     device = h_s.device
     s_buf = torch.empty((chunk, vocab), dtype=h_s.dtype, device=device)
     t_buf = torch.empty((chunk, vocab), dtype=h_t.dtype, device=device)
+    d_buf = torch.empty((chunk, vocab), dtype=h_s.dtype, device=device) if softcap_scratch else None
     # Student-only columns: the teacher gives them probability 0, i.e. logit -inf (a 0 logit would give
     # tokens the teacher lacks mass exp(0) / Z).
     t_buf[:, shared:] = float("-inf")
@@ -161,13 +189,18 @@ def _run_chunks(h_s, w_s, b_s, h_t, w_t, b_t, target, spec, chunk_size, row_grad
     for start in range(0, n, chunk):
         end = min(start + chunk, n)
         z, v = s_buf[: end - start], t_buf[: end - start]
+        derivative = None if d_buf is None else d_buf[: end - start]
         hidden = h_s[start:end]
         _linear_into(z, hidden, w_s, b_s)
         _linear_into(v[:, :shared], h_t[start:end], w_t, b_t)
+        _head_transform_(z, spec, derivative)
+        _head_transform_(v[:, :shared], spec)  # the -inf columns stay -inf
         y = None if target is None else target[start:end]
         rg = row_grad if row_grad is None or row_grad.dim() == 0 else row_grad[start:end]
         rows[:, start:end] = chunk_loss(z, v, y, rg, spec)
         # From here on z holds dlogits.
+        if rg is not None:
+            _head_transform_backward_(z, spec, derivative)
         if need_h:
             torch.mm(z, w_s, out=grad_h[start:end])
         if need_w:
@@ -181,7 +214,7 @@ def _run_chunks(h_s, w_s, b_s, h_t, w_t, b_t, target, spec, chunk_size, row_grad
         if need_b:
             grad_b += z.sum(0, dtype=accumulate)
 
-    s_buf = t_buf = z = v = None  # free the buffers before the casts below
+    s_buf = t_buf = d_buf = z = v = derivative = None  # free the buffers before the casts below
     if grad_w is not None:
         grad_w = grad_w.to(w_s.dtype)
     if grad_b is not None:
@@ -193,7 +226,7 @@ class _FusedLinearLoss(torch.autograd.Function):
     """Returns the reduced loss and the detached (3, N) row terms kl, ce, weight (for logging)."""
 
     @staticmethod
-    def forward(ctx, h_s, w_s, b_s, h_t, w_t, b_t, target, spec, reduction, chunk_size, needs,
+    def forward(ctx, h_s, w_s, b_s, h_t, w_t, b_t, target, spec, reduction, chunk_size, needs, denominator,
                 chunk_loss=_chunk_loss):
         inputs = (h_s, w_s, b_s, h_t, w_t, b_t, target, spec, chunk_size)
         # The gradients are computed in the backward, from the saved inputs, for "none" (the per-row upstream
@@ -201,9 +234,9 @@ class _FusedLinearLoss(torch.autograd.Function):
         # there a backward that can run twice (gradcheck does) matters more than the memory of the forward's.
         ctx.deferred = any(needs) and (reduction == "none" or h_s.dtype == torch.float64)
         if reduction == "mean":
-            # The normaliser, on the device: no host sync.
-            count = _valid(target, h_s.shape[0], h_s.device, spec.ignore_index).sum().clamp_min(1)
-            scale = 1.0 / count.to(_accumulation_dtype(h_s.dtype))
+            # The mean's divisor (functional.mean_denominator) scales each row's gradient as the kernel writes
+            # it: on the device, no host sync, no pass over the gradient afterwards.
+            scale = 1.0 / denominator
         else:
             scale = torch.ones((), dtype=_accumulation_dtype(h_s.dtype), device=h_s.device)
         if ctx.deferred or not any(needs):
@@ -237,13 +270,7 @@ class _FusedLinearLoss(torch.autograd.Function):
             for grad in grads:
                 if grad is not None:
                     _ops.scale_grad_(grad, grad_out)  # on the device: no pass, and no host sync, when it is 1
-        return (*grads, None, None, None, None, None, None, None, None, None)
-
-
-def _valid(target, n_rows, device, ignore_index):
-    if target is None:
-        return torch.ones(n_rows, dtype=torch.bool, device=device)
-    return target != ignore_index
+        return (*grads, None, None, None, None, None, None, None, None, None, None)
 
 
 def _check_tensor(name, x, dim=None):
@@ -274,10 +301,11 @@ def _validate_side(side, hidden, weight, bias):
 
 
 def _check_linear_args(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
-                       ignore_index, reduction, chunk_size, vocab_mismatch) -> torch.Size:
+                       ignore_index, reduction, chunk_size, vocab_mismatch, num_items_in_batch) -> torch.Size:
     """Every check of the arguments that needs no other process and no vocabulary; returns the leading shape."""
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    validate_num_items(num_items_in_batch, reduction)
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
     if vocab_mismatch not in VOCAB_MISMATCH:
@@ -303,27 +331,42 @@ def _check_linear_args(student_hidden, student_weight, student_bias, teacher_hid
     return lead
 
 
+def _check_head_transform(softcap, logit_scale):
+    """The LM heads' post-processing: (softcap or None, logit_scale), validated."""
+    if softcap is not None:
+        softcap = _check_finite("softcap", softcap, positive=True)
+    return softcap, _check_finite("logit_scale", logit_scale, positive=True)
+
+
 def _fused_linear_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, target, *, student_bias,
                        teacher_bias, student_scale, teacher_scale, kl_scale, weighted, beta, ce_weight,
                        ignore_index, reduction, chunk_size, vocab_mismatch, backend, return_components,
+                       num_items_in_batch=None, softcap=None, logit_scale=1.0, return_soft_hard=False,
                        process_group=None, reduce_hidden_grad=True):
+    """The fused linear loss; with ``return_soft_hard`` (reduction "mean"), ``(loss, soft, hard)``: the
+    detached distillation term ``sum_rows(kl_scale * weight * KL)`` and cross-entropy ``sum_rows(CE)``, each
+    over the mean's divisor, so that ``loss = ce_weight * hard + beta * soft``."""
     beta = _check_finite("beta", beta)
     ce_weight = _check_finite("ce_weight", ce_weight)
+    softcap, logit_scale = _check_head_transform(softcap, logit_scale)
     if process_group is not None:
+        if softcap is not None or logit_scale != 1.0 or return_soft_hard:
+            raise ValueError("softcap, logit_scale and return_soft_hard are not supported with process_group yet")
         from . import distributed  # imported on first use: it imports this module
         return distributed.vocab_parallel_linear_loss(
             student_hidden, student_weight, teacher_hidden, teacher_weight, target, process_group=process_group,
             reduce_hidden_grad=reduce_hidden_grad, student_bias=student_bias, teacher_bias=teacher_bias,
             student_scale=student_scale, teacher_scale=teacher_scale, kl_scale=kl_scale, weighted=weighted,
             beta=beta, ce_weight=ce_weight, ignore_index=ignore_index, reduction=reduction, chunk_size=chunk_size,
-            vocab_mismatch=vocab_mismatch, backend=backend, return_components=return_components)
+            vocab_mismatch=vocab_mismatch, backend=backend, return_components=return_components,
+            num_items_in_batch=num_items_in_batch)
     if not torch.compiler.is_compiling() and any(map(is_dtensor, (student_weight, student_bias, teacher_weight,
                                                                    teacher_bias))):
         from . import distributed
         student_weight, student_bias = distributed.full_parameters(student_weight, student_bias)
         teacher_weight, teacher_bias = distributed.full_parameters(teacher_weight, teacher_bias, constant=True)
     lead = _check_linear_args(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight,
-                              teacher_bias, ignore_index, reduction, chunk_size, vocab_mismatch)
+                              teacher_bias, ignore_index, reduction, chunk_size, vocab_mismatch, num_items_in_batch)
     device = student_hidden.device
     vocab, teacher_vocab = student_weight.shape[0], teacher_weight.shape[0]
     if vocab != teacher_vocab and vocab_mismatch == "error":
@@ -336,19 +379,28 @@ def _fused_linear_loss(student_hidden, student_weight, teacher_hidden, teacher_w
     backend = _ops.resolve_backend(backend, device, student_hidden.dtype)
 
     spec = _Spec(float(student_scale), float(teacher_scale), float(kl_scale), bool(weighted), beta, ce_weight,
-                 int(ignore_index), backend)
+                 int(ignore_index), backend, softcap, logit_scale)
+    n_rows = lead.numel()
+    denominator = None
+    if reduction == "mean":
+        denominator = mean_denominator(target, spec.ignore_index, n_rows, device, num_items_in_batch,
+                                       dtype=_accumulation_dtype(student_hidden.dtype))
     # Which student gradients to compute (ctx.needs_input_grad ignores torch.no_grad()).
     needs = tuple(torch.is_grad_enabled() and x is not None and x.requires_grad
                   for x in (student_hidden, student_weight, student_bias))
     loss, terms = _FusedLinearLoss.apply(
         student_hidden.reshape(-1, student_hidden.shape[-1]), student_weight, student_bias,
         teacher_hidden.reshape(-1, teacher_hidden.shape[-1]), teacher_weight.detach(),
-        None if teacher_bias is None else teacher_bias.detach(), target, spec, reduction, chunk_size, needs)
+        None if teacher_bias is None else teacher_bias.detach(), target, spec, reduction, chunk_size, needs,
+        denominator)
     if reduction == "none":
         loss = loss.view(lead)
+    if return_soft_hard:
+        kl, ce, weight = terms
+        return loss, spec.kl_scale * (weight * kl).sum() / denominator, ce.sum() / denominator
     if not return_components:
         return loss
-    valid = _valid(target, terms.shape[1], terms.device, spec.ignore_index)
+    valid = _valid_rows(target, (n_rows,), device, spec.ignore_index)
     return loss, LossComponents(*(reference.reduce_rows(x, valid, "mean") for x in terms))
 
 
@@ -379,6 +431,16 @@ _COMMON_DOC = """
             ``"cpu"`` or ``"torch"`` (the reference on each chunk).
         return_components: also return a ``LossComponents`` of detached batch means (KL, CE, WTTM weight),
             as the unfused loss does.
+        num_items_in_batch: the divisor of ``reduction="mean"`` in place of this call's non-ignored rows, as
+            Hugging Face's Trainer passes it (the non-ignored tokens of all gradient-accumulation
+            micro-batches, and of all ranks with ``average_tokens_across_devices``): accumulated micro-batches
+            then give the gradient of one big batch. An int, a float or a one-element tensor on any device
+            (no host synchronisation), positive. See ``fused_wttm_loss``.
+        softcap, logit_scale: the LM heads' own post-processing of their logits, applied to the student's and
+            the teacher's alike inside the chunk loop, with its gradient, so that the loss sees the logits the
+            models produce: ``x * logit_scale`` (Cohere's ``logit_scale``; Granite's ``1 / logits_scaling``),
+            then ``softcap * tanh(x / softcap)`` (Gemma-2's ``final_logit_softcapping``). Default: neither.
+            A soft-cap adds one (chunk, V) buffer in the student's dtype for its derivative.
         process_group: vocabulary parallelism (``ttm_kernels.distributed``): each rank of this
             ``torch.distributed`` group passes its rows of both LM heads (and biases), a contiguous slice of the
             vocabulary (rank order = row order, uneven slices allowed), and the same hidden states and target
@@ -408,6 +470,7 @@ def fused_linear_wttm_loss(student_hidden: torch.Tensor, student_weight: torch.T
                            gamma: float = DEFAULT_GAMMA, beta: float = 1.0, ce_weight: float = 1.0,
                            ignore_index: int = -100, reduction: str = "mean", chunk_size: Optional[int] = None,
                            vocab_mismatch: str = "error", backend: str = "auto", return_components: bool = False,
+                           num_items_in_batch=None, softcap: Optional[float] = None, logit_scale: float = 1.0,
                            process_group=None, reduce_hidden_grad: bool = True):
     gamma = _check_finite("gamma", gamma, positive=True)
     return _fused_linear_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, target,
@@ -415,7 +478,8 @@ def fused_linear_wttm_loss(student_hidden: torch.Tensor, student_weight: torch.T
                               teacher_scale=gamma, kl_scale=1.0, weighted=True, beta=beta, ce_weight=ce_weight,
                               ignore_index=ignore_index, reduction=reduction, chunk_size=chunk_size,
                               vocab_mismatch=vocab_mismatch, backend=backend,
-                              return_components=return_components, process_group=process_group,
+                              return_components=return_components, num_items_in_batch=num_items_in_batch,
+                              softcap=softcap, logit_scale=logit_scale, process_group=process_group,
                               reduce_hidden_grad=reduce_hidden_grad)
 
 
@@ -432,6 +496,7 @@ def fused_linear_ttm_loss(student_hidden: torch.Tensor, student_weight: torch.Te
                           gamma: float = DEFAULT_GAMMA, beta: float = 1.0, ce_weight: float = 1.0,
                           ignore_index: int = -100, reduction: str = "mean", chunk_size: Optional[int] = None,
                           vocab_mismatch: str = "error", backend: str = "auto", return_components: bool = False,
+                          num_items_in_batch=None, softcap: Optional[float] = None, logit_scale: float = 1.0,
                           process_group=None, reduce_hidden_grad: bool = True):
     gamma = _check_finite("gamma", gamma, positive=True)
     return _fused_linear_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, target,
@@ -439,7 +504,8 @@ def fused_linear_ttm_loss(student_hidden: torch.Tensor, student_weight: torch.Te
                               teacher_scale=gamma, kl_scale=1.0, weighted=False, beta=beta, ce_weight=ce_weight,
                               ignore_index=ignore_index, reduction=reduction, chunk_size=chunk_size,
                               vocab_mismatch=vocab_mismatch, backend=backend,
-                              return_components=return_components, process_group=process_group,
+                              return_components=return_components, num_items_in_batch=num_items_in_batch,
+                              softcap=softcap, logit_scale=logit_scale, process_group=process_group,
                               reduce_hidden_grad=reduce_hidden_grad)
 
 
@@ -455,6 +521,7 @@ def fused_linear_kd_loss(student_hidden: torch.Tensor, student_weight: torch.Ten
                          temperature: float = DEFAULT_TEMPERATURE, beta: float = 1.0, ce_weight: float = 1.0,
                          ignore_index: int = -100, reduction: str = "mean", chunk_size: Optional[int] = None,
                          vocab_mismatch: str = "error", backend: str = "auto", return_components: bool = False,
+                         num_items_in_batch=None, softcap: Optional[float] = None, logit_scale: float = 1.0,
                          process_group=None, reduce_hidden_grad: bool = True):
     temperature = _check_finite("temperature", temperature, positive=True)
     return _fused_linear_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, target,
@@ -462,7 +529,8 @@ def fused_linear_kd_loss(student_hidden: torch.Tensor, student_weight: torch.Ten
                               teacher_scale=1.0 / temperature, kl_scale=temperature**2, weighted=False, beta=beta,
                               ce_weight=ce_weight, ignore_index=ignore_index, reduction=reduction,
                               chunk_size=chunk_size, vocab_mismatch=vocab_mismatch, backend=backend,
-                              return_components=return_components, process_group=process_group,
+                              return_components=return_components, num_items_in_batch=num_items_in_batch,
+                              softcap=softcap, logit_scale=logit_scale, process_group=process_group,
                               reduce_hidden_grad=reduce_hidden_grad)
 
 
@@ -478,7 +546,7 @@ class _LinearDistillLoss(nn.Module):
 
     def __init__(self, scale: float, *, beta: float = 1.0, ce_weight: float = 1.0, ignore_index: int = -100,
                  reduction: str = "mean", chunk_size: Optional[int] = None, vocab_mismatch: str = "error",
-                 backend: str = "auto"):
+                 backend: str = "auto", softcap: Optional[float] = None, logit_scale: float = 1.0):
         super().__init__()
         self.scale = scale
         self.beta = beta
@@ -488,26 +556,31 @@ class _LinearDistillLoss(nn.Module):
         self.chunk_size = chunk_size
         self.vocab_mismatch = vocab_mismatch
         self.backend = backend
+        self.softcap = softcap
+        self.logit_scale = logit_scale
 
     def forward(self, student_hidden: torch.Tensor, student_weight: torch.Tensor, teacher_hidden: torch.Tensor,
                 teacher_weight: torch.Tensor, target: Optional[torch.Tensor] = None, *,
                 student_bias: Optional[torch.Tensor] = None, teacher_bias: Optional[torch.Tensor] = None,
-                return_components: bool = False):
+                return_components: bool = False, num_items_in_batch=None):
         return type(self)._loss_fn(
             student_hidden, student_weight, teacher_hidden, teacher_weight, target, student_bias=student_bias,
             teacher_bias=teacher_bias, **{self._scale_name: self.scale}, beta=self.beta, ce_weight=self.ce_weight,
             ignore_index=self.ignore_index, reduction=self.reduction, chunk_size=self.chunk_size,
-            vocab_mismatch=self.vocab_mismatch, backend=self.backend, return_components=return_components)
+            vocab_mismatch=self.vocab_mismatch, backend=self.backend, return_components=return_components,
+            num_items_in_batch=num_items_in_batch, softcap=self.softcap, logit_scale=self.logit_scale)
 
     def extra_repr(self) -> str:
         return (f"{self._scale_name}={self.scale}, beta={self.beta}, ce_weight={self.ce_weight}, "
                 f"ignore_index={self.ignore_index}, reduction={self.reduction!r}, chunk_size={self.chunk_size}, "
-                f"vocab_mismatch={self.vocab_mismatch!r}, backend={self.backend!r}")
+                f"vocab_mismatch={self.vocab_mismatch!r}, backend={self.backend!r}, softcap={self.softcap}, "
+                f"logit_scale={self.logit_scale}")
 
 
 class LinearWTTMLoss(_LinearDistillLoss):
     """Module form of :func:`fused_linear_wttm_loss`; ``forward(student_hidden, student_weight, teacher_hidden,
-    teacher_weight, target=None, *, student_bias=None, teacher_bias=None)``."""
+    teacher_weight, target=None, *, student_bias=None, teacher_bias=None, return_components=False,
+    num_items_in_batch=None)``."""
 
     _loss_fn = fused_linear_wttm_loss
     _scale_name = "gamma"

@@ -25,11 +25,13 @@ class _DistillLoss(nn.Module):
         self.inplace_backward = inplace_backward
 
     def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
-                target: Optional[torch.Tensor] = None, return_components: bool = False):
+                target: Optional[torch.Tensor] = None, return_components: bool = False, *,
+                num_items_in_batch=None):
         return type(self)._loss_fn(
             student_logits, teacher_logits, target, **{self._scale_name: self.scale}, beta=self.beta,
             ce_weight=self.ce_weight, ignore_index=self.ignore_index, reduction=self.reduction,
-            backend=self.backend, inplace_backward=self.inplace_backward, return_components=return_components)
+            backend=self.backend, inplace_backward=self.inplace_backward, return_components=return_components,
+            num_items_in_batch=num_items_in_batch)
 
     def extra_repr(self) -> str:
         return (f"{self._scale_name}={self.scale}, beta={self.beta}, ce_weight={self.ce_weight}, "
@@ -37,7 +39,8 @@ class _DistillLoss(nn.Module):
 
 
 class WTTMLoss(_DistillLoss):
-    """Module form of :func:`ttm_kernels.fused_wttm_loss`; ``forward(student_logits, teacher_logits, target=None)``."""
+    """Module form of :func:`ttm_kernels.fused_wttm_loss`; ``forward(student_logits, teacher_logits, target=None,
+    return_components=False, *, num_items_in_batch=None)``."""
 
     _loss_fn = fused_wttm_loss
     _scale_name = "gamma"

@@ -1,0 +1,261 @@
+"""ttm_kernels.integrations.hf against the unfused computation on the models' own logits.
+
+Tiny causal LMs are built from configs (random weights, nothing downloaded); their LM heads are scaled so
+that the logits spread over several units (a random init gives logits near 0, which no soft-cap touches).
+"""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("accelerate")
+
+from test_distill import readme_block  # noqa: E402
+from ttm_kernels import FusedLinearDistillLoss, reference  # noqa: E402
+from ttm_kernels.integrations import hf  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+VOCAB = 96
+COMMON = dict(vocab_size=VOCAB, intermediate_size=32, num_attention_heads=2, num_key_value_heads=1,
+              max_position_embeddings=64, tie_word_embeddings=False)
+# (config class, model class, extra config): one plain head and the three logit post-processings.
+FAMILIES = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
+    "gemma2-softcap": ("Gemma2Config", "Gemma2ForCausalLM", {"final_logit_softcapping": 4.0, "head_dim": 8}),
+    "cohere-logit-scale": ("CohereConfig", "CohereForCausalLM", {"logit_scale": 0.5, "eos_token_id": 2}),
+    "granite-logits-scaling": ("GraniteConfig", "GraniteForCausalLM", {"logits_scaling": 4.0}),
+}
+
+
+def tiny_lm(family, hidden, layers, seed, head_std=1.0):
+    config_cls, model_cls, extra = FAMILIES[family]
+    torch.manual_seed(seed)
+    config = getattr(transformers, config_cls)(hidden_size=hidden, num_hidden_layers=layers, **COMMON, **extra)
+    model = getattr(transformers, model_cls)(config)
+    with torch.no_grad():
+        model.get_output_embeddings().weight.normal_(0.0, head_std)
+    return model
+
+
+def make_batch(seed, rows=3, length=12, pad=(0, 3, 7), prompt=2):
+    """Right-padded sequences (``pad`` tokens of padding per row) whose first ``prompt`` labels are ignored."""
+    gen = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(0, VOCAB, (rows, length), generator=gen)
+    attention_mask = torch.ones(rows, length, dtype=torch.long)
+    labels = input_ids.clone()
+    labels[:, :prompt] = -100
+    for row, n in enumerate(pad[:rows]):
+        if n:
+            attention_mask[row, -n:] = 0
+            labels[row, -n:] = -100
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def num_items(*batches):
+    return sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
+
+
+def unfused_loss(student, teacher, batch, loss_fn, denominator):
+    """The models' own logits (soft-cap and logit scale included), shifted, and the float64 reference."""
+    model_inputs = {k: v for k, v in batch.items() if k != "labels"}
+    z = student(**model_inputs).logits[:, :-1]
+    with torch.no_grad():
+        v = teacher(**model_inputs).logits[:, :-1]
+    student_scale, teacher_scale = loss_fn._scales()
+    rows = reference.loss_rows(z.double(), v.double(), batch["labels"][:, 1:], student_scale=student_scale,
+                               teacher_scale=teacher_scale, kl_scale=1.0, weighted=loss_fn.loss == "wttm",
+                               beta=loss_fn.weight_soft_loss, ce_weight=loss_fn.weight_hard_loss)
+    return rows["loss"].sum() / denominator
+
+
+def grads_of(model):
+    return {name: p.grad.detach().clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+def assert_grads_close(ref, out, rtol):
+    assert ref.keys() == out.keys()
+    for name in ref:
+        err = (ref[name].double() - out[name].double()).abs().max().item()
+        scale = ref[name].abs().max().item()
+        assert err <= rtol * scale + 1e-10, f"d {name}: max error {err:.3g} > {rtol:g} * {scale:.3g}"
+
+
+@pytest.mark.parametrize("family,kind", [(family, "wttm") for family in FAMILIES] + [("gemma2-softcap", "kd")],
+                         ids=[f"wttm-{family}" for family in FAMILIES] + ["kd-gemma2-softcap"])
+def test_distillation_loss_matches_unfused_logits(family, kind):
+    """Loss and every student gradient equal the unfused loss on ``model(...).logits``, the logit
+    post-processing of each family included (read from the config by ``head_transform``)."""
+    student = tiny_lm(family, hidden=16, layers=1, seed=0)
+    teacher = tiny_lm(family, hidden=24, layers=2, seed=1).requires_grad_(False)
+    softcap, logit_scale = hf.head_transform(student.config)
+    extra = {"temperature": 2.0} if kind == "kd" else {"gamma": 0.3}
+    loss_fn = FusedLinearDistillLoss(loss=kind, weight_hard_loss=0.3, weight_soft_loss=0.8, softcap=softcap,
+                                     logit_scale=logit_scale, chunk_size=8, **extra)
+    batch = make_batch(seed=2)
+    count = torch.tensor(num_items(batch) + 5)  # as if other micro-batches held 5 more labelled tokens
+
+    loss = hf.distillation_loss(student, teacher, batch, loss_fn, num_items_in_batch=count)
+    loss.backward()
+    fused = grads_of(student)
+    student.zero_grad()
+    ref = unfused_loss(student, teacher, batch, loss_fn, count.double())
+    ref.backward()
+    torch.testing.assert_close(loss.double(), ref.detach(), rtol=2e-5, atol=1e-7)
+    assert_grads_close(grads_of(student), fused, rtol=1e-4)
+
+
+def test_head_transform_reads_the_configs():
+    assert hf.head_transform(tiny_lm("llama", 16, 1, 0).config) == (None, 1.0)
+    assert hf.head_transform(tiny_lm("gemma2-softcap", 16, 1, 0).config) == (4.0, 1.0)
+    assert hf.head_transform(tiny_lm("cohere-logit-scale", 16, 1, 0).config) == (None, 0.5)
+    assert hf.head_transform(tiny_lm("granite-logits-scaling", 16, 1, 0).config) == (None, 0.25)
+
+
+def test_distillation_loss_refuses_a_loss_that_ignores_the_softcap():
+    student, teacher = tiny_lm("gemma2-softcap", 16, 1, 0), tiny_lm("gemma2-softcap", 24, 1, 1)
+    with pytest.raises(ValueError, match=r"softcap=4.0"):
+        hf.distillation_loss(student, teacher, make_batch(3), FusedLinearDistillLoss())
+    with pytest.raises(ValueError, match="labels"):
+        batch = make_batch(3)
+        del batch["labels"]
+        hf.distillation_loss(student, teacher, batch, FusedLinearDistillLoss(softcap=4.0))
+
+
+class ListDataset(torch.utils.data.Dataset):
+    def __init__(self, batch):
+        self.rows = [{k: v[i] for k, v in batch.items()} for i in range(len(batch["input_ids"]))]
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        return self.rows[i]
+
+
+def one_sgd_step(tmp_path, batch_size, accumulation, data, accepts_loss_kwargs=True, **args):
+    """The student's weights after one SGD step (lr 1) of DistillationTrainer on ``data``."""
+    student = tiny_lm("llama", hidden=16, layers=1, seed=0)
+    teacher = tiny_lm("llama", hidden=24, layers=1, seed=1)
+    training_args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), per_device_train_batch_size=batch_size, gradient_accumulation_steps=accumulation,
+        max_steps=1, learning_rate=1.0, optim="sgd", lr_scheduler_type="constant", weight_decay=0.0,
+        max_grad_norm=0.0, report_to=[], save_strategy="no", use_cpu=True, dataloader_num_workers=0, seed=0,
+        disable_tqdm=True, **args)
+    trainer = hf.DistillationTrainer(model=student, teacher_model=teacher, args=training_args,
+                                     train_dataset=ListDataset(data),
+                                     distill_loss=FusedLinearDistillLoss(weight_hard_loss=0.5, chunk_size=5))
+    trainer.model_accepts_loss_kwargs = accepts_loss_kwargs
+    trainer.train()
+    return {name: p.detach().clone() for name, p in student.named_parameters()}, trainer
+
+
+def assert_same_step(expected, out):
+    start = {name: p.detach() for name, p in tiny_lm("llama", 16, 1, seed=0).named_parameters()}
+    assert expected.keys() == out.keys()
+    for name in expected:
+        step_expected, step_out = expected[name] - start[name], out[name] - start[name]
+        assert step_expected.abs().max() > 0, name
+        torch.testing.assert_close(step_out, step_expected, rtol=1e-4, atol=1e-6, msg=name)
+
+
+UNEVEN = dict(seed=4, rows=4, pad=(0, 2, 5, 9))  # 4 sequences, unevenly padded
+
+
+def test_trainer_gradient_accumulation_equals_the_full_batch(tmp_path):
+    """4 micro-batches of uneven padding, accumulated, take the SGD step of the one batch of 4."""
+    data = make_batch(**UNEVEN)
+    full, _ = one_sgd_step(tmp_path / "full", batch_size=4, accumulation=1, data=data)
+    accumulated, _ = one_sgd_step(tmp_path / "accumulated", batch_size=1, accumulation=4, data=data)
+    assert_same_step(full, accumulated)
+    # The check has teeth: without num_items_in_batch (a mean per micro-batch, averaged over the
+    # micro-batches) the unevenly padded step differs.
+    averaged, _ = one_sgd_step(tmp_path / "averaged", batch_size=1, accumulation=4, data=data,
+                               accepts_loss_kwargs=False)
+    start = tiny_lm("llama", 16, 1, seed=0).state_dict()
+    weight = "model.layers.0.mlp.down_proj.weight"
+    assert not torch.allclose(averaged[weight] - start[weight], full[weight] - start[weight], rtol=1e-2)
+
+
+def test_trainer_ddp_two_processes_equals_one(tmp_path):
+    """DDP, 2 CPU processes (gloo), 2 micro-batches each: the count of all ranks' tokens, the loss multiplied
+    by the world size and DDP's gradient averaging take the single-process step on the same 4 sequences."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           os.path.abspath(__file__), str(tmp_path)], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    single, _ = one_sgd_step(tmp_path / "single", batch_size=4, accumulation=1, data=make_batch(**UNEVEN))
+    assert_same_step(single, torch.load(tmp_path / "ddp.pt"))
+
+
+def test_trainer_bf16_and_evaluate(tmp_path):
+    """bf16 autocast: the heads run in bf16 as nn.Linear would, and the loss is within bf16 rounding of the
+    unfused one under the same autocast; evaluation reports the distillation loss."""
+    data = make_batch(seed=5, rows=4, pad=(0, 1, 4, 6))
+    _, trainer = one_sgd_step(tmp_path, batch_size=2, accumulation=2, data=data, bf16=True)
+    batch = make_batch(seed=6)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        fused = hf.distillation_loss(trainer.model, trainer.teacher_model, batch, trainer.distill_loss)
+        ref = unfused_loss(trainer.model, trainer.teacher_model, batch, trainer.distill_loss, num_items(batch))
+    torch.testing.assert_close(fused.double(), ref, rtol=2e-2, atol=0.0)
+    metrics = trainer.evaluate(ListDataset(batch))
+    with torch.no_grad():
+        expected = hf.distillation_loss(trainer.model, trainer.teacher_model, batch, trainer.distill_loss)
+    assert metrics["eval_loss"] == pytest.approx(expected.item(), rel=1e-2)
+
+
+def test_readme_trainer_example_runs(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    namespace = {}
+    exec(compile(readme_block("### Hugging Face `Trainer`"), "README.md", "exec"), namespace)
+    assert namespace["trainer"].state.global_step == 2
+
+
+def word_tokenizer():
+    """A whitespace tokenizer over VOCAB words, the last two being padding and end of sequence."""
+    tokenizers = pytest.importorskip("tokenizers")
+    vocab = {f"w{i}": i for i in range(VOCAB - 2)}
+    vocab.update({"<pad>": VOCAB - 2, "<eos>": VOCAB - 1})
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab=vocab, unk_token="<pad>"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>")
+
+
+def test_trl_sft_trainer_with_the_mixin(tmp_path):
+    """The README's TRL lines: DistillationMixin on trl.SFTTrainer distils through TRL's own data pipeline
+    (tokenising, EOS, padding, labels), and its loss is the unfused one on the batch TRL collates."""
+    trl = pytest.importorskip("trl")
+    datasets = pytest.importorskip("datasets")
+
+    class DistillSFTTrainer(hf.DistillationMixin, trl.SFTTrainer):
+        pass
+
+    gen = torch.Generator().manual_seed(7)
+    texts = [" ".join(f"w{j}" for j in torch.randint(0, VOCAB - 2, (n,), generator=gen).tolist()) for n in (5, 9, 3, 7)]
+    args = trl.SFTConfig(output_dir=str(tmp_path), per_device_train_batch_size=2, gradient_accumulation_steps=2,
+                         max_steps=1, report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True,
+                         max_length=32)
+    trainer = DistillSFTTrainer(model=tiny_lm("llama", 16, 1, 0), teacher_model=tiny_lm("llama", 24, 1, 1),
+                                args=args, train_dataset=datasets.Dataset.from_dict({"text": texts}),
+                                processing_class=word_tokenizer(),
+                                distill_loss=FusedLinearDistillLoss(weight_hard_loss=0.5))
+    batch = next(iter(trainer.get_train_dataloader()))
+    assert (batch["labels"] == -100).any(), "the batch should hold padding"
+    count = num_items(batch)
+    loss = trainer.compute_loss(trainer.model, batch, num_items_in_batch=torch.tensor(count))
+    with torch.no_grad():
+        ref = unfused_loss(trainer.model, trainer.teacher_model, batch, trainer.distill_loss, count)
+    torch.testing.assert_close(loss.detach().double(), ref, rtol=2e-5, atol=1e-7)
+    trainer.train()
+    assert trainer.state.global_step == 1
+
+
+if __name__ == "__main__":  # one rank of test_trainer_ddp_two_processes_equals_one, under torchrun
+    out = sys.argv[1]
+    weights, trainer = one_sgd_step(out, batch_size=1, accumulation=2, data=make_batch(**UNEVEN), ddp_backend="gloo")
+    assert trainer.accelerator.num_processes == 2
+    if trainer.is_world_process_zero():
+        torch.save(weights, os.path.join(out, "ddp.pt"))
