@@ -142,6 +142,20 @@ def check_components(rank, world):
         assert_close(name, ref, out, 2e-6, 1e-6)
 
 
+def check_num_items_in_batch(rank, world):
+    """Micro-batches accumulated with the whole batch's count (num_items_in_batch) equal the whole batch."""
+    z, v, target = make_rows(seed=8)
+    a, b = columns(rank, world)
+    count = int((target != IGNORE).sum())
+    whole = z[:, a:b].float().requires_grad_()
+    ttm_kernels.fused_wttm_loss(whole, v[:, a:b].float(), target, gamma=0.3, process_group=world_group()).backward()
+    parts = z[:, a:b].float().requires_grad_()
+    for rows in (slice(0, 4), slice(4, 9)):
+        ttm_kernels.fused_wttm_loss(parts[rows], v[rows, a:b].float(), target[rows], gamma=0.3,
+                                    process_group=world_group(), num_items_in_batch=count).backward()
+    assert_close("grad", whole.grad, parts.grad, 1e-6, 1e-9)
+
+
 def check_bfloat16(rank, world):
     """bf16 logits against the one-process compiled loss on the same bf16 values (fp32 arithmetic in both)."""
     z, v, target = make_rows(seed=6)
@@ -426,6 +440,7 @@ CHECKS = {
     "fused_loss-no-target": check_no_target,
     "fused_loss-all-rows-ignored": check_all_rows_ignored,
     "fused_loss-components": check_components,
+    "fused_loss-num-items-in-batch": check_num_items_in_batch,
     "fused_loss-bfloat16": check_bfloat16,
     "fused_loss-triton-interpreted": check_triton_interpreted,
     "fused_loss-dtensor": check_dtensor_logits,
