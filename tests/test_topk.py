@@ -330,3 +330,69 @@ def test_fused_wttm_loss_topk_takes_rows_of_padding_and_rounding_slack():
     slack, _ = logprob_slack(torch.float32, 1)
     args = _bad(teacher_topk_ids=torch.tensor([[3], [3], [3], [3]]), teacher_topk_logprobs=torch.full((4, 1), slack / 2))
     assert torch.isfinite(fused_wttm_loss_topk(**args))
+
+
+# --- The fused linear variant against materialised logits ---
+
+LINEAR = {"wttm": ttm_kernels.fused_linear_wttm_loss_topk, "ttm": ttm_kernels.fused_linear_ttm_loss_topk,
+          "kd": ttm_kernels.fused_linear_kd_loss_topk}
+STUDENT = ("student_hidden", "student_weight", "student_bias")
+LINEAR_CASES = {
+    # name: (kind, lead shape, loss kwargs, upstream kind)
+    "wttm-mean-chunk5": ("wttm", (23,), dict(chunk_size=5), None),
+    "ttm-sum-renormalize": ("ttm", (23,), dict(reduction="sum", tail="renormalize", chunk_size=23), None),
+    "kd-none-3d-chunk7": ("kd", (3, 7), dict(reduction="none", chunk_size=7, ce_weight=0.5), "randn"),
+    "wttm-default-chunk-nobias": ("wttm", (23,), dict(beta=2.0), None),
+}
+
+
+def make_linear_problem(lead, vocab=300, hidden=16, k=12, seed=0, bias=True):
+    gen = torch.Generator().manual_seed(seed)
+    p = {"student_hidden": torch.randn(*lead, hidden, generator=gen, dtype=torch.float64),
+         "student_weight": torch.randn(vocab, hidden, generator=gen, dtype=torch.float64) * 10 / hidden**0.5,
+         "student_bias": torch.randn(vocab, generator=gen, dtype=torch.float64) if bias else None}
+    _, ids, logprobs, target = make_problem(lead, vocab, k, seed=seed, pad_rows=0.3)
+    return p, ids, logprobs.float().double(), target
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", list(LINEAR_CASES))
+def test_fused_linear_loss_topk(backend, case):
+    """The loss and the gradients of the hidden states, the head and its bias against the float64 reference on
+    the materialised logits."""
+    kind, lead, kw, upstream = LINEAR_CASES[case]
+    device = device_of(backend)
+    p, ids, logprobs, target = make_linear_problem(lead, seed=len(case), bias="nobias" not in case)
+    upstream = torch.randn(lead, generator=torch.Generator().manual_seed(1)) if upstream else None
+    leaves = {k: x.clone().requires_grad_() for k, x in p.items() if x is not None}
+    z = leaves["student_hidden"] @ leaves["student_weight"].T
+    if "student_bias" in leaves:
+        z = z + leaves["student_bias"]
+    loss_kw = {k: v for k, v in kw.items() if k != "chunk_size"}
+    ref = REFERENCE[kind](z, ids, logprobs, target, **HYPER[kind], **loss_kw)
+    ref.backward(upstream)
+
+    args = {k: None if x is None else x.float().to(device).requires_grad_() for k, x in p.items()}
+    loss = LINEAR[kind](args["student_hidden"], args["student_weight"], ids.to(device), logprobs.float().to(device),
+                        target.to(device), student_bias=args["student_bias"], backend=backend, **HYPER[kind], **kw)
+    loss.backward(None if upstream is None else upstream.to(device))
+    assert loss.dtype == torch.float32
+    assert_close("loss", ref.detach(), loss.detach(), 2e-5)
+    for k, leaf in leaves.items():
+        assert_close(f"d {k}", leaf.grad, args[k].grad, 2e-4)
+
+
+@pytest.mark.parametrize("backend", COMPILED)
+def test_fused_linear_wttm_loss_topk_matches_the_logits_loss(backend):
+    """On the same fp32 logits, the chunked loss equals the logits loss, components included."""
+    device = device_of(backend)
+    p, ids, logprobs, target = make_linear_problem((40,), seed=3)
+    h, w = p["student_hidden"].float().to(device), p["student_weight"].float().to(device)
+    ids, logprobs, target = ids.to(device), logprobs.float().to(device), target.to(device)
+    loss, parts = ttm_kernels.fused_linear_wttm_loss_topk(h, w, ids, logprobs, target, chunk_size=16,
+                                                          backend=backend, return_components=True)
+    expected, expected_parts = fused_wttm_loss_topk(h @ w.T, ids, logprobs, target, backend=backend,
+                                                    return_components=True)
+    assert_close("loss", expected, loss, 1e-6)
+    for name in ("kl", "ce", "weight"):
+        assert_close(name, getattr(expected_parts, name), getattr(parts, name), 1e-6)

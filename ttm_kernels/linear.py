@@ -66,13 +66,14 @@ def _addmm_has_fp32_out(device_type: str, dtype: torch.dtype) -> bool:
         return False
 
 
-def default_chunk_size(n_rows: int, vocab: int, student_dtype: torch.dtype, teacher_dtype: torch.dtype,
+def default_chunk_size(n_rows: int, vocab: int, student_dtype: torch.dtype, teacher_dtype: Optional[torch.dtype],
                        device: torch.device, fp32_scratch: bool = False) -> int:
     """Rows per chunk: as many as fit the device's budget (``CHUNK_BUDGET_BYTES``, 1 GiB on CUDA, 64 MiB
-    elsewhere) for the student and teacher (C, V) buffers (plus an fp32 copy of the student's when the
-    weight gradient is summed through an upcast), rounded down to a multiple of 128, clamped to
-    [min(256, N), N]."""
-    row_bytes = vocab * (student_dtype.itemsize + teacher_dtype.itemsize + (4 if fp32_scratch else 0))
+    elsewhere) for the student and teacher (C, V) buffers (no teacher buffer for ``teacher_dtype`` None: a
+    sparse teacher) (plus an fp32 copy of the student's when the weight gradient is summed through an
+    upcast), rounded down to a multiple of 128, clamped to [min(256, N), N]."""
+    teacher_bytes = 0 if teacher_dtype is None else teacher_dtype.itemsize
+    row_bytes = vocab * (student_dtype.itemsize + teacher_bytes + (4 if fp32_scratch else 0))
     budget = CHUNK_BUDGET_BYTES.get(torch.device(device).type, DEFAULT_CHUNK_BUDGET_BYTES)
     rows = budget // max(row_bytes, 1)
     if rows > 128:
@@ -94,19 +95,22 @@ def _linear_into(out, hidden, weight, bias):
 ROW_TERMS = ("loss", "kl", "ce", "weight")
 
 
-def _loss_and_grad_torch(z, v, y, row_grad, spec):
+def reference_params(spec) -> dict:
+    """The keyword arguments of ``reference.loss_rows`` (and its sparse sibling) that ``spec`` sets."""
+    return dict(student_scale=spec.student_scale, teacher_scale=spec.teacher_scale, kl_scale=spec.kl_scale,
+                weighted=spec.weighted, beta=spec.beta, ce_weight=spec.ce_weight, ignore_index=spec.ignore_index)
+
+
+def loss_and_grad_torch(z, rows_of, row_grad):
     """The reference on one chunk, in float32 (float64 for float64 logits): its (4, C) row terms, writing
-    d(sum row_grad * loss)/dz into ``z``."""
+    d(sum row_grad * loss)/dz into ``z``. ``rows_of(logits)``: the reference's row dict of those logits."""
     compute = _accumulation_dtype(z.dtype)
-    params = dict(student_scale=spec.student_scale, teacher_scale=spec.teacher_scale, kl_scale=spec.kl_scale,
-                  weighted=spec.weighted, beta=spec.beta, ce_weight=spec.ce_weight,
-                  ignore_index=spec.ignore_index)
     if row_grad is None:
-        rows = reference.loss_rows(z.to(compute), v.to(compute), y, **params)
+        rows = rows_of(z.to(compute))
         return torch.stack([rows[k] for k in ROW_TERMS])
     with torch.enable_grad():
         z_compute = z.to(compute).requires_grad_()
-        rows = reference.loss_rows(z_compute, v.to(compute), y, **params)
+        rows = rows_of(z_compute)
         (grad,) = torch.autograd.grad(rows["loss"], z_compute,
                                       grad_outputs=row_grad.to(compute).expand_as(rows["loss"]))
     z.copy_(grad)
@@ -117,7 +121,8 @@ def _chunk_loss(z, v, y, row_grad, spec):
     """Per-row fp32 (loss, kl, ce, weight) of one chunk; with ``row_grad``, also overwrites ``z`` with its
     gradient."""
     if spec.backend == "torch":
-        return _loss_and_grad_torch(z, v, y, row_grad, spec)
+        return loss_and_grad_torch(z, lambda logits: reference.loss_rows(logits, v.to(logits.dtype), y,
+                                                                         **reference_params(spec)), row_grad)
     args = (spec.student_scale, spec.teacher_scale, spec.beta * spec.kl_scale, spec.ce_weight, spec.weighted,
             spec.ignore_index, spec.backend)
     if row_grad is None:
@@ -127,29 +132,49 @@ def _chunk_loss(z, v, y, row_grad, spec):
     return stats[Stat.LOSS:Stat.WEIGHT + 1]
 
 
-def _run_chunks(h_s, w_s, b_s, h_t, w_t, b_t, target, spec, chunk_size, row_grad=None, needs=(False,) * 3):
-    """Row terms (4, N) (loss, kl, ce, weight; fp32, fp64 for fp64 inputs) and, with ``row_grad`` ((N,) or
-    0-dim), the gradients of sum_i row_grad_i * loss_i w.r.t. (h_s, w_s, b_s), each None unless ``needs`` asks
-    for it."""
+class DenseTeacher:
+    """The teacher of the chunk loop (``_run_chunks``) as a provider: the rows [start, end) of its logits,
+    computed by its GEMM into a (C, V) buffer, and the chunk's loss against them. A sparse teacher
+    (``topk.TopkTeacher``) is another provider: no buffer, no GEMM."""
+
+    def __init__(self, hidden, weight, bias, vocab):
+        shared = min(vocab, weight.shape[0])
+        self.hidden, self.weight = hidden, weight[:shared]
+        self.bias = None if bias is None else bias[:shared]
+        self.shared, self.buffer_dtype, self.buffer = shared, hidden.dtype, None
+
+    def allocate(self, chunk, vocab):
+        self.buffer = torch.empty((chunk, vocab), dtype=self.buffer_dtype, device=self.hidden.device)
+        # Student-only columns: the teacher gives them probability 0, i.e. logit -inf (a 0 logit would give
+        # tokens the teacher lacks mass exp(0) / Z).
+        self.buffer[:, self.shared:] = float("-inf")
+
+    def chunk_loss(self, z, start, end, y, row_grad, spec):
+        v = self.buffer[: end - start]
+        _linear_into(v[:, :self.shared], self.hidden[start:end], self.weight, self.bias)
+        return _chunk_loss(z, v, y, row_grad, spec)
+
+    def release(self):
+        self.buffer = None
+
+
+def _run_chunks(h_s, w_s, b_s, teacher, target, spec, chunk_size, row_grad=None, needs=(False,) * 3):
+    """Row terms (4, N) (loss, kl, ce, weight; fp32, fp64 for fp64 inputs) against ``teacher`` (a provider,
+    see ``DenseTeacher``) and, with ``row_grad`` ((N,) or 0-dim), the gradients of sum_i row_grad_i * loss_i
+    w.r.t. (h_s, w_s, b_s), each None unless ``needs`` asks for it."""
     n, vocab = h_s.shape[0], w_s.shape[0]
-    shared = min(vocab, w_t.shape[0])
-    w_t = w_t[:shared]
-    b_t = None if b_t is None else b_t[:shared]
     need_h, need_w, need_b = needs if row_grad is not None else (False,) * 3
     # dW and db are summed in fp32 (fp64 for fp64 weights) and rounded once at the end.
     accumulate = _accumulation_dtype(w_s.dtype)
     fp32_out = w_s.dtype != accumulate and _addmm_has_fp32_out(w_s.device.type, w_s.dtype)
     upcast = w_s.dtype != accumulate and not fp32_out
-    chunk = chunk_size or default_chunk_size(n, vocab, h_s.dtype, h_t.dtype, h_s.device,
+    chunk = chunk_size or default_chunk_size(n, vocab, h_s.dtype, teacher.buffer_dtype, h_s.device,
                                              fp32_scratch=need_w and upcast)
     chunk = max(1, min(chunk, n))
 
     device = h_s.device
     s_buf = torch.empty((chunk, vocab), dtype=h_s.dtype, device=device)
-    t_buf = torch.empty((chunk, vocab), dtype=h_t.dtype, device=device)
-    # Student-only columns: the teacher gives them probability 0, i.e. logit -inf (a 0 logit would give
-    # tokens the teacher lacks mass exp(0) / Z).
-    t_buf[:, shared:] = float("-inf")
+    teacher.allocate(chunk, vocab)
     rows = torch.empty((len(ROW_TERMS), n), dtype=accumulate, device=device)
     grad_h = torch.empty_like(h_s) if need_h else None
     # Filled by the first chunk (beta=0: neither a memset nor a read of the accumulator).
@@ -158,13 +183,12 @@ def _run_chunks(h_s, w_s, b_s, h_t, w_t, b_t, target, spec, chunk_size, row_grad
 
     for start in range(0, n, chunk):
         end = min(start + chunk, n)
-        z, v = s_buf[: end - start], t_buf[: end - start]
+        z = s_buf[: end - start]
         hidden = h_s[start:end]
         _linear_into(z, hidden, w_s, b_s)
-        _linear_into(v[:, :shared], h_t[start:end], w_t, b_t)
         y = None if target is None else target[start:end]
         rg = row_grad if row_grad is None or row_grad.dim() == 0 else row_grad[start:end]
-        rows[:, start:end] = _chunk_loss(z, v, y, rg, spec)
+        rows[:, start:end] = teacher.chunk_loss(z, start, end, y, rg, spec)
         # From here on z holds dlogits.
         if need_h:
             torch.mm(z, w_s, out=grad_h[start:end])
@@ -179,7 +203,8 @@ def _run_chunks(h_s, w_s, b_s, h_t, w_t, b_t, target, spec, chunk_size, row_grad
         if need_b:
             grad_b += z.sum(0, dtype=accumulate)
 
-    s_buf = t_buf = z = v = None  # free the buffers before the casts below
+    s_buf = z = None  # free the buffers before the casts below
+    teacher.release()
     if grad_w is not None:
         grad_w = grad_w.to(w_s.dtype)
     if grad_b is not None:
@@ -191,8 +216,8 @@ class _FusedLinearLoss(torch.autograd.Function):
     """Returns the reduced loss and the detached (3, N) row terms kl, ce, weight (for logging)."""
 
     @staticmethod
-    def forward(ctx, h_s, w_s, b_s, h_t, w_t, b_t, target, spec, reduction, chunk_size, needs):
-        inputs = (h_s, w_s, b_s, h_t, w_t, b_t, target, spec, chunk_size)
+    def forward(ctx, h_s, w_s, b_s, teacher, target, spec, reduction, chunk_size, needs):
+        inputs = (h_s, w_s, b_s, teacher, target, spec, chunk_size)
         # The gradients are computed in the backward, from the saved inputs, for "none" (the per-row upstream
         # gradient must reach dlogits before dW sums over the rows) and for float64, which is for checking:
         # there a backward that can run twice (gradcheck does) matters more than the memory of the forward's.
@@ -205,8 +230,8 @@ class _FusedLinearLoss(torch.autograd.Function):
             scale = torch.ones((), dtype=_accumulation_dtype(h_s.dtype), device=h_s.device)
         if ctx.deferred or not any(needs):
             if ctx.deferred:
-                ctx.save_for_backward(h_s, w_s, b_s, h_t, w_t, b_t, target, None if reduction == "none" else scale)
-                ctx.params = (spec, chunk_size, needs)
+                ctx.save_for_backward(h_s, w_s, b_s, target, None if reduction == "none" else scale)
+                ctx.params = (teacher, spec, chunk_size, needs)
             rows = _run_chunks(*inputs)[0]
             loss = rows[0] if reduction == "none" else rows[0].sum() * scale
         else:
@@ -221,10 +246,10 @@ class _FusedLinearLoss(torch.autograd.Function):
     def backward(ctx, grad_out, _grad_terms):
         _ops.refuse_higher_order()
         if ctx.deferred:
-            h_s, w_s, b_s, h_t, w_t, b_t, target, scale = ctx.saved_tensors
-            spec, chunk_size, needs = ctx.params
+            h_s, w_s, b_s, target, scale = ctx.saved_tensors
+            teacher, spec, chunk_size, needs = ctx.params
             row_grad = grad_out.contiguous() if scale is None else grad_out * scale
-            _, *grads = _run_chunks(h_s, w_s, b_s, h_t, w_t, b_t, target, spec, chunk_size, row_grad=row_grad,
+            _, *grads = _run_chunks(h_s, w_s, b_s, teacher, target, spec, chunk_size, row_grad=row_grad,
                                     needs=needs)
         else:
             if ctx.grads is None:
@@ -234,7 +259,7 @@ class _FusedLinearLoss(torch.autograd.Function):
             for grad in grads:
                 if grad is not None:
                     _ops.scale_grad_(grad, grad_out)  # on the device: no pass, and no host sync, when it is 1
-        return (*grads, None, None, None, None, None, None, None, None)
+        return (*grads, None, None, None, None, None, None)
 
 
 def _valid(target, n_rows, device, ignore_index):
@@ -270,29 +295,37 @@ def _validate_side(side, hidden, weight, bias):
                              f"{tuple(bias.shape)} and {bias.dtype}")
 
 
+def validate_student(student_hidden, student_weight, student_bias, reduction, ignore_index, chunk_size):
+    """The student side and the options of a fused linear loss; else an error naming the argument."""
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
+                                   or chunk_size < 1):
+        raise ValueError(f"chunk_size must be None or a positive int, got {chunk_size!r}")
+    _validate_side("student", student_hidden, student_weight, student_bias)
+    device = student_hidden.device
+    for name, x in (("student_weight", student_weight), ("student_bias", student_bias)):
+        if isinstance(x, torch.Tensor) and x.device != device:
+            raise ValueError(f"{name} must be on student_hidden's device {device}, got {x.device}")
+
+
 def _fused_linear_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, target, *, student_bias,
                        teacher_bias, student_scale, teacher_scale, kl_scale, weighted, beta, ce_weight,
                        ignore_index, reduction, chunk_size, vocab_mismatch, backend, return_components):
     beta = _check_finite("beta", beta)
     ce_weight = _check_finite("ce_weight", ce_weight)
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
     if vocab_mismatch not in VOCAB_MISMATCH:
         raise ValueError(f"vocab_mismatch must be one of {VOCAB_MISMATCH}, got {vocab_mismatch!r}")
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
-                                   or chunk_size < 1):
-        raise ValueError(f"chunk_size must be None or a positive int, got {chunk_size!r}")
-    _validate_side("student", student_hidden, student_weight, student_bias)
+    validate_student(student_hidden, student_weight, student_bias, reduction, ignore_index, chunk_size)
     _validate_side("teacher", teacher_hidden, teacher_weight, teacher_bias)
     lead = student_hidden.shape[:-1]
     if teacher_hidden.shape[:-1] != lead:
         raise ValueError(f"teacher_hidden must have the student's leading shape {tuple(lead)}, got "
                          f"{tuple(teacher_hidden.shape[:-1])}")
     device = student_hidden.device
-    for name, x in (("student_weight", student_weight), ("student_bias", student_bias),
-                    ("teacher_hidden", teacher_hidden), ("teacher_weight", teacher_weight),
+    for name, x in (("teacher_hidden", teacher_hidden), ("teacher_weight", teacher_weight),
                     ("teacher_bias", teacher_bias)):
         if isinstance(x, torch.Tensor) and x.device != device:
             raise ValueError(f"{name} must be on student_hidden's device {device}, got {x.device}")
@@ -311,13 +344,22 @@ def _fused_linear_loss(student_hidden, student_weight, teacher_hidden, teacher_w
 
     spec = _Spec(float(student_scale), float(teacher_scale), float(kl_scale), bool(weighted), beta, ce_weight,
                  int(ignore_index), backend)
+    teacher = DenseTeacher(teacher_hidden.reshape(-1, teacher_hidden.shape[-1]), teacher_weight.detach(),
+                           None if teacher_bias is None else teacher_bias.detach(), vocab)
+    return run_linear_loss(student_hidden, student_weight, student_bias, teacher, target, spec, reduction,
+                           chunk_size, return_components)
+
+
+def run_linear_loss(student_hidden, student_weight, student_bias, teacher, target, spec, reduction, chunk_size,
+                    return_components):
+    """The validated call's loss (of the leading shape for "none") and, with ``return_components``, its
+    ``LossComponents``; ``target`` already (N,) int64."""
+    lead = student_hidden.shape[:-1]
     # Which student gradients to compute (ctx.needs_input_grad ignores torch.no_grad()).
     needs = tuple(torch.is_grad_enabled() and x is not None and x.requires_grad
                   for x in (student_hidden, student_weight, student_bias))
-    loss, terms = _FusedLinearLoss.apply(
-        student_hidden.reshape(-1, student_hidden.shape[-1]), student_weight, student_bias,
-        teacher_hidden.reshape(-1, teacher_hidden.shape[-1]), teacher_weight.detach(),
-        None if teacher_bias is None else teacher_bias.detach(), target, spec, reduction, chunk_size, needs)
+    loss, terms = _FusedLinearLoss.apply(student_hidden.reshape(-1, student_hidden.shape[-1]), student_weight,
+                                         student_bias, teacher, target, spec, reduction, chunk_size, needs)
     if reduction == "none":
         loss = loss.view(lead)
     if not return_components:

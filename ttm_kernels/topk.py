@@ -25,7 +25,7 @@ from typing import Optional
 
 import torch
 
-from . import _ops, _topk_ops, reference
+from . import _ops, _topk_ops, linear, reference
 from ._stats import TopkStat
 from .functional import (DEFAULT_GAMMA, DEFAULT_TEMPERATURE, REDUCTIONS, LossComponents, _check_finite,
                          validate_target)
@@ -252,3 +252,140 @@ fused_kd_loss_topk.__doc__ = """Hinton KD from the teacher's top-k log-probabili
 
     temperature: T (default 4).
 """ + _TOPK_DOC
+
+
+# --- The fused linear variant: the student's logits a chunk of rows at a time, no teacher model at all.
+
+class TopkTeacher:
+    """The sparse teacher of the fused linear loss's chunk loop (see ``linear.DenseTeacher``): rows [start,
+    end) of its sorted ids and log-probabilities; no buffer, no GEMM."""
+
+    buffer_dtype = None
+
+    def __init__(self, ids, logprobs, tail):
+        self.ids, self.logprobs, self.tail = ids, logprobs, tail
+
+    def allocate(self, chunk, vocab):
+        pass
+
+    def release(self):
+        pass
+
+    def chunk_loss(self, z, start, end, y, row_grad, spec):
+        ids, logprobs = self.ids[start:end], self.logprobs[start:end]
+        if spec.backend == "torch":
+            return linear.loss_and_grad_torch(
+                z, lambda logits: reference.topk_loss_rows(logits, ids, logprobs, y, tail=self.tail,
+                                                           **linear.reference_params(spec)), row_grad)
+        args = (spec.student_scale, spec.teacher_scale, spec.beta * spec.kl_scale, spec.ce_weight, spec.weighted,
+                self.tail == "bucket", spec.ignore_index, spec.backend)
+        if row_grad is None:
+            stats = _topk_ops.topk_fwd(z, ids, logprobs, y, *args)
+        else:
+            stats = _topk_ops.topk_fwd_grad_inplace(z, ids, logprobs, y, row_grad, *args)
+        return stats[TopkStat.LOSS:TopkStat.WEIGHT + 1]
+
+
+def _fused_linear_topk_loss(student_hidden, student_weight, ids, logprobs, target, *, student_bias, student_scale,
+                            teacher_scale, kl_scale, weighted, beta, ce_weight, tail, ignore_index, reduction,
+                            chunk_size, backend, return_components):
+    beta = _check_finite("beta", beta)
+    ce_weight = _check_finite("ce_weight", ce_weight)
+    if not isinstance(return_components, bool):
+        raise TypeError(f"return_components must be True or False, got {return_components!r}")
+    linear.validate_student(student_hidden, student_weight, student_bias, reduction, ignore_index, chunk_size)
+    lead, vocab, device = student_hidden.shape[:-1], student_weight.shape[0], student_hidden.device
+    if target is not None:
+        validate_target(target, lead, vocab, device, ignore_index)
+    sorted_ids, sorted_logprobs = validate_topk(ids, logprobs, lead, vocab, device, tail,
+                                                _valid(target, lead, device, ignore_index))
+    backend = _ops.resolve_backend(backend, device, student_hidden.dtype)
+    spec = linear._Spec(float(student_scale), float(teacher_scale), float(kl_scale), bool(weighted), beta,
+                        ce_weight, int(ignore_index), backend)
+    return linear.run_linear_loss(student_hidden, student_weight, student_bias,
+                                  TopkTeacher(sorted_ids, sorted_logprobs, tail),
+                                  None if target is None else target.reshape(-1).long(), spec, reduction,
+                                  chunk_size, return_components)
+
+
+_LINEAR_TOPK_DOC = """
+    Args:
+        student_hidden: (..., H) last hidden states of the student, float32, bfloat16 or float16 (float64 for
+            checks); student_weight: (V, H) its LM head, same dtype; student_bias: optional (V,).
+        teacher_topk_ids, teacher_topk_logprobs: (..., k) with the student's leading shape: the teacher's top-k
+            ids (-1 pads) and log-probabilities, as in ``fused_wttm_loss_topk``. No teacher model at all.
+        target, tail, beta, ce_weight, ignore_index, reduction, backend, return_components: as in
+            ``fused_wttm_loss_topk``.
+        chunk_size: rows per chunk; default from the memory budget of the one (chunk, V) student buffer (see
+            ``linear.default_chunk_size``: twice the rows of the dense loss's, which also holds the teacher's).
+
+    The student's logits are never materialised beyond one chunk: each chunk's GEMM, the loss kernel writing
+    d loss / d logits in place, two GEMMs for the gradients of the hidden states and the head (dW summed in
+    fp32), as ``fused_linear_wttm_loss`` without the teacher's GEMM and buffer.
+
+    Returns:
+        The float32 loss (with ``return_components``, a ``(loss, LossComponents)`` pair). Gradients reach
+        student_hidden, student_weight and student_bias, first-order only; with "mean"/"sum" they are computed
+        in the forward, with "none" the backward recomputes the chunks.
+"""
+
+
+def fused_linear_wttm_loss_topk(student_hidden: torch.Tensor, student_weight: torch.Tensor,
+                                teacher_topk_ids: torch.Tensor, teacher_topk_logprobs: torch.Tensor,
+                                target: Optional[torch.Tensor] = None, *, student_bias: Optional[torch.Tensor] = None,
+                                gamma: float = DEFAULT_GAMMA, beta: float = 1.0, ce_weight: float = 1.0,
+                                tail: str = "bucket", ignore_index: int = -100, reduction: str = "mean",
+                                chunk_size: Optional[int] = None, backend: str = "auto",
+                                return_components: bool = False):
+    gamma = _check_finite("gamma", gamma, positive=True)
+    return _fused_linear_topk_loss(student_hidden, student_weight, teacher_topk_ids, teacher_topk_logprobs, target,
+                                   student_bias=student_bias, student_scale=1.0, teacher_scale=gamma, kl_scale=1.0,
+                                   weighted=True, beta=beta, ce_weight=ce_weight, tail=tail,
+                                   ignore_index=ignore_index, reduction=reduction, chunk_size=chunk_size,
+                                   backend=backend, return_components=return_components)
+
+
+fused_linear_wttm_loss_topk.__doc__ = """``fused_wttm_loss_topk`` on ``student_hidden @ student_weight.T (+ bias)``,
+    a chunk of rows at a time. gamma: the power-transform exponent, 1/T (default 0.2).
+""" + _LINEAR_TOPK_DOC
+
+
+def fused_linear_ttm_loss_topk(student_hidden: torch.Tensor, student_weight: torch.Tensor,
+                               teacher_topk_ids: torch.Tensor, teacher_topk_logprobs: torch.Tensor,
+                               target: Optional[torch.Tensor] = None, *, student_bias: Optional[torch.Tensor] = None,
+                               gamma: float = DEFAULT_GAMMA, beta: float = 1.0, ce_weight: float = 1.0,
+                               tail: str = "bucket", ignore_index: int = -100, reduction: str = "mean",
+                               chunk_size: Optional[int] = None, backend: str = "auto",
+                               return_components: bool = False):
+    gamma = _check_finite("gamma", gamma, positive=True)
+    return _fused_linear_topk_loss(student_hidden, student_weight, teacher_topk_ids, teacher_topk_logprobs, target,
+                                   student_bias=student_bias, student_scale=1.0, teacher_scale=gamma, kl_scale=1.0,
+                                   weighted=False, beta=beta, ce_weight=ce_weight, tail=tail,
+                                   ignore_index=ignore_index, reduction=reduction, chunk_size=chunk_size,
+                                   backend=backend, return_components=return_components)
+
+
+fused_linear_ttm_loss_topk.__doc__ = """``fused_ttm_loss_topk`` on the student's LM-head output, chunked. gamma:
+    1/T (default 0.2).
+""" + _LINEAR_TOPK_DOC
+
+
+def fused_linear_kd_loss_topk(student_hidden: torch.Tensor, student_weight: torch.Tensor,
+                              teacher_topk_ids: torch.Tensor, teacher_topk_logprobs: torch.Tensor,
+                              target: Optional[torch.Tensor] = None, *, student_bias: Optional[torch.Tensor] = None,
+                              temperature: float = DEFAULT_TEMPERATURE, beta: float = 1.0, ce_weight: float = 1.0,
+                              tail: str = "bucket", ignore_index: int = -100, reduction: str = "mean",
+                              chunk_size: Optional[int] = None, backend: str = "auto",
+                              return_components: bool = False):
+    temperature = _check_finite("temperature", temperature, positive=True)
+    return _fused_linear_topk_loss(student_hidden, student_weight, teacher_topk_ids, teacher_topk_logprobs, target,
+                                   student_bias=student_bias, student_scale=1.0 / temperature,
+                                   teacher_scale=1.0 / temperature, kl_scale=temperature**2, weighted=False,
+                                   beta=beta, ce_weight=ce_weight, tail=tail, ignore_index=ignore_index,
+                                   reduction=reduction, chunk_size=chunk_size, backend=backend,
+                                   return_components=return_components)
+
+
+fused_linear_kd_loss_topk.__doc__ = """``fused_kd_loss_topk`` (T^2 factor) on the student's LM-head output,
+    chunked. temperature: T (default 4).
+""" + _LINEAR_TOPK_DOC
