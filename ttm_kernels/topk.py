@@ -186,8 +186,10 @@ _TOPK_DOC = """
     Errors are raised before any work, naming the argument; on a GPU the value checks of the ids and
     log-probabilities are device-side assertions (no host synchronisation), as for the target.
 
-    Storage: log-probabilities kept in float16 or float32 give the loss to about 1e-3 and 1e-6 relative; bfloat16
-    only to about 1e-2 under the power transform (benchmarks/RESULTS.md, "top-k storage dtypes").
+    Storage: keep the log-probabilities in float32 for ``tail="bucket"``. The tail mass of a confident teacher
+    is small, and the rounding of float16 or bfloat16 log-probabilities moves it enough for the power transform
+    to change such rows' loss by up to ~10% (1e-5 from float32); with ``"renormalize"`` float16 stays within
+    5e-4 (benchmarks/RESULTS.md, "Storage dtypes of the log-probabilities").
 
     Returns:
         The float32 loss, and with ``return_components`` a ``(loss, LossComponents)`` pair (the weight is U of the
