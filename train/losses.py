@@ -29,7 +29,6 @@ class Objective:
         self.ce_weight = cfg["ce_weight"]
         self.kwargs = {"beta": cfg["beta"], "ce_weight": cfg["ce_weight"], "backend": cfg["loss_backend"]}
         self.vocab_mismatch = cfg["vocab_mismatch"]
-        self.topk_tail = cfg["topk_tail"]
         if self.kind == "kd":
             self.kwargs["temperature"] = cfg["temperature"]
         elif self.kind in ("ttm", "wttm"):
@@ -83,13 +82,13 @@ class Objective:
                                             **self.kwargs)
         return loss, {"ce": parts.ce, "kl": parts.kl, "kl_weight": parts.weight}
 
-    def linear_topk(self, hidden, head, target, topk_ids, topk_logprobs, dtype=None):
+    def linear_topk(self, hidden, head, target, topk_ids, topk_logprobs, dtype=None, tail="bucket"):
         """``linear`` against a teacher's top-k ids and log-probabilities (a ``teacher_topk`` store) in place of
-        its hidden states and head."""
+        its hidden states and head; ``tail`` as ttm_kernels' (config key topk_tail)."""
         dtype = dtype or head.weight.dtype
         loss, parts = LINEAR_TOPK_FNS[self.kind](
             hidden.to(dtype), head.weight.to(dtype), topk_ids, topk_logprobs, target,
-            student_bias=None if head.bias is None else head.bias.to(dtype), tail=self.topk_tail,
+            student_bias=None if head.bias is None else head.bias.to(dtype), tail=tail,
             return_components=True, **self.kwargs)
         return loss, {"ce": parts.ce, "kl": parts.kl, "kl_weight": parts.weight}
 

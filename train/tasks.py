@@ -218,7 +218,8 @@ class LanguageModelTask(Task):
             hidden = model(tokens)
         # Outside autocast: the fused loss runs its GEMMs in one given dtype (autocast's, when on).
         if topk:  # teacher_topk: the store's ids and log-probabilities of these windows
-            loss, parts = self.objective.linear_topk(hidden, lm_head(model), targets, *topk, dtype)
+            loss, parts = self.objective.linear_topk(hidden, lm_head(model), targets, *topk, dtype,
+                                                     tail=self.cfg["topk_tail"])
         else:
             loss, parts = self.objective.linear(hidden, lm_head(model), targets, teacher_hidden,
                                                 None if teacher is None else lm_head(teacher), dtype)
