@@ -180,7 +180,8 @@ class TopkStore:
         shard = np.searchsorted(self.bounds, index, side="right") - 1
         ids = np.stack([self.ids[s][i - self.first[s]] for s, i in zip(shard, index)])
         logprobs = np.stack([self.logprobs[s][i - self.first[s]] for s, i in zip(shard, index)])
-        return torch.from_numpy(ids), torch.from_numpy(logprobs).float()
+        # numpy's float16 -> float32 is ~8x faster than torch's on the CPU
+        return torch.from_numpy(ids), torch.from_numpy(logprobs.astype(np.float32, copy=False))
 
 
 class TopkWindowLoader(WindowLoader):
