@@ -3,7 +3,7 @@
     python -m benchmarks.topk_quality [--runs DIR] [--no-write]
 
 On the trainer's LM task (train/configs/lm_teacher.yaml, lm_wttm.yaml: byte-level GPTs on this repository's
-README.md, CPU): the gpt_small teacher, its top-k stores for k = 8 and 64 (``python -m train teacher-topk``),
+README.md, frozen into the runs folder, CPU): the gpt_small teacher, its top-k stores for k = 8 and 64 (``python -m train teacher-topk``),
 then gpt_tiny students with WTTM (gamma 0.8, beta 0.5, the config's) from the dense teacher, from each store
 with tail bucket and renormalize, and with CE only. Reported: held-out CE per token (nats, log of the
 perplexity) at the last epoch and at the best one. One seed each, on a small text: differences below the
@@ -15,6 +15,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -32,10 +33,16 @@ def run(runs, log=print):
     sys.path.insert(0, ROOT)
     from train.__main__ import main as train
 
+    # A frozen copy of the corpus: the README changes, and a store is refused for another corpus.
+    corpus = os.path.join(runs, "corpus.md")
+    if not os.path.exists(corpus):
+        os.makedirs(runs, exist_ok=True)
+        shutil.copyfile(os.path.join(ROOT, "README.md"), corpus)
+    common = [f"data_dir={corpus}", *COMMON]
     teacher = os.path.join(runs, "teacher", "checkpoint_last.pt")
     if not os.path.exists(teacher):
-        assert train(["--config", "train/configs/lm_teacher.yaml", f"out_dir={runs}/teacher", *COMMON]) == 0
-    student = ["--config", "train/configs/lm_wttm.yaml", f"teacher_checkpoint={teacher}", *COMMON]
+        assert train(["--config", "train/configs/lm_teacher.yaml", f"out_dir={runs}/teacher", *common]) == 0
+    student = ["--config", "train/configs/lm_wttm.yaml", f"teacher_checkpoint={teacher}", *common]
     for k in (8, 64):
         assert train(["teacher-topk", *student, f"out_dir={runs}/store-k{k}", f"k={k}"]) == 0
     rows = {}
@@ -64,7 +71,7 @@ def main(argv=None):
     lines = ["### Quality: students distilled from top-k stores (LM task, CPU)", "",
              f"Command: `{command.strip()}`. gpt_tiny students (30 epochs, WTTM gamma 0.8, beta 0.5 from "
              "train/configs/lm_wttm.yaml) of the gpt_small teacher of train/configs/lm_teacher.yaml, byte-level "
-             "(V = 257) on this repository's README.md; held-out CE per token in nats (log perplexity). One seed "
+             "(V = 257) on this repository's README.md (a copy in the runs folder); held-out CE per token in nats (log perplexity). One seed "
              "per row on a small text: differences below a few hundredths are within run-to-run noise.", "",
              "| student | CE last epoch | CE best epoch |", "|---|---|---|"]
     lines += [f"| {name} | {last:.3f} | {best:.3f} |" for name, (last, best) in rows.items()]

@@ -11,7 +11,10 @@ import torch
 
 import ttm_kernels
 from ttm_kernels import reference
+from ttm_kernels._stats import Stat, TopkStat
 from ttm_kernels.topk import fused_kd_loss_topk, fused_ttm_loss_topk, fused_wttm_loss_topk, logprob_slack
+
+from test_fused_loss import assert_close
 
 COMPILED = [
     pytest.param("triton", marks=pytest.mark.skipif(not ttm_kernels.triton_available(), reason="triton not installed")),
@@ -62,20 +65,6 @@ def fused_loss_and_grad(kind, z, ids, logprobs, target, backend, upstream=None, 
     loss = FUSED[kind](z, ids, logprobs, target, backend=backend, **HYPER[kind], **kw)
     loss.backward(None if upstream is None else upstream)
     return loss.detach(), z.grad
-
-
-def assert_close(name, ref, out, rtol, atol=0.0):
-    """Max abs error relative to the reference's largest magnitude, plus NaN/inf parity."""
-    ref, out = ref.double().cpu(), out.double().cpu()
-    assert out.shape == ref.shape, f"{name}: shape {tuple(out.shape)} != {tuple(ref.shape)}"
-    assert torch.equal(torch.isnan(ref), torch.isnan(out)), f"{name}: NaN pattern differs"
-    assert torch.equal(torch.isinf(ref), torch.isinf(out)), f"{name}: inf pattern differs"
-    finite = torch.isfinite(ref)
-    if not finite.any():
-        return
-    err = (ref[finite] - out[finite]).abs().max().item()
-    scale = ref[finite].abs().max().item()
-    assert err <= rtol * scale + atol, f"{name}: max error {err:.3g} > {rtol:g} * {scale:.3g} + {atol:g}"
 
 
 def check(kind, z, ids, logprobs, target, backend, upstream=None, loss_rtol=2e-6, grad_rtol=1e-5, **kw):
@@ -396,3 +385,25 @@ def test_fused_linear_wttm_loss_topk_matches_the_logits_loss(backend):
     assert_close("loss", expected, loss, 1e-6)
     for name in ("kl", "ce", "weight"):
         assert_close(name, getattr(expected_parts, name), getattr(parts, name), 1e-6)
+
+
+def test_topk_statistics_share_the_dense_rows():
+    """The public layer reads LOSS..WEIGHT of either layout alike, and the Triton kernels reuse Stat's rows."""
+    shared = {name: value for name, value in TopkStat.__members__.items() if name in Stat.__members__}
+    assert shared == {name: Stat[name] for name in shared} and len(shared) == len(TopkStat) - 2
+
+
+@pytest.mark.parametrize("backend", COMPILED)
+def test_fused_wttm_loss_topk_torch_compile(backend):
+    device = device_of(backend)
+    z, ids, logprobs, target = make_problem((4, 3), 300, 16, seed=13, pad_rows=0.3, device=device)
+
+    @torch.compile(fullgraph=True, dynamic=False)
+    def step(student, topk_ids, topk_logprobs, tgt):
+        return fused_wttm_loss_topk(student, topk_ids, topk_logprobs, tgt, beta=2.0, backend=backend) * 1.5
+
+    student = z.float().requires_grad_()
+    step(student, ids, logprobs.float(), target).backward()
+    _, ref_grad = reference_loss_and_grad("wttm", z.float(), ids, logprobs.float(), target, torch.tensor(1.5),
+                                          beta=2.0)
+    assert_close("grad", ref_grad, student.grad, 1e-5, 1e-9)

@@ -30,7 +30,7 @@ from torch import nn
 
 from . import _ops, reference
 from ._stats import Stat
-from .functional import (DEFAULT_GAMMA, DEFAULT_TEMPERATURE, REDUCTIONS, LossComponents, _check_finite,
+from .functional import (DEFAULT_GAMMA, DEFAULT_TEMPERATURE, LossComponents, _check_finite, validate_options,
                          validate_target)
 
 VOCAB_MISMATCH = ("error", "truncate_teacher")
@@ -297,10 +297,7 @@ def _validate_side(side, hidden, weight, bias):
 
 def validate_student(student_hidden, student_weight, student_bias, reduction, ignore_index, chunk_size):
     """The student side and the options of a fused linear loss; else an error naming the argument."""
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    validate_options(reduction, ignore_index)
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
                                    or chunk_size < 1):
         raise ValueError(f"chunk_size must be None or a positive int, got {chunk_size!r}")

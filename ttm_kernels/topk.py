@@ -27,8 +27,8 @@ import torch
 
 from . import _ops, _topk_ops, linear, reference
 from ._stats import TopkStat
-from .functional import (DEFAULT_GAMMA, DEFAULT_TEMPERATURE, REDUCTIONS, LossComponents, _check_finite,
-                         validate_target)
+from .functional import (DEFAULT_GAMMA, DEFAULT_TEMPERATURE, LossComponents, _check_finite, _check_flag,
+                         validate_logits, validate_options, validate_target)
 
 TAILS = reference.TAILS
 PAD_ID = -1
@@ -110,19 +110,6 @@ def validate_topk(ids, logprobs, lead_shape, vocab, device, tail, valid=None):
     return sorted_ids, sorted_logprobs
 
 
-def _validate_student(student_logits, reduction, ignore_index):
-    if not isinstance(student_logits, torch.Tensor):
-        raise TypeError(f"student_logits must be a torch.Tensor, got {type(student_logits).__name__}")
-    if not student_logits.is_floating_point():
-        raise TypeError(f"student_logits must be a floating-point tensor, got dtype {student_logits.dtype}")
-    if student_logits.dim() == 0 or student_logits.shape[-1] == 0:
-        raise ValueError(f"student_logits must have shape (..., V) with V >= 1, got {tuple(student_logits.shape)}")
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
-
-
 def _valid(target, lead_shape, device, ignore_index):
     if target is None:
         return torch.ones(lead_shape, dtype=torch.bool, device=device)
@@ -133,9 +120,9 @@ def _fused_topk_loss(student_logits, ids, logprobs, target, *, student_scale, te
                      beta, ce_weight, tail, ignore_index, reduction, backend, return_components):
     beta = _check_finite("beta", beta)
     ce_weight = _check_finite("ce_weight", ce_weight)
-    if not isinstance(return_components, bool):
-        raise TypeError(f"return_components must be True or False, got {return_components!r}")
-    _validate_student(student_logits, reduction, ignore_index)
+    _check_flag("return_components", return_components)
+    validate_logits("student_logits", student_logits)
+    validate_options(reduction, ignore_index)
     lead, vocab, device = student_logits.shape[:-1], student_logits.shape[-1], student_logits.device
     if target is not None:
         validate_target(target, lead, vocab, device, ignore_index)
@@ -293,8 +280,7 @@ def _fused_linear_topk_loss(student_hidden, student_weight, ids, logprobs, targe
                             chunk_size, backend, return_components):
     beta = _check_finite("beta", beta)
     ce_weight = _check_finite("ce_weight", ce_weight)
-    if not isinstance(return_components, bool):
-        raise TypeError(f"return_components must be True or False, got {return_components!r}")
+    _check_flag("return_components", return_components)
     linear.validate_student(student_hidden, student_weight, student_bias, reduction, ignore_index, chunk_size)
     lead, vocab, device = student_hidden.shape[:-1], student_weight.shape[0], student_hidden.device
     if target is not None:

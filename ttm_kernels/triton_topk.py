@@ -27,22 +27,14 @@ import triton
 import triton.language as tl
 
 from ._stats import NUM_STATS, TopkStat
+# The statistics rows that TopkStat shares with Stat (tests/test_topk.py checks that they agree), and its own.
+from .triton_kernels import CE, KL, LOG_SUM_S, LOG_SUM_Z, LOSS, MAX_S, MAX_Z, N_STATS, WEIGHT
 from .triton_kernels import (_block_kl_grad, _block_sums, _checked_ce_coef, _derived_maxima, _kl_term, _row_args,
                              _row_ptr, _separate_ce, _store_rounded, _student_power, _zero_pass, launch_config)
 
 MAX_TOPK = 4096
-
-LOSS = tl.constexpr(int(TopkStat.LOSS))
-KL = tl.constexpr(int(TopkStat.KL))
-CE = tl.constexpr(int(TopkStat.CE))
-WEIGHT = tl.constexpr(int(TopkStat.WEIGHT))
-MAX_S = tl.constexpr(int(TopkStat.MAX_S))
-LOG_SUM_S = tl.constexpr(int(TopkStat.LOG_SUM_S))
 MAX_R = tl.constexpr(int(TopkStat.MAX_R))
 LOG_SUM_R = tl.constexpr(int(TopkStat.LOG_SUM_R))
-MAX_Z = tl.constexpr(int(TopkStat.MAX_Z))
-LOG_SUM_Z = tl.constexpr(int(TopkStat.LOG_SUM_Z))
-N_STATS = tl.constexpr(NUM_STATS)
 
 
 @triton.jit
