@@ -33,18 +33,22 @@ def write_store(teacher, out_dir, *extra):
                  "progress=false", *extra])
 
 
-def expected_topk(teacher, k=8):
-    """The teacher's top-k over the training windows, recomputed directly."""
+def training_windows(teacher):
     from train.tasks import LanguageModelTask
 
     cfg = lm_cfg(teacher["folder"], teacher["text"], "unused")
-    data = LanguageModelTask(cfg, torch.device("cpu")).build_data(0, 1)
+    return LanguageModelTask(cfg, torch.device("cpu")).build_data(0, 1).train
+
+
+def expected_topk(teacher, k=8):
+    """The teacher's top-k over the training windows, recomputed directly."""
+    inputs = training_windows(teacher).inputs
     model = gpt.build("gpt_tiny", 257)
     model.load_state_dict(torch.load(teacher["checkpoint"])["model"])
     with torch.no_grad():
-        logits = model.lm_head(model(data.train.inputs)).float()
+        logits = model.lm_head(model(inputs)).float()
     top = torch.log_softmax(logits, -1).topk(k, -1)
-    return data.train.inputs, top.indices.int(), top.values
+    return inputs, top.indices.int(), top.values
 
 
 def test_teacher_topk_store_round_trip(teacher, tmp_path):
@@ -152,3 +156,35 @@ def test_lm_names_a_corrupt_shard(teacher, store, tmp_path, capsys):
 def test_config_teacher_topk_needs_a_distillation_loss(tmp_path):
     with pytest.raises(ConfigError, match="teacher_topk"):
         lm_cfg(tmp_path, "x", "run", teacher_topk="somewhere")  # loss ce
+
+
+def served_jsonl(teacher, path, seq_len=32):
+    """The teacher's output for the corpus as a served teacher returns it: one JSON line per file, top-8
+    {id: logprob} per position, scored with the training windows' context (seq_len tokens from 0)."""
+    model = gpt.build("gpt_tiny", 257)
+    model.load_state_dict(torch.load(teacher["checkpoint"])["model"])
+    tokens = list(open(teacher["text"], "rb").read())
+    with torch.no_grad():
+        logits = torch.cat([model.lm_head(model(torch.tensor([tokens[i:i + seq_len]])))[0]
+                            for i in range(0, len(tokens), seq_len)])
+    top = torch.log_softmax(logits.float(), -1).topk(8, -1)
+    entries = [{str(i): lp for i, lp in zip(ids, lps)} for ids, lps in zip(top.indices.tolist(), top.values.tolist())]
+    path.write_text(json.dumps({"token_ids": tokens, "top_logprobs": entries[:-1]}) + "\n")
+    return path
+
+
+def test_teacher_topk_imports_a_served_teacher(teacher, store, tmp_path):
+    """The JSON lines of a served teacher give the store the teacher itself writes (up to the log-probabilities'
+    rounding through JSON's decimal floats); a file of another text is refused."""
+    jsonl = served_jsonl(teacher, tmp_path / "served.jsonl")
+    assert write_store(teacher, tmp_path / "imported", f"import={jsonl}") == 0
+    imported, written = topk_store.TopkStore(str(tmp_path / "imported")), topk_store.TopkStore(store)
+    assert imported.manifest["corpus"] == written.manifest["corpus"]
+    windows = torch.arange(imported.manifest["windows"])
+    (ids, logprobs), (ids_w, logprobs_w) = imported.read(windows), written.read(windows)
+    counts = training_windows(teacher).targets != -100  # past the text's end the import pads with -1
+    assert (ids[counts] >= 0).all() and torch.equal(ids[counts], ids_w[counts])
+    torch.testing.assert_close(logprobs[counts], logprobs_w[counts], rtol=0, atol=1e-6)
+
+    jsonl.write_text(jsonl.read_text().replace('"token_ids": [', '"token_ids": [116, '))
+    assert write_store(teacher, tmp_path / "bad", f"import={jsonl}") == 2

@@ -6,7 +6,9 @@ where it stopped when started again with the same arguments.
 
 Options besides the config keys: ``k`` (default 64), ``logprobs_dtype`` (float32, the default, or float16:
 float32 keeps the tail bucket's loss within 1e-5, float16 moves confident rows by up to ~10%, see
-benchmarks/RESULTS.md), ``windows_per_shard`` (default 1024).
+benchmarks/RESULTS.md), ``windows_per_shard`` (default 1024); ``import=SERVED.jsonl`` builds the store from a
+served teacher's output instead of running a teacher (train/topk_import.py says the format), ``vocab=N`` its
+vocabulary size (default: the tokenizer's).
 """
 from __future__ import annotations
 
@@ -22,7 +24,8 @@ from .errors import ConfigError, UserError
 from .tasks import LanguageModelTask, lm_head
 from .topk_store import LOGPROB_DTYPES, StoreWriter, corpus_fingerprint
 
-OPTIONS = {"k": (64, int), "logprobs_dtype": ("float32", str), "windows_per_shard": (1024, int)}
+OPTIONS = {"k": (64, int), "logprobs_dtype": ("float32", str), "windows_per_shard": (1024, int), "import": (None, str),
+           "vocab": (0, int)}
 
 
 def _split_options(pairs):
@@ -38,8 +41,9 @@ def _split_options(pairs):
             options[name] = kind(value)
         except ValueError as exc:
             raise ConfigError(f"{name} must be {kind.__name__}, got {value!r}") from exc
-    if options["k"] < 1 or options["windows_per_shard"] < 1:
-        raise ConfigError(f"k and windows_per_shard must be >= 1, got {options['k']} and {options['windows_per_shard']}")
+    if options["k"] < 1 or options["windows_per_shard"] < 1 or options["vocab"] < 0:
+        raise ConfigError(f"k and windows_per_shard must be >= 1 and vocab >= 0, got {options['k']}, "
+                          f"{options['windows_per_shard']} and {options['vocab']}")
     if options["logprobs_dtype"] not in LOGPROB_DTYPES:
         raise ConfigError(f"logprobs_dtype must be one of {tuple(LOGPROB_DTYPES)}, got {options['logprobs_dtype']!r}")
     return options, overrides
@@ -114,13 +118,18 @@ def main(argv) -> int:
     parser = argparse.ArgumentParser(prog="python -m train teacher-topk", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", required=True, help="the LM task's YAML config (its teacher and corpus)")
     parser.add_argument("pairs", nargs="*", metavar="key=value", help="k, logprobs_dtype, windows_per_shard, "
-                        "or config keys (out_dir = the store's folder)")
+                        "import, vocab, or config keys (out_dir = the store's folder)")
     args = parser.parse_args(argv)
     try:
         options, overrides = _split_options(args.pairs)
         if not any(pair.startswith("out_dir=") for pair in overrides):
             raise ConfigError("pass out_dir=DIR: the folder of the store (a new one, or one to resume)")
-        write_store(config.load(args.config, overrides), options)
+        cfg = config.load(args.config, overrides)
+        if options["import"]:
+            from .topk_import import import_jsonl
+            import_jsonl(cfg, options)
+        else:
+            write_store(cfg, options)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
