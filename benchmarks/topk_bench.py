@@ -52,9 +52,10 @@ def store_throughput(k=64, seq_len=512, windows=512, windows_per_shard=64, batch
     for name, dtype in LOGPROB_DTYPES.items():
         logprobs = -gen.exponential(3.0, (windows_per_shard, seq_len, k)).astype(dtype)
         with tempfile.TemporaryDirectory() as folder:
-            writer = StoreWriter(folder, {"teacher": "synthetic", "teacher_checkpoint": None, "vocab": vocab, "k": k,
-                                          "ids_dtype": "int32", "logprobs_dtype": name, "corpus": "synthetic",
-                                          "seq_len": seq_len, "windows": windows, "windows_per_shard": windows_per_shard})
+            writer = StoreWriter(folder, {
+                "teacher": "synthetic", "teacher_checkpoint": None, "vocab": vocab, "k": k, "ids_dtype": "int32",
+                "logprobs_dtype": name, "corpus": "synthetic", "seq_len": seq_len, "windows": windows,
+                "windows_per_shard": windows_per_shard})
             start = time.perf_counter()
             for _ in range(windows // windows_per_shard):
                 writer.write_shard(ids, logprobs)
@@ -115,8 +116,8 @@ def main(argv=None):
         lines.append(f"| {n} | {d['ms']:.1f} | {t['ms']:.1f} | {d['ms'] / t['ms']:.2f} | {d['peak_mib']:.0f} | "
                      f"{t['peak_mib']:.0f} | {t['peak_mib'] / d['peak_mib']:.2f} |")
     teacher_mib = (hidden * vocab * dtype.itemsize) / 2**20
-    lines += ["", f"- Memory beyond the peak extra: the dense provider also holds the teacher's head ({teacher_mib:.0f} "
-              f"MiB here) and hidden states (N x {hidden} x {dtype.itemsize} bytes), in a real run the whole teacher "
+    lines += ["", "- Memory beyond the peak extra: the dense provider also holds the teacher's head "
+              f"({teacher_mib:.0f} MiB here) and hidden states (N x {hidden} x {dtype.itemsize} bytes), in a real run the whole teacher "
               "model; the top-k provider holds N x 64 x 8 bytes of ids and log-probabilities. The peak extra of both "
               "is set by the head's weight gradient (its fp32 accumulator and its cast), which the sparse teacher "
               "does not change; it removes the teacher's (chunk, V) buffer and GEMM."]

@@ -3,8 +3,8 @@
     python -m benchmarks.topk_quality [--runs DIR] [--no-write]
 
 On the trainer's LM task (train/configs/lm_teacher.yaml, lm_wttm.yaml: byte-level GPTs on this repository's
-README.md, frozen into the runs folder, CPU): the gpt_small teacher, its top-k stores for k = 8 and 64 (``python -m train teacher-topk``),
-then gpt_tiny students with WTTM (gamma 0.8, beta 0.5, the config's) from the dense teacher, from each store
+README.md, frozen into the runs folder, CPU): the gpt_small teacher, its top-k stores for k = 8 and 64
+(``python -m train teacher-topk``), then gpt_tiny students with WTTM (gamma 0.8, beta 0.5, the config's) from the dense teacher, from each store
 with tail bucket and renormalize, and with CE only. Reported: held-out CE per token (nats, log of the
 perplexity) at the last epoch and at the best one. One seed each, on a small text: differences below the
 seed-to-seed spread (not measured here) are not evidence.
@@ -71,8 +71,8 @@ def main(argv=None):
     lines = ["### Quality: students distilled from top-k stores (LM task, CPU)", "",
              f"Command: `{command.strip()}`. gpt_tiny students (30 epochs, WTTM gamma 0.8, beta 0.5 from "
              "train/configs/lm_wttm.yaml) of the gpt_small teacher of train/configs/lm_teacher.yaml, byte-level "
-             "(V = 257) on this repository's README.md (a copy in the runs folder); held-out CE per token in nats (log perplexity). One seed "
-             "per row on a small text: differences below a few hundredths are within run-to-run noise.", "",
+             "(V = 257) on this repository's README.md (a copy in the runs folder); held-out CE per token in nats "
+             "(log perplexity). One seed per row on a small text: differences below a few hundredths are within run-to-run noise.", "",
              "| student | CE last epoch | CE best epoch |", "|---|---|---|"]
     lines += [f"| {name} | {last:.3f} | {best:.3f} |" for name, (last, best) in rows.items()]
     table = "\n".join(lines) + "\n"

@@ -12,8 +12,8 @@ import torch.nn.functional as F
 
 import ttm_kernels
 from ttm_kernels import (fused_kd_loss, fused_linear_kd_loss, fused_linear_kd_loss_topk, fused_linear_ttm_loss,
-                         fused_linear_ttm_loss_topk, fused_linear_wttm_loss, fused_linear_wttm_loss_topk, fused_ttm_loss,
-                         fused_wttm_loss)
+                         fused_linear_ttm_loss_topk, fused_linear_wttm_loss, fused_linear_wttm_loss_topk,
+                         fused_ttm_loss, fused_wttm_loss)
 
 from .errors import ConfigError
 

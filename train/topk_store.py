@@ -131,8 +131,8 @@ def _check_shard(path: str, shard: dict) -> None:
     for key, name in shard["files"].items():
         file = os.path.join(path, name)
         if not os.path.isfile(file):
-            raise DataError(f"teacher_topk: shard file {file} is missing: rewrite the store (python -m train "
-                            "teacher-topk resumes after the last intact shard once the manifest lists it no more)")
+            raise DataError(f"teacher_topk: shard file {file} is missing: restore it, or delete the folder and write "
+                            "the store again")
         if file_sha256(file) != shard["sha256"][key]:
             raise DataError(f"teacher_topk: shard file {file} is corrupt (its SHA-256 differs from the manifest's): "
                             "rewrite the store, or restore the file")
@@ -145,9 +145,9 @@ class TopkStore:
         self.path = path
         self.manifest = manifest = _read_manifest(path)
         if not manifest["complete"]:
-            raise ConfigError(f"teacher_topk: the store in {path} is incomplete ({sum(s['windows'] for s in manifest['shards'])}"
-                              f" of {manifest['windows']} windows): run `python -m train teacher-topk` again with "
-                              "the same config to finish it")
+            written = sum(shard["windows"] for shard in manifest["shards"])
+            raise ConfigError(f"teacher_topk: the store in {path} is incomplete ({written} of {manifest['windows']} "
+                              "windows): run `python -m train teacher-topk` again with the same config to finish it")
         self.ids, self.logprobs, self.first = [], [], []
         shape = (manifest["seq_len"], manifest["k"])
         for shard in manifest["shards"]:
