@@ -71,7 +71,7 @@ def store_throughput(k=64, seq_len=512, windows=512, windows_per_shard=64, batch
 
 
 def store_table(command):
-    lines = ["### Store: bytes per token and throughput (CPU)", "",
+    lines = ["### Store - bytes per token and throughput (CPU)", "",
              f"{linear_bench.machine('cpu')}. Command: `{command}`. k = 64 int32 ids, 512 windows of 512 tokens "
              "(262144 tokens) in shards of 64 windows, reads of 16 random windows; the dense alternative, bf16 "
              "logits at V = 128256, is 256.5 KB per token.", "",
@@ -105,7 +105,7 @@ def main(argv=None):
         for p in PROVIDERS:
             results[p].append(measure(p, n, hidden, vocab, dtype, reps))
             print(f"{p:>12} N={n:>6}: {results[p][-1]}", flush=True)
-    lines = [f"### {args.device.upper()}: `fused_linear_wttm_loss_topk` (k = 64) against the dense teacher", "",
+    lines = [f"### {args.device.upper()} - `fused_linear_wttm_loss_topk` (k = 64) against the dense teacher", "",
              f"{linear_bench.machine(args.device)}. Command: `{command}`. H={hidden} (student and teacher), "
              f"V={vocab}, {str(dtype).removeprefix('torch.')}, target given; time = median forward+backward of the "
              "LM head's loss, memory = peak extra (benchmarks/linear_bench.py's docstring says what is measured).",
@@ -121,6 +121,10 @@ def main(argv=None):
               "model; the top-k provider holds N x 64 x 8 bytes of ids and log-probabilities. The peak extra of both "
               "is set by the head's weight gradient (its fp32 accumulator and its cast), which the sparse teacher "
               "does not change; it removes the teacher's (chunk, V) buffer and GEMM."]
+    if args.device == "cpu":
+        lines.append("- CPU times are indicative only on a shared machine (load average above); the step is bound by "
+                     "its GEMMs: the student's forward and two backward ones for both providers, plus the teacher's "
+                     "for the dense one (at most 4/3 from the GEMMs alone).")
     table = "\n".join(lines) + "\n"
     print(table)
     if not args.no_write:

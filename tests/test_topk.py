@@ -407,3 +407,26 @@ def test_fused_wttm_loss_topk_torch_compile(backend):
     _, ref_grad = reference_loss_and_grad("wttm", z.float(), ids, logprobs.float(), target, torch.tensor(1.5),
                                           beta=2.0)
     assert_close("grad", ref_grad, student.grad, 1e-5, 1e-9)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_fused_wttm_loss_topk_memory_and_no_host_sync():
+    """Forward plus backward allocate the (N, V) gradient and O(N k) besides, and never make the host wait for
+    the device (the checks of the ids and log-probabilities are device-side assertions)."""
+    N, V, k = 2048, 32000, 64
+    z = (torch.randn(N, V, device="cuda") * 5).bfloat16().requires_grad_()
+    top = torch.log_softmax(torch.randn(N, V, device="cuda") * 5, -1).topk(k, -1)
+    ids, logprobs = top.indices, top.values
+    target = torch.randint(0, V, (N,), device="cuda")
+    del top
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        loss = fused_wttm_loss_topk(z, ids, logprobs, target)
+        (grad,) = torch.autograd.grad(loss, z)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+    assert torch.cuda.max_memory_allocated() - base <= N * V * 2 + (4 << 20)
