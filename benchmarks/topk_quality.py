@@ -5,9 +5,9 @@
 On the trainer's LM task (train/configs/lm_teacher.yaml, lm_wttm.yaml: byte-level GPTs on this repository's
 README.md, frozen into the runs folder, CPU): the gpt_small teacher, its top-k stores for k = 8 and 64
 (``python -m train teacher-topk``), then gpt_tiny students with WTTM (gamma 0.8, beta 0.5, the config's) from
-the dense teacher, from each store with tail bucket and renormalize, and with CE only. Reported: held-out CE per token (nats, log of the
-perplexity) at the last epoch and at the best one. One seed each, on a small text: differences below the
-seed-to-seed spread (not measured here) are not evidence.
+the dense teacher, from each store with tail bucket and renormalize, and with CE only. Reported: held-out CE
+per token (nats, log of the perplexity) at the last epoch and at the best one. One seed each, on a small
+text: differences below the seed-to-seed spread (not measured here) are not evidence.
 """
 from __future__ import annotations
 
