@@ -38,7 +38,7 @@ import time
 
 import torch
 
-from ttm_kernels import fused_linear_wttm_loss, fused_wttm_loss, reference
+from ttm_kernels import fused_linear_wttm_loss, fused_linear_wttm_loss_topk, fused_wttm_loss, reference
 from ttm_kernels._ops import resolve_backend
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -67,8 +67,28 @@ def make_inputs(n, hidden, vocab, dtype, device, seed=0):
     }
 
 
+def teacher_topk(x, k, rows=1024):
+    """The teacher's top-k ids (int32) and log-probabilities (fp32) of x's teacher, a store's content; the
+    teacher itself is dropped from x: a sparse-teacher run holds none."""
+    h_t, w_t = x.pop("h_t"), x.pop("w_t")
+    ids, logprobs = [], []
+    with torch.no_grad():
+        for start in range(0, h_t.shape[0], rows):
+            top = torch.log_softmax((h_t[start:start + rows] @ w_t.T).float(), -1).topk(k, -1)
+            ids.append(top.indices.to(torch.int32))
+            logprobs.append(top.values)
+    return torch.cat(ids), torch.cat(logprobs)
+
+
 def step_fn(provider, x):
-    """One forward+backward of ``provider``; gradients land in x["h_s"].grad and x["w_s"].grad."""
+    """One forward+backward of ``provider``; gradients land in x["h_s"].grad and x["w_s"].grad. ``topk[k=K]``:
+    ``fused_linear_wttm_loss_topk`` from the teacher's top K (benchmarks/topk_bench.py)."""
+    if provider.startswith("topk"):
+        ids, logprobs = teacher_topk(x, int(provider[len("topk[k="):-1]))
+
+        def step():
+            fused_linear_wttm_loss_topk(x["h_s"], x["w_s"], ids, logprobs, x["y"], gamma=GAMMA, beta=BETA).backward()
+        return step
     if provider.startswith("fused"):
         chunk = int(provider[len("fused[c="):-1]) if "[" in provider else None
 
@@ -195,20 +215,22 @@ def render(device, results, tokens, hidden, vocab, dtype, command):
     return "\n".join(lines + [""] + [f"- {note}" for note in notes]) + "\n"
 
 
-def write_results(path, device, subsection):
-    """Replaces this device's subsection of our section of ``path``, leaving everything else as it was."""
+INTRO = ("`python -m benchmarks.linear_bench` (benchmarks/linear_bench.py): `fused_linear_wttm_loss` against (a) "
+         "materialising both logits and calling `fused_wttm_loss` and (b) the paper's eager code on materialised "
+         "logits.\n")
+
+
+def write_results(path, device, subsection, section=SECTION, intro=INTRO):
+    """Replaces the subsection ``### <device>`` of ``section`` of ``path``, leaving everything else as it was."""
     text = open(path).read() if os.path.exists(path) else "# Benchmark results\n"
-    intro = ("`python -m benchmarks.linear_bench` (benchmarks/linear_bench.py): `fused_linear_wttm_loss` "
-             "against (a) materialising both logits and calling `fused_wttm_loss` and (b) the paper's eager code "
-             "on materialised logits.\n")
-    match = re.search(rf"^{re.escape(SECTION)}\n(.*?)(?=^## |\Z)", text, flags=re.S | re.M)
+    match = re.search(rf"^{re.escape(section)}\n(.*?)(?=^## |\Z)", text, flags=re.S | re.M)
     subsections = {}
     if match:
         for block in re.split(r"^(?=### )", match.group(1), flags=re.M):
             if block.startswith("### "):
                 subsections[block.split()[1].lower()] = block.rstrip() + "\n"
     subsections[device] = subsection
-    body = f"{SECTION}\n\n{intro}\n" + "\n".join(subsections[k] for k in sorted(subsections)) + "\n"
+    body = f"{section}\n\n{intro}\n" + "\n".join(subsections[k] for k in sorted(subsections)) + "\n"
     if match:
         text = text[:match.start()] + body + text[match.end():]
     else:

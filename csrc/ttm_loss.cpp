@@ -26,6 +26,7 @@
 #include <limits>
 #include <optional>
 #include <string>
+#include <vector>
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -493,6 +494,343 @@ std::string cpu_isa() { return block_kernels().isa; }
 }  // namespace
 }  // namespace ttm_cpu
 
+// --- Sparse teachers: each row's k most likely ids and their log-probabilities (ops topk_forward, topk_backward).
+//
+// Per row, S is the row's ids other than the padding id -1, sorted ascending (the Python launcher sorts them
+// once, the padding first), l_i their log-probabilities over the full vocabulary, R every other column; the
+// definition is ttm_kernels/reference.py's topk_loss_rows. With s = student_scale and g = teacher_scale:
+//   statistics: one streaming pass over z with the columns of S set to -inf (a two-pointer walk of the sorted
+//             ids along the blocks) gives lse(s*z) over R, and lse(z) over R for the CE under a temperature,
+//             exactly (no 1 - q_S cancellation); the k gathered logits add S to give the whole row's.
+//   O(k) per row, in double: the teacher on S + {R} (its tail mass 1 - sum_S p summed in double), the student
+//             on S + {R}, and their KL in the form that never cancels (see GradientOptions).
+//   gradient: for j in R, kl_coef * (q_j - pt_R q_j / q_R) plus the CE's: the dense block kernel with the
+//             student's own logits as the teacher, p_j = exp(s*z_j - (lse_R - log pt_R)); the k entries of S
+//             are then overwritten with kl_coef * (q_i - pt_i) plus the CE's, before the block is stored.
+// Statistics: (10, N) fp32, rows as ttm_kernels/_stats.py's TopkStat: Stat's, with the (max, log-sum) of s*z
+// over R in the rows that hold the teacher's for a dense teacher.
+namespace ttm_cpu {
+namespace {
+
+struct TopkSetup {
+  LossSetup loss;
+  const int32_t* ids;      // (N, k), each row sorted ascending
+  const float* logprobs;   // (N, k), in the ids' order
+  int64_t k;
+  bool bucket;             // tail "bucket" (else "renormalize")
+};
+
+// A row's student statistics, as stored: (max, log-sum) pairs of s*z over the row and over R, and of z.
+struct TopkStudent {
+  float m_all, log_d_all, m_tail, log_d_tail, m_z, log_d_z;
+};
+
+// The row's transformed teacher on S + {R}: log of its normaliser sum_b p_b**g, the WTTM weight, log pt_R.
+struct TopkTeacher {
+  double log_norm, weight, log_pt_tail;
+};
+
+// Per-thread scratch of k entries.
+struct TopkScratch {
+  std::vector<float> z;    // the logits of S
+  std::vector<float> fix;  // the gradient entries of S
+  explicit TopkScratch(int64_t k) : z(k), fix(k) {}
+};
+
+double kl_term(double q, double p, double y) {
+  // q * f(y) as in the block kernels' kl_term (see there), in double.
+  if (std::fabs(y) < 0.5) return q * (y * std::exp(y) - std::expm1(y));
+  return (p > 0.0 ? p * y : 0.0) + (q - p);
+}
+
+// The first id of row r's sorted ids that is not padding.
+int64_t first_id(const TopkSetup& setup, int64_t r) {
+  const int32_t* ids = setup.ids + r * setup.k;
+  return std::lower_bound(ids, ids + setup.k, 0) - ids;
+}
+
+// The online sums of s*z (and z) over row r's columns outside S, and the logits of S, gathered into z_s.
+RowAccumulators scan_tail(const Rows& student, const TopkSetup& setup, int64_t r, int64_t first, float* z_s,
+                          RowBuffers& buffers) {
+  const BlockKernels& kernels = block_kernels();
+  const LossSetup& loss = setup.loss;
+  ScanOptions options{loss.student_scale, loss.student_scale, false, loss.separate_ce};
+  options.has_teacher = false;
+  const int32_t* ids = setup.ids + r * setup.k;
+  const char* z_row = student.row(r);
+  for (int64_t i = first; i < setup.k; ++i) z_s[i - first] = student.column(z_row, ids[i]);
+  RowAccumulators sums;
+  int64_t next = first;
+  for (int64_t start = 0; start < loss.vocab; start += kBlockSize) {
+    const int64_t n = std::min(kBlockSize, loss.vocab - start);
+    const float* z = student.block(z_row, start, n, buffers.z);
+    if (next < setup.k && ids[next] < start + n) {
+      if (z != buffers.z) {
+        std::memcpy(buffers.z, z, n * sizeof(float));
+        z = buffers.z;
+      }
+      for (; next < setup.k && ids[next] < start + n; ++next) buffers.z[ids[next] - start] = -INFINITY;
+    }
+    kernels.scan(z, nullptr, n, options, sums);
+  }
+  return sums;
+}
+
+// One (max, sum) pair of the row's tail merged with the values x_i of S: the whole row's (max, log-sum).
+void merge_with(float m_tail, float d_tail, const float* z_s, int64_t n, float scale, float& m_out,
+                float& log_d_out) {
+  float m = m_tail;
+  for (int64_t i = 0; i < n; ++i) m = std::max(m, scale * z_s[i]);
+  double d = double(d_tail) * std::exp(double(m_tail) - m);
+  for (int64_t i = 0; i < n; ++i) d += std::exp(double(scale * z_s[i]) - m);
+  m_out = m;
+  log_d_out = static_cast<float>(std::log(d));
+}
+
+TopkTeacher topk_teacher(const TopkSetup& setup, int64_t r, int64_t first) {
+  const LossSetup& loss = setup.loss;
+  const double g = loss.teacher_scale;
+  const float* l = setup.logprobs + r * setup.k;
+  double p_sum = 0.0, m_w = -INFINITY;
+  for (int64_t i = first; i < setup.k; ++i) {
+    p_sum += std::exp(double(l[i]));
+    m_w = std::max(m_w, g * l[i]);
+  }
+  // Under the power transform a residue counts: 1 - sum p in double, from the stored values.
+  const double p_tail = setup.bucket && setup.k - first < loss.vocab ? std::max(0.0, 1.0 - p_sum) : 0.0;
+  const double w_tail = g * std::log(p_tail);
+  m_w = std::max(m_w, w_tail);
+  double sum_w = std::exp(w_tail - m_w);
+  for (int64_t i = first; i < setup.k; ++i) sum_w += std::exp(g * l[i] - m_w);
+  TopkTeacher teacher;
+  teacher.log_norm = m_w + std::log(sum_w);
+  teacher.weight = !loss.weighted ? 1.0 : std::exp(teacher.log_norm - (setup.bucket ? 0.0 : g * std::log(p_sum)));
+  teacher.log_pt_tail = w_tail - teacher.log_norm;
+  return teacher;
+}
+
+// The KL over S + {R} from the student's statistics and the logits of S; with `fix`, also writes the gradient
+// entries of S (kl_coef, ce_coef as in GradientOptions).
+double topk_kl(const TopkSetup& setup, int64_t r, int64_t first, const float* z_s, const TopkStudent& st,
+               const TopkTeacher& teacher, float* fix, float kl_coef, float ce_coef) {
+  const LossSetup& loss = setup.loss;
+  const double g = loss.teacher_scale;
+  const float s = loss.student_scale;
+  const int32_t* ids = setup.ids + r * setup.k;
+  const float* l = setup.logprobs + r * setup.k;
+  const double log_q_tail = (double(st.m_tail) - st.m_all) + double(st.log_d_tail) - st.log_d_all;
+  double kl = kl_term(std::exp(log_q_tail), std::exp(teacher.log_pt_tail), teacher.log_pt_tail - log_q_tail);
+  const int64_t target = loss.target ? loss.target[r] : -1;
+  for (int64_t i = 0; i < setup.k - first; ++i) {
+    const double log_q = (double(s * z_s[i]) - st.m_all) - st.log_d_all;
+    const double log_pt = g * l[first + i] - teacher.log_norm;
+    const double q = std::exp(log_q), pt = std::exp(log_pt);
+    kl += kl_term(q, pt, log_pt - log_q);
+    if (fix) {
+      double value = kl_coef * (q - pt);
+      if (loss.target) {
+        const double q_ce = loss.separate_ce ? std::exp((double(z_s[i]) - st.m_z) - st.log_d_z) : q;
+        value += ce_coef * (q_ce - (ids[first + i] == target ? 1.0 : 0.0));
+      }
+      fix[i] = static_cast<float>(value);
+    }
+  }
+  return kl;
+}
+
+// Writes row r's gradient: the dense block kernel over every column (R's entries), the entries of S
+// overwritten from `fix` before each block is stored.
+void topk_gradient_row(const Rows& student, const Rows& grad, const TopkSetup& setup, int64_t r, int64_t first,
+                       const TopkStudent& st, const TopkTeacher& teacher, const float* fix, float kl_coef,
+                       float ce_coef, RowBuffers& buffers) {
+  const LossSetup& loss = setup.loss;
+  const int32_t* ids = setup.ids + r * setup.k;
+  GradientOptions options;
+  options.student_scale = loss.student_scale;
+  options.teacher_scale = loss.student_scale;
+  options.m_s = st.m_all;
+  options.log_d_s = st.log_d_all;
+  // p_j = pt_R q_j / q_R = exp(s*z_j - (lse_R - log pt_R)); none where R is empty or all -inf.
+  options.m_t = st.m_tail;
+  options.log_d_t = std::isfinite(st.log_d_tail) ? static_cast<float>(st.log_d_tail - teacher.log_pt_tail) : INFINITY;
+  options.m_z = st.m_z;
+  options.log_d_z = st.log_d_z;
+  options.kl_coef = kl_coef;
+  options.ce_coef = ce_coef;
+  options.has_target = loss.target != nullptr;
+  options.separate_ce = loss.separate_ce;
+  const int64_t target = loss.target ? loss.target[r] : -1;
+  const BlockKernels& kernels = block_kernels();
+  const char* z_row = student.row(r);
+  char* g_row = grad.row(r);
+  int64_t next = first;
+  for (int64_t start = 0; start < loss.vocab; start += kBlockSize) {
+    const int64_t n = std::min(kBlockSize, loss.vocab - start);
+    const float* z = student.block(z_row, start, n, buffers.z);
+    float* out = grad.dtype == Dtype::Float32 ? reinterpret_cast<float*>(g_row) + start : buffers.grad;
+    if (overlaps(out, z, n * sizeof(float))) {  // an fp32 gradient written over its own input
+      std::memcpy(buffers.z, z, n * sizeof(float));
+      z = buffers.z;
+    }
+    options.target_column = target - start;
+    // The entries of S are garbage here (z_i may exceed R's maximum) and are overwritten next.
+    kernels.kl_gradient(z, z, n, options, out);
+    for (; next < setup.k && ids[next] < start + n; ++next) out[ids[next] - start] = fix[next - first];
+    if (grad.dtype != Dtype::Float32) kernels.store(out, n, g_row + start * grad.element_size, grad.dtype);
+  }
+}
+
+float row_grad_of(const LossSetup& setup, int64_t r) { return setup.row_grad[r * setup.row_grad_stride]; }
+
+float checked_ce_coef(const LossSetup& setup, int64_t r, float row_grad) {
+  const int64_t target = setup.target ? setup.target[r] : -1;
+  // A class index outside [0, V) poisons the row's gradient, never a silent answer.
+  return !setup.target || (target >= 0 && target < setup.row_vocab) ? row_grad * setup.ce_weight
+                                                                      : std::numeric_limits<float>::quiet_NaN();
+}
+
+TopkSetup make_topk_setup(const at::Tensor& student, const at::Tensor& ids, const at::Tensor& logprobs,
+                          const std::optional<at::Tensor>& target, double student_scale, double teacher_scale,
+                          double kl_coef, double ce_weight, bool weighted, bool bucket, int64_t ignore_index) {
+  check_rows(student, student, "student");
+  const int64_t n_rows = student.size(0) * student.size(1);
+  TORCH_CHECK(ids.device().is_cpu() && ids.scalar_type() == at::kInt && ids.dim() == 2 && ids.size(0) == n_rows &&
+                  ids.size(1) >= 1 && ids.is_contiguous(),
+              "ids must be a contiguous int32 CPU tensor of shape (", n_rows, ", k >= 1), got ", ids.scalar_type(),
+              " ", ids.sizes());
+  TORCH_CHECK(logprobs.device().is_cpu() && logprobs.scalar_type() == at::kFloat && logprobs.sizes() == ids.sizes() &&
+                  logprobs.is_contiguous(),
+              "logprobs must be a contiguous float32 CPU tensor of the ids' shape ", ids.sizes(), ", got ",
+              logprobs.scalar_type(), " ", logprobs.sizes());
+  TopkSetup setup;
+  setup.loss = make_setup(student.size(2), target_rows(target, n_rows), student_scale, teacher_scale, kl_coef, ce_weight,
+                          weighted, ignore_index);
+  setup.ids = ids.data_ptr<int32_t>();
+  setup.logprobs = logprobs.data_ptr<float>();
+  setup.k = ids.size(1);
+  setup.bucket = bucket;
+  return setup;
+}
+
+at::Tensor topk_forward(const at::Tensor& student, const at::Tensor& ids, const at::Tensor& logprobs,
+                        const std::optional<at::Tensor>& target, double student_scale, double teacher_scale,
+                        double kl_coef, double ce_weight, bool weighted, bool bucket, int64_t ignore_index,
+                        const std::optional<at::Tensor>& grad, const std::optional<at::Tensor>& row_grad) {
+  TopkSetup setup = make_topk_setup(student, ids, logprobs, target, student_scale, teacher_scale, kl_coef,
+                                    ce_weight, weighted, bucket, ignore_index);
+  const LossSetup& loss = setup.loss;
+  const int64_t n_rows = student.size(0) * student.size(1);
+  const bool has_grad = grad.has_value() && grad->defined();
+  if (has_grad) {
+    check_rows(*grad, student, "grad");
+    TORCH_CHECK(row_grad.has_value() && row_grad->defined(), "topk_forward with grad needs row_grad");
+    set_row_grad(setup.loss, *row_grad, n_rows);
+  }
+  at::Tensor stats = at::empty({kNumStats, n_rows}, student.options().dtype(at::kFloat));
+  if (n_rows == 0) return stats;
+  const Rows student_rows(student, "student");
+  const std::optional<Rows> grad_rows = has_grad ? std::optional<Rows>(Rows(*grad, "grad")) : std::nullopt;
+  float* stats_ptr = stats.data_ptr<float>();
+  at::parallel_for(0, n_rows, grain_rows(loss.vocab), [&](int64_t begin, int64_t end) {
+    RowBuffers buffers;
+    TopkScratch scratch(setup.k);
+    for (int64_t r = begin; r < end; ++r) {
+      if (is_ignored(loss, r)) {
+        for (int64_t k = 0; k < kNumStats; ++k) stats_ptr[k * n_rows + r] = 0.0f;
+        if (grad_rows) zero_row(*grad_rows, r, loss.vocab);
+        continue;
+      }
+      const int64_t first = first_id(setup, r), n = setup.k - first;
+      const RowAccumulators sums = scan_tail(student_rows, setup, r, first, scratch.z.data(), buffers);
+      TopkStudent st;
+      st.m_tail = sums.m_s;
+      st.log_d_tail = std::log(sums.d_s);
+      merge_with(sums.m_s, sums.d_s, scratch.z.data(), n, loss.student_scale, st.m_all, st.log_d_all);
+      if (loss.separate_ce) {
+        merge_with(sums.m_z, sums.d_z, scratch.z.data(), n, 1.0f, st.m_z, st.log_d_z);
+      } else {
+        st.m_z = st.m_all;
+        st.log_d_z = st.log_d_all;
+      }
+      RowStats row;
+      row.ce = 0.0f;
+      if (loss.target) {
+        const int64_t y = loss.target[r];
+        const float z_y = y >= 0 && y < loss.vocab ? student_rows.column(student_rows.row(r), y)
+                                                   : std::numeric_limits<float>::quiet_NaN();
+        row.ce = (st.m_z - z_y) + st.log_d_z;
+      }
+      const float row_grad = has_grad ? row_grad_of(loss, r) : 0.0f;
+      const float ce_coef = checked_ce_coef(loss, r, row_grad);
+      const TopkTeacher teacher = topk_teacher(setup, r, first);
+      const float grad_kl_coef = static_cast<float>(row_grad * loss.kl_coef * teacher.weight * loss.student_scale);
+      float* fix = grad_rows ? scratch.fix.data() : nullptr;
+      row.kl = static_cast<float>(topk_kl(setup, r, first, scratch.z.data(), st, teacher, fix, grad_kl_coef, ce_coef));
+      if (grad_rows) {
+        topk_gradient_row(student_rows, *grad_rows, setup, r, first, st, teacher, fix, grad_kl_coef, ce_coef,
+                          buffers);
+      }
+      row.weight = static_cast<float>(teacher.weight);
+      row.loss = loss.kl_coef * row.weight * row.kl + loss.ce_weight * row.ce;
+      row.m_s = st.m_all;
+      row.log_d_s = st.log_d_all;
+      row.m_t = st.m_tail;
+      row.log_d_t = st.log_d_tail;
+      row.m_z = st.m_z;
+      row.log_d_z = st.log_d_z;
+      store_stats(row, stats_ptr, n_rows, r);
+    }
+  });
+  return stats;
+}
+
+// Writes d(sum_i row_grad_i * loss_i)/dz into `grad` from topk_forward's statistics (the backward of
+// reduction "none"): the logits of S and the teacher's O(k) terms are recomputed, the statistics pass is not.
+void topk_backward(const at::Tensor& student, const at::Tensor& ids, const at::Tensor& logprobs,
+                   const std::optional<at::Tensor>& target, const at::Tensor& stats, double student_scale,
+                   double teacher_scale, double kl_coef, double ce_weight, bool bucket, int64_t ignore_index,
+                   const at::Tensor& grad, const at::Tensor& row_grad) {
+  TopkSetup setup = make_topk_setup(student, ids, logprobs, target, student_scale, teacher_scale, kl_coef,
+                                    ce_weight, /*weighted=*/false, bucket, ignore_index);
+  const LossSetup& loss = setup.loss;
+  const int64_t n_rows = student.size(0) * student.size(1);
+  TORCH_CHECK(stats.device().is_cpu() && stats.scalar_type() == at::kFloat && stats.dim() == 2 &&
+                  stats.size(0) == kNumStats && stats.size(1) == n_rows && stats.is_contiguous(),
+              "stats must be the contiguous (", kNumStats, ", ", n_rows, ") float32 CPU tensor of topk_forward, got ",
+              stats.scalar_type(), " ", stats.sizes());
+  check_rows(grad, student, "grad");
+  set_row_grad(setup.loss, row_grad, n_rows);
+  if (n_rows == 0) return;
+  const Rows student_rows(student, "student"), grad_rows(grad, "grad");
+  const float* stats_ptr = stats.data_ptr<float>();
+  at::parallel_for(0, n_rows, grain_rows(loss.vocab), [&](int64_t begin, int64_t end) {
+    RowBuffers buffers;
+    TopkScratch scratch(setup.k);
+    for (int64_t r = begin; r < end; ++r) {
+      if (is_ignored(loss, r)) {
+        zero_row(grad_rows, r, loss.vocab);
+        continue;
+      }
+      const RowStats row = load_stats(stats_ptr, n_rows, r);
+      const TopkStudent st{row.m_s, row.log_d_s, row.m_t, row.log_d_t, row.m_z, row.log_d_z};
+      const int64_t first = first_id(setup, r);
+      const int32_t* row_ids = setup.ids + r * setup.k;
+      const char* z_row = student_rows.row(r);
+      for (int64_t i = first; i < setup.k; ++i) scratch.z[i - first] = student_rows.column(z_row, row_ids[i]);
+      const float row_grad = row_grad_of(loss, r);
+      const float ce_coef = checked_ce_coef(loss, r, row_grad);
+      const float grad_kl_coef = row_grad * loss.kl_coef * row.weight * loss.student_scale;
+      const TopkTeacher teacher = topk_teacher(setup, r, first);
+      topk_kl(setup, r, first, scratch.z.data(), st, teacher, scratch.fix.data(), grad_kl_coef, ce_coef);
+      topk_gradient_row(student_rows, grad_rows, setup, r, first, st, teacher, scratch.fix.data(), grad_kl_coef,
+                        ce_coef, buffers);
+    }
+  });
+}
+
+}  // namespace
+}  // namespace ttm_cpu
+
 TORCH_LIBRARY(ttm_kernels_C, m) {
   m.def(
       "forward(Tensor student, Tensor teacher, Tensor? target, float student_scale, float teacher_scale, "
@@ -508,6 +846,14 @@ TORCH_LIBRARY(ttm_kernels_C, m) {
       "pieces(Tensor student, Tensor teacher, Tensor? target, Tensor stats, float student_scale, "
       "float teacher_scale, float kl_coef, float ce_weight, int ignore_index, int col_offset, int row_vocab, "
       "Tensor(a!)? grad, Tensor? row_grad) -> Tensor");
+  m.def(
+      "topk_forward(Tensor student, Tensor ids, Tensor logprobs, Tensor? target, float student_scale, "
+      "float teacher_scale, float kl_coef, float ce_weight, bool weighted, bool bucket, int ignore_index, "
+      "Tensor(a!)? grad, Tensor? row_grad) -> Tensor");
+  m.def(
+      "topk_backward(Tensor student, Tensor ids, Tensor logprobs, Tensor? target, Tensor stats, "
+      "float student_scale, float teacher_scale, float kl_coef, float ce_weight, bool bucket, int ignore_index, "
+      "Tensor(a!) grad, Tensor row_grad) -> ()");
   // The instruction set the block kernels were picked for ("avx512", "avx2" or "baseline").
   m.def("cpu_isa() -> str", &ttm_cpu::cpu_isa);
 }
@@ -517,6 +863,8 @@ TORCH_LIBRARY_IMPL(ttm_kernels_C, CPU, m) {
   m.impl("partial", &ttm_cpu::partial);
   m.impl("merge", &ttm_cpu::merge);
   m.impl("pieces", &ttm_cpu::pieces);
+  m.impl("topk_forward", &ttm_cpu::topk_forward);
+  m.impl("topk_backward", &ttm_cpu::topk_backward);
 }
 
 // `import ttm_kernels._C` loads this library, which registers the ops above; the module itself is empty.

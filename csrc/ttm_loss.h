@@ -37,6 +37,7 @@ struct ScanOptions {
   float student_scale, teacher_scale;
   bool weighted;     // accumulate lse(v)
   bool separate_ce;  // accumulate lse(z)
+  bool has_teacher = true;  // false: v is not read (a top-k teacher has no row), only the student's sums move
 };
 
 // The second pass over a row, with the row's final statistics. It sums KL(p || q), p = softmax(g*v) and
@@ -58,7 +59,7 @@ struct GradientOptions {
 
 struct BlockKernels {
   const char* isa;
-  // Folds n columns of z and v into the row state.
+  // Folds n columns of z and v into the row state (of z alone when !options.has_teacher; v may be null then).
   void (*scan)(const float* z, const float* v, int64_t n, const ScanOptions& options, RowAccumulators& row);
   // Returns the KL terms of n columns and, unless `grad` is null, writes their fp32 gradient; `grad` must not
   // alias z or v.

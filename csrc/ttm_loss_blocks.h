@@ -63,7 +63,7 @@ inline float exp_fp32(float x) {
   return x < kMin ? 0.0f : result;
 }
 
-template <bool kWeighted, bool kSeparateCe>
+template <bool kWeighted, bool kSeparateCe, bool kTeacher = true>
 inline void scan_block(const float* __restrict z, const float* __restrict v, int64_t n, const ScanOptions& options,
                        RowAccumulators& row) {
   const float s = options.student_scale, g = options.teacher_scale;
@@ -71,7 +71,7 @@ inline void scan_block(const float* __restrict z, const float* __restrict v, int
   TTM_SIMD_REDUCE(max : max_z, max_v)
   for (int64_t i = 0; i < n; ++i) {
     max_z = z[i] > max_z ? z[i] : max_z;
-    max_v = v[i] > max_v ? v[i] : max_v;
+    if (kTeacher) max_v = v[i] > max_v ? v[i] : max_v;
   }
   // max(s * z) = s * max(z) exactly: rounding is monotonic and s > 0.
   const float m_s = std::max(row.m_s, s * max_z);
@@ -83,7 +83,7 @@ inline void scan_block(const float* __restrict z, const float* __restrict v, int
   TTM_SIMD_REDUCE(+ : d_s, d_t, d_v, d_z)
   for (int64_t i = 0; i < n; ++i) {
     d_s += exp_fp32(s * z[i] - m_s);
-    d_t += exp_fp32(g * v[i] - m_t);
+    if (kTeacher) d_t += exp_fp32(g * v[i] - m_t);
     if (kWeighted) d_v += exp_fp32(v[i] - m_v);
     if (kSeparateCe) d_z += exp_fp32(z[i] - m_z);
   }
@@ -104,7 +104,10 @@ inline void scan_block(const float* __restrict z, const float* __restrict v, int
 }
 
 void scan(const float* z, const float* v, int64_t n, const ScanOptions& options, RowAccumulators& row) {
-  if (options.weighted) {
+  if (!options.has_teacher) {
+    options.separate_ce ? scan_block<false, true, false>(z, v, n, options, row)
+                        : scan_block<false, false, false>(z, v, n, options, row);
+  } else if (options.weighted) {
     options.separate_ce ? scan_block<true, true>(z, v, n, options, row)
                         : scan_block<true, false>(z, v, n, options, row);
   } else {

@@ -97,6 +97,42 @@ def exponentials_per_variant():
     return counts
 
 
+# The sparse-teacher kernels: each flag with both values at least once (the full product takes minutes), the
+# largest ids tile, and the backward. The training variant (WTTM, bucket, target, gradient) may issue two
+# exponentials per element (the statistics pass and the gradient pass) and a few per row.
+TOPK_FLAGS = ("HAS_TARGET", "WEIGHTED", "BUCKET", "SEPARATE_CE", "HAS_GRAD")
+TOPK_VARIANTS = [
+    # HAS_TARGET, WEIGHTED, BUCKET, SEPARATE_CE, HAS_GRAD, STUDENT_POWER, BLOCK_K
+    (True, True, True, False, True, 0, 64),  # training WTTM (the exponential count below)
+    (False, False, False, False, False, 0, 1),
+    (True, False, True, True, True, 4, 4096),
+    (True, False, False, True, False, 0, 128),
+]
+TOPK_SCALAR_EXPONENTIALS = 16
+
+
+def compile_topk_variants():
+    import re
+
+    from ttm_kernels import triton_topk
+
+    pointers = {"S": "*bf16", "GRAD": "*bf16", "Y": "*i64", "STATS": "*fp32", "ROW_GRAD": "*fp32", "IDS": "*i32",
+                "LOGP": "*fp32"}
+    counts = []
+    for *flags, power, block_k in TOPK_VARIANTS:
+        constexprs = {**dict(zip(TOPK_FLAGS, flags)), "STUDENT_POWER": power, "BLOCK_K": block_k, "BLOCK_V": 4096}
+        kernel = compile_for_sm90(triton_topk.topk_fwd_kernel, pointers, constexprs)
+        counts.append(len(re.findall(r"\bex2\.approx", kernel.asm["ptx"])))
+        del constexprs["WEIGHTED"], constexprs["HAS_GRAD"]
+        compile_for_sm90(triton_topk.topk_bwd_kernel, pointers, constexprs)
+    return counts
+
+
+def test_triton_topk_kernels_compile_for_sm90():
+    counts = json.loads(_run_here("topk").strip().splitlines()[-1])
+    assert counts[0] <= 2 * ELEMENTS_PER_THREAD + TOPK_SCALAR_EXPONENTIALS, counts
+
+
 def _run_here(*args):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     repo_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -122,5 +158,7 @@ def test_triton_kernels_exponentials_per_element():
 if __name__ == "__main__":
     if sys.argv[1] == "count":
         print(json.dumps(exponentials_per_variant()))
+    elif sys.argv[1] == "topk":
+        print(json.dumps(compile_topk_variants()))
     else:
         compile_every_variant(*sys.argv[1:3])

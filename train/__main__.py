@@ -6,7 +6,8 @@ from . import config
 from .errors import UserError
 
 USAGE = """python -m train --config FILE [key=value ...] [--resume]
-       python -m train demo [--help]"""
+       python -m train demo [--help]
+       python -m train teacher-topk --config FILE out_dir=DIR [k=64] [key=value ...]"""
 
 
 def main(argv=None):
@@ -14,6 +15,9 @@ def main(argv=None):
     if argv[:1] == ["demo"]:
         from . import demo
         return demo.main(argv[1:])
+    if argv[:1] == ["teacher-topk"]:
+        from . import teacher_topk
+        return teacher_topk.main(argv[1:])
     parser = argparse.ArgumentParser(
         prog="python -m train", usage=USAGE, formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Train a teacher (loss=ce) or distil a student (loss=kd|ttm|wttm) with ttm_kernels. "

@@ -87,6 +87,10 @@ KEYS: dict[str, Key] = {
     "teacher": Key(None, str, "teacher architecture (for kd/ttm/wttm)"),
     "teacher_checkpoint": Key(None, str, "teacher weights: a {'model': state_dict} checkpoint (RepDistiller, "
                               "mdistiller or this trainer) or a bare state_dict; optional for an hf:<path> teacher"),
+    "teacher_topk": Key(None, str, "lm: distil from a store of the teacher's top-k log-probabilities (written by "
+                        "`python -m train teacher-topk`) instead of a teacher model, which is then not loaded"),
+    "topk_tail": Key("bucket", str, "lm with teacher_topk: the teacher's mass outside its top k is one more outcome "
+                     "(bucket), or the top k are renormalised (ttm_kernels' tail)", ("bucket", "renormalize")),
     "loss_backend": Key("auto", str, "ttm_kernels backend", ("auto", "torch", "cpu", "triton")),
     "ce_weight": Key(None, NUM, "weight of the hard-label CE; null = per-loss default (ce 1, kd 0.1, ttm/wttm 1)"),
     "beta": Key(None, NUM, "weight of the distillation term; null = per-loss default (kd 0.9, ttm 45, wttm 4)"),
@@ -235,9 +239,14 @@ def validate(cfg: dict) -> dict:
             raise ConfigError(f"config key {name!r} must be >= 0, got {cfg[name]}")
     if not all(isinstance(m, int) and not isinstance(m, bool) for m in cfg["lr_milestones"]):
         raise ConfigError(f"config key 'lr_milestones' must be a list of epoch numbers, got {cfg['lr_milestones']}")
-    if cfg["loss"] != "ce" and not cfg["teacher"]:
-        raise ConfigError(f"loss {cfg['loss']!r} distils from a teacher: set 'teacher' (and 'teacher_checkpoint')")
-    if cfg["loss"] != "ce" and not cfg["teacher_checkpoint"] and not cfg["teacher"].startswith("hf:"):
+    if cfg["teacher_topk"] and (cfg["task"] != "lm" or cfg["loss"] == "ce"):
+        raise ConfigError("config key 'teacher_topk' distils a language model (task lm, loss kd, ttm or wttm) from a "
+                          f"top-k store, got task {cfg['task']!r} with loss {cfg['loss']!r}")
+    if cfg["loss"] != "ce" and not cfg["teacher"] and not cfg["teacher_topk"]:
+        raise ConfigError(f"loss {cfg['loss']!r} distils from a teacher: set 'teacher' (and 'teacher_checkpoint'), "
+                          "or 'teacher_topk' (task lm)")
+    if (cfg["loss"] != "ce" and not cfg["teacher_topk"] and not cfg["teacher_checkpoint"]
+            and not cfg["teacher"].startswith("hf:")):
         raise ConfigError(f"loss {cfg['loss']!r} needs trained teacher weights: set 'teacher_checkpoint'")
     for name, value in LOSS_DEFAULTS[cfg["loss"]].items():
         if cfg[name] is None:

@@ -11,13 +11,16 @@ import torch
 import torch.nn.functional as F
 
 import ttm_kernels
-from ttm_kernels import (fused_kd_loss, fused_linear_kd_loss, fused_linear_ttm_loss, fused_linear_wttm_loss,
+from ttm_kernels import (fused_kd_loss, fused_linear_kd_loss, fused_linear_kd_loss_topk, fused_linear_ttm_loss,
+                         fused_linear_ttm_loss_topk, fused_linear_wttm_loss, fused_linear_wttm_loss_topk,
                          fused_ttm_loss, fused_wttm_loss)
 
 from .errors import ConfigError
 
 DISTILL_FNS = {"kd": fused_kd_loss, "ttm": fused_ttm_loss, "wttm": fused_wttm_loss}
 LINEAR_FNS = {"kd": fused_linear_kd_loss, "ttm": fused_linear_ttm_loss, "wttm": fused_linear_wttm_loss}
+LINEAR_TOPK_FNS = {"kd": fused_linear_kd_loss_topk, "ttm": fused_linear_ttm_loss_topk,
+                   "wttm": fused_linear_wttm_loss_topk}
 
 
 class Objective:
@@ -80,6 +83,16 @@ class Objective:
                                             student_bias=bias, teacher_bias=cast(teacher_head.bias),
                                             vocab_mismatch=self.vocab_mismatch, return_components=True,
                                             **self.kwargs, **sharded)
+        return loss, {"ce": parts.ce, "kl": parts.kl, "kl_weight": parts.weight}
+
+    def linear_topk(self, hidden, head, target, topk_ids, topk_logprobs, dtype=None, tail="bucket"):
+        """``linear`` against a teacher's top-k ids and log-probabilities (a ``teacher_topk`` store) in place of
+        its hidden states and head; ``tail`` as ttm_kernels' (config key topk_tail)."""
+        dtype = dtype or head.weight.dtype
+        loss, parts = LINEAR_TOPK_FNS[self.kind](
+            hidden.to(dtype), head.weight.to(dtype), topk_ids, topk_logprobs, target,
+            student_bias=None if head.bias is None else head.bias.to(dtype), tail=tail,
+            return_components=True, **self.kwargs)
         return loss, {"ce": parts.ce, "kl": parts.kl, "kl_weight": parts.weight}
 
 

@@ -8,7 +8,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from . import checkpoint, data, models, parallel, text_data
+from . import checkpoint, data, models, parallel, text_data, topk_store
 from .errors import ConfigError
 from .losses import Objective, topk_correct
 from .models import gpt, hf
@@ -144,7 +144,7 @@ class LanguageModelTask(Task):
 
     def __init__(self, cfg, device):
         super().__init__(cfg, device)
-        for key in ("model",) + (("teacher",) if self.objective.needs_teacher else ()):
+        for key in ("model",) + (("teacher",) if self.objective.needs_teacher and not cfg["teacher_topk"] else ()):
             name = cfg[key]
             if name not in gpt.SPECS and not name.startswith(hf.PREFIX):
                 raise ConfigError(f"config key {key!r}: {name!r} is not a language model; task lm takes "
@@ -163,6 +163,10 @@ class LanguageModelTask(Task):
     def build_data(self, rank, world):
         self.tokenizer = self._tokenizer(self.cfg["model"])
         self.data = text_data.build_text_data(self.cfg, self.tokenizer, rank, world)
+        if self.cfg["teacher_topk"]:
+            # Its checksums are checked here; its vocabulary once the student's is known (build_teacher).
+            store = topk_store.TopkStore(self.cfg["teacher_topk"])
+            self.data.train = topk_store.TopkWindowLoader(self.data.train, store)
         return self.data
 
     def _build(self, name):
@@ -176,6 +180,10 @@ class LanguageModelTask(Task):
         return model.to(self.device)
 
     def build_teacher(self):
+        if self.cfg["teacher_topk"]:  # the store stands for the teacher: no model is loaded
+            self.data.train.store.check(vocab=self.student_vocab, seq_len=self.cfg["seq_len"],
+                                        corpus=topk_store.corpus_fingerprint(self.data.train.inputs))
+            return None
         name, student = self.cfg["teacher"], self.cfg["model"]
         # The teacher reads the student's token ids: both must tokenise alike.
         if name.startswith(hf.PREFIX) != student.startswith(hf.PREFIX) or (
@@ -199,7 +207,7 @@ class LanguageModelTask(Task):
         return (t.to(self.device, non_blocking=True) for t in batch)
 
     def train_step(self, model, teacher, batch, autocast):
-        tokens, targets = self._batch(batch)
+        tokens, targets, *topk = self._batch(batch)
         with autocast():
             amp = torch.is_autocast_enabled(self.device.type)
             dtype = torch.get_autocast_dtype(self.device.type) if amp else None
@@ -209,8 +217,12 @@ class LanguageModelTask(Task):
                     teacher_hidden = teacher(tokens)
             hidden = model(tokens)
         # Outside autocast: the fused loss runs its GEMMs in one given dtype (autocast's, when on).
-        loss, parts = self.objective.linear(hidden, lm_head(model), targets, teacher_hidden,
-                                            None if teacher is None else lm_head(teacher), dtype)
+        if topk:  # teacher_topk: the store's ids and log-probabilities of these windows
+            loss, parts = self.objective.linear_topk(hidden, lm_head(model), targets, *topk, dtype,
+                                                     tail=self.cfg["topk_tail"])
+        else:
+            loss, parts = self.objective.linear(hidden, lm_head(model), targets, teacher_hidden,
+                                                None if teacher is None else lm_head(teacher), dtype)
         n = (targets != text_data.IGNORE_INDEX).sum()
         sums = {"n": n, "loss": loss.detach() * n}
         sums.update({name: value * n for name, value in parts.items()})

@@ -6,6 +6,8 @@ from .functional import LossComponents, fused_kd_loss, fused_ttm_loss, fused_wtt
 from .linear import (LinearKDLoss, LinearTTMLoss, LinearWTTMLoss, fused_linear_kd_loss, fused_linear_ttm_loss,
                      fused_linear_wttm_loss)
 from .modules import KDLoss, TTMLoss, WTTMLoss
+from .topk import (fused_kd_loss_topk, fused_linear_kd_loss_topk, fused_linear_ttm_loss_topk,
+                   fused_linear_wttm_loss_topk, fused_ttm_loss_topk, fused_wttm_loss_topk)
 
 __version__ = "0.1.0"
 
@@ -23,6 +25,12 @@ __all__ = [
     "LinearTTMLoss",
     "LinearKDLoss",
     "FusedLinearDistillLoss",
+    "fused_wttm_loss_topk",
+    "fused_ttm_loss_topk",
+    "fused_kd_loss_topk",
+    "fused_linear_wttm_loss_topk",
+    "fused_linear_ttm_loss_topk",
+    "fused_linear_kd_loss_topk",
     "LossComponents",
     "reference",
     "triton_available",

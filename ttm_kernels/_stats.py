@@ -23,6 +23,23 @@ class Stat(IntEnum):
 NUM_STATS = len(Stat)
 
 
+class TopkStat(IntEnum):
+    """The statistics of a sparse (top-k) teacher's loss: Stat's rows, except that the teacher has no row to
+    sum over, and the rows that hold the teacher's sums for a dense one hold the student's over R, the
+    columns outside the teacher's k ids (its tail bucket)."""
+
+    LOSS = 0
+    KL = 1
+    CE = 2
+    WEIGHT = 3
+    MAX_S = 4  # max of s*z over the row
+    LOG_SUM_S = 5
+    MAX_R = 6  # max of s*z over R
+    LOG_SUM_R = 7
+    MAX_Z = 8
+    LOG_SUM_Z = 9
+
+
 class Partial(IntEnum):
     """The online sums of one piece of a row (a column range: a piece of a split row, a rank's vocabulary
     shard), which merge exactly into the row's: maxima by max, sums by sum_c d_c exp(m_c - M)."""

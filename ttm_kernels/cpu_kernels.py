@@ -64,3 +64,21 @@ def finish(stats, kl_parts, *, kl_coef, ce_weight, **_unused):
     """Writes the rows' KL (the sum of their pieces', (N, C)) and loss into ``stats``."""
     stats[Stat.KL] = kl_parts.sum(1)
     stats[Stat.LOSS] = kl_coef * stats[Stat.WEIGHT] * stats[Stat.KL] + ce_weight * stats[Stat.CE]
+
+
+def topk_forward(student, ids, logprobs, target, *, student_scale, teacher_scale, kl_coef, ce_weight, weighted,
+                 bucket, ignore_index, grad=None, row_grad=None):
+    """The sparse-teacher loss's statistics (NUM_STATS, N) fp32 (rows: ``_stats.TopkStat``) of (B, T, V) row
+    views, from ``ids`` sorted ascending per row (int32 (N, k), the padding -1 first) and their ``logprobs``
+    (fp32 (N, k)); with ``grad``, also writes d(sum_i row_grad_i * loss_i)/dz into it."""
+    return torch.ops.ttm_kernels_C.topk_forward(
+        student, ids, logprobs, target, float(student_scale), float(teacher_scale), float(kl_coef), float(ce_weight),
+        bool(weighted), bool(bucket), int(ignore_index), grad, row_grad)
+
+
+def topk_backward(row_grad, student, ids, logprobs, target, stats, grad, *, student_scale, teacher_scale, kl_coef,
+                  ce_weight, bucket, ignore_index, **_unused):
+    """Writes d(sum_i row_grad_i * loss_i)/dz into ``grad`` from the statistics of ``topk_forward``."""
+    torch.ops.ttm_kernels_C.topk_backward(
+        student, ids, logprobs, target, stats, float(student_scale), float(teacher_scale), float(kl_coef),
+        float(ce_weight), bool(bucket), int(ignore_index), grad, row_grad)

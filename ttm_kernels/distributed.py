@@ -420,10 +420,11 @@ def vocab_parallel_linear_loss(student_hidden, student_weight, teacher_hidden, t
     hidden = student_hidden.reshape(-1, student_hidden.shape[-1])
     if reduce_hidden_grad and needs[0]:
         hidden = _SumGradOverGroup.apply(hidden, process_group)
-    loss, terms = linear._FusedLinearLoss.apply(
-        hidden, student_weight, student_bias, teacher_hidden.reshape(-1, teacher_hidden.shape[-1]),
-        teacher_weight.detach(), None if teacher_bias is None else teacher_bias.detach(), target, spec, reduction,
-        chunk, needs, denominator, functools.partial(_sharded_chunk_loss, shards=shards))
+    teacher = linear.DenseTeacher(teacher_hidden.reshape(-1, teacher_hidden.shape[-1]), teacher_weight.detach(),
+                                  None if teacher_bias is None else teacher_bias.detach(), student_weight.shape[0],
+                                  loss=functools.partial(_sharded_chunk_loss, shards=shards))
+    loss, terms = linear._FusedLinearLoss.apply(hidden, student_weight, student_bias, teacher, target, spec,
+                                                reduction, chunk, needs, denominator)
     if reduction == "none":
         loss = loss.view(lead)
     if not return_components:

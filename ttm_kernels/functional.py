@@ -51,14 +51,25 @@ def _check_flag(name: str, value) -> bool:
     return value
 
 
+def validate_logits(name: str, x) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
+    if x.dim() == 0 or x.shape[-1] == 0:
+        raise ValueError(f"{name} must have shape (..., V) with V >= 1, got {tuple(x.shape)}")
+
+
+def validate_options(reduction, ignore_index) -> None:
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+
+
 def _validate(student_logits, teacher_logits, target, ignore_index, reduction):
     for name, x in (("student_logits", student_logits), ("teacher_logits", teacher_logits)):
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-        if not x.is_floating_point():
-            raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
-        if x.dim() == 0 or x.shape[-1] == 0:
-            raise ValueError(f"{name} must have shape (..., V) with V >= 1, got {tuple(x.shape)}")
+        validate_logits(name, x)
     if student_logits.shape != teacher_logits.shape:
         raise ValueError("student_logits and teacher_logits must have the same shape, got "
                          f"{tuple(student_logits.shape)} and {tuple(teacher_logits.shape)}")
@@ -68,10 +79,7 @@ def _validate(student_logits, teacher_logits, target, ignore_index, reduction):
     if teacher_logits.requires_grad:
         raise ValueError("teacher_logits requires grad, but the teacher is a constant target here and no gradient "
                          "flows to it: compute it under torch.no_grad() or pass teacher_logits.detach()")
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    validate_options(reduction, ignore_index)
     if target is not None:
         validate_target(target, student_logits.shape[:-1], student_logits.shape[-1], student_logits.device,
                         ignore_index)

@@ -30,8 +30,8 @@ from torch import nn
 
 from . import _ops, reference
 from ._stats import Stat
-from .functional import (DEFAULT_GAMMA, DEFAULT_TEMPERATURE, REDUCTIONS, LossComponents, _check_finite, _valid_rows,
-                         is_dtensor, mean_denominator, validate_num_items, validate_target)
+from .functional import (DEFAULT_GAMMA, DEFAULT_TEMPERATURE, LossComponents, _check_finite, _valid_rows, is_dtensor,
+                         mean_denominator, validate_num_items, validate_options, validate_target)
 
 VOCAB_MISMATCH = ("error", "truncate_teacher")
 # The chunk buffers' bytes are budgeted, not rows. CUDA: 1 GiB (2048 rows at V=128256 bf16) ran within 3% of
@@ -68,13 +68,15 @@ def _addmm_has_fp32_out(device_type: str, dtype: torch.dtype) -> bool:
         return False
 
 
-def default_chunk_size(n_rows: int, vocab: int, student_dtype: torch.dtype, teacher_dtype: torch.dtype,
+def default_chunk_size(n_rows: int, vocab: int, student_dtype: torch.dtype, teacher_dtype: Optional[torch.dtype],
                        device: torch.device, fp32_scratch: bool = False, softcap_scratch: bool = False) -> int:
     """Rows per chunk: as many as fit the device's budget (``CHUNK_BUDGET_BYTES``, 1 GiB on CUDA, 64 MiB
-    elsewhere) for the student and teacher (C, V) buffers (plus an fp32 copy of the student's when the
-    weight gradient is summed through an upcast, and a student-dtype one for the soft-cap's derivative),
-    rounded down to a multiple of 128, clamped to [min(256, N), N]."""
-    row_bytes = vocab * (student_dtype.itemsize * (2 if softcap_scratch else 1) + teacher_dtype.itemsize
+    elsewhere) for the student and teacher (C, V) buffers (no teacher buffer for ``teacher_dtype`` None: a
+    sparse teacher), plus an fp32 copy of the student's when the weight gradient is summed through an upcast,
+    and a student-dtype one for the soft-cap's derivative; rounded down to a multiple of 128, clamped to
+    [min(256, N), N]."""
+    teacher_bytes = 0 if teacher_dtype is None else teacher_dtype.itemsize
+    row_bytes = vocab * (student_dtype.itemsize * (2 if softcap_scratch else 1) + teacher_bytes
                          + (4 if fp32_scratch else 0))
     budget = CHUNK_BUDGET_BYTES.get(torch.device(device).type, DEFAULT_CHUNK_BUDGET_BYTES)
     rows = budget // max(row_bytes, 1)
@@ -119,19 +121,22 @@ def _head_transform_backward_(grad, spec, derivative):
 ROW_TERMS = ("loss", "kl", "ce", "weight")
 
 
-def _loss_and_grad_torch(z, v, y, row_grad, spec):
+def reference_params(spec) -> dict:
+    """The keyword arguments of ``reference.loss_rows`` (and its sparse sibling) that ``spec`` sets."""
+    return dict(student_scale=spec.student_scale, teacher_scale=spec.teacher_scale, kl_scale=spec.kl_scale,
+                weighted=spec.weighted, beta=spec.beta, ce_weight=spec.ce_weight, ignore_index=spec.ignore_index)
+
+
+def loss_and_grad_torch(z, rows_of, row_grad):
     """The reference on one chunk, in float32 (float64 for float64 logits): its (4, C) row terms, writing
-    d(sum row_grad * loss)/dz into ``z``."""
+    d(sum row_grad * loss)/dz into ``z``. ``rows_of(logits)``: the reference's row dict of those logits."""
     compute = _accumulation_dtype(z.dtype)
-    params = dict(student_scale=spec.student_scale, teacher_scale=spec.teacher_scale, kl_scale=spec.kl_scale,
-                  weighted=spec.weighted, beta=spec.beta, ce_weight=spec.ce_weight,
-                  ignore_index=spec.ignore_index)
     if row_grad is None:
-        rows = reference.loss_rows(z.to(compute), v.to(compute), y, **params)
+        rows = rows_of(z.to(compute))
         return torch.stack([rows[k] for k in ROW_TERMS])
     with torch.enable_grad():
         z_compute = z.to(compute).requires_grad_()
-        rows = reference.loss_rows(z_compute, v.to(compute), y, **params)
+        rows = rows_of(z_compute)
         (grad,) = torch.autograd.grad(rows["loss"], z_compute,
                                       grad_outputs=row_grad.to(compute).expand_as(rows["loss"]))
     z.copy_(grad)
@@ -142,7 +147,8 @@ def _chunk_loss(z, v, y, row_grad, spec):
     """Per-row fp32 (loss, kl, ce, weight) of one chunk; with ``row_grad``, also overwrites ``z`` with its
     gradient."""
     if spec.backend == "torch":
-        return _loss_and_grad_torch(z, v, y, row_grad, spec)
+        return loss_and_grad_torch(z, lambda logits: reference.loss_rows(logits, v.to(logits.dtype), y,
+                                                                         **reference_params(spec)), row_grad)
     args = (spec.student_scale, spec.teacher_scale, spec.beta * spec.kl_scale, spec.ce_weight, spec.weighted,
             spec.ignore_index, spec.backend)
     if row_grad is None:
@@ -152,16 +158,39 @@ def _chunk_loss(z, v, y, row_grad, spec):
     return stats[Stat.LOSS:Stat.WEIGHT + 1]
 
 
-def _run_chunks(h_s, w_s, b_s, h_t, w_t, b_t, target, spec, chunk_size, row_grad=None, needs=(False,) * 3,
-                chunk_loss=_chunk_loss):
-    """Row terms (4, N) (loss, kl, ce, weight; fp32, fp64 for fp64 inputs) and, with ``row_grad`` ((N,) or
-    0-dim), the gradients of sum_i row_grad_i * loss_i w.r.t. (h_s, w_s, b_s), each None unless ``needs`` asks
-    for it. ``chunk_loss`` is ``_chunk_loss``'s stand-in for rows held in column shards by the ranks of a process
-    group (``distributed.py``); every rank then runs the same chunks."""
+class DenseTeacher:
+    """The teacher of the chunk loop (``_run_chunks``) as a provider: the rows [start, end) of its logits,
+    computed by its GEMM into a (C, V) buffer (then the heads' post-processing, as the student's), and the
+    chunk's loss against them with ``loss`` (``_chunk_loss``; the vocabulary-parallel loss passes its own).
+    A sparse teacher (``topk.TopkTeacher``) is another provider: no buffer, no GEMM."""
+
+    def __init__(self, hidden, weight, bias, vocab, loss=_chunk_loss):
+        shared = min(vocab, weight.shape[0])
+        self.hidden, self.weight = hidden, weight[:shared]
+        self.bias = None if bias is None else bias[:shared]
+        self.shared, self.buffer_dtype, self.buffer, self.loss = shared, hidden.dtype, None, loss
+
+    def allocate(self, chunk, vocab):
+        self.buffer = torch.empty((chunk, vocab), dtype=self.buffer_dtype, device=self.hidden.device)
+        # Student-only columns: the teacher gives them probability 0, i.e. logit -inf (a 0 logit would give
+        # tokens the teacher lacks mass exp(0) / Z).
+        self.buffer[:, self.shared:] = float("-inf")
+
+    def chunk_loss(self, z, start, end, y, row_grad, spec):
+        v = self.buffer[: end - start]
+        _linear_into(v[:, :self.shared], self.hidden[start:end], self.weight, self.bias)
+        _head_transform_(v[:, :self.shared], spec)  # the -inf columns stay -inf
+        return self.loss(z, v, y, row_grad, spec)
+
+    def release(self):
+        self.buffer = None
+
+
+def _run_chunks(h_s, w_s, b_s, teacher, target, spec, chunk_size, row_grad=None, needs=(False,) * 3):
+    """Row terms (4, N) (loss, kl, ce, weight; fp32, fp64 for fp64 inputs) against ``teacher`` (a provider,
+    see ``DenseTeacher``) and, with ``row_grad`` ((N,) or 0-dim), the gradients of sum_i row_grad_i * loss_i
+    w.r.t. (h_s, w_s, b_s), each None unless ``needs`` asks for it."""
     n, vocab = h_s.shape[0], w_s.shape[0]
-    shared = min(vocab, w_t.shape[0])
-    w_t = w_t[:shared]
-    b_t = None if b_t is None else b_t[:shared]
     need_h, need_w, need_b = needs if row_grad is not None else (False,) * 3
     # dW and db are summed in fp32 (fp64 for fp64 weights) and rounded once at the end.
     accumulate = _accumulation_dtype(w_s.dtype)
@@ -169,17 +198,14 @@ def _run_chunks(h_s, w_s, b_s, h_t, w_t, b_t, target, spec, chunk_size, row_grad
     upcast = w_s.dtype != accumulate and not fp32_out
     # The soft-cap's derivative needs the capped logits, which the kernel overwrites with their gradient.
     softcap_scratch = row_grad is not None and spec.softcap is not None
-    chunk = chunk_size or default_chunk_size(n, vocab, h_s.dtype, h_t.dtype, h_s.device,
+    chunk = chunk_size or default_chunk_size(n, vocab, h_s.dtype, teacher.buffer_dtype, h_s.device,
                                              fp32_scratch=need_w and upcast, softcap_scratch=softcap_scratch)
     chunk = max(1, min(chunk, n))
 
     device = h_s.device
     s_buf = torch.empty((chunk, vocab), dtype=h_s.dtype, device=device)
-    t_buf = torch.empty((chunk, vocab), dtype=h_t.dtype, device=device)
     d_buf = torch.empty((chunk, vocab), dtype=h_s.dtype, device=device) if softcap_scratch else None
-    # Student-only columns: the teacher gives them probability 0, i.e. logit -inf (a 0 logit would give
-    # tokens the teacher lacks mass exp(0) / Z).
-    t_buf[:, shared:] = float("-inf")
+    teacher.allocate(chunk, vocab)
     rows = torch.empty((len(ROW_TERMS), n), dtype=accumulate, device=device)
     grad_h = torch.empty_like(h_s) if need_h else None
     # Filled by the first chunk (beta=0: neither a memset nor a read of the accumulator).
@@ -188,16 +214,14 @@ def _run_chunks(h_s, w_s, b_s, h_t, w_t, b_t, target, spec, chunk_size, row_grad
 
     for start in range(0, n, chunk):
         end = min(start + chunk, n)
-        z, v = s_buf[: end - start], t_buf[: end - start]
+        z = s_buf[: end - start]
         derivative = None if d_buf is None else d_buf[: end - start]
         hidden = h_s[start:end]
         _linear_into(z, hidden, w_s, b_s)
-        _linear_into(v[:, :shared], h_t[start:end], w_t, b_t)
         _head_transform_(z, spec, derivative)
-        _head_transform_(v[:, :shared], spec)  # the -inf columns stay -inf
         y = None if target is None else target[start:end]
         rg = row_grad if row_grad is None or row_grad.dim() == 0 else row_grad[start:end]
-        rows[:, start:end] = chunk_loss(z, v, y, rg, spec)
+        rows[:, start:end] = teacher.chunk_loss(z, start, end, y, rg, spec)
         # From here on z holds dlogits.
         if rg is not None:
             _head_transform_backward_(z, spec, derivative)
@@ -214,7 +238,8 @@ def _run_chunks(h_s, w_s, b_s, h_t, w_t, b_t, target, spec, chunk_size, row_grad
         if need_b:
             grad_b += z.sum(0, dtype=accumulate)
 
-    s_buf = t_buf = d_buf = z = v = derivative = None  # free the buffers before the casts below
+    s_buf = d_buf = z = derivative = None  # free the buffers before the casts below
+    teacher.release()
     if grad_w is not None:
         grad_w = grad_w.to(w_s.dtype)
     if grad_b is not None:
@@ -226,9 +251,8 @@ class _FusedLinearLoss(torch.autograd.Function):
     """Returns the reduced loss and the detached (3, N) row terms kl, ce, weight (for logging)."""
 
     @staticmethod
-    def forward(ctx, h_s, w_s, b_s, h_t, w_t, b_t, target, spec, reduction, chunk_size, needs, denominator,
-                chunk_loss=_chunk_loss):
-        inputs = (h_s, w_s, b_s, h_t, w_t, b_t, target, spec, chunk_size)
+    def forward(ctx, h_s, w_s, b_s, teacher, target, spec, reduction, chunk_size, needs, denominator):
+        inputs = (h_s, w_s, b_s, teacher, target, spec, chunk_size)
         # The gradients are computed in the backward, from the saved inputs, for "none" (the per-row upstream
         # gradient must reach dlogits before dW sums over the rows) and for float64, which is for checking:
         # there a backward that can run twice (gradcheck does) matters more than the memory of the forward's.
@@ -241,12 +265,12 @@ class _FusedLinearLoss(torch.autograd.Function):
             scale = torch.ones((), dtype=_accumulation_dtype(h_s.dtype), device=h_s.device)
         if ctx.deferred or not any(needs):
             if ctx.deferred:
-                ctx.save_for_backward(h_s, w_s, b_s, h_t, w_t, b_t, target, None if reduction == "none" else scale)
-                ctx.params = (spec, chunk_size, needs, chunk_loss)
-            rows = _run_chunks(*inputs, chunk_loss=chunk_loss)[0]
+                ctx.save_for_backward(h_s, w_s, b_s, target, None if reduction == "none" else scale)
+                ctx.params = (teacher, spec, chunk_size, needs)
+            rows = _run_chunks(*inputs)[0]
             loss = rows[0] if reduction == "none" else rows[0].sum() * scale
         else:
-            rows, *grads = _run_chunks(*inputs, row_grad=scale, needs=needs, chunk_loss=chunk_loss)
+            rows, *grads = _run_chunks(*inputs, row_grad=scale, needs=needs)
             ctx.grads = grads
             loss = rows[0].sum() * scale
         terms = rows[1:]
@@ -257,11 +281,11 @@ class _FusedLinearLoss(torch.autograd.Function):
     def backward(ctx, grad_out, _grad_terms):
         _ops.refuse_higher_order()
         if ctx.deferred:
-            h_s, w_s, b_s, h_t, w_t, b_t, target, scale = ctx.saved_tensors
-            spec, chunk_size, needs, chunk_loss = ctx.params
+            h_s, w_s, b_s, target, scale = ctx.saved_tensors
+            teacher, spec, chunk_size, needs = ctx.params
             row_grad = grad_out.contiguous() if scale is None else grad_out * scale
-            _, *grads = _run_chunks(h_s, w_s, b_s, h_t, w_t, b_t, target, spec, chunk_size, row_grad=row_grad,
-                                    needs=needs, chunk_loss=chunk_loss)
+            _, *grads = _run_chunks(h_s, w_s, b_s, teacher, target, spec, chunk_size, row_grad=row_grad,
+                                    needs=needs)
         else:
             if ctx.grads is None:
                 raise RuntimeError("fused linear loss: its gradients were computed in the forward and already "
@@ -270,7 +294,7 @@ class _FusedLinearLoss(torch.autograd.Function):
             for grad in grads:
                 if grad is not None:
                     _ops.scale_grad_(grad, grad_out)  # on the device: no pass, and no host sync, when it is 1
-        return (*grads, None, None, None, None, None, None, None, None, None, None)
+        return (*grads, None, None, None, None, None, None, None)
 
 
 def _check_tensor(name, x, dim=None):
@@ -300,28 +324,36 @@ def _validate_side(side, hidden, weight, bias):
                              f"{tuple(bias.shape)} and {bias.dtype}")
 
 
-def _check_linear_args(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
-                       ignore_index, reduction, chunk_size, vocab_mismatch, num_items_in_batch) -> torch.Size:
-    """Every check of the arguments that needs no other process and no vocabulary; returns the leading shape."""
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+def validate_student(student_hidden, student_weight, student_bias, reduction, ignore_index, chunk_size,
+                     num_items_in_batch=None):
+    """The student side and the options of a fused linear loss; else an error naming the argument."""
+    validate_options(reduction, ignore_index)
     validate_num_items(num_items_in_batch, reduction)
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
-    if vocab_mismatch not in VOCAB_MISMATCH:
-        raise ValueError(f"vocab_mismatch must be one of {VOCAB_MISMATCH}, got {vocab_mismatch!r}")
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
                                    or chunk_size < 1):
         raise ValueError(f"chunk_size must be None or a positive int, got {chunk_size!r}")
     _validate_side("student", student_hidden, student_weight, student_bias)
+    device = student_hidden.device
+    for name, x in (("student_weight", student_weight), ("student_bias", student_bias)):
+        if isinstance(x, torch.Tensor) and x.device != device:
+            raise ValueError(f"{name} must be on student_hidden's device {device}, got {x.device}")
+
+
+def _check_linear_args(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
+                       ignore_index, reduction, chunk_size, vocab_mismatch, num_items_in_batch) -> torch.Size:
+    """Every check of the dense fused linear loss's arguments that needs no other process and no vocabulary;
+    returns the leading shape."""
+    if vocab_mismatch not in VOCAB_MISMATCH:
+        raise ValueError(f"vocab_mismatch must be one of {VOCAB_MISMATCH}, got {vocab_mismatch!r}")
+    validate_student(student_hidden, student_weight, student_bias, reduction, ignore_index, chunk_size,
+                     num_items_in_batch)
     _validate_side("teacher", teacher_hidden, teacher_weight, teacher_bias)
     lead = student_hidden.shape[:-1]
     if teacher_hidden.shape[:-1] != lead:
         raise ValueError(f"teacher_hidden must have the student's leading shape {tuple(lead)}, got "
                          f"{tuple(teacher_hidden.shape[:-1])}")
     device = student_hidden.device
-    for name, x in (("student_weight", student_weight), ("student_bias", student_bias),
-                    ("teacher_hidden", teacher_hidden), ("teacher_weight", teacher_weight),
+    for name, x in (("teacher_hidden", teacher_hidden), ("teacher_weight", teacher_weight),
                     ("teacher_bias", teacher_bias)):
         if isinstance(x, torch.Tensor) and x.device != device:
             raise ValueError(f"{name} must be on student_hidden's device {device}, got {x.device}")
@@ -380,7 +412,18 @@ def _fused_linear_loss(student_hidden, student_weight, teacher_hidden, teacher_w
 
     spec = _Spec(float(student_scale), float(teacher_scale), float(kl_scale), bool(weighted), beta, ce_weight,
                  int(ignore_index), backend, softcap, logit_scale)
-    n_rows = lead.numel()
+    teacher = DenseTeacher(teacher_hidden.reshape(-1, teacher_hidden.shape[-1]), teacher_weight.detach(),
+                           None if teacher_bias is None else teacher_bias.detach(), vocab)
+    return run_linear_loss(student_hidden, student_weight, student_bias, teacher, target, spec, reduction,
+                           chunk_size, return_components, num_items_in_batch, return_soft_hard)
+
+
+def run_linear_loss(student_hidden, student_weight, student_bias, teacher, target, spec, reduction, chunk_size,
+                    return_components, num_items_in_batch=None, return_soft_hard=False):
+    """The validated call's loss (of the leading shape for "none") and, with ``return_components``, its
+    ``LossComponents`` (with ``return_soft_hard``, see ``_fused_linear_loss``); ``target`` already (N,) int64."""
+    lead = student_hidden.shape[:-1]
+    n_rows, device = lead.numel(), student_hidden.device
     denominator = None
     if reduction == "mean":
         denominator = mean_denominator(target, spec.ignore_index, n_rows, device, num_items_in_batch,
@@ -388,11 +431,18 @@ def _fused_linear_loss(student_hidden, student_weight, teacher_hidden, teacher_w
     # Which student gradients to compute (ctx.needs_input_grad ignores torch.no_grad()).
     needs = tuple(torch.is_grad_enabled() and x is not None and x.requires_grad
                   for x in (student_hidden, student_weight, student_bias))
-    loss, terms = _FusedLinearLoss.apply(
-        student_hidden.reshape(-1, student_hidden.shape[-1]), student_weight, student_bias,
-        teacher_hidden.reshape(-1, teacher_hidden.shape[-1]), teacher_weight.detach(),
-        None if teacher_bias is None else teacher_bias.detach(), target, spec, reduction, chunk_size, needs,
-        denominator)
+    loss, terms = _FusedLinearLoss.apply(student_hidden.reshape(-1, student_hidden.shape[-1]), student_weight,
+                                         student_bias, teacher, target, spec, reduction, chunk_size, needs,
+                                         denominator)
+    if reduction == "none":
+        loss = loss.view(lead)
+    if return_soft_hard:
+        kl, ce, weight = terms
+        return loss, spec.kl_scale * (weight * kl).sum() / denominator, ce.sum() / denominator
+    if not return_components:
+        return loss
+    valid = _valid_rows(target, (n_rows,), device, spec.ignore_index)
+    return loss, LossComponents(*(reference.reduce_rows(x, valid, "mean") for x in terms))
     if reduction == "none":
         loss = loss.view(lead)
     if return_soft_hard:

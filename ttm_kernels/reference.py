@@ -32,6 +32,10 @@ __all__ = [
     "paper_wttm_loss",
     "paper_ttm_loss",
     "paper_kd_loss",
+    "topk_loss_rows",
+    "wttm_loss_topk",
+    "ttm_loss_topk",
+    "kd_loss_topk",
 ]
 
 
@@ -58,10 +62,8 @@ def loss_rows(
     ``loss``, ``kl``, ``ce``, ``weight`` and ``valid`` (bool).
     """
     teacher_logits = teacher_logits.detach()
-    if target is None:
-        valid = torch.ones(student_logits.shape[:-1], dtype=torch.bool, device=student_logits.device)
-    else:
-        valid = target != ignore_index
+    valid = _valid_rows(student_logits, target, ignore_index)
+    if target is not None:
         # Ignored rows are zeroed before any arithmetic: their masked or NaN logits would otherwise give NaN
         # terms, which torch.where below would hide from the loss but not from the gradient (0 * NaN).
         student_logits = torch.where(valid.unsqueeze(-1), student_logits, 0)
@@ -72,18 +74,8 @@ def loss_rows(
     lse_teacher = torch.logsumexp(scaled_teacher, -1, keepdim=True)
     q = torch.exp(scaled_student - lse_student)
     pt = torch.exp(scaled_teacher - lse_teacher)
-    # KL(pt || q) = sum_i q_i f(y_i), y = log(pt / q), f(y) = y e^y - e^y + 1 >= 0 (as sum pt = sum q = 1):
-    # no term is negative, so the sum never cancels, and the lse difference enters y as one constant whose
-    # rounding changes the sum only at second order. The plain sum pt * y loses all the digits of a KL far
-    # below log V (KD at a large temperature, a student close to its teacher). Near y = 0 f is formed from y
-    # alone, y e^y - expm1(y); elsewhere as pt * y - pt + q, which needs no e^y (q may be 0 where pt is not).
-    # 0 * log(0 / q) = 0: a class the transformed teacher never picks contributes its q (masked or not, also
-    # when y is NaN because both logits are -inf); a NaN teacher stays NaN, in the loss as in the gradient.
     log_ratio = (scaled_teacher - scaled_student) - (lse_teacher - lse_student)
-    near_zero = log_ratio.abs() < 0.5
-    y = torch.where(near_zero, log_ratio, torch.zeros_like(log_ratio))
-    closed = torch.where(pt > 0, pt * log_ratio, torch.zeros_like(pt)) + (q - pt)
-    kl = torch.where(near_zero, q * (y * torch.exp(y) - torch.expm1(y)), closed).sum(-1)
+    kl = _kl_terms(pt, q, log_ratio).sum(-1)
     if weighted:
         weight = torch.exp(
             torch.logsumexp(teacher_logits * teacher_scale, -1)
@@ -91,6 +83,34 @@ def loss_rows(
         )
     else:
         weight = torch.ones_like(kl)
+    return _row_terms(kl, weight, student_logits, target, valid, beta=beta, kl_scale=kl_scale, ce_weight=ce_weight)
+
+
+def _valid_rows(student_logits, target, ignore_index):
+    if target is None:
+        return torch.ones(student_logits.shape[:-1], dtype=torch.bool, device=student_logits.device)
+    return target != ignore_index
+
+
+def _kl_terms(pt, q, log_ratio):
+    """The terms of KL(pt || q) = sum_i q_i f(y_i), y = log(pt / q) = ``log_ratio``, f(y) = y e^y - e^y + 1 >= 0
+    (as sum pt = sum q = 1 over the outcomes).
+
+    No term is negative, so the sum never cancels, and the lse difference enters y as one constant whose
+    rounding changes the sum only at second order. The plain sum pt * y loses all the digits of a KL far
+    below log V (KD at a large temperature, a student close to its teacher). Near y = 0 f is formed from y
+    alone, y e^y - expm1(y); elsewhere as pt * y - pt + q, which needs no e^y (q may be 0 where pt is not).
+    0 * log(0 / q) = 0: a class the transformed teacher never picks contributes its q (masked or not, also
+    when y is NaN because both logits are -inf); a NaN teacher stays NaN, in the loss as in the gradient."""
+    near_zero = log_ratio.abs() < 0.5
+    y = torch.where(near_zero, log_ratio, torch.zeros_like(log_ratio))
+    closed = torch.where(pt > 0, pt * log_ratio, torch.zeros_like(pt)) + (q - pt)
+    return torch.where(near_zero, q * (y * torch.exp(y) - torch.expm1(y)), closed)
+
+
+def _row_terms(kl, weight, student_logits, target, valid, *, beta, kl_scale, ce_weight):
+    """The rows' dict of ``loss_rows`` from their KL and weight: adds the hard-label CE of the (untempered)
+    student and zeroes every term of the ignored rows."""
     if target is None:
         ce = torch.zeros_like(kl)
     else:
@@ -178,3 +198,107 @@ def paper_kd_loss(student_logits, teacher_logits, target=None, *, temperature=4.
     if target is not None:
         loss = loss + ce_weight * F.cross_entropy(student_logits, target)
     return loss
+
+
+# --- Sparse teachers: the k most likely ids of each row and their log-probabilities (a store, a served teacher).
+
+TAILS = ("bucket", "renormalize")
+
+
+def topk_loss_rows(
+    student_logits: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_logprobs: torch.Tensor,
+    target: torch.Tensor | None = None,
+    *,
+    student_scale: float = 1.0,
+    teacher_scale: float,
+    kl_scale: float = 1.0,
+    weighted: bool,
+    tail: str = "bucket",
+    beta: float = 1.0,
+    ce_weight: float = 1.0,
+    ignore_index: int = -100,
+) -> dict[str, torch.Tensor]:
+    """``loss_rows`` for a teacher known by its top-k log-probabilities only.
+
+    Per row, S holds the ids of ``topk_ids`` that are not the padding id -1 (distinct ids in [0, V), any order)
+    and l_i = log p_i their log-probabilities over the full vocabulary; the tail mass p_R = max(0, 1 - sum_S p),
+    summed in float64 whatever the dtypes (under the power transform a rounding residue of 1e-7 weighs
+    1e-7**0.2 = 0.04), and 0 when S is the whole vocabulary.
+
+    * ``tail="bucket"``: the teacher lives on the k + 1 outcomes S and R, one bucket for every other id. With
+      g = teacher_scale, pt_b = p_b**g / sum_b p_b**g and U = sum_b p_b**g over those outcomes; the student is
+      coarsened alike, q = softmax(student_scale * z) over the vocabulary and q_R = sum of q outside S (a
+      log-sum-exp over those ids: no 1 - q_S cancellation). KL(pt || q) over the k + 1 outcomes: the dense
+      loss when S is the whole vocabulary, the dense loss of both distributions coarsened to S + {R} otherwise.
+    * ``tail="renormalize"``: the teacher renormalised over S, no bucket: pt and U over S of p_i / sum_S p
+      (U = sum_S p_i**g / (sum_S p)**g), KL(pt || q) with the full-vocabulary q. This is the dense loss of the
+      teacher logits l on S and -inf elsewhere. A row that counts needs an id (else its loss is NaN).
+
+    Same arguments otherwise, and the same dict, as ``loss_rows``; gradients reach the student logits only.
+    """
+    if tail not in TAILS:
+        raise ValueError(f"tail must be one of {TAILS}, got {tail!r}")
+    valid = _valid_rows(student_logits, target, ignore_index)
+    vocab = student_logits.shape[-1]
+    # Ignored rows hold a plain teacher (everything in the bucket) and zero logits, whatever they were given:
+    # their NaN or -inf would otherwise reach the gradient through the masks below (0 * NaN).
+    in_s = (topk_ids >= 0) & valid.unsqueeze(-1)
+    student_logits = torch.where(valid.unsqueeze(-1), student_logits, 0)
+    dtype = student_logits.dtype
+    ids = torch.where(in_s, topk_ids, 0).long()
+    logprobs = torch.where(in_s, topk_logprobs.detach().to(dtype), float("-inf"))
+
+    # The teacher on S and R: log p_b ** g, normalised.
+    p_s = torch.exp(logprobs.double()).sum(-1)
+    bucket = torch.full_like(valid, tail == "bucket") | ~valid
+    p_tail = torch.where(bucket & (in_s.sum(-1) < vocab), (1 - p_s).clamp_min(0), 0)
+    log_w = teacher_scale * torch.cat([logprobs, torch.log(p_tail).to(dtype).unsqueeze(-1)], -1)
+    log_norm = torch.logsumexp(log_w, -1, keepdim=True)
+    log_pt = log_w - log_norm
+    if weighted:
+        renormalised_by = torch.where(bucket, 0, teacher_scale * torch.log(p_s).to(dtype))
+        weight = torch.exp(log_norm.squeeze(-1) - renormalised_by)
+    else:
+        weight = torch.ones_like(log_norm.squeeze(-1))
+
+    # The student on S and R.
+    scaled = student_logits * student_scale
+    member = torch.zeros((*scaled.shape[:-1], vocab + 1), dtype=torch.bool, device=scaled.device)
+    member = member.scatter(-1, torch.where(in_s, ids, vocab), True)[..., :vocab]
+    lse = torch.logsumexp(scaled, -1, keepdim=True)
+    lse_tail = torch.logsumexp(scaled.masked_fill(member, float("-inf")), -1, keepdim=True)
+    scaled_s = scaled.gather(-1, ids).masked_fill(~in_s, float("-inf"))
+    log_q = torch.cat([scaled_s, lse_tail], -1) - lse
+
+    kl = _kl_terms(torch.exp(log_pt), torch.exp(log_q), log_pt - log_q).sum(-1)
+    return _row_terms(kl, weight, student_logits, target, valid, beta=beta, kl_scale=kl_scale, ce_weight=ce_weight)
+
+
+def _topk_loss(student_logits, topk_ids, topk_logprobs, target, reduction, **params):
+    rows = topk_loss_rows(student_logits, topk_ids, topk_logprobs, target, **params)
+    return reduce_rows(rows["loss"], rows["valid"], reduction)
+
+
+def wttm_loss_topk(student_logits, topk_ids, topk_logprobs, target=None, *, gamma=0.2, beta=1.0, ce_weight=1.0,
+                   tail="bucket", ignore_index=-100, reduction="mean"):
+    """``wttm_loss`` from the teacher's top-k log-probabilities (see ``topk_loss_rows``)."""
+    return _topk_loss(student_logits, topk_ids, topk_logprobs, target, reduction, teacher_scale=gamma,
+                      weighted=True, tail=tail, beta=beta, ce_weight=ce_weight, ignore_index=ignore_index)
+
+
+def ttm_loss_topk(student_logits, topk_ids, topk_logprobs, target=None, *, gamma=0.2, beta=1.0, ce_weight=1.0,
+                  tail="bucket", ignore_index=-100, reduction="mean"):
+    """``ttm_loss`` from the teacher's top-k log-probabilities."""
+    return _topk_loss(student_logits, topk_ids, topk_logprobs, target, reduction, teacher_scale=gamma,
+                      weighted=False, tail=tail, beta=beta, ce_weight=ce_weight, ignore_index=ignore_index)
+
+
+def kd_loss_topk(student_logits, topk_ids, topk_logprobs, target=None, *, temperature=4.0, beta=1.0,
+                 ce_weight=1.0, tail="bucket", ignore_index=-100, reduction="mean"):
+    """``kd_loss`` from the teacher's top-k log-probabilities: the teacher side is the same construction with
+    gamma = 1/T, the student is tempered (z / T), times T^2."""
+    return _topk_loss(student_logits, topk_ids, topk_logprobs, target, reduction, student_scale=1.0 / temperature,
+                      teacher_scale=1.0 / temperature, kl_scale=temperature**2, weighted=False, tail=tail, beta=beta,
+                      ce_weight=ce_weight, ignore_index=ignore_index)

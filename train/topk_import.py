@@ -1,0 +1,107 @@
+"""``python -m train teacher-topk --config FILE out_dir=DIR import=SERVED.jsonl [k=64] [vocab=N]``: a top-k store
+(``train/topk_store.py``) from the per-token top-k log-probabilities of a served teacher (vLLM, SGLang), for
+the LM task's corpus, with no teacher run here.
+
+SERVED.jsonl holds one JSON object per corpus file, in the order the task reads the files (``data_dir``: the
+file itself, or the folder's .txt/.md files sorted by path)::
+
+    {"token_ids": [t_0, ..., t_{n-1}], "top_logprobs": [entry_0, ..., entry_{n-1}]}
+
+``token_ids``: the file's tokens, as the config's ``model`` tokenises it (checked against the corpus).
+``entry_t``: the teacher's top log-probabilities for the token after t_0..t_t, as ``[[id, logprob], ...]`` or
+``{"id": logprob, ...}``; the last entry may be empty or left out. (vLLM's ``prompt_logprobs`` score token t
+from the tokens before it: drop their first entry.) Entries with more than k ids keep their k most likely,
+fewer are padded with -1. The training windows are cut from these positions exactly as from the text.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import torch
+
+from ttm_kernels.topk import validate_topk
+
+from . import text_data
+from .errors import DataError
+from .tasks import LanguageModelTask
+from .topk_store import LOGPROB_DTYPES, StoreWriter, corpus_fingerprint
+
+
+def _entry(entry, k, where):
+    """One position's (ids, logprobs) of k slots, the k most likely first."""
+    pairs = list(entry.items()) if isinstance(entry, dict) else list(entry or [])
+    try:
+        pairs = sorted(((int(i), float(lp)) for i, lp in pairs), key=lambda pair: -pair[1])[:k]
+    except (TypeError, ValueError) as exc:
+        raise DataError(f"{where}: an entry of top_logprobs must be [[id, logprob], ...] or {{id: logprob}}, got "
+                        f"{str(entry)[:80]}") from exc
+    ids = np.full(k, -1, dtype=np.int32)
+    logprobs = np.zeros(k, dtype=np.float32)
+    ids[:len(pairs)] = [i for i, _ in pairs]
+    logprobs[:len(pairs)] = [lp for _, lp in pairs]
+    return ids, logprobs
+
+
+def _documents(path, k):
+    """Each line's token ids (n,) and top-k (n, k) ids and log-probabilities."""
+    try:
+        with open(path) as f:
+            lines = [line for line in f if line.strip()]
+    except OSError as exc:
+        raise DataError(f"cannot read {path}: {exc.strerror}") from exc
+    for number, line in enumerate(lines, 1):
+        where = f"{path}, line {number}"
+        try:
+            record = json.loads(line)
+            tokens, entries = record["token_ids"], record["top_logprobs"]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise DataError(f"{where}: not a JSON object with token_ids and top_logprobs ({exc})") from exc
+        if not len(tokens) - 1 <= len(entries) <= len(tokens):
+            raise DataError(f"{where}: {len(entries)} top_logprobs entries for {len(tokens)} token_ids (one per "
+                            "token, the last one optional)")
+        slots = [_entry(entry, k, where) for entry in entries] + [_entry(None, k, where)] * (len(tokens) - len(entries))
+        yield (torch.tensor(tokens, dtype=torch.long), np.stack([s[0] for s in slots]),
+               np.stack([s[1] for s in slots]))
+
+
+def import_jsonl(cfg, options, log=print):
+    path, k = options["import"], options["k"]
+    task = LanguageModelTask(cfg, torch.device("cpu"))
+    data = task.build_data(0, 1)
+    files = text_data.text_files(cfg["data_dir"])
+    documents = list(_documents(path, k))
+    if len(documents) != len(files):
+        raise DataError(f"{path} holds {len(documents)} documents, the corpus {len(files)} files ({files[0]}"
+                        f"{' ...' if len(files) > 1 else ''}): one line per file, in the same order")
+    inputs, ids, logprobs = [], [], []
+    for (tokens, doc_ids, doc_logprobs), file in zip(documents, files):
+        n_train = len(tokens) - round(len(tokens) * cfg["test_fraction"])
+        # The training windows of the token positions themselves: each window's inputs are positions, -1 pads.
+        positions, _ = text_data.windows(torch.arange(n_train), cfg["seq_len"], -1, cfg["prompt_tokens"])
+        present = (positions >= 0).numpy()[..., None]
+        at = positions.clamp_min(0).numpy()
+        inputs.append(torch.where(positions >= 0, tokens[positions.clamp_min(0)], task.tokenizer.pad_id))
+        ids.append(np.where(present, doc_ids[at], -1))
+        logprobs.append(np.where(present, doc_logprobs[at], 0.0).astype(np.float32))
+    inputs, ids, logprobs = torch.cat(inputs), np.concatenate(ids), np.concatenate(logprobs)
+    if not torch.equal(inputs, data.train.inputs):
+        raise DataError(f"{path}: its token_ids differ from the corpus as {cfg['model']!r} tokenises it (data_dir "
+                        f"{cfg['data_dir']}): import a served teacher's output for the same text and tokenizer")
+    vocab = options["vocab"] or data.num_classes
+    try:
+        validate_topk(torch.from_numpy(ids), torch.from_numpy(logprobs), ids.shape[:-1], vocab,
+                      torch.device("cpu"), "bucket")
+    except ValueError as exc:
+        raise DataError(f"{path}: {exc}") from exc
+    writer = StoreWriter(cfg["out_dir"], {
+        "teacher": f"import:{os.path.basename(path)}", "teacher_checkpoint": None, "vocab": vocab, "k": k,
+        "ids_dtype": "int32", "logprobs_dtype": options["logprobs_dtype"], "corpus": corpus_fingerprint(inputs),
+        "seq_len": cfg["seq_len"], "windows": len(inputs), "windows_per_shard": options["windows_per_shard"]})
+    dtype = LOGPROB_DTYPES[options["logprobs_dtype"]]
+    for first in range(writer.next_window, len(inputs), options["windows_per_shard"]):
+        last = first + options["windows_per_shard"]
+        writer.write_shard(ids[first:last], logprobs[first:last].astype(dtype))
+    log(f"imported {writer.manifest['tokens']} tokens x top-{k} from {path} into {cfg['out_dir']}")
+    return writer.manifest

@@ -1,0 +1,373 @@
+"""Distillation from a sparse teacher: its top-k token ids and log-probabilities per row, as a store on disk or
+a served teacher (vLLM, SGLang) gives them, with no teacher in memory::
+
+    loss = fused_wttm_loss_topk(student_logits, topk_ids, topk_logprobs, target, gamma=0.2, beta=4.0)
+    loss = fused_linear_wttm_loss_topk(h_s, lm_head.weight, topk_ids, topk_logprobs, target)
+
+TTM and WTTM need only the teacher's log-probabilities: softmax(gamma * v) is proportional to p**gamma and
+U = sum(p**gamma). The definition (``reference.topk_loss_rows``): per row, S = the ids other than the padding
+id -1, p_R = max(0, 1 - sum_S p) the tail mass, and
+
+* ``tail="bucket"`` (default): teacher and student both on the k + 1 outcomes S and R (every other id in one
+  bucket; q_R the student's mass outside S, summed over those ids, never 1 - q_S). The dense loss when S is
+  the whole vocabulary, the dense loss of the two coarsened distributions otherwise.
+* ``tail="renormalize"``: the teacher renormalised over S, no bucket, against the full-vocabulary student
+  (the sparse KD of DistillKit-like tools).
+
+Kernels: one streaming read of the student row (its online sums over R: each block's ids of S are found by
+walking the ids sorted once per call), a gather of the k student logits, O(k) teacher work per row; for
+"mean"/"sum" the gradient in the same launch. No (N, V) tensor besides the student's gradient.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from . import _ops, _topk_ops, linear, reference
+from ._stats import TopkStat
+from .functional import (DEFAULT_GAMMA, DEFAULT_TEMPERATURE, LossComponents, _check_finite, _check_flag, _valid_rows,
+                         validate_logits, validate_options, validate_target)
+
+TAILS = reference.TAILS
+PAD_ID = -1
+# Rounding slack of the log-probabilities' checks: an fp32 log_softmax upstream (1e-4, with room), plus the
+# rounding of the stored dtype (8 eps: a bf16 log-probability of the top token is off by up to 0.03).
+UPSTREAM_SLACK = 1e-4
+STORAGE_EPS_SLACK = 8
+
+
+def logprob_slack(dtype: torch.dtype, k: int) -> tuple[float, float]:
+    """How far above 0 a log-probability of ``dtype``, and above 1 the sum of k probabilities, may lie as
+    rounding: (1e-4 + 8 eps, (1e-4 + 8 eps) * max(1, ln k)) (sum p_i |log p_i| <= ln k bounds the sum's
+    rounding by eps/2 each)."""
+    slack = UPSTREAM_SLACK + STORAGE_EPS_SLACK * torch.finfo(dtype).eps
+    return slack, slack * max(1.0, math.log(k))
+
+
+def _refuse(bad: torch.Tensor, message: str, example=None) -> None:
+    """Raise ValueError(message) when ``bad`` holds a True; on a GPU a device-side assertion instead (no host
+    synchronisation, as ``F.cross_entropy``'s target check), and under torch.compile nothing (the kernels give
+    such rows NaN or refuse them)."""
+    if torch.compiler.is_compiling():
+        return
+    if bad.device.type != "cpu":
+        torch._assert_async(torch.logical_not(bad.any()), message)
+    elif bool(bad.any()):
+        raise ValueError(message + ("" if example is None else f", e.g. {example(bad)}"))
+
+
+def validate_topk(ids, logprobs, lead_shape, vocab, device, tail, valid=None):
+    """The teacher's (..., k) ids and log-probabilities for student rows of ``lead_shape`` and ``vocab``
+    columns; returns ``topk_rows``' sorted (N, k) int32 ids and fp32 log-probabilities, or raises an error
+    naming the argument. Value checks (on the CPU a ValueError, on a GPU a device-side assertion): ids in
+    [0, vocab) or the padding id -1; no id twice in a row (after the sort, a comparison of neighbours);
+    log-probabilities at most slightly above 0, and their exponentials' sum at most slightly above 1 (see
+    ``logprob_slack``); with ``tail="renormalize"``, at least one id in every row of ``valid``."""
+    if tail not in TAILS:
+        raise ValueError(f"tail must be one of {TAILS}, got {tail!r}")
+    if not isinstance(ids, torch.Tensor):
+        raise TypeError(f"teacher_topk_ids must be a torch.Tensor, got {type(ids).__name__}")
+    if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+        raise TypeError(f"teacher_topk_ids must hold integer token ids (int32 or int64), got dtype {ids.dtype}")
+    if not isinstance(logprobs, torch.Tensor):
+        raise TypeError(f"teacher_topk_logprobs must be a torch.Tensor, got {type(logprobs).__name__}")
+    if not logprobs.is_floating_point():
+        raise TypeError(f"teacher_topk_logprobs must be a floating-point tensor, got dtype {logprobs.dtype}")
+    if ids.shape != logprobs.shape:
+        raise ValueError("teacher_topk_ids and teacher_topk_logprobs must have the same shape (..., k), got "
+                         f"{tuple(ids.shape)} and {tuple(logprobs.shape)}")
+    if ids.dim() == 0 or ids.shape[:-1] != lead_shape or ids.shape[-1] == 0:
+        raise ValueError(f"teacher_topk_ids must have shape {(*lead_shape, 'k')} with k >= 1 (the student's leading "
+                         f"shape), got {tuple(ids.shape)}")
+    for name, x in (("teacher_topk_ids", ids), ("teacher_topk_logprobs", logprobs)):
+        if x.device != device:
+            raise ValueError(f"{name} must be on the student's device {device}, got {x.device}")
+    if logprobs.requires_grad:
+        raise ValueError("teacher_topk_logprobs requires grad, but the teacher is a constant target here and no "
+                         "gradient flows to it: pass teacher_topk_logprobs.detach()")
+    sorted_ids, sorted_logprobs = _topk_ops.topk_rows(ids, logprobs)
+    present = sorted_ids >= 0
+    _refuse((sorted_ids < PAD_ID) | (sorted_ids >= vocab),
+            f"teacher_topk_ids holds ids outside [0, {vocab}) that are not the padding id {PAD_ID}",
+            lambda bad: sorted_ids[bad][0].item())
+    _refuse((sorted_ids[:, 1:] == sorted_ids[:, :-1]) & present[:, 1:],
+            "teacher_topk_ids holds an id twice in one row (each row's ids must be distinct; pad with -1)",
+            lambda bad: sorted_ids[:, 1:][bad][0].item())
+    slack, sum_slack = logprob_slack(logprobs.dtype, ids.shape[-1])
+    lp = torch.where(present, sorted_logprobs, float("-inf"))
+    _refuse(lp > slack, f"teacher_topk_logprobs holds log-probabilities above 0 (beyond a rounding slack of "
+            f"{slack:.2g} for {logprobs.dtype}): pass log-probabilities, not logits", lambda bad: lp[bad][0].item())
+    p_sum = torch.exp(lp.double()).sum(-1)
+    _refuse(p_sum > 1 + sum_slack, "teacher_topk_logprobs of a row sum to a probability above 1 (beyond a rounding "
+            f"slack of {sum_slack:.2g}): they must be normalised over the full vocabulary, as a served teacher "
+            "returns them", lambda bad: p_sum[bad][0].item())
+    if tail == "renormalize":
+        empty = ~present.any(-1) if valid is None else ~present.any(-1) & valid.reshape(-1)
+        _refuse(empty, "tail='renormalize' has no teacher to renormalise in a row that counts: every row that is "
+                "not ignored needs at least one id in teacher_topk_ids (tail='bucket' takes empty rows)")
+    return sorted_ids, sorted_logprobs
+
+
+def _fused_topk_loss(student_logits, ids, logprobs, target, *, student_scale, teacher_scale, kl_scale, weighted,
+                     beta, ce_weight, tail, ignore_index, reduction, backend, return_components):
+    beta = _check_finite("beta", beta)
+    ce_weight = _check_finite("ce_weight", ce_weight)
+    _check_flag("return_components", return_components)
+    validate_logits("student_logits", student_logits)
+    validate_options(reduction, ignore_index)
+    lead, vocab, device = student_logits.shape[:-1], student_logits.shape[-1], student_logits.device
+    if target is not None:
+        validate_target(target, lead, vocab, device, ignore_index)
+    valid = _valid_rows(target, lead, device, ignore_index)
+    sorted_ids, sorted_logprobs = validate_topk(ids, logprobs, lead, vocab, device, tail, valid)
+    backend = _ops.resolve_backend(backend, device, student_logits.dtype)
+
+    if backend == "torch" or student_logits[..., 0].numel() == 0:
+        # The kernels' contract: float32 arithmetic (float64 stays float64), a float32 loss.
+        compute = torch.float64 if student_logits.dtype == torch.float64 else torch.float32
+        rows = reference.topk_loss_rows(student_logits.to(compute), ids, logprobs, target,
+                                        student_scale=student_scale, teacher_scale=teacher_scale,
+                                        kl_scale=kl_scale, weighted=weighted, tail=tail, beta=beta,
+                                        ce_weight=ce_weight, ignore_index=ignore_index)
+        loss = reference.reduce_rows(rows["loss"], valid, reduction)
+        detached = [rows[k].detach() for k in ("kl", "ce", "weight")]
+    else:
+        loss, stats = _topk_ops.fused_topk_loss(
+            student_logits, sorted_ids, sorted_logprobs, target, valid, reduction=reduction,
+            student_scale=student_scale, teacher_scale=teacher_scale, kl_coef=beta * kl_scale, ce_weight=ce_weight,
+            weighted=weighted, bucket=tail == "bucket", ignore_index=ignore_index, backend=backend)
+        detached = [stats[k].detach().view(lead) for k in (TopkStat.KL, TopkStat.CE, TopkStat.WEIGHT)]
+    if not return_components:
+        return loss
+    return loss, LossComponents(*(reference.reduce_rows(x, valid, "mean") for x in detached))
+
+
+_TOPK_DOC = """
+    Args:
+        student_logits: (..., V) float32, bfloat16 or float16 logits of the student (float64 for checks, computed
+            by the reference). Rows may be strided; the last dimension should be contiguous.
+        teacher_topk_ids: (..., k) int32 or int64 token ids of the teacher's k most likely tokens per row, in any
+            order; a row with fewer ids pads the unused slots with -1. The ids of a row must be distinct (a
+            duplicate raises: each row is sorted once anyway, and neighbours are compared). k >= 1, up to V.
+        teacher_topk_logprobs: (..., k) log-probabilities of those ids, normalised over the full vocabulary (what
+            a served teacher returns), any float dtype; the padding slots' values are ignored. Must not require
+            grad. A log-probability above 0, or a row whose probabilities sum above 1, beyond a rounding slack
+            (``logprob_slack``: 1e-4 + 8 eps of the dtype) raises; within it, the tail mass is clamped at 0.
+        target: optional (...) integer class indices; adds ``ce_weight * CE(student_logits, target)`` (the full
+            vocabulary's softmax); rows whose target is ``ignore_index`` contribute nothing to any term.
+        tail: ``"bucket"`` (default): the teacher's tail mass p_R = 1 - sum of its k probabilities is one more
+            outcome, matched against the student's mass outside the k ids. ``"renormalize"``: the teacher
+            renormalised over its k ids (every row that counts needs one), no bucket.
+        beta, ce_weight, ignore_index, reduction, backend, return_components: as in the dense losses
+            (``fused_wttm_loss``): "mean" over the rows not ignored, "sum", "none"; "auto" runs the Triton
+            kernel on CUDA tensors, the C++ kernel on CPU tensors, the float64 reference for float64.
+
+    Errors are raised before any work, naming the argument; on a GPU the value checks of the ids and
+    log-probabilities are device-side assertions (no host synchronisation), as for the target.
+
+    Storage: keep the log-probabilities in float32 for ``tail="bucket"``. The tail mass of a confident teacher
+    is small, and the rounding of float16 or bfloat16 log-probabilities moves it enough for the power transform
+    to change such rows' loss by up to ~10% (1e-5 from float32); with ``"renormalize"`` float16 stays within
+    5e-4 (benchmarks/RESULTS.md, "Storage dtypes of the log-probabilities").
+
+    Returns:
+        The float32 loss, and with ``return_components`` a ``(loss, LossComponents)`` pair (the weight is U of the
+        sparse teacher). The gradient reaches ``student_logits`` only, in its dtype, first-order only.
+"""
+
+
+def fused_wttm_loss_topk(student_logits: torch.Tensor, teacher_topk_ids: torch.Tensor,
+                         teacher_topk_logprobs: torch.Tensor, target: Optional[torch.Tensor] = None, *,
+                         gamma: float = DEFAULT_GAMMA, beta: float = 1.0, ce_weight: float = 1.0,
+                         tail: str = "bucket", ignore_index: int = -100, reduction: str = "mean",
+                         backend: str = "auto", return_components: bool = False):
+    gamma = _check_finite("gamma", gamma, positive=True)
+    return _fused_topk_loss(student_logits, teacher_topk_ids, teacher_topk_logprobs, target, student_scale=1.0,
+                            teacher_scale=gamma, kl_scale=1.0, weighted=True, beta=beta, ce_weight=ce_weight,
+                            tail=tail, ignore_index=ignore_index, reduction=reduction, backend=backend,
+                            return_components=return_components)
+
+
+fused_wttm_loss_topk.__doc__ = """WTTM from the teacher's top-k log-probabilities: ``ce_weight * CE + beta *
+    mean_rows(U * KL(pt || q))`` over the teacher's k ids and its tail (see the module docstring).
+
+    gamma: the power-transform exponent, 1/T (default 0.2). pt_b = p_b**gamma / U, U = sum_b p_b**gamma over
+        the k ids (and the bucket).
+""" + _TOPK_DOC
+
+
+def fused_ttm_loss_topk(student_logits: torch.Tensor, teacher_topk_ids: torch.Tensor,
+                        teacher_topk_logprobs: torch.Tensor, target: Optional[torch.Tensor] = None, *,
+                        gamma: float = DEFAULT_GAMMA, beta: float = 1.0, ce_weight: float = 1.0,
+                        tail: str = "bucket", ignore_index: int = -100, reduction: str = "mean",
+                        backend: str = "auto", return_components: bool = False):
+    gamma = _check_finite("gamma", gamma, positive=True)
+    return _fused_topk_loss(student_logits, teacher_topk_ids, teacher_topk_logprobs, target, student_scale=1.0,
+                            teacher_scale=gamma, kl_scale=1.0, weighted=False, beta=beta, ce_weight=ce_weight,
+                            tail=tail, ignore_index=ignore_index, reduction=reduction, backend=backend,
+                            return_components=return_components)
+
+
+fused_ttm_loss_topk.__doc__ = """TTM from the teacher's top-k log-probabilities: ``ce_weight * CE + beta *
+    mean_rows(KL(pt || q))``.
+
+    gamma: the power-transform exponent, 1/T (default 0.2).
+""" + _TOPK_DOC
+
+
+def fused_kd_loss_topk(student_logits: torch.Tensor, teacher_topk_ids: torch.Tensor,
+                       teacher_topk_logprobs: torch.Tensor, target: Optional[torch.Tensor] = None, *,
+                       temperature: float = DEFAULT_TEMPERATURE, beta: float = 1.0, ce_weight: float = 1.0,
+                       tail: str = "bucket", ignore_index: int = -100, reduction: str = "mean",
+                       backend: str = "auto", return_components: bool = False):
+    temperature = _check_finite("temperature", temperature, positive=True)
+    return _fused_topk_loss(student_logits, teacher_topk_ids, teacher_topk_logprobs, target,
+                            student_scale=1.0 / temperature, teacher_scale=1.0 / temperature,
+                            kl_scale=temperature**2, weighted=False, beta=beta, ce_weight=ce_weight, tail=tail,
+                            ignore_index=ignore_index, reduction=reduction, backend=backend,
+                            return_components=return_components)
+
+
+fused_kd_loss_topk.__doc__ = """Hinton KD from the teacher's top-k log-probabilities: ``ce_weight * CE + beta *
+    T^2 * mean_rows(KL(pt || softmax(z / T)))``, the teacher side built with gamma = 1/T.
+
+    temperature: T (default 4).
+""" + _TOPK_DOC
+
+
+# --- The fused linear variant: the student's logits a chunk of rows at a time, no teacher model at all.
+
+class TopkTeacher:
+    """The sparse teacher of the fused linear loss's chunk loop (see ``linear.DenseTeacher``): rows [start,
+    end) of its sorted ids and log-probabilities; no buffer, no GEMM."""
+
+    buffer_dtype = None
+
+    def __init__(self, ids, logprobs, tail):
+        self.ids, self.logprobs, self.tail = ids, logprobs, tail
+
+    def allocate(self, chunk, vocab):
+        pass
+
+    def release(self):
+        pass
+
+    def chunk_loss(self, z, start, end, y, row_grad, spec):
+        ids, logprobs = self.ids[start:end], self.logprobs[start:end]
+        if spec.backend == "torch":
+            return linear.loss_and_grad_torch(
+                z, lambda logits: reference.topk_loss_rows(logits, ids, logprobs, y, tail=self.tail,
+                                                           **linear.reference_params(spec)), row_grad)
+        args = (spec.student_scale, spec.teacher_scale, spec.beta * spec.kl_scale, spec.ce_weight, spec.weighted,
+                self.tail == "bucket", spec.ignore_index, spec.backend)
+        if row_grad is None:
+            stats = _topk_ops.topk_fwd(z, ids, logprobs, y, *args)
+        else:
+            stats = _topk_ops.topk_fwd_grad_inplace(z, ids, logprobs, y, row_grad, *args)
+        return stats[TopkStat.LOSS:TopkStat.WEIGHT + 1]
+
+
+def _fused_linear_topk_loss(student_hidden, student_weight, ids, logprobs, target, *, student_bias, student_scale,
+                            teacher_scale, kl_scale, weighted, beta, ce_weight, tail, ignore_index, reduction,
+                            chunk_size, backend, return_components):
+    beta = _check_finite("beta", beta)
+    ce_weight = _check_finite("ce_weight", ce_weight)
+    _check_flag("return_components", return_components)
+    linear.validate_student(student_hidden, student_weight, student_bias, reduction, ignore_index, chunk_size)
+    lead, vocab, device = student_hidden.shape[:-1], student_weight.shape[0], student_hidden.device
+    if target is not None:
+        validate_target(target, lead, vocab, device, ignore_index)
+    sorted_ids, sorted_logprobs = validate_topk(ids, logprobs, lead, vocab, device, tail,
+                                                _valid_rows(target, lead, device, ignore_index))
+    backend = _ops.resolve_backend(backend, device, student_hidden.dtype)
+    spec = linear._Spec(float(student_scale), float(teacher_scale), float(kl_scale), bool(weighted), beta,
+                        ce_weight, int(ignore_index), backend)
+    return linear.run_linear_loss(student_hidden, student_weight, student_bias,
+                                  TopkTeacher(sorted_ids, sorted_logprobs, tail),
+                                  None if target is None else target.reshape(-1).long(), spec, reduction,
+                                  chunk_size, return_components)
+
+
+_LINEAR_TOPK_DOC = """
+    Args:
+        student_hidden: (..., H) last hidden states of the student, float32, bfloat16 or float16 (float64 for
+            checks); student_weight: (V, H) its LM head, same dtype; student_bias: optional (V,).
+        teacher_topk_ids, teacher_topk_logprobs: (..., k) with the student's leading shape: the teacher's top-k
+            ids (-1 pads) and log-probabilities, as in ``fused_wttm_loss_topk``. No teacher model at all.
+        target, tail, beta, ce_weight, ignore_index, reduction, backend, return_components: as in
+            ``fused_wttm_loss_topk``.
+        chunk_size: rows per chunk; default from the memory budget of the one (chunk, V) student buffer (see
+            ``linear.default_chunk_size``: twice the rows of the dense loss's, which also holds the teacher's).
+
+    The student's logits are never materialised beyond one chunk: each chunk's GEMM, the loss kernel writing
+    d loss / d logits in place, two GEMMs for the gradients of the hidden states and the head (dW summed in
+    fp32), as ``fused_linear_wttm_loss`` without the teacher's GEMM and buffer.
+
+    Returns:
+        The float32 loss (with ``return_components``, a ``(loss, LossComponents)`` pair). Gradients reach
+        student_hidden, student_weight and student_bias, first-order only; with "mean"/"sum" they are computed
+        in the forward, with "none" the backward recomputes the chunks.
+"""
+
+
+def fused_linear_wttm_loss_topk(student_hidden: torch.Tensor, student_weight: torch.Tensor,
+                                teacher_topk_ids: torch.Tensor, teacher_topk_logprobs: torch.Tensor,
+                                target: Optional[torch.Tensor] = None, *, student_bias: Optional[torch.Tensor] = None,
+                                gamma: float = DEFAULT_GAMMA, beta: float = 1.0, ce_weight: float = 1.0,
+                                tail: str = "bucket", ignore_index: int = -100, reduction: str = "mean",
+                                chunk_size: Optional[int] = None, backend: str = "auto",
+                                return_components: bool = False):
+    gamma = _check_finite("gamma", gamma, positive=True)
+    return _fused_linear_topk_loss(student_hidden, student_weight, teacher_topk_ids, teacher_topk_logprobs, target,
+                                   student_bias=student_bias, student_scale=1.0, teacher_scale=gamma, kl_scale=1.0,
+                                   weighted=True, beta=beta, ce_weight=ce_weight, tail=tail,
+                                   ignore_index=ignore_index, reduction=reduction, chunk_size=chunk_size,
+                                   backend=backend, return_components=return_components)
+
+
+fused_linear_wttm_loss_topk.__doc__ = """``fused_wttm_loss_topk`` on ``student_hidden @ student_weight.T (+ bias)``,
+    a chunk of rows at a time. gamma: the power-transform exponent, 1/T (default 0.2).
+""" + _LINEAR_TOPK_DOC
+
+
+def fused_linear_ttm_loss_topk(student_hidden: torch.Tensor, student_weight: torch.Tensor,
+                               teacher_topk_ids: torch.Tensor, teacher_topk_logprobs: torch.Tensor,
+                               target: Optional[torch.Tensor] = None, *, student_bias: Optional[torch.Tensor] = None,
+                               gamma: float = DEFAULT_GAMMA, beta: float = 1.0, ce_weight: float = 1.0,
+                               tail: str = "bucket", ignore_index: int = -100, reduction: str = "mean",
+                               chunk_size: Optional[int] = None, backend: str = "auto",
+                               return_components: bool = False):
+    gamma = _check_finite("gamma", gamma, positive=True)
+    return _fused_linear_topk_loss(student_hidden, student_weight, teacher_topk_ids, teacher_topk_logprobs, target,
+                                   student_bias=student_bias, student_scale=1.0, teacher_scale=gamma, kl_scale=1.0,
+                                   weighted=False, beta=beta, ce_weight=ce_weight, tail=tail,
+                                   ignore_index=ignore_index, reduction=reduction, chunk_size=chunk_size,
+                                   backend=backend, return_components=return_components)
+
+
+fused_linear_ttm_loss_topk.__doc__ = """``fused_ttm_loss_topk`` on the student's LM-head output, chunked. gamma:
+    1/T (default 0.2).
+""" + _LINEAR_TOPK_DOC
+
+
+def fused_linear_kd_loss_topk(student_hidden: torch.Tensor, student_weight: torch.Tensor,
+                              teacher_topk_ids: torch.Tensor, teacher_topk_logprobs: torch.Tensor,
+                              target: Optional[torch.Tensor] = None, *, student_bias: Optional[torch.Tensor] = None,
+                              temperature: float = DEFAULT_TEMPERATURE, beta: float = 1.0, ce_weight: float = 1.0,
+                              tail: str = "bucket", ignore_index: int = -100, reduction: str = "mean",
+                              chunk_size: Optional[int] = None, backend: str = "auto",
+                              return_components: bool = False):
+    temperature = _check_finite("temperature", temperature, positive=True)
+    return _fused_linear_topk_loss(student_hidden, student_weight, teacher_topk_ids, teacher_topk_logprobs, target,
+                                   student_bias=student_bias, student_scale=1.0 / temperature,
+                                   teacher_scale=1.0 / temperature, kl_scale=temperature**2, weighted=False,
+                                   beta=beta, ce_weight=ce_weight, tail=tail, ignore_index=ignore_index,
+                                   reduction=reduction, chunk_size=chunk_size, backend=backend,
+                                   return_components=return_components)
+
+
+fused_linear_kd_loss_topk.__doc__ = """``fused_kd_loss_topk`` (T^2 factor) on the student's LM-head output,
+    chunked. temperature: T (default 4).
+""" + _LINEAR_TOPK_DOC

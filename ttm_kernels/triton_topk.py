@@ -1,0 +1,284 @@
+"""Triton kernels of the sparse-teacher (top-k) losses, built from ``triton_kernels``' blocks.
+
+One program per row. Per row, with S the row's ids other than the padding id -1 (``_topk_ops.topk_rows``
+sorts them once per call: ascending, the padding first), R every other column, s = student_scale:
+
+    statistics pass: one streaming read of z with the columns of S set to -inf, summed by ``_block_sums``
+             (its teacher half is dead code here, which the compiler drops): lse(s*z) over R, and lse(z) over R
+             for a CE under a temperature. Each block's ids are the sorted ids in [start, start + BLOCK_V), a
+             range of the sorted tile, compared with the block's columns one id at a time: BLOCK_V / threads
+             compares per id (16 at 4096 columns over 8 warps), k of them per row.
+    O(k): the k student logits gathered; lse over S and over the row (merged with R's); the teacher on S
+             (and the bucket R): p_R = 1 - sum_S p summed in fp64; the KL over S + {R} in the form that never
+             cancels (``_kl_term``).
+    gradient (HAS_GRAD): for j in R, c (q_j - pt_R q_j / q_R) plus the CE's, = e_j (c q_R - c pt_R) / d_R with
+             e_j = exp(s*z_j - max_R): one exponential per element (``_block_kl_grad`` with q = e_j A and
+             p = e_j B); then, after a barrier, the k entries of S overwritten with c (q_i - pt_i) plus the
+             CE's. The logits of S are gathered before anything is written, so the gradient may be the
+             student's own storage.
+
+Statistics: (NUM_STATS, N) fp32, rows as named in ``_stats.TopkStat``. k up to MAX_TOPK (the ids tile lives in
+registers); the split-row path of the dense kernels is not offered (one program per row).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._stats import NUM_STATS, TopkStat
+# The statistics rows that TopkStat shares with Stat (tests/test_topk.py checks that they agree), and its own.
+from .triton_kernels import CE, KL, LOG_SUM_S, LOG_SUM_Z, LOSS, MAX_S, MAX_Z, N_STATS, WEIGHT
+from .triton_kernels import (_block_kl_grad, _block_sums, _checked_ce_coef, _derived_maxima, _kl_term, _row_args,
+                             _row_ptr, _separate_ce, _store_rounded, _student_power, _zero_pass, launch_config)
+
+MAX_TOPK = 4096
+MAX_R = tl.constexpr(int(TopkStat.MAX_R))
+LOG_SUM_R = tl.constexpr(int(TopkStat.LOG_SUM_R))
+
+
+@triton.jit
+def _tail_sums(s_row, ids_row, k, V, student_scale, SEPARATE_CE: tl.constexpr, STUDENT_POWER: tl.constexpr,
+               BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
+    # The online sums of s*z (and z) over the columns outside S.
+    slots = tl.arange(0, BLOCK_K)
+    ids = tl.load(ids_row + slots, mask=slots < k, other=2147483647)
+    lo = tl.sum((ids < 0).to(tl.int32), 0)  # the padding sorts first
+    m_s = -1.0e30
+    d_s = 0.0
+    m_z = -1.0e30
+    d_z = 0.0
+    for start in range(0, V, BLOCK_V):
+        cols = start + tl.arange(0, BLOCK_V)
+        z = tl.load(s_row + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
+        hi = tl.sum((ids < start + BLOCK_V).to(tl.int32), 0)
+        member = cols < 0
+        for j in range(lo, hi):
+            member = member | (cols == tl.load(ids_row + j))
+        lo = hi
+        z = tl.where(member, float("-inf"), z)
+        m_s, d_s, _, _, _, _, m_z, d_z, _, _ = _block_sums(
+            z, z, m_s, d_s, -1.0e30, 0.0, -1.0e30, 0.0, m_z, d_z, student_scale, student_scale, False, SEPARATE_CE,
+            0, STUDENT_POWER)
+    _, m_z = _derived_maxima(m_s, m_s, m_s, m_z, 0, STUDENT_POWER)
+    return m_s, d_s, m_z, d_z
+
+
+@triton.jit
+def _with_tail(m_tail, d_tail, x, present):
+    # The (max, log-sum) of the whole row from R's online pair and the values x of S.
+    x = tl.where(present, x, float("-inf"))
+    m = tl.maximum(m_tail, tl.max(x, 0))
+    d = d_tail * tl.exp(m_tail - m) + tl.sum(tl.exp(x - m), 0)
+    return m, tl.log(d)
+
+
+@triton.jit
+def _gather(s_row, ids_row, lp_row, k, BLOCK_K: tl.constexpr):
+    # The row's ids tile, which of its slots hold an id, the student's logits there and their log-probabilities.
+    slots = tl.arange(0, BLOCK_K)
+    ids = tl.load(ids_row + slots, mask=slots < k, other=-1)
+    present = ids >= 0
+    z_s = tl.load(s_row + ids, mask=present, other=float("-inf")).to(tl.float32)
+    logprobs = tl.load(lp_row + slots, mask=present, other=float("-inf"))
+    return ids, present, z_s, logprobs
+
+
+@triton.jit
+def _teacher(logprobs, present, V, teacher_scale, WEIGHTED: tl.constexpr, BUCKET: tl.constexpr):
+    # The transformed teacher on S (and the bucket R): log pt of each slot, log pt_R, and the weight U.
+    p_sum = tl.sum(tl.where(present, tl.exp(logprobs.to(tl.float64)), 0.0), 0)
+    log_tail = float("-inf")
+    if BUCKET:
+        # Under the power transform a residue counts: 1 - sum p in fp64, from the stored values.
+        tail = tl.where(tl.sum(present.to(tl.int32), 0) < V, tl.maximum(1.0 - p_sum, 0.0), 0.0)
+        log_tail = tl.log(tail).to(tl.float32)
+    w = teacher_scale * logprobs
+    w_tail = teacher_scale * log_tail
+    m_w = tl.maximum(tl.max(w, 0), w_tail)
+    log_norm = m_w + tl.log(tl.sum(tl.exp(w - m_w), 0) + tl.exp(w_tail - m_w))
+    weight = 1.0
+    if WEIGHTED:
+        if BUCKET:
+            weight = tl.exp(log_norm)
+        else:
+            weight = tl.exp(log_norm - teacher_scale * tl.log(p_sum).to(tl.float32))
+    return w - log_norm, w_tail - log_norm, weight
+
+
+@triton.jit
+def _grad_pass(s_row, g_row, ids, present, z_s, log_q, log_pt, log_pt_tail, y, V, student_scale, m_all,
+               log_d_all, m_tail, log_d_tail, m_z, log_d_z, kl_coef, ce_coef, HAS_TARGET: tl.constexpr,
+               SEPARATE_CE: tl.constexpr, STUDENT_POWER: tl.constexpr, BLOCK_V: tl.constexpr):
+    # The row's gradient: R's entries e_j * (q_R - pt_R) / d_R (with the CE's) over every column, last block
+    # first (the likeliest in L2 after the statistics pass), then the entries of S overwritten.
+    d_tail = tl.exp(log_d_tail)
+    a = tl.exp((m_tail - m_all) - log_d_all)  # q_j = e_j * a
+    b = tl.where(d_tail > 0, tl.exp(log_pt_tail) / d_tail, 0.0)  # pt_R q_j / q_R = e_j * b
+    inv_d_z = tl.exp(-log_d_z)
+    if STUDENT_POWER > 0:
+        inv_d_z = tl.exp((STUDENT_POWER * m_tail - m_z) - log_d_z)  # softmax(z)_j = e_j^K * inv_d_z
+    n_blocks = tl.cdiv(V, BLOCK_V)
+    for i in range(n_blocks):
+        cols = (n_blocks - 1 - i) * BLOCK_V + tl.arange(0, BLOCK_V)
+        mask = cols < V
+        z = tl.load(s_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
+        e = tl.exp(z * student_scale - m_tail)
+        _, grad = _block_kl_grad(e * a, e * b, e, e, z, cols, mask, y, kl_coef, ce_coef, m_z, log_d_z, inv_d_z,
+                                 HAS_TARGET, SEPARATE_CE, STUDENT_POWER)
+        _store_rounded(g_row + cols, grad, mask)
+    # Every thread's stores above land before the entries of S are overwritten.
+    tl.debug_barrier()
+    q = tl.exp(log_q)
+    fix = kl_coef * (q - tl.exp(log_pt))
+    if HAS_TARGET:
+        q_ce = q
+        if SEPARATE_CE:
+            q_ce = tl.exp((z_s - m_z) - log_d_z)
+        fix += ce_coef * (q_ce - tl.where(ids == y, 1.0, 0.0))
+    _store_rounded(g_row + ids, fix, present)
+
+
+@triton.jit
+def _store_stats(STATS, n_rows, row, loss, kl, ce, weight, m_all, log_d_all, m_tail, log_d_tail, m_z, log_d_z):
+    tl.store(STATS + LOSS * n_rows + row, loss)
+    tl.store(STATS + KL * n_rows + row, kl)
+    tl.store(STATS + CE * n_rows + row, ce)
+    tl.store(STATS + WEIGHT * n_rows + row, weight)
+    tl.store(STATS + MAX_S * n_rows + row, m_all)
+    tl.store(STATS + LOG_SUM_S * n_rows + row, log_d_all)
+    tl.store(STATS + MAX_R * n_rows + row, m_tail)
+    tl.store(STATS + LOG_SUM_R * n_rows + row, log_d_tail)
+    tl.store(STATS + MAX_Z * n_rows + row, m_z)
+    tl.store(STATS + LOG_SUM_Z * n_rows + row, log_d_z)
+
+
+@triton.jit
+def topk_fwd_kernel(
+    S, s_inner, s_stride_b, s_stride_t,
+    IDS, LOGP, k, Y, STATS,
+    GRAD, g_inner, g_stride_b, g_stride_t, ROW_GRAD, row_grad_stride,
+    n_rows, V,
+    student_scale, teacher_scale, kl_coef, ce_weight, ignore_index,
+    HAS_TARGET: tl.constexpr, WEIGHTED: tl.constexpr, BUCKET: tl.constexpr, SEPARATE_CE: tl.constexpr,
+    STUDENT_POWER: tl.constexpr, HAS_GRAD: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    s_row = _row_ptr(S, row, s_inner, s_stride_b, s_stride_t)
+    g_row = _row_ptr(GRAD, row, g_inner, g_stride_b, g_stride_t)
+    ids_row = IDS + row * k
+    y = 0
+    if HAS_TARGET:
+        y = tl.load(Y + row)
+        if y == ignore_index:
+            for i in tl.static_range(N_STATS):
+                tl.store(STATS + i * n_rows + row, 0.0)
+            if HAS_GRAD:
+                _zero_pass(g_row, V, BLOCK_V)
+            return
+
+    m_tail, d_tail, m_z_tail, d_z_tail = _tail_sums(s_row, ids_row, k, V, student_scale, SEPARATE_CE,
+                                                    STUDENT_POWER, BLOCK_V, BLOCK_K)
+    ids, present, z_s, logprobs = _gather(s_row, ids_row, LOGP + row * k, k, BLOCK_K)
+    m_all, log_d_all = _with_tail(m_tail, d_tail, z_s * student_scale, present)
+    m_z = m_all
+    log_d_z = log_d_all
+    if SEPARATE_CE:
+        m_z, log_d_z = _with_tail(m_z_tail, d_z_tail, z_s, present)
+    ce = 0.0
+    if HAS_TARGET:
+        z_y = tl.load(s_row + y, mask=(y >= 0) & (y < V), other=float("nan")).to(tl.float32)
+        ce = (m_z - z_y) + log_d_z
+    log_d_tail = tl.log(d_tail)
+
+    log_pt, log_pt_tail, weight = _teacher(logprobs, present, V, teacher_scale, WEIGHTED, BUCKET)
+    log_q = (z_s * student_scale - m_all) - log_d_all
+    log_q_tail = (m_tail - m_all) + log_d_tail - log_d_all
+    kl = tl.sum(tl.where(present, _kl_term(tl.exp(log_q), tl.exp(log_pt), log_pt - log_q), 0.0), 0)
+    kl += _kl_term(tl.exp(log_q_tail), tl.exp(log_pt_tail), log_pt_tail - log_q_tail)
+
+    if HAS_GRAD:
+        row_grad = tl.load(ROW_GRAD + row * row_grad_stride)
+        _grad_pass(s_row, g_row, ids, present, z_s, log_q, log_pt, log_pt_tail, y, V, student_scale, m_all,
+                   log_d_all, m_tail, log_d_tail, m_z, log_d_z, row_grad * kl_coef * weight * student_scale,
+                   _checked_ce_coef(row_grad * ce_weight, y, V, HAS_TARGET), HAS_TARGET, SEPARATE_CE,
+                   STUDENT_POWER, BLOCK_V)
+    _store_stats(STATS, n_rows, row, kl_coef * weight * kl + ce_weight * ce, kl, ce, weight, m_all, log_d_all,
+                 m_tail, log_d_tail, m_z, log_d_z)
+
+
+@triton.jit
+def topk_bwd_kernel(
+    S, s_inner, s_stride_b, s_stride_t,
+    IDS, LOGP, k, Y, STATS,
+    GRAD, g_inner, g_stride_b, g_stride_t, ROW_GRAD, row_grad_stride,
+    n_rows, V,
+    student_scale, teacher_scale, kl_coef, ce_weight, ignore_index,
+    HAS_TARGET: tl.constexpr, BUCKET: tl.constexpr, SEPARATE_CE: tl.constexpr, STUDENT_POWER: tl.constexpr,
+    BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    # The gradient from the forward's statistics (reduction "none"): the O(k) terms are recomputed, the
+    # statistics pass is not.
+    row = tl.program_id(0).to(tl.int64)
+    s_row = _row_ptr(S, row, s_inner, s_stride_b, s_stride_t)
+    g_row = _row_ptr(GRAD, row, g_inner, g_stride_b, g_stride_t)
+    y = 0
+    if HAS_TARGET:
+        y = tl.load(Y + row)
+        if y == ignore_index:
+            _zero_pass(g_row, V, BLOCK_V)
+            return
+    m_all = tl.load(STATS + MAX_S * n_rows + row)
+    log_d_all = tl.load(STATS + LOG_SUM_S * n_rows + row)
+    m_tail = tl.load(STATS + MAX_R * n_rows + row)
+    log_d_tail = tl.load(STATS + LOG_SUM_R * n_rows + row)
+    weight = tl.load(STATS + WEIGHT * n_rows + row)
+    ids, present, z_s, logprobs = _gather(s_row, IDS + row * k, LOGP + row * k, k, BLOCK_K)
+    log_pt, log_pt_tail, _ = _teacher(logprobs, present, V, teacher_scale, False, BUCKET)
+    row_grad = tl.load(ROW_GRAD + row * row_grad_stride)
+    _grad_pass(s_row, g_row, ids, present, z_s, (z_s * student_scale - m_all) - log_d_all, log_pt, log_pt_tail, y,
+               V, student_scale, m_all, log_d_all, m_tail, log_d_tail, tl.load(STATS + MAX_Z * n_rows + row),
+               tl.load(STATS + LOG_SUM_Z * n_rows + row), row_grad * kl_coef * weight * student_scale,
+               _checked_ce_coef(row_grad * ce_weight, y, V, HAS_TARGET), HAS_TARGET, SEPARATE_CE, STUDENT_POWER,
+               BLOCK_V)
+
+
+def _launch_args(student, ids, logprobs, target, stats, grad, row_grad, params) -> dict:
+    n_rows, k = ids.shape
+    if k > MAX_TOPK:
+        raise ValueError(f"the Triton kernel takes k <= {MAX_TOPK} ids per row, got k = {k}; pass backend='torch' "
+                         "for more")
+    return {
+        **_row_args("s", "S", student), **_row_args("g", "GRAD", grad),
+        "IDS": ids, "LOGP": logprobs, "k": k, "Y": target if target is not None else stats, "STATS": stats,
+        "ROW_GRAD": row_grad, "row_grad_stride": 1 if row_grad.dim() else 0,
+        "n_rows": n_rows, "V": student.shape[2],
+        "student_scale": float(params["student_scale"]), "teacher_scale": float(params["teacher_scale"]),
+        "kl_coef": float(params["kl_coef"]), "ce_weight": float(params["ce_weight"]),
+        "ignore_index": int(params["ignore_index"]),
+        "HAS_TARGET": target is not None, "BUCKET": bool(params["bucket"]),
+        "SEPARATE_CE": _separate_ce(target, params["student_scale"]),
+        "STUDENT_POWER": _student_power(target, params["student_scale"]),
+        "BLOCK_K": triton.next_power_of_2(k), **launch_config(student.shape[2]),
+    }
+
+
+def topk_forward(student, ids, logprobs, target, *, weighted, grad=None, row_grad=None, **params):
+    """Statistics (NUM_STATS, N) fp32 (``TopkStat``) of (B, T, V) row views from ``topk_rows``' ids and
+    log-probabilities; with ``grad``, also writes d(sum_i row_grad_i * loss_i)/dz into it."""
+    stats = torch.empty((NUM_STATS, ids.shape[0]), dtype=torch.float32, device=student.device)
+    if ids.shape[0] == 0:
+        return stats
+    has_grad = grad is not None
+    if not has_grad:
+        grad, row_grad = student, stats  # never touched
+    topk_fwd_kernel[(ids.shape[0],)](**_launch_args(student, ids, logprobs, target, stats, grad, row_grad, params),
+                                     WEIGHTED=weighted, HAS_GRAD=has_grad)
+    return stats
+
+
+def topk_backward(row_grad, student, ids, logprobs, target, stats, grad, **params):
+    """Writes d(sum_i row_grad_i * loss_i)/dz into ``grad`` from the statistics of ``topk_forward``."""
+    if ids.shape[0]:
+        topk_bwd_kernel[(ids.shape[0],)](**_launch_args(student, ids, logprobs, target, stats, grad, row_grad,
+                                                        params))
