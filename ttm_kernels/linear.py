@@ -443,15 +443,6 @@ def run_linear_loss(student_hidden, student_weight, student_bias, teacher, targe
         return loss
     valid = _valid_rows(target, (n_rows,), device, spec.ignore_index)
     return loss, LossComponents(*(reference.reduce_rows(x, valid, "mean") for x in terms))
-    if reduction == "none":
-        loss = loss.view(lead)
-    if return_soft_hard:
-        kl, ce, weight = terms
-        return loss, spec.kl_scale * (weight * kl).sum() / denominator, ce.sum() / denominator
-    if not return_components:
-        return loss
-    valid = _valid_rows(target, (n_rows,), device, spec.ignore_index)
-    return loss, LossComponents(*(reference.reduce_rows(x, valid, "mean") for x in terms))
 
 
 _COMMON_DOC = """
