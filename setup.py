@@ -39,7 +39,7 @@ setup(
     extras_require={
         "triton": ["triton>=3.6"],
         "test": ["pytest", "pytest-benchmark", "triton>=3.6", "numpy"],
-        "train": ["pyyaml", "tqdm", "matplotlib"],
+        "train": ["pyyaml", "tqdm", "matplotlib", "tokenizers"],
         "bench": ["pytest-benchmark", "matplotlib", "tqdm"],
     },
     ext_modules=extensions(),

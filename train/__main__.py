@@ -1,4 +1,5 @@
-"""Command line: ``python -m train --config FILE [key=value ...] [--resume]`` or ``python -m train demo``."""
+"""Command line: ``python -m train --config FILE [key=value ...] [--resume]``, ``python -m train demo`` or
+``python -m train demo-lm``."""
 import argparse
 import sys
 
@@ -6,14 +7,15 @@ from . import config
 from .errors import UserError
 
 USAGE = """python -m train --config FILE [key=value ...] [--resume]
-       python -m train demo [--help]"""
+       python -m train demo [--help]        (Fashion-MNIST)
+       python -m train demo-lm [--help]     (a language model on the Python standard library)"""
 
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["demo"]:
+    if argv[:1] in (["demo"], ["demo-lm"]):
         from . import demo
-        return demo.main(argv[1:])
+        return demo.main(argv[1:], argv[0])
     parser = argparse.ArgumentParser(
         prog="python -m train", usage=USAGE, formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Train a teacher (loss=ce) or distil a student (loss=kd|ttm|wttm) with ttm_kernels. "
