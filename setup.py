@@ -40,7 +40,7 @@ setup(
         "triton": ["triton>=3.6"],
         # trl: the test of the README's TRL lines (tests/test_hf_integration.py).
         "test": ["pytest", "pytest-benchmark", "triton>=3.6", "numpy", "trl"],
-        "train": ["pyyaml", "tqdm", "matplotlib"],
+        "train": ["pyyaml", "tqdm", "matplotlib", "tokenizers"],
         "bench": ["pytest-benchmark", "matplotlib", "tqdm"],
         # ttm_kernels.integrations.hf (logits_to_keep as an index tensor: transformers >= 4.50).
         "hf": ["transformers>=4.50", "accelerate>=1.0"],

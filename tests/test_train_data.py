@@ -33,6 +33,26 @@ def test_fashion_mnist_loader(tmp_path, gz):
     assert batches[0][0].dtype == torch.float32 and batches[0][0].shape == (64, 1, 28, 28)
 
 
+def test_split_training_images_balanced_disjoint_nested():
+    labels = torch.randint(0, 10, (3000,), generator=torch.Generator().manual_seed(1))  # unequal class sizes
+    train, val = data.split_training_images(labels, 10, 0.1, 0)
+    assert len(val) == 300 and torch.bincount(labels[val]).tolist() == [30] * 10
+    assert len(train) == 2700 and not set(train.tolist()) & set(val.tolist())
+    subset, same_val = data.split_training_images(labels, 10, 0.1, 500)
+    assert torch.equal(same_val, val) and torch.equal(subset, train[:500])  # nested in the larger training sets
+    assert torch.bincount(labels[subset]).tolist() == [50] * 10
+    # Without validation, train_subset picks the images it always picked.
+    assert torch.equal(data.split_training_images(labels, 10, 0.0, 500)[0], data.balanced_subset(labels, 500, 10))
+
+
+def test_eval_split_val_evaluates_on_the_held_out_training_images(tmp_path):
+    folder = write_fashion_mnist(str(tmp_path / "fm"), n_train=400, n_test=70)
+    d = data.build_data(run_cfg(tmp_path, folder, "r", val_fraction=0.25, eval_split="val", train_subset=200))
+    assert (d.train_size, d.test_size) == (200, 100)
+    train_images = {tuple(x.flatten().tolist()) for x in d.train.images}
+    assert not any(tuple(x.flatten().tolist()) in train_images for x in d.test.images)
+
+
 def test_missing_dataset_says_where_and_how(tmp_path):
     with pytest.raises(DatasetNotFoundError, match="apt-get install dataset-fashion-mnist") as exc:
         data.build_data(run_cfg(tmp_path, tmp_path / "nowhere", "r"))

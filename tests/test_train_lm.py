@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import sysconfig
 
 import pytest
 import torch
@@ -132,9 +133,20 @@ def test_folder_of_texts(tmp_path):
     assert data.test_size == (targets != IGNORE).sum() == sum(n - 1 for n in tails) - 4 * len(inputs)
 
 
-def test_default_text_is_this_repository_readme():
-    assert text_data.text_files(None) == [text_data.DEFAULT_TEXT]
-    assert os.path.isfile(text_data.DEFAULT_TEXT) and text_data.DEFAULT_TEXT.endswith("README.md")
+def test_default_text_is_the_python_standard_library():
+    files = text_data.text_files(None)
+    stdlib = sysconfig.get_paths()["stdlib"]
+    assert files == sorted(files) and len(files) > 500 and all(f.endswith(".py") for f in files)
+    assert os.path.join(stdlib, "os.py") in files and os.path.join(stdlib, "json", "decoder.py") in files
+    assert not any(part in f.split(os.sep) for f in files for part in text_data.NOT_STDLIB)
+    assert sum(os.path.getsize(f) for f in files) > 10e6  # tens of MB of real code
+
+
+def test_split_text_cuts_at_character_boundaries():
+    raw = ("a" * 10 + "é" * 10).encode()  # 30 bytes, the last 20 two-byte characters
+    train, val, test = text_data.split_text(raw, 0.3, 0.1)  # cuts at bytes 27 and 19, both inside a character
+    assert train + val + test == raw
+    assert (len(train), len(val), len(test)) == (20, 8, 2) and val.decode() == "éééé" and test.decode() == "é"
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -144,7 +156,10 @@ def test_default_text_is_this_repository_readme():
     (["task=lm", "dataset=text", "test_fraction=1"], "'test_fraction' must be in \\(0, 1\\)"),
     (["task=lm", "dataset=text", "vocab_mismatch=pad"], "'vocab_mismatch' must be one of"),
     (["task=lm", "dataset=text", "seq_lenn=8"], "unknown config key 'seq_lenn'"),
-    (["task=lm", "dataset=text", "train_subset=100"], "'train_subset' and 'test_subset' select images"),
+    (["task=lm", "dataset=text", "val_fraction=0.5", "test_fraction=0.5"],
+     "'val_fraction' \\+ 'test_fraction' must be < 1"),
+    (["task=lm", "dataset=text", "eval_split=val"], "eval_split 'val' evaluates on the validation set: set val_"),
+    (["task=lm", "dataset=text", "tokenizer=bpe", "vocab_size=300"], "'vocab_size' must be >= 512"),
 ])
 def test_bad_keys(overrides, message):
     with pytest.raises(ConfigError, match=message):
@@ -157,7 +172,7 @@ def test_errors_name_the_problem(tmp_path, text):
     with pytest.raises(DatasetNotFoundError, match="text not found: .*nowhere.txt is neither a file nor a folder"):
         engine.train(lm_cfg(tmp_path, tmp_path / "nowhere.txt", "b"))
     (tmp_path / "empty").mkdir()
-    with pytest.raises(DatasetNotFoundError, match="no .txt or .md files in the folder"):
+    with pytest.raises(DatasetNotFoundError, match="no .txt, .md, .py files in the folder"):
         engine.train(lm_cfg(tmp_path, tmp_path / "empty", "c"))
     (tmp_path / "short.txt").write_bytes(b"too short")
     with pytest.raises(ConfigError, match="test split of .*short.txt has no target tokens"):

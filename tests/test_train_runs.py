@@ -76,19 +76,6 @@ def test_cifar100_distillation_from_a_repdistiller_checkpoint(tmp_path):
     assert summary["epochs"] == 1 and summary["teacher_top1"] is not None
 
 
-def test_demo_prints_one_table_and_plots(tmp_path, fm, capsys):
-    from train import demo
-
-    plan = tmp_path / "plan.yaml"
-    plan.write_text("common: {dataset: fashion_mnist, epochs: 1, threads: 1, progress: false, tensorboard: false}\n"
-                    "teacher: {model: cnn_teacher, loss: ce}\n"
-                    "students: {ce: {model: cnn_student, loss: ce}, wttm: {model: cnn_student, loss: wttm}}\n")
-    assert demo.main(["--plan", str(plan), "--out-dir", str(tmp_path / "demo"), f"data_dir={fm}"]) == 0
-    out = capsys.readouterr().out
-    assert out.count("| run ") == 1 and "| WTTM " in out and "| CE only " in out and "512 training images" in out
-    assert (tmp_path / "demo" / "demo.png").is_file() and (tmp_path / "demo" / "results.md").is_file()
-
-
 def test_resume_is_bitwise_identical(tmp_path, fm, teacher_ckpt):
     keys = dict(loss="wttm", teacher="cnn_teacher", teacher_checkpoint=teacher_ckpt, deterministic=True,
                 augment="crop_flip", lr_schedule="multistep", lr_milestones=[1])

@@ -188,3 +188,21 @@ def test_teacher_topk_imports_a_served_teacher(teacher, store, tmp_path):
 
     jsonl.write_text(jsonl.read_text().replace('"token_ids": [', '"token_ids": [116, '))
     assert write_store(teacher, tmp_path / "bad", f"import={jsonl}") == 2
+
+
+def test_teacher_topk_import_follows_the_split_and_the_subset(teacher, tmp_path):
+    """val_fraction cuts each file's training part short and train_subset keeps a random choice of its windows:
+    the import takes the same windows of the served output as the teacher itself writes."""
+    from train.tasks import LanguageModelTask
+
+    jsonl = served_jsonl(teacher, tmp_path / "served.jsonl")
+    split = ("val_fraction=0.2", "train_subset=5")
+    assert write_store(teacher, tmp_path / "written", *split) == 0
+    assert write_store(teacher, tmp_path / "imported", f"import={jsonl}", *split) == 0
+    imported, written = (topk_store.TopkStore(str(tmp_path / name)) for name in ("imported", "written"))
+    assert imported.manifest["corpus"] == written.manifest["corpus"] and imported.manifest["windows"] == 5
+    (ids, logprobs), (ids_w, logprobs_w) = imported.read(torch.arange(5)), written.read(torch.arange(5))
+    cfg = lm_cfg(teacher["folder"], teacher["text"], "unused", val_fraction=0.2, train_subset=5)
+    counts = LanguageModelTask(cfg, torch.device("cpu")).build_data(0, 1).train.targets != -100
+    assert counts.sum() > 0 and (ids[counts] >= 0).all() and torch.equal(ids[counts], ids_w[counts])
+    torch.testing.assert_close(logprobs[counts], logprobs_w[counts], rtol=0, atol=1e-6)

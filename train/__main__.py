@@ -1,4 +1,5 @@
-"""Command line: ``python -m train --config FILE [key=value ...] [--resume]`` or ``python -m train demo``."""
+"""Command line: ``python -m train --config FILE [key=value ...] [--resume]``, ``python -m train demo`` or
+``python -m train demo-lm``."""
 import argparse
 import sys
 
@@ -6,15 +7,16 @@ from . import config
 from .errors import UserError
 
 USAGE = """python -m train --config FILE [key=value ...] [--resume]
-       python -m train demo [--help]
+       python -m train demo [--help]        (Fashion-MNIST)
+       python -m train demo-lm [--help]     (a language model on the Python standard library)
        python -m train teacher-topk --config FILE out_dir=DIR [k=64] [key=value ...]"""
 
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["demo"]:
+    if argv[:1] in (["demo"], ["demo-lm"]):
         from . import demo
-        return demo.main(argv[1:])
+        return demo.main(argv[1:], argv[0])
     if argv[:1] == ["teacher-topk"]:
         from . import teacher_topk
         return teacher_topk.main(argv[1:])

@@ -68,9 +68,15 @@ KEYS: dict[str, Key] = {
     "dataset": Key("fashion_mnist", str, "dataset; text = local text for task lm",
                    ("fashion_mnist", "cifar100", "imagenet", "text")),
     "data_dir": Key(None, str, "dataset folder; null = the dataset's default location. text: a text file or a "
-                    "folder of .txt/.md files; null = this repository's README.md"),
-    "train_subset": Key(0, int, "train on a class-balanced random subset of this many images (0 = all)"),
-    "test_subset": Key(0, int, "evaluate on the first N test images (0 = all)"),
+                    "folder of .txt/.md/.py files; null = the running Python's standard-library sources"),
+    "train_subset": Key(0, int, "train on a class-balanced random subset of this many images (0 = all); lm: on a "
+                        "random subset of this many token windows"),
+    "test_subset": Key(0, int, "evaluate on the first N test images (0 = all); lm: on a random subset of this many "
+                       "held-out token windows"),
+    "val_fraction": Key(0.0, NUM, "hold this fraction of the training data out of training as a validation set: "
+                        "class-balanced images, or for lm the part of each file's text just before its test part"),
+    "eval_split": Key("test", str, "what each epoch is evaluated on (the test_* columns of the CSV and summary): the "
+                      "test set, or the validation set of val_fraction (to choose hyper-parameters)", ("test", "val")),
     "augment": Key("auto", str, "train augmentation; auto = crop_flip for CIFAR, none for Fashion-MNIST",
                    ("auto", "none", "flip", "crop_flip")),
     "model": Key("cnn_student", str, "the model trained (teacher or student); lm: gpt_tiny, gpt_small, "
@@ -78,7 +84,11 @@ KEYS: dict[str, Key] = {
     # language models (task lm)
     "seq_len": Key(128, int, "lm: tokens per sample (inputs; the targets are the next tokens)"),
     "prompt_tokens": Key(0, int, "lm: the first N targets of every sample are ignored (a prompt to condition on)"),
-    "test_fraction": Key(0.1, NUM, "lm: the last fraction of each text file's tokens is held out for evaluation"),
+    "test_fraction": Key(0.1, NUM, "lm: the last fraction of each text file (in bytes) is held out for evaluation"),
+    "tokenizer": Key("bytes", str, "lm, built-in models: bytes (UTF-8 bytes, 257 ids) or bpe (a byte-level BPE "
+                     "vocabulary of vocab_size trained on the training text with Hugging Face tokenizers, cached)",
+                     ("bytes", "bpe")),
+    "vocab_size": Key(8192, int, "lm, tokenizer bpe: the size of the BPE vocabulary"),
     "vocab_mismatch": Key("error", str, "lm: a teacher LM head with another vocabulary size is an error, or is "
                           "truncated / padded to the student's (ttm_kernels' vocab_mismatch)",
                           ("error", "truncate_teacher")),
@@ -214,9 +224,10 @@ def validate(cfg: dict) -> dict:
     if (cfg["task"] == "lm") != (cfg["dataset"] == "text"):
         raise ConfigError(f"task {cfg['task']!r} does not go with dataset {cfg['dataset']!r}: task lm takes dataset "
                           "text, and dataset text only task lm")
-    if cfg["task"] == "lm" and (cfg["train_subset"] or cfg["test_subset"]):
-        raise ConfigError("config keys 'train_subset' and 'test_subset' select images; task lm takes all the text "
-                          "(point data_dir at less, or change test_fraction)")
+    if not 0 <= cfg["val_fraction"] < 1:
+        raise ConfigError(f"config key 'val_fraction' must be in [0, 1), got {cfg['val_fraction']}")
+    if cfg["eval_split"] == "val" and not cfg["val_fraction"]:
+        raise ConfigError("eval_split 'val' evaluates on the validation set: set val_fraction > 0 too")
     if cfg["parallel"] != "ddp" and cfg["task"] != "lm":
         raise ConfigError(f"parallel {cfg['parallel']!r} is for task lm; task {cfg['task']!r} runs with parallel ddp")
     if cfg["parallel"] == "fsdp" and cfg["optimizer"] == "sgd":
@@ -234,6 +245,12 @@ def validate(cfg: dict) -> dict:
                           f"{cfg['prompt_tokens']}")
     if not 0 < cfg["test_fraction"] < 1:
         raise ConfigError(f"config key 'test_fraction' must be in (0, 1), got {cfg['test_fraction']}")
+    if cfg["task"] == "lm" and cfg["val_fraction"] + cfg["test_fraction"] >= 1:
+        raise ConfigError(f"config keys 'val_fraction' + 'test_fraction' must be < 1 (the rest trains), got "
+                          f"{cfg['val_fraction']} + {cfg['test_fraction']}")
+    if cfg["vocab_size"] < 512:
+        raise ConfigError(f"config key 'vocab_size' must be >= 512 (the 256 bytes, a pad and merges), got "
+                          f"{cfg['vocab_size']}")
     for name in ("train_subset", "test_subset", "num_workers", "threads"):
         if cfg[name] < 0:
             raise ConfigError(f"config key {name!r} must be >= 0, got {cfg[name]}")

@@ -78,17 +78,22 @@ def _find_idx(folder: str, stem: str) -> str | None:
     return None
 
 
-def load_fashion_mnist(data_dir: str | None):
+def fashion_mnist_files(data_dir: str | None) -> list:
     folder = data_dir or FASHION_MNIST_DIR
+    paths = [_find_idx(folder, stem) for pair in FASHION_MNIST_FILES.values() for stem in pair]
+    if None in paths:
+        wanted = ", ".join(stem + "[.gz]" for pair in FASHION_MNIST_FILES.values() for stem in pair)
+        raise DatasetNotFoundError(
+            f"Fashion-MNIST not found: looked for {wanted} in {os.path.abspath(folder)}. Get it with "
+            f"`apt-get install dataset-fashion-mnist` (Debian/Ubuntu, installs to {FASHION_MNIST_DIR}) or put "
+            "the four IDX files from https://github.com/zalandoresearch/fashion-mnist into data_dir")
+    return paths
+
+
+def load_fashion_mnist(data_dir: str | None):
+    files = fashion_mnist_files(data_dir)
     splits = {}
-    for split, stems in FASHION_MNIST_FILES.items():
-        paths = [_find_idx(folder, stem) for stem in stems]
-        if None in paths:
-            wanted = ", ".join(stem + "[.gz]" for pair in FASHION_MNIST_FILES.values() for stem in pair)
-            raise DatasetNotFoundError(
-                f"Fashion-MNIST not found: looked for {wanted} in {os.path.abspath(folder)}. Get it with "
-                f"`apt-get install dataset-fashion-mnist` (Debian/Ubuntu, installs to {FASHION_MNIST_DIR}) or put "
-                "the four IDX files from https://github.com/zalandoresearch/fashion-mnist into data_dir")
+    for split, paths in zip(FASHION_MNIST_FILES, (files[:2], files[2:])):
         images, labels = (read_idx(p) for p in paths)
         if images.dim() != 3 or labels.shape != images.shape[:1]:
             raise DataError(f"Fashion-MNIST files {paths} hold images {tuple(images.shape)} and labels "
@@ -118,17 +123,22 @@ def _read_cifar_pickle(path: str):
     return images.reshape(-1, 3, 32, 32), labels
 
 
-def load_cifar100(data_dir: str | None):
+def cifar100_files(data_dir: str | None) -> list:
     base = data_dir or CIFAR100_DIR
     candidates = [os.path.join(base, "cifar-100-python"), base]
     for folder in candidates:
         if all(os.path.isfile(os.path.join(folder, s)) for s in ("train", "test")):
-            return {s: _read_cifar_pickle(os.path.join(folder, s)) for s in ("train", "test")}, 100
+            return [os.path.join(folder, s) for s in ("train", "test")]
     raise DatasetNotFoundError(
         f"CIFAR-100 not found: looked for the python pickles 'train' and 'test' in "
         f"{' and '.join(os.path.abspath(c) for c in candidates)}. Download "
         "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz and extract it into data_dir "
         "(it creates cifar-100-python/)")
+
+
+def load_cifar100(data_dir: str | None):
+    train, test = cifar100_files(data_dir)
+    return {"train": _read_cifar_pickle(train), "test": _read_cifar_pickle(test)}, 100
 
 
 # ---------------------------------------------------------------------------------------------------- loaders
@@ -140,6 +150,16 @@ def balanced_subset(labels: torch.Tensor, size: int, num_classes: int) -> torch.
     one_hot = F.one_hot(labels[order], num_classes)
     rank_in_class = (one_hot.cumsum(0) * one_hot).sum(1) - 1
     return order[torch.sort(rank_in_class, stable=True).indices[:size]]
+
+
+def split_training_images(labels: torch.Tensor, num_classes: int, val_fraction: float, train_subset: int):
+    """(train, validation) indices in the class-balanced order of ``balanced_subset``: the first ``val_fraction``
+    validate, the next ``train_subset`` (0 = all the rest) train. Both are class-balanced, they never meet,
+    train subsets are nested, and without validation they are ``balanced_subset``'s."""
+    order = balanced_subset(labels, len(labels), num_classes)
+    n_val = round(len(labels) * val_fraction)
+    val, pool = order[:n_val], order[n_val:]
+    return (pool[:train_subset] if train_subset else pool), val
 
 
 def crop_flip(images: torch.Tensor, generator: torch.Generator, crop: bool, pad: int = 4) -> torch.Tensor:
@@ -248,8 +268,10 @@ def _in_memory(loader_fn, mean, std, default_augment):
     def build(cfg, rank, world):
         splits, num_classes = loader_fn(cfg["data_dir"])
         (train_x, train_y), (test_x, test_y) = splits["train"], splits["test"]
-        if cfg["train_subset"]:
-            idx = balanced_subset(train_y, cfg["train_subset"], num_classes)
+        if cfg["train_subset"] or cfg["val_fraction"]:
+            idx, val_idx = split_training_images(train_y, num_classes, cfg["val_fraction"], cfg["train_subset"])
+            if cfg["eval_split"] == "val":
+                test_x, test_y = train_x[val_idx], train_y[val_idx]
             train_x, train_y = train_x[idx], train_y[idx]
         if cfg["test_subset"]:
             test_x, test_y = test_x[:cfg["test_subset"]], test_y[:cfg["test_subset"]]
@@ -284,6 +306,17 @@ DATASETS = {
     "cifar100": _in_memory(load_cifar100, CIFAR100_MEAN, CIFAR100_STD, "crop_flip"),
     "imagenet": build_imagenet,
 }
+
+
+SOURCE_FILES = {"fashion_mnist": fashion_mnist_files, "cifar100": cifar100_files}
+
+
+def source_files(cfg) -> list:
+    """The files an in-memory dataset is read from (their contents fingerprint it)."""
+    if cfg["dataset"] not in SOURCE_FILES:
+        raise ConfigError(f"dataset {cfg['dataset']!r} is not read into memory from a few files; only "
+                          f"{', '.join(SOURCE_FILES)} can be fingerprinted")
+    return SOURCE_FILES[cfg["dataset"]](cfg["data_dir"])
 
 
 def build_data(cfg, rank=0, world=1) -> Data:

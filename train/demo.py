@@ -1,12 +1,32 @@
-"""``python -m train demo``: train a Fashion-MNIST teacher, distil an 8x smaller student with CE only, KD, TTM
-and WTTM, print one comparison table and plot the students' test accuracy.
+"""The distillation demos: one teacher, then a much smaller student trained with CE only, KD, TTM and WTTM, each
+over several seeds; one table (mean +- std over the seeds) and one plot with error bars, both made from the
+``results.json`` at the top of the output folder.
 
-The runs and their hyper-parameters come from train/configs/demo.yaml.
+    python -m train demo                 # Fashion-MNIST images (train/configs/demo.yaml)
+    python -m train demo-lm              # a causal LM on the Python standard library (train/configs/demo_lm.yaml)
+    python -m train demo --select        # choose the students' hyper-parameters on the validation split
+    python -m train demo --report DIR    # remake the table and the plot from DIR/results.json
+
+The teacher is trained once and cached (cache.py), keyed by a hash of its config and of its data; a rerun
+reuses it when both match (and says so), and measures it again on load. The students report the metric of
+their last epoch (no epoch is picked on the test set); ``--select`` runs the plan's grid on a validation split
+carved from the training data and prints the best values, which the plan then records.
 """
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
+import contextlib
+import dataclasses
+import datetime
+import itertools
+import json
+import math
+import multiprocessing
 import os
+import platform
+import shlex
+import statistics
 import sys
 import time
 
@@ -14,14 +34,49 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+from tqdm import tqdm  # noqa: E402
 
-from . import checkpoint, config  # noqa: E402
-from .engine import train  # noqa: E402
+from . import cache, checkpoint, config, data, text_data  # noqa: E402
+from .engine import SUMMARY_NAME, Distributed, autocast_factory, run_epoch, train  # noqa: E402
 from .errors import ConfigError, UserError  # noqa: E402
+from .tasks import get_task  # noqa: E402
+from .teacher_topk import write_store  # noqa: E402
 
-DEMO_CONFIG = os.path.join(os.path.dirname(__file__), "configs", "demo.yaml")
+CONFIGS = os.path.join(os.path.dirname(__file__), "configs")
+PLANS = {"demo": os.path.join(CONFIGS, "demo.yaml"), "demo-lm": os.path.join(CONFIGS, "demo_lm.yaml")}
 LABELS = {"ce": "CE only", "kd": "KD", "ttm": "TTM", "wttm": "WTTM"}
+RESULTS, TABLE, PLOT = "results.json", "results.md", "results.png"
+# A demo plan's student key (not a config key): distil from the cached teacher's top-k store with this k.
+TOPK_KEY = "teacher_topk_k"
+# Config keys that change neither the teacher's weights nor its data: left out of its cache key.
+NOT_IN_TEACHER_KEY = tuple(k for k in config.RESUMABLE_CHANGES if k != "epochs") + ("eval_split", "test_subset")
 
+
+@dataclasses.dataclass(frozen=True)
+class Metric:
+    """The number a demo reports per run: the task's checkpoint metric at the last epoch."""
+    task_metric: str  # the task's name (top1, ppl)
+    prefix: str  # test / heldout, or val
+    label: str
+    higher_is_better: bool
+
+    @property
+    def name(self):
+        return f"{self.prefix}_{self.task_metric}"
+
+
+def metric_of(cfg) -> Metric:
+    task = get_task(cfg["task"])
+    validation = cfg["eval_split"] == "val"
+    if cfg["task"] == "lm":
+        return Metric(task.best_metric, "val" if validation else "heldout",
+                      f"{'validation' if validation else 'held-out'} perplexity", task.higher_is_better)
+    return Metric(task.best_metric, "val" if validation else "test",
+                  f"{'validation' if validation else 'test'} top-1 (%)", task.higher_is_better)
+
+
+# ---------------------------------------------------------------------------------------------------- the plan
 
 def read_plan(path: str) -> dict:
     try:
@@ -34,7 +89,28 @@ def read_plan(path: str) -> dict:
     for section in ("common", "teacher", "students"):
         if not isinstance(plan.get(section), dict):
             raise ConfigError(f"demo config {path} needs a mapping {section!r}")
+    _check_seeds(plan.get("seeds"), f"demo config {path} needs 'seeds'")
+    for name, keys in plan["students"].items():
+        top_k = keys.get(TOPK_KEY, 1) if isinstance(keys, dict) else 1
+        if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1:
+            raise ConfigError(f"demo config {path}: student {name!r}: {TOPK_KEY} must be an integer >= 1 (the k of "
+                              f"the teacher's top-k store), got {top_k!r}")
+    select = plan.get("select")
+    if select is not None:
+        if not isinstance(select, dict) or not isinstance(select.get("grid"), dict):
+            raise ConfigError(f"demo config {path}: 'select' needs 'seeds' and a mapping 'grid'")
+        _check_seeds(select.get("seeds"), f"demo config {path}: 'select' needs 'seeds'")
+        for name, axes in select["grid"].items():
+            if name not in plan["students"] or not isinstance(axes, dict) or not all(
+                    isinstance(v, list) and v for v in axes.values()):
+                raise ConfigError(f"demo config {path}: select grid {name!r} must name a student and map config "
+                                  f"keys to lists of values, got {axes!r}")
     return plan
+
+
+def _check_seeds(seeds, message):
+    if not (isinstance(seeds, list) and seeds and all(isinstance(s, int) and not isinstance(s, bool) for s in seeds)):
+        raise ConfigError(f"{message}, a list of integers, got {seeds!r}")
 
 
 def run_config(plan, overrides, out_dir, **run_keys) -> dict:
@@ -48,25 +124,205 @@ def run_config(plan, overrides, out_dir, **run_keys) -> dict:
     return config.validate(cfg)
 
 
-def plot_students(results: dict, teacher_top1: float, path: str):
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name, (summary, history) in results.items():
-        ax.plot([r["epoch"] for r in history], [r["test_top1"] for r in history], marker="o",
-                label=f"{LABELS.get(name, name)} (best {summary['best_top1']:.2f})")
-    ax.axhline(teacher_top1, color="k", ls="--", lw=1, label=f"teacher (last {teacher_top1:.2f})")
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("test top-1 (%)")
-    ax.set_title("Fashion-MNIST: cnn_teacher -> cnn_student")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+def hyperparameters(cfg, top_k: int = 0) -> dict:
+    if cfg["loss"] == "ce":
+        return {}
+    scale = {"temperature": cfg["temperature"]} if cfg["loss"] == "kd" else {"gamma": cfg["gamma"]}
+    sparse = {"teacher_top_k": top_k, "topk_tail": cfg["topk_tail"]} if top_k else {}
+    return {**scale, "beta": cfg["beta"], "ce_weight": cfg["ce_weight"], **sparse}
 
 
-def format_table(rows) -> str:
-    header = ("run", "model", "loss", "best top-1", "last top-1", "s / epoch")
-    lines = [header] + [tuple(map(str, r)) for r in rows]
+def shown(value) -> str:
+    return f"{value:g}" if isinstance(value, (int, float)) else str(value)
+
+
+def describe(hyper: dict) -> str:
+    short = {"temperature": "T", "ce_weight": "ce", "teacher_top_k": "top-k", "topk_tail": "tail"}
+    return ", ".join(f"{short.get(k, k)}={shown(v)}" for k, v in hyper.items()) or "-"
+
+
+@dataclasses.dataclass
+class Job:
+    name: str  # the row of the table
+    seed: int
+    cfg: dict
+    top_k: int = 0  # > 0: distils from the cached teacher's top-k store (cfg["teacher_topk"])
+
+
+def student_jobs(plan, overrides, out_dir, teacher_cfg, *, select: bool) -> list:
+    """One job per (student, seed); with ``select``, per (grid point, seed) on the validation split."""
+    teacher_keys = {"teacher": teacher_cfg["model"], "eval_teacher": False, "progress": False,
+                    "teacher_checkpoint": os.path.join(teacher_cfg["out_dir"], checkpoint.LAST)}
+    seeds = plan["select"]["seeds"] if select else plan["seeds"]
+    jobs = []
+    for name, keys in plan["students"].items():
+        keys = dict(keys)
+        top_k = keys.pop(TOPK_KEY, 0)
+        grid = plan["select"]["grid"].get(name, {}) if select else {}
+        for values in itertools.product(*grid.values()):
+            point = dict(zip(grid, values))
+            label = (LABELS.get(name) or f"{LABELS.get(keys.get('loss'), name)} top-{top_k}") + "".join(
+                f" {k}={shown(v)}" for k, v in point.items())
+            for seed in seeds:
+                folder = os.path.join(out_dir, label.replace(" ", "_").replace("=", "") + f"-seed{seed}")
+                extra = {"eval_split": "val"} if select else {}
+                run_keys = {**keys, **point, **teacher_keys, **extra, "seed": seed}
+                cfg = run_config(plan, overrides, folder, **run_keys)
+                if top_k:  # the store's folder depends on the run's windows
+                    cfg = run_config(plan, overrides, folder, **run_keys,
+                                     teacher_topk=topk_store_dir(teacher_cfg, cfg, top_k))
+                jobs.append(Job(label, seed, cfg, top_k))
+    return jobs
+
+
+# ---------------------------------------------------------------------------------------------------- the teacher
+
+def data_fingerprint(cfg) -> str:
+    """A hash of what the teacher learns from: the dataset files' contents (and for BPE, the vocabulary)."""
+    if cfg["task"] == "lm":
+        corpus = text_data.read_corpus(cfg)
+        if cfg["tokenizer"] == "bpe":
+            return cache.hash_json([corpus.fingerprint, text_data.bpe_tokenizer(corpus, cfg["vocab_size"]).fingerprint])
+        return corpus.fingerprint
+    files = data.source_files(cfg)
+    return cache.hash_files(files, os.path.dirname(files[0]))
+
+
+def cached_teacher_config(plan, overrides, name) -> dict:
+    """The teacher's config, its out_dir the cache folder named by the hash of that config and of its data."""
+    cfg = run_config(plan, overrides, None, **plan["teacher"])
+    key = cache.hash_json({"config": {k: v for k, v in cfg.items() if k not in NOT_IN_TEACHER_KEY + ("out_dir",)},
+                           "data": data_fingerprint(cfg)})
+    cfg["out_dir"] = os.path.join(cache.cache_dir("teachers"), f"{name}-{cfg['model']}-{key[:16]}")
+    return cfg
+
+
+def ensure_teacher(cfg) -> str:
+    """Reuse the cached teacher run, finish an interrupted one, or train it. Says which."""
+    folder = cfg["out_dir"]
+    if os.path.exists(os.path.join(folder, SUMMARY_NAME)):
+        print(f"== teacher {cfg['model']}: reusing the cached run {folder} (its config and data fingerprint match)")
+        return "cached"
+    resume = os.path.exists(os.path.join(folder, checkpoint.LAST))
+    print(f"== teacher {cfg['model']}: {'resuming the interrupted' if resume else 'training once, cached in'} {folder}")
+    train(cfg, resume=resume)
+    return "trained"
+
+
+def topk_store_dir(teacher_cfg, student_cfg, k: int) -> str:
+    """Where the cached teacher's top-k store of the student's training windows lives: beside the teacher, named
+    by k and by what cuts the windows (the teacher's key already covers the text and its split)."""
+    windows = {key: student_cfg[key] for key in ("train_subset", "seq_len", "prompt_tokens", "tokenizer")}
+    return os.path.join(teacher_cfg["out_dir"], f"topk{k}-{cache.hash_json(windows)[:16]}")
+
+
+def ensure_topk_store(job: Job, teacher_cfg):
+    """Write the teacher's top-k store for ``job`` once (``python -m train teacher-topk``'s writer, resumable);
+    a complete one is reused, and checked against the run's windows when the run opens it."""
+    folder = job.cfg["teacher_topk"]
+    with cache.locked(folder):
+        store_cfg = {**job.cfg, "out_dir": folder, "teacher": teacher_cfg["model"], "teacher_topk": None,
+                     "teacher_checkpoint": os.path.join(teacher_cfg["out_dir"], checkpoint.LAST), "threads": 0}
+        print(f"== teacher top-{job.top_k} store: {folder}")
+        write_store(store_cfg, {"k": job.top_k, "logprobs_dtype": "float32", "windows_per_shard": 1024},
+                    log=lambda line: print(f"   {line}"))
+
+
+def measure(cfg, weights: str) -> tuple:
+    """(metric, CE per sample, parameter count, data) of the model ``cfg['model']`` with ``weights`` on ``cfg``'s
+    evaluation split: a cached teacher is measured again, not trusted."""
+    dist_ctx = Distributed(cfg["device"])
+    task = get_task(cfg["task"])(cfg, dist_ctx.device)
+    task.build_data(0, 1)
+    model = task.build_student()
+    checkpoint.load_weights(model, weights, f"{cfg['model']} ({cfg['task']})")
+    autocast, _ = autocast_factory(cfg, dist_ctx.device)
+    means, _, _ = run_epoch(task, model, None, task.data.test, dist_ctx, autocast, desc="teacher eval",
+                            progress=cfg["progress"])
+    return means[task.best_metric], means["loss"], count_parameters(model), task.data
+
+
+def count_parameters(model) -> int:
+    return sum(p.numel() for p in model.parameters())  # tied weights (the GPTs' LM head) once
+
+
+def parameters_of(cfg, dataset) -> int:
+    """The parameter count of ``cfg['model']`` for ``dataset`` (its class count or vocabulary)."""
+    task = get_task(cfg["task"])(cfg, torch.device("cpu"))
+    task.data = dataset
+    return count_parameters(task.build_student())
+
+
+# ---------------------------------------------------------------------------------------------------- the students
+
+def train_logged(cfg: dict, log_path: str):
+    """One student run, its output to ``log_path``: (summary, per-epoch history), or None if it diverged."""
+    os.makedirs(cfg["out_dir"], exist_ok=True)
+    with open(log_path, "w") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+        try:
+            summary = train(cfg)
+        except FloatingPointError as exc:  # a hyper-parameter the grid tries may diverge; that is a result too
+            print(f"diverged: {exc}")
+            return None
+    return summary, checkpoint.load(os.path.join(cfg["out_dir"], checkpoint.LAST))["history"]
+
+
+def run_jobs(jobs: list, n_jobs: int, metric: Metric) -> list:
+    """Train every job, ``n_jobs`` at a time in separate processes (one thread each: small models use two cores
+    better as two runs than as one run on two threads). Returns (summary, history) or None per job."""
+    outcomes = [None] * len(jobs)
+    bar = tqdm(total=len(jobs), desc="students", unit="run", dynamic_ncols=True)
+
+    def report(i, outcome):
+        outcomes[i] = outcome
+        job = jobs[i]
+        value = "diverged" if outcome is None else f"{outcome[0][f'last_{metric.task_metric}']:.2f}"
+        bar.write(f"{job.name} seed {job.seed}: {metric.label} {value} ({job.cfg['out_dir']})")
+        bar.update()
+
+    logs = [os.path.join(job.cfg["out_dir"], "log.txt") for job in jobs]
+    if n_jobs == 1:
+        for i, job in enumerate(jobs):
+            report(i, train_logged(job.cfg, logs[i]))
+    else:
+        context = multiprocessing.get_context("spawn")  # no fork of a process whose OpenMP threads already ran
+        with concurrent.futures.ProcessPoolExecutor(n_jobs, mp_context=context) as pool:
+            futures = {pool.submit(train_logged, job.cfg, logs[i]): i for i, job in enumerate(jobs)}
+            for future in concurrent.futures.as_completed(futures):
+                report(futures[future], future.result())
+    bar.close()
+    return outcomes
+
+
+# ---------------------------------------------------------------------------------------------------- results
+
+def summarize(jobs, outcomes, metric: Metric, params: dict) -> list:
+    """The runs of results.json: per table row, the seeds' last-epoch values, their mean and sample std."""
+    runs = {}
+    for job, outcome in zip(jobs, outcomes):
+        run = runs.setdefault(job.name, {
+            "name": job.name, "loss": job.cfg["loss"], "model": job.cfg["model"], "params": params[job.cfg["model"]],
+            "hyperparameters": hyperparameters(job.cfg, job.top_k), "seeds": [], "values": [], "heldout_ce": [],
+            "train_time_s": [], "out_dirs": []})
+        run["seeds"].append(job.seed)
+        run["out_dirs"].append(job.cfg["out_dir"])
+        if outcome is None:  # diverged: no number, and said so in the table
+            run["values"].append(None)
+            run["heldout_ce"].append(None)
+            continue
+        summary, history = outcome
+        run["values"].append(summary[f"last_{metric.task_metric}"])
+        run["heldout_ce"].append(history[-1]["test_loss"])
+        run["train_time_s"].append(round(sum(r["train_time_s"] for r in history), 1))
+    for run in runs.values():
+        finite = [v for v in run["values"] if v is not None and math.isfinite(v)]
+        run["mean"] = statistics.fmean(finite) if finite else None
+        run["std"] = statistics.stdev(finite) if len(finite) > 1 else None
+    return list(runs.values())
+
+
+def format_table(header, rows) -> str:
+    lines = [tuple(header)] + [tuple(map(str, r)) for r in rows]
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
 
     def fmt(line):
@@ -76,59 +332,182 @@ def format_table(rows) -> str:
     return "\n".join([fmt(lines[0]), rule] + [fmt(line) for line in lines[1:]])
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m train demo", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--plan", default=DEMO_CONFIG, help="demo config (default train/configs/demo.yaml)")
-    parser.add_argument("--out-dir", default=None, help="default runs/demo-<date>-<time>")
-    parser.add_argument("overrides", nargs="*", metavar="key=value",
-                        help="config keys applied to every run, e.g. data_dir=DIR or threads=2")
-    args = parser.parse_args(argv)
-    out_dir = args.out_dir or time.strftime("runs/demo-%Y%m%d-%H%M%S")
-    start = time.perf_counter()
+def _params(n: int) -> str:
+    return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.1f}k"
+
+
+def _mean_std(run) -> str:
+    if run["mean"] is None:
+        return "diverged"
+    return f"{run['mean']:.2f} +- {run['std']:.2f}" if run["std"] is not None else f"{run['mean']:.2f}"
+
+
+def render_table(results: dict) -> str:
+    metric = results["metric"]
+    teacher = results["teacher"]
+    baseline = next((r for r in results["runs"] if r["loss"] == "ce" and r["mean"] is not None), None)
+    rows = [("teacher", f"{teacher['model']} ({_params(teacher['params'])})", "ce", "-", f"{teacher[metric]:.2f}", "-",
+             "one run, cached" if teacher["cached"] else "one run, trained now")]
+    for run in results["runs"]:
+        delta = ("-" if baseline is None or run is baseline or run["mean"] is None
+                 else f"{run['mean'] - baseline['mean']:+.2f}")
+        values = ", ".join("diverged" if v is None else f"{v:.2f}" for v in run["values"])
+        rows.append((run["name"], f"{run['model']} ({_params(run['params'])})", run["loss"],
+                     describe(run["hyperparameters"]), _mean_std(run), delta, values))
+    header = ("run", "model", "loss", "hyper-parameters", f"{results['metric_label']}, mean +- std",
+              "vs CE only", "per seed")
+    return format_table(header, rows)
+
+
+def render_text(results: dict) -> str:
+    better = "higher" if results["higher_is_better"] else "lower"
+    return (f"{results['title']}\n{results['data']}\n"
+            f"{results['metric_label']} of the last epoch ({better} is better); mean +- sample std over seeds "
+            f"{', '.join(map(str, results['seeds']))}\n\n{render_table(results)}\n\n"
+            f"{results['date']}, {results['machine']}; wall time {results['wall_time_s'] / 60:.1f} min "
+            f"({results['jobs']} run{'s' if results['jobs'] > 1 else ''} at a time); command: {results['command']}\n")
+
+
+def plot(results: dict, path: str):
+    """Each run's seeds (dots) and mean +- std (error bar); the CE-only mean and the teacher as lines."""
+    runs = [r for r in results["runs"] if r["mean"] is not None]
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(runs) + 2), 4.5))
+    for x, run in enumerate(runs):
+        values = [v for v in run["values"] if v is not None]
+        ax.errorbar(x, run["mean"], yerr=run["std"] or 0, fmt="o", color="C0", capsize=6, ms=8, zorder=3)
+        ax.scatter([x + 0.12] * len(values), values, color="C1", s=14, zorder=2,
+                   label="one seed" if x == 0 else None)
+    teacher = results["teacher"][results["metric"]]
+    ax.axhline(teacher, color="k", ls="--", lw=1, label=f"teacher {teacher:.2f}")
+    baseline = next((r for r in runs if r["loss"] == "ce"), None)
+    if baseline is not None:
+        ax.axhline(baseline["mean"], color="gray", ls=":", lw=1, label=f"CE only {baseline['mean']:.2f}")
+    ax.set_xticks(range(len(runs)), [r["name"].replace(" ", "\n", 1) for r in runs])
+    ax.set_xlim(-0.5, len(runs) - 0.5)
+    ax.set_ylabel(results["metric_label"])
+    ax.set_title(f"{results['title']}\nmean +- std over {len(results['seeds'])} seeds", fontsize=10)
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_report(results: dict, out_dir: str) -> str:
+    """results.json, and the table (results.md) and plot (results.png) made from it."""
+    with open(os.path.join(out_dir, RESULTS), "w") as f:
+        json.dump(results, f, indent=2)
+    return report(out_dir)
+
+
+def report(out_dir: str) -> str:
+    path = os.path.join(out_dir, RESULTS)
     try:
-        plan = read_plan(args.plan)
-        teacher_cfg = run_config(plan, args.overrides, os.path.join(out_dir, "teacher"), **plan["teacher"])
-        student_cfgs = {
-            name: run_config(plan, args.overrides, os.path.join(out_dir, name), teacher=teacher_cfg["model"],
-                             teacher_checkpoint=os.path.join(teacher_cfg["out_dir"], checkpoint.LAST),
-                             eval_teacher=False, **keys)
-            for name, keys in plan["students"].items()}
-        print(f"== teacher: {teacher_cfg['model']}")
-        teacher = train(teacher_cfg)
-        results = {}
-        for name, cfg in student_cfgs.items():
-            print(f"\n== student: {cfg['model']} with {LABELS.get(name, name)}")
-            summary = train(cfg)
-            results[name] = (summary, checkpoint.load(os.path.join(cfg["out_dir"], checkpoint.LAST))["history"])
+        with open(path) as f:
+            results = json.load(f)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot read {path}: {exc}") from exc
+    text = render_text(results)
+    with open(os.path.join(out_dir, TABLE), "w") as f:
+        f.write(text)
+    plot(results, os.path.join(out_dir, PLOT))
+    return text
+
+
+def best_points(results: dict) -> str:
+    """Per loss, the grid point with the best mean validation metric, as the plan's YAML."""
+    lines = []
+    sign = 1 if results["higher_is_better"] else -1
+    for loss in dict.fromkeys(r["loss"] for r in results["runs"]):
+        candidates = [r for r in results["runs"] if r["loss"] == loss and r["mean"] is not None]
+        if candidates and loss != "ce":
+            best = max(candidates, key=lambda r: sign * r["mean"])
+            keys = ", ".join(f"{k}: {shown(v)}" for k, v in best["hyperparameters"].items())
+            lines.append(f"  {loss}: {{{keys}}}   # {results['metric']} {_mean_std(best)}")
+    return "\n".join(lines)
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    return (f"{cpu}, {os.cpu_count()} cores, load average {load:.1f} at the end; Python {platform.python_version()}, "
+            f"torch {torch.__version__}")
+
+
+# ---------------------------------------------------------------------------------------------------- main
+
+def main(argv=None, demo: str = "demo") -> int:
+    parser = argparse.ArgumentParser(prog=f"python -m train {demo}", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--plan", default=PLANS[demo], help=f"demo config (default {os.path.relpath(PLANS[demo])})")
+    parser.add_argument("--out-dir", default=None, help=f"default runs/{demo}-<date>-<time>")
+    parser.add_argument("--jobs", type=int, default=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                        else os.cpu_count(), help="student runs at a time, one thread each (default: the CPU count)")
+    parser.add_argument("--select", action="store_true",
+                        help="run the plan's hyper-parameter grid on the validation split and print the best values")
+    parser.add_argument("--report", metavar="DIR", help="remake the table and the plot from DIR/results.json")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="config keys applied to every run, e.g. data_dir=DIR or epochs=1")
+    args = parser.parse_args(argv)
+    try:
+        if args.report:
+            print(report(args.report))
+            return 0
+        if args.jobs < 1:
+            raise ConfigError(f"--jobs must be >= 1, got {args.jobs}")
+        return run_demo(args, demo, list(sys.argv[2:] if argv is None else argv))
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
-    total = time.perf_counter() - start
 
-    rows = [("teacher", teacher_cfg["model"], "ce", f"{teacher['best_top1']:.2f}", f"{teacher['last_top1']:.2f}",
-             f"{teacher['mean_train_time_s']:.1f}")]
-    for name, (summary, _) in results.items():
-        cfg = student_cfgs[name]
-        rows.append((LABELS.get(name, name), cfg["model"], describe_loss(cfg), f"{summary['best_top1']:.2f}",
-                     f"{summary['last_top1']:.2f}", f"{summary['mean_train_time_s']:.1f}"))
-    plot_path = os.path.join(out_dir, "demo.png")
-    plot_students(results, teacher["last_top1"], plot_path)
-    table = format_table(rows)
-    backends = sorted({summary["loss_backend"] for summary, _ in results.values() if summary["loss_backend"]})
-    text = (f"\nFashion-MNIST, {teacher['train_images']:,} training images, {teacher['test_images']:,} test images, "
-            f"seed {teacher_cfg['seed']}, ttm_kernels backend {'/'.join(backends)}; test top-1 in %, s / epoch = "
-            f"training time of one epoch\n{table}\n"
-            f"total wall time {total / 60:.1f} min; plot: {plot_path}; runs: {out_dir}/")
-    print(text)
-    with open(os.path.join(out_dir, "results.md"), "w") as f:
-        f.write(text.strip() + "\n")
+
+def run_demo(args, demo: str, argv: list) -> int:
+    start = time.perf_counter()
+    out_dir = args.out_dir or time.strftime(f"runs/{demo}{'-select' if args.select else ''}-%Y%m%d-%H%M%S")
+    if os.path.isdir(out_dir) and os.listdir(out_dir):
+        raise ConfigError(f"--out-dir {out_dir} is not empty: choose a new folder (a demo never overwrites runs)")
+    plan = read_plan(args.plan)
+    if args.select and not isinstance(plan.get("select"), dict):
+        raise ConfigError(f"--select needs a 'select' section (seeds and grid) in {args.plan}")
+    teacher_cfg = cached_teacher_config(plan, args.overrides, demo)
+    jobs = student_jobs(plan, args.overrides, out_dir, teacher_cfg, select=args.select)
+    metric = metric_of(jobs[0].cfg)
+    status = ensure_teacher(teacher_cfg)
+    for job in {job.cfg["teacher_topk"]: job for job in jobs if job.top_k}.values():
+        ensure_topk_store(job, teacher_cfg)
+    eval_cfg = {**teacher_cfg, "eval_split": jobs[0].cfg["eval_split"], "test_subset": jobs[0].cfg["test_subset"]}
+    teacher_value, teacher_ce, teacher_params, dataset = measure(eval_cfg, os.path.join(teacher_cfg["out_dir"],
+                                                                                        checkpoint.LAST))
+    with open(os.path.join(teacher_cfg["out_dir"], SUMMARY_NAME)) as f:
+        teacher_summary = json.load(f)
+    note = "" if args.select else f" (when trained: {teacher_summary[f'last_{metric.task_metric}']:.2f})"
+    print(f"teacher {teacher_cfg['model']} ({_params(teacher_params)} parameters): {metric.label} {teacher_value:.2f}, "
+          f"measured now{note}")
+    print(f"\n== {len(jobs)} student runs, {min(args.jobs, len(jobs))} at a time; each run's log in its folder "
+          f"under {out_dir}/")
+    outcomes = run_jobs(jobs, min(args.jobs, len(jobs)), metric)
+    params = {job.cfg["model"]: parameters_of(job.cfg, dataset) for job in jobs}
+    student = next((outcome[0] for outcome in outcomes if outcome is not None), {})
+    unit = "tokens" if teacher_cfg["task"] == "lm" else "images"
+    results = {
+        "metric": metric.name, "higher_is_better": metric.higher_is_better, "metric_label": metric.label,
+        "teacher": {metric.name: teacher_value, "heldout_ce": teacher_ce, "model": teacher_cfg["model"],
+                    "params": teacher_params, "cached": status == "cached", "path": teacher_cfg["out_dir"]},
+        "runs": summarize(jobs, outcomes, metric, params),
+        "title": plan.get("title", demo), "seeds": plan["select"]["seeds"] if args.select else plan["seeds"],
+        "data": (f"training {unit}: {teacher_summary[f'train_{unit}']:,} for the teacher, "
+                 f"{student.get(f'train_{unit}', 0):,} for each student; {student.get(f'test_{unit}', 0):,} "
+                 f"{metric.label.split()[0]} {unit}"),
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "machine": machine(),
+        "command": shlex.join(["python3", "-m", "train", demo] + argv),
+        "wall_time_s": round(time.perf_counter() - start, 1), "jobs": min(args.jobs, len(jobs)),
+    }
+    os.makedirs(out_dir, exist_ok=True)
+    print("\n" + write_report(results, out_dir))
+    if args.select:
+        print(f"best per loss on the validation split (paste into the plan's students):\n{best_points(results)}")
+    print(f"results: {os.path.join(out_dir, RESULTS)}, table {TABLE}, plot {PLOT}")
     return 0
-
-
-def describe_loss(cfg) -> str:
-    if cfg["loss"] == "ce":
-        return "ce"
-    if cfg["loss"] == "kd":
-        return f"kd T={cfg['temperature']:g} ce={cfg['ce_weight']:g} beta={cfg['beta']:g}"
-    return f"{cfg['loss']} gamma={cfg['gamma']:g} beta={cfg['beta']:g}"

@@ -4,11 +4,13 @@ to ``TASKS``: ``classification`` (images) and ``lm`` (causal language models on 
 from __future__ import annotations
 
 import math
+import os
+import shutil
 
 import torch
 import torch.nn.functional as F
 
-from . import checkpoint, data, models, parallel, text_data, topk_store
+from . import cache, checkpoint, data, models, parallel, text_data, topk_store
 from .errors import ConfigError
 from .losses import Objective, topk_correct
 from .models import gpt, hf
@@ -149,25 +151,45 @@ class LanguageModelTask(Task):
             if name not in gpt.SPECS and not name.startswith(hf.PREFIX):
                 raise ConfigError(f"config key {key!r}: {name!r} is not a language model; task lm takes "
                                   f"{', '.join(gpt.SPECS)} or {hf.PREFIX}<local model folder>")
+        if cfg["tokenizer"] == "bpe" and cfg["model"].startswith(hf.PREFIX):
+            raise ConfigError(f"tokenizer 'bpe' is for the built-in models; {cfg['model']!r} brings its own tokenizer")
         if cfg["model"] in gpt.SPECS and cfg["seq_len"] > gpt.MAX_LEN:
             raise ConfigError(f"config key 'seq_len' must be <= {gpt.MAX_LEN} for {cfg['model']}, got {cfg['seq_len']}")
 
     def loss_backend(self):
         return self.objective.backend_on(self.device)  # loss ce too runs the fused linear loss
 
-    def _tokenizer(self, name):
+    def _tokenizer(self, name, corpus=None):
         if name.startswith(hf.PREFIX):
             return text_data.HFTokenizer(hf.load_tokenizer(name))
+        if self.cfg["tokenizer"] == "bpe":
+            return text_data.bpe_tokenizer(corpus, self.cfg["vocab_size"])
         return text_data.ByteTokenizer()
 
     def build_data(self, rank, world):
-        self.tokenizer = self._tokenizer(self.cfg["model"])
-        self.data = text_data.build_text_data(self.cfg, self.tokenizer, rank, world)
+        corpus = text_data.read_corpus(self.cfg)
+        self.tokenizer = self._tokenizer(self.cfg["model"], corpus)
+        if rank == 0 and isinstance(self.tokenizer, text_data.BPETokenizer):
+            # Beside the run's checkpoints, as Hugging Face saves a model's tokenizer: its ids mean nothing without it.
+            os.makedirs(self.cfg["out_dir"], exist_ok=True)
+            shutil.copyfile(self.tokenizer.path, os.path.join(self.cfg["out_dir"], text_data.TOKENIZER_FILE))
+        self.data = text_data.build_text_data(self.cfg, self.tokenizer, corpus, rank, world)
         if self.cfg["teacher_topk"]:
             # Its checksums are checked here; its vocabulary once the student's is known (build_teacher).
             store = topk_store.TopkStore(self.cfg["teacher_topk"])
             self.data.train = topk_store.TopkWindowLoader(self.data.train, store)
         return self.data
+
+    def _check_teacher_vocabulary(self):
+        """A BPE vocabulary is learnt from the text: a teacher trained with another one (other text, vocab_size or
+        split) reads the same ids as other tokens, which no shape check would notice."""
+        folder = os.path.dirname(os.path.abspath(self.cfg["teacher_checkpoint"]))
+        path = os.path.join(folder, text_data.TOKENIZER_FILE)
+        if not os.path.isfile(path) or cache.hash_content(path) != self.tokenizer.fingerprint:
+            state = "another vocabulary" if os.path.isfile(path) else "missing"
+            raise ConfigError(f"teacher checkpoint {self.cfg['teacher_checkpoint']} was not trained with the student's "
+                              f"BPE vocabulary {self.tokenizer.path} ({path}: {state}): train the teacher on the same "
+                              "text with the same vocab_size, val_fraction and test_fraction")
 
     def _build(self, name):
         if name.startswith(hf.PREFIX):
@@ -190,7 +212,9 @@ class LanguageModelTask(Task):
                 name.startswith(hf.PREFIX) and self._tokenizer(name).tokenizer.get_vocab()
                 != self.tokenizer.tokenizer.get_vocab()):
             raise ConfigError(f"teacher {name!r} and model {student!r} tokenise differently; distillation needs "
-                              "one tokenizer (the built-in gpt_* models read bytes)")
+                              "one tokenizer (the built-in gpt_* models read bytes or the config's BPE vocabulary)")
+        if isinstance(self.tokenizer, text_data.BPETokenizer):
+            self._check_teacher_vocabulary()
         teacher = self._build(name)
         if self.cfg["teacher_checkpoint"]:
             checkpoint.load_weights(teacher, self.cfg["teacher_checkpoint"], f"teacher {name!r} with vocabulary "

@@ -3,7 +3,7 @@
 the LM task's corpus, with no teacher run here.
 
 SERVED.jsonl holds one JSON object per corpus file, in the order the task reads the files (``data_dir``: the
-file itself, or the folder's .txt/.md files sorted by path)::
+file itself, or the folder's text files sorted by path; null: the standard library's sources)::
 
     {"token_ids": [t_0, ..., t_{n-1}], "top_logprobs": [entry_0, ..., entry_{n-1}]}
 
@@ -11,7 +11,8 @@ file itself, or the folder's .txt/.md files sorted by path)::
 ``entry_t``: the teacher's top log-probabilities for the token after t_0..t_t, as ``[[id, logprob], ...]`` or
 ``{"id": logprob, ...}``; the last entry may be empty or left out. (vLLM's ``prompt_logprobs`` score token t
 from the tokens before it: drop their first entry.) Entries with more than k ids keep their k most likely,
-fewer are padded with -1. The training windows are cut from these positions exactly as from the text.
+fewer are padded with -1. The training windows (each file's training part, then ``train_subset``) are cut
+from these positions exactly as from the text.
 """
 from __future__ import annotations
 
@@ -70,22 +71,31 @@ def import_jsonl(cfg, options, log=print):
     path, k = options["import"], options["k"]
     task = LanguageModelTask(cfg, torch.device("cpu"))
     data = task.build_data(0, 1)
-    files = text_data.text_files(cfg["data_dir"])
+    corpus = text_data.read_corpus(cfg)
+    files = corpus.files
     documents = list(_documents(path, k))
     if len(documents) != len(files):
         raise DataError(f"{path} holds {len(documents)} documents, the corpus {len(files)} files ({files[0]}"
                         f"{' ...' if len(files) > 1 else ''}): one line per file, in the same order")
-    inputs, ids, logprobs = [], [], []
-    for (tokens, doc_ids, doc_logprobs), file in zip(documents, files):
-        n_train = len(tokens) - round(len(tokens) * cfg["test_fraction"])
-        # The training windows of the token positions themselves: each window's inputs are positions, -1 pads.
-        positions, _ = text_data.windows(torch.arange(n_train), cfg["seq_len"], -1, cfg["prompt_tokens"])
-        present = (positions >= 0).numpy()[..., None]
-        at = positions.clamp_min(0).numpy()
-        inputs.append(torch.where(positions >= 0, tokens[positions.clamp_min(0)], task.tokenizer.pad_id))
-        ids.append(np.where(present, doc_ids[at], -1))
-        logprobs.append(np.where(present, doc_logprobs[at], 0.0).astype(np.float32))
-    inputs, ids, logprobs = torch.cat(inputs), np.concatenate(ids), np.concatenate(logprobs)
+    # Each file's training part is its first tokens (val_fraction and test_fraction cut the text's end): the
+    # windows of their positions, then the same random choice of windows as the task's, index the served output.
+    train_lengths = [len(ids) for ids in text_data.encode_corpus(task.tokenizer, corpus)["train"]]
+    for (tokens, _, _), n_train, file in zip(documents, train_lengths, files):
+        if len(tokens) < n_train:
+            raise DataError(f"{path}: {len(tokens)} token_ids for {file}, whose training part alone is {n_train} "
+                            f"tokens as {cfg['model']!r} tokenises it: import a served teacher's output for the same "
+                            "text and tokenizer")
+    starts = np.cumsum([0] + [len(tokens) for tokens, _, _ in documents])
+    positions, _ = text_data.split_windows([torch.arange(start, start + n) for start, n in zip(starts, train_lengths)],
+                                           cfg, -1, cfg["train_subset"])
+    tokens = torch.cat([tokens for tokens, _, _ in documents])
+    doc_ids = np.concatenate([ids for _, ids, _ in documents])
+    doc_logprobs = np.concatenate([logprobs for _, _, logprobs in documents])
+    present = (positions >= 0).numpy()[..., None]
+    at = positions.clamp_min(0).numpy()
+    inputs = torch.where(positions >= 0, tokens[positions.clamp_min(0)], task.tokenizer.pad_id)
+    ids = np.where(present, doc_ids[at], -1)
+    logprobs = np.where(present, doc_logprobs[at], 0.0).astype(np.float32)
     if not torch.equal(inputs, data.train.inputs):
         raise DataError(f"{path}: its token_ids differ from the corpus as {cfg['model']!r} tokenises it (data_dir "
                         f"{cfg['data_dir']}): import a served teacher's output for the same text and tokenizer")

@@ -1,4 +1,5 @@
-"""Small CNNs for 28x28 grey-scale images (Fashion-MNIST): a teacher and a much smaller student."""
+"""Small CNNs for 28x28 grey-scale images (Fashion-MNIST): a teacher (0.82M parameters) and two students (0.11M and
+0.027M, the demo's: 31x smaller than the teacher)."""
 import torch.nn as nn
 
 
@@ -24,4 +25,5 @@ class SmallCNN(nn.Module):
 MODELS = {
     "cnn_teacher": lambda num_classes=10, in_channels=1: SmallCNN((32, 64), 256, num_classes, in_channels),
     "cnn_student": lambda num_classes=10, in_channels=1: SmallCNN((16, 32), 64, num_classes, in_channels),
+    "cnn_tiny": lambda num_classes=10, in_channels=1: SmallCNN((8, 16), 32, num_classes, in_channels),
 }
