@@ -8,7 +8,7 @@ import statistics
 import pytest
 import torch
 
-from train import checkpoint, demo, engine, text_data
+from train import checkpoint, config, demo, engine, text_data
 from train.__main__ import main
 from train.errors import ConfigError
 from train.testing import write_fashion_mnist
@@ -89,7 +89,7 @@ students:
 """
 
 
-def test_teacher_cache_reuse_and_fingerprints(tmp_path, fm, cache_dir, capsys):
+def test_teacher_cache_reuse_and_fingerprints(tmp_path, fm, cache_dir, capsys, monkeypatch):
     plan = write_plan(tmp_path, ONE_RUN_PLAN)
     first = run_demo(tmp_path, plan, "first", f"data_dir={fm}")
     folder = first["teacher"]["path"]
@@ -103,6 +103,9 @@ def test_teacher_cache_reuse_and_fingerprints(tmp_path, fm, cache_dir, capsys):
     assert again["teacher"]["cached"] is True and again["teacher"]["path"] == folder
     assert again["teacher"]["test_top1"] == first["teacher"]["test_top1"]  # measured again, same weights and data
     assert "cached" in (tmp_path / "again" / demo.TABLE).read_text()
+    # A config key that a later version adds, at its default: the same teacher.
+    monkeypatch.setitem(config.KEYS, "added_later", config.Key(0, int, "a key a later version adds"))
+    assert run_demo(tmp_path, plan, "upgraded", f"data_dir={fm}")["teacher"]["path"] == folder
 
     other_data = write_fashion_mnist(str(tmp_path / "fm2"), n_train=512, n_test=256, gz=False)  # same images, raw
     assert run_demo(tmp_path, plan, "raw", f"data_dir={other_data}")["teacher"]["path"] != folder

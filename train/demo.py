@@ -8,9 +8,11 @@ over several seeds; one table (mean +- std over the seeds) and one plot with err
     python -m train demo --report DIR    # remake the table and the plot from DIR/results.json
 
 The teacher is trained once and cached (cache.py), keyed by a hash of its config and of its data; a rerun
-reuses it when both match (and says so), and measures it again on load. The students report the metric of
-their last epoch (no epoch is picked on the test set); ``--select`` runs the plan's grid on a validation split
-carved from the training data and prints the best values, which the plan then records.
+reuses it when both match (and says so), and measures it again on load. A student with ``teacher_topk_k: K`` in
+the plan distils from the teacher's top-K store instead (``python -m train teacher-topk``'s writer, run once
+and cached beside the teacher). The students report the metric of their last epoch (no epoch is picked on the
+test set); ``--select`` runs the plan's grid on a validation split carved from the training data and prints the
+best values, which the plan then records.
 """
 from __future__ import annotations
 
@@ -189,10 +191,13 @@ def data_fingerprint(cfg) -> str:
 
 
 def cached_teacher_config(plan, overrides, name) -> dict:
-    """The teacher's config, its out_dir the cache folder named by the hash of that config and of its data."""
+    """The teacher's config, its out_dir the cache folder named by the hash of that config and of its data. Keys
+    at their default are left out of the hash: a config key that a later version adds (with a default that keeps
+    the old behaviour) does not throw away a teacher that took an hour to train."""
     cfg = run_config(plan, overrides, None, **plan["teacher"])
-    key = cache.hash_json({"config": {k: v for k, v in cfg.items() if k not in NOT_IN_TEACHER_KEY + ("out_dir",)},
-                           "data": data_fingerprint(cfg)})
+    default = config.defaults()
+    chosen = {k: v for k, v in cfg.items() if k not in NOT_IN_TEACHER_KEY + ("out_dir",) and v != default[k]}
+    key = cache.hash_json({"config": chosen, "data": data_fingerprint(cfg)})
     cfg["out_dir"] = os.path.join(cache.cache_dir("teachers"), f"{name}-{cfg['model']}-{key[:16]}")
     return cfg
 

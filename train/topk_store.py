@@ -23,6 +23,7 @@ import os
 import numpy as np
 import torch
 
+from . import cache
 from .errors import ConfigError, DataError
 from .text_data import WindowLoader
 
@@ -38,14 +39,6 @@ def corpus_fingerprint(inputs: torch.Tensor) -> str:
     """SHA-256 of the training windows' token ids (int64, (windows, seq_len)) and their shape."""
     digest = hashlib.sha256(repr(tuple(inputs.shape)).encode())
     digest.update(inputs.to(torch.int64).contiguous().numpy().tobytes())
-    return digest.hexdigest()
-
-
-def file_sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
     return digest.hexdigest()
 
 
@@ -116,7 +109,7 @@ class StoreWriter:
         for key, array in (("ids", ids), ("logprobs", logprobs)):
             target = os.path.join(self.path, files[key])
             _write_atomically(target, lambda f: np.save(f, array))
-            sums[key] = file_sha256(target)
+            sums[key] = cache.hash_content(target)
         self.manifest["shards"].append({"first": self.next_window, "windows": int(ids.shape[0]), "files": files,
                                         "sha256": sums})
         self.manifest["complete"] = self.next_window == self.manifest["windows"]
@@ -133,7 +126,7 @@ def _check_shard(path: str, shard: dict) -> None:
         if not os.path.isfile(file):
             raise DataError(f"teacher_topk: shard file {file} is missing: restore it, or delete the folder and write "
                             "the store again")
-        if file_sha256(file) != shard["sha256"][key]:
+        if cache.hash_content(file) != shard["sha256"][key]:
             raise DataError(f"teacher_topk: shard file {file} is corrupt (its SHA-256 differs from the manifest's): "
                             "rewrite the store, or restore the file")
 
