@@ -12,7 +12,8 @@ import pytest
 import torch
 
 import ttm_kernels
-from ttm_kernels import fused_linear_wttm_loss, fused_wttm_loss, reference
+from ttm_kernels import (fused_linear_wttm_loss, fused_linear_wttm_loss_topk, fused_wttm_loss,
+                         fused_wttm_loss_topk, reference)
 
 BACKENDS = [
     pytest.param("triton", marks=pytest.mark.skipif(not ttm_kernels.triton_available(), reason="triton not installed")),
@@ -91,28 +92,21 @@ def _case_id(case):
                      *(() if dtype is None else (str(dtype).replace("torch.", ""),))])
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("case", DENSE_CASES, ids=[_case_id(c) for c in DENSE_CASES])
-def test_fused_wttm_loss_layout(backend, case):
-    lead, arg, layout, index_dtype = case
-    V = 300
+def check_row_loss_layout(loss_fn, values, backend, arg, layout, index_dtype):
+    """``loss_fn(args, backend)``, a (...) loss of reduction "none" of ``values`` with ``arg`` in ``layout`` (and
+    ``index_dtype``), and its gradient of ``student_logits`` for the upstream gradient ``values["upstream"]``,
+    against the float64 reference on the same values."""
     device = device_of(backend)
-    values = {"student_logits": randn((*lead, V), 1, 10.0), "teacher_logits": randn((*lead, V), 2, 10.0),
-              "upstream": randn(lead, 3)}
-    gen = torch.Generator().manual_seed(4)
-    values["target"] = torch.randint(0, V, lead, generator=gen)
-    values["target"].view(-1)[1::5] = -100
 
     def run(dtype, backend):
         args = {k: x.to(device=device, dtype=dtype if x.is_floating_point() else x.dtype)
                 for k, x in values.items()}
         if index_dtype is not None:
-            args["target"] = args["target"].to(index_dtype)
+            args[arg] = args[arg].to(index_dtype)
         leaf, args[arg] = lay_out(args[arg], layout, requires_grad=arg == "student_logits")
         if arg != "student_logits":
             leaf = args["student_logits"] = args["student_logits"].clone().requires_grad_()
-        loss = fused_wttm_loss(args["student_logits"], args["teacher_logits"], args["target"], gamma=0.2, beta=2.0,
-                               reduction="none", backend=backend)
+        loss = loss_fn(args, backend)
         loss.backward(args["upstream"])
         return loss.detach(), leaf.grad
 
@@ -122,34 +116,46 @@ def test_fused_wttm_loss_layout(backend, case):
     assert_close("grad", ref_grad, grad, 1e-5, 1e-9)
 
 
-LINEAR_ARGS = ("student_hidden", "student_weight", "student_bias", "teacher_hidden", "teacher_weight",
-               "teacher_bias", "upstream")
-LINEAR_CASES = [(arg, layout, None) for arg in LINEAR_ARGS for layout in LAYOUTS
-                if not (arg in ("student_bias", "teacher_bias", "upstream") and layout == "transposed")]
-LINEAR_CASES += [("target", layout, dtype) for layout in ("contiguous", "sliced", "expanded")
-                 for dtype in (torch.int64, torch.int32)]  # 1-D tensors: no other dimension order
-STUDENT = ("student_hidden", "student_weight", "student_bias")
+def row_values(lead, V, seed, **teacher):
+    """Student logits, a target (every fifth ignored) and an upstream gradient for rows of ``lead``, and the
+    teacher's arguments."""
+    gen = torch.Generator().manual_seed(seed + 3)
+    target = torch.randint(0, V, lead, generator=gen)
+    target.view(-1)[1::5] = -100
+    return {"student_logits": randn((*lead, V), seed, 10.0), **teacher, "upstream": randn(lead, seed + 2),
+            "target": target}
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("case", LINEAR_CASES, ids=[_case_id(c) for c in LINEAR_CASES])
-def test_fused_linear_wttm_loss_layout(backend, case):
-    arg, layout, index_dtype = case
-    N, H, H_t, V = 22, 16, 20, 90
+@pytest.mark.parametrize("case", DENSE_CASES, ids=[_case_id(c) for c in DENSE_CASES])
+def test_fused_wttm_loss_layout(backend, case):
+    lead, arg, layout, index_dtype = case
+    V = 300
+    values = row_values(lead, V, 1, teacher_logits=randn((*lead, V), 2, 10.0))
+
+    def loss_fn(args, backend):
+        return fused_wttm_loss(args["student_logits"], args["teacher_logits"], args["target"], gamma=0.2, beta=2.0,
+                               reduction="none", backend=backend)
+
+    check_row_loss_layout(loss_fn, values, backend, arg, layout, index_dtype)
+
+
+STUDENT = ("student_hidden", "student_weight", "student_bias")
+
+
+def check_linear_loss_layout(loss_fn, values, backend, arg, layout, index_dtype):
+    """``loss_fn(args, backend)``, a (N,) loss of reduction "none" of ``values`` with ``arg`` in ``layout`` (and
+    ``index_dtype``), and its gradients of the student's hidden states, head and bias for the upstream gradient
+    ``values["upstream"]``, against the float64 reference on the same values."""
     device = device_of(backend)
-    values = {"student_hidden": randn((N, H), 5), "student_weight": randn((V, H), 6, 10.0 / H**0.5),
-              "student_bias": randn((V,), 7), "teacher_hidden": randn((N, H_t), 8),
-              "teacher_weight": randn((V, H_t), 9, 10.0 / H_t**0.5), "teacher_bias": randn((V,), 10),
-              "upstream": randn((N,), 11)}
-    gen = torch.Generator().manual_seed(12)
-    values["target"] = torch.randint(0, V, (N,), generator=gen)
-    values["target"][::5] = -100
+    # A weight expanded along its rows would give every class the same logit; expand it along H instead.
+    expanded_dim = -1 if arg.endswith("weight") else 0
 
     def run(dtype, backend):
         args = {k: x.to(device=device, dtype=dtype if x.is_floating_point() else x.dtype)
                 for k, x in values.items()}
         if index_dtype is not None:
-            args["target"] = args["target"].to(index_dtype)
+            args[arg] = args[arg].to(index_dtype)
         leaves = {}
         for k in args:
             if k == arg:
@@ -159,16 +165,11 @@ def test_fused_linear_wttm_loss_layout(backend, case):
                     args[k].retain_grad()
             elif k in STUDENT:
                 leaves[k] = args[k] = args[k].clone().requires_grad_()
-        loss = fused_linear_wttm_loss(args["student_hidden"], args["student_weight"], args["teacher_hidden"],
-                                      args["teacher_weight"], args["target"], student_bias=args["student_bias"],
-                                      teacher_bias=args["teacher_bias"], gamma=0.2, reduction="none", chunk_size=8,
-                                      backend=backend)
+        loss = loss_fn(args, backend)
         loss.backward(args["upstream"])
         view_grad = args[arg].grad if arg in STUDENT else None
         return loss.detach(), {k: leaves[k].grad for k in STUDENT}, view_grad
 
-    # A weight expanded along its rows would give every class the same logit; expand it along H instead.
-    expanded_dim = -1 if arg.endswith("weight") else 0
     ref_loss, ref_grads, ref_view_grad = run(torch.float64, "torch")
     loss, grads, _ = run(torch.float32, backend)
     assert_close("loss", ref_loss, loss, 1e-5, 1e-6)
@@ -179,6 +180,96 @@ def test_fused_linear_wttm_loss_layout(backend, case):
             # shared by every class has gradient 0): the error scale is the sum of the magnitudes.
             scale = ref_view_grad.abs().sum(expanded_dim).max().item()
         assert_close(f"d {k}", ref_grads[k], grads[k], 1e-4, 1e-7, scale=scale)
+
+
+def student_head(N, H, V, seed, **teacher):
+    """The student's (N, H) hidden states, (V, H) head and (V,) bias, a target (every fifth ignored) and an
+    upstream gradient, and the teacher's arguments."""
+    gen = torch.Generator().manual_seed(seed + 7)
+    target = torch.randint(0, V, (N,), generator=gen)
+    target[::5] = -100
+    return {"student_hidden": randn((N, H), seed), "student_weight": randn((V, H), seed + 1, 10.0 / H**0.5),
+            "student_bias": randn((V,), seed + 2), **teacher, "upstream": randn((N,), seed + 6), "target": target}
+
+
+LINEAR_ARGS = (*STUDENT, "teacher_hidden", "teacher_weight", "teacher_bias", "upstream")
+LINEAR_CASES = [(arg, layout, None) for arg in LINEAR_ARGS for layout in LAYOUTS
+                if not (arg in ("student_bias", "teacher_bias", "upstream") and layout == "transposed")]
+LINEAR_CASES += [("target", layout, dtype) for layout in ("contiguous", "sliced", "expanded")
+                 for dtype in (torch.int64, torch.int32)]  # 1-D tensors: no other dimension order
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", LINEAR_CASES, ids=[_case_id(c) for c in LINEAR_CASES])
+def test_fused_linear_wttm_loss_layout(backend, case):
+    arg, layout, index_dtype = case
+    N, H, H_t, V = 22, 16, 20, 90
+    values = student_head(N, H, V, 5, teacher_hidden=randn((N, H_t), 8),
+                          teacher_weight=randn((V, H_t), 9, 10.0 / H_t**0.5), teacher_bias=randn((V,), 10))
+
+    def loss_fn(args, backend):
+        return fused_linear_wttm_loss(args["student_hidden"], args["student_weight"], args["teacher_hidden"],
+                                      args["teacher_weight"], args["target"], student_bias=args["student_bias"],
+                                      teacher_bias=args["teacher_bias"], gamma=0.2, reduction="none", chunk_size=8,
+                                      backend=backend)
+
+    check_linear_loss_layout(loss_fn, values, backend, arg, layout, index_dtype)
+
+
+def teacher_topk(lead, V, k, seed):
+    """A sparse teacher's arguments: the top-k of V in shuffled order (a few slots padded with -1) and the
+    float32-representable float64 log-probabilities of its full softmax."""
+    gen = torch.Generator().manual_seed(seed)
+    top = torch.log_softmax(randn((*lead, V), seed, 10.0), -1).topk(k, dim=-1)
+    order = torch.argsort(torch.rand(*lead, k, generator=gen), dim=-1)
+    ids, logprobs = top.indices.gather(-1, order), top.values.gather(-1, order).float().double()
+    ids.view(-1, k)[::4, -2:] = -1
+    return {"teacher_topk_ids": ids, "teacher_topk_logprobs": logprobs}
+
+
+# The sparse teacher's (..., k) ids (an index: int64 and int32) and log-probabilities, beside the student's.
+TOPK_CASES = [(lead, arg, layout, None) for lead in ((12,), (3, 4))
+              for arg in ("student_logits", "teacher_topk_logprobs", "upstream") for layout in LAYOUTS
+              if arg != "upstream" or len(lead) > 1 or layout != "transposed"]
+TOPK_CASES += [(lead, arg, layout, dtype) for lead in ((12,), (3, 4)) for arg in ("teacher_topk_ids", "target")
+               for layout in LAYOUTS for dtype in (torch.int64, torch.int32)
+               if arg != "target" or len(lead) > 1 or layout != "transposed"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", TOPK_CASES, ids=[_case_id(c) for c in TOPK_CASES])
+def test_fused_wttm_loss_topk_layout(backend, case):
+    lead, arg, layout, index_dtype = case
+    V = 300
+    values = row_values(lead, V, 22, **teacher_topk(lead, V, 16, 21))
+
+    def loss_fn(args, backend):
+        return fused_wttm_loss_topk(args["student_logits"], args["teacher_topk_ids"], args["teacher_topk_logprobs"],
+                                    args["target"], gamma=0.2, beta=2.0, reduction="none", backend=backend)
+
+    check_row_loss_layout(loss_fn, values, backend, arg, layout, index_dtype)
+
+
+LINEAR_TOPK_CASES = [(arg, layout, None) for arg in (*STUDENT, "teacher_topk_logprobs", "upstream")
+                     for layout in LAYOUTS if not (arg in ("student_bias", "upstream") and layout == "transposed")]
+LINEAR_TOPK_CASES += [(arg, layout, dtype) for arg in ("teacher_topk_ids", "target") for layout in LAYOUTS
+                      for dtype in (torch.int64, torch.int32) if not (arg == "target" and layout == "transposed")]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", LINEAR_TOPK_CASES, ids=[_case_id(c) for c in LINEAR_TOPK_CASES])
+def test_fused_linear_wttm_loss_topk_layout(backend, case):
+    arg, layout, index_dtype = case
+    N, H, V = 22, 16, 90
+    values = student_head(N, H, V, 32, **teacher_topk((N,), V, 8, 31))
+
+    def loss_fn(args, backend):
+        return fused_linear_wttm_loss_topk(args["student_hidden"], args["student_weight"], args["teacher_topk_ids"],
+                                           args["teacher_topk_logprobs"], args["target"],
+                                           student_bias=args["student_bias"], gamma=0.2, reduction="none",
+                                           chunk_size=8, backend=backend)
+
+    check_linear_loss_layout(loss_fn, values, backend, arg, layout, index_dtype)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
