@@ -154,7 +154,9 @@ def test_out_dir_that_holds_anything_is_refused_before_any_work(tmp_path, capsys
     ("seeds: [0]\ncommon: {}\nteacher: {}\nstudents: {ce: {}}\nselect: {seeds: [0], grid: {kd: {beta: [1]}}}\n",
      "select grid 'kd' must name a student"),
     ("seeds: [0]\ncommon: {}\nteacher: {}\nstudents: {ce: {}}\nselect: {grid: {}}\n", "'select' needs 'seeds'"),
-], ids=["no-seeds", "no-students", "no-select", "grid-of-no-student", "select-without-seeds"])
+    ("seeds: [0]\ncommon: {}\nteacher: {}\nstudents: {kd: {teacher_topk_k: 0}}\n",
+     "student 'kd': teacher_topk_k must be an integer >= 1"),
+], ids=["no-seeds", "no-students", "no-select", "grid-of-no-student", "select-without-seeds", "topk-k-zero"])
 def test_bad_plans_are_one_error_line(tmp_path, capsys, text, message):
     assert main(["demo", "--plan", write_plan(tmp_path, text), "--select", "--out-dir", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
