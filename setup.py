@@ -38,12 +38,13 @@ setup(
     install_requires=["torch>=2.4"],
     extras_require={
         "triton": ["triton>=3.6"],
-        # trl: the test of the README's TRL lines (tests/test_hf_integration.py).
-        "test": ["pytest", "pytest-benchmark", "triton>=3.6", "numpy", "trl"],
+        # The test suite (triton for its interpreter); the tests of an extra not installed are skipped.
+        "test": ["pytest", "triton>=3.6", "numpy"],
         "train": ["pyyaml", "tqdm", "matplotlib", "tokenizers"],
         "bench": ["pytest-benchmark", "matplotlib", "tqdm"],
-        # ttm_kernels.integrations.hf (logits_to_keep as an index tensor: transformers >= 4.50).
-        "hf": ["transformers>=4.50", "accelerate>=1.0"],
+        # ttm_kernels.integrations.hf (logits_to_keep as an index tensor: transformers >= 4.50); trl for the
+        # test of the README's TRL lines (tests/test_hf_integration.py).
+        "hf": ["transformers>=4.50", "accelerate>=1.0", "trl"],
     },
     ext_modules=extensions(),
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},

@@ -1,17 +1,26 @@
 """The demos' machinery on tiny synthetic data (never the full-length demos): results.json and what is made from
 it, the teacher cache (reuse, config and data fingerprints), hyper-parameter selection on the validation split,
-and the LM demo's cached BPE vocabulary."""
+Ctrl-C and the rerun that goes on, and the LM demo's cached BPE vocabulary."""
+import glob
+import itertools
 import json
 import os
+import signal
 import statistics
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
 
 from train import checkpoint, config, demo, engine, text_data
 from train.__main__ import main
-from train.errors import ConfigError
+from train.errors import ConfigError, Interrupted
+from train.tasks import ClassificationTask
 from train.testing import write_fashion_mnist
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 SEEDS = [0, 1, 2]
 IMAGE_PLAN = f"""
@@ -123,6 +132,109 @@ def test_interrupted_teacher_is_resumed(tmp_path, fm, capsys):
     os.remove(os.path.join(cfg["out_dir"], engine.SUMMARY_NAME))
     run_demo(tmp_path, plan, "out", f"data_dir={fm}")
     assert "resuming the interrupted" in capsys.readouterr().out
+
+
+def test_ctrl_c_in_the_teacher_then_the_same_command_goes_on_inside_its_epoch(tmp_path, fm, monkeypatch, capsys):
+    """Ctrl-C while the teacher trains: one line naming the teacher's checkpoint inside its epoch; the same command
+    resumes the teacher from it (not from its start) and finishes the demo, with a time estimate for the teacher and
+    one for the students. The checkpoint keys leave the teacher's cache key as it is."""
+    plan = write_plan(tmp_path, ONE_RUN_PLAN)
+    keys = [f"data_dir={fm}", "log_every=1", "checkpoint_every_min=1e-7"]  # a checkpoint after each step
+    folder = demo.cached_teacher_config(demo.read_plan(plan), keys, "demo")["out_dir"]
+    assert folder == demo.cached_teacher_config(demo.read_plan(plan), keys[:1], "demo")["out_dir"]
+    real_step, calls = ClassificationTask.train_step, itertools.count()
+
+    def interrupted_step(self, *args):
+        if next(calls) == 3:
+            raise KeyboardInterrupt
+        return real_step(self, *args)
+
+    monkeypatch.setattr(ClassificationTask, "train_step", interrupted_step)
+    args = ["demo", "--plan", plan, "--out-dir", str(tmp_path / "out"), "--jobs", "1", *keys]
+    assert main(args) == 130
+    last = os.path.join(folder, checkpoint.LAST)
+    assert capsys.readouterr().err == (f"interrupted: rerun the same command to resume from the teacher at epoch 1, "
+                                       f"step 3 of 6 ({last}); the student runs have not started\n")
+    monkeypatch.setattr(ClassificationTask, "train_step", real_step)
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "resuming the interrupted" in out and f"resumed from {last} at epoch 1, step 3 of 6" in out
+    assert out.count("teacher: about ") == 1 and out.count("students: about ") == 1
+
+
+def test_ctrl_c_while_the_top_k_store_is_written(tmp_path, monkeypatch):
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(demo, "write_store", stopped)
+    job = demo.Job("KD top-4", 0, {"teacher_topk": str(tmp_path / "store")}, top_k=4)
+    with pytest.raises(Interrupted) as exc:
+        demo.ensure_topk_store(job, {"model": "gpt_tiny", "out_dir": str(tmp_path)})
+    assert str(exc.value) == (f"rerun the same command to resume from the start of the teacher's top-4 store (nothing "
+                              f"was written to {tmp_path / 'store'} yet)")
+
+
+TWO_WORKERS_PLAN = """
+seeds: [0, 1]
+common: {dataset: fashion_mnist, epochs: 3, batch_size: 64, threads: 1, tensorboard: false, val_fraction: 0.25}
+teacher: {model: cnn_tiny, loss: ce, epochs: 1, progress: false}
+students:
+  ce: {model: cnn_tiny, loss: ce}
+"""
+
+
+def children(pid):
+    kids = []
+    for thread in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{thread}/children") as f:
+            kids += [int(kid) for kid in f.read().split()]
+    return kids
+
+
+def running(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has ended
+    except FileNotFoundError:
+        return False
+
+
+def test_ctrl_c_stops_the_demo_and_its_worker_processes(tmp_path, fm):
+    """Ctrl-C in a terminal signals the whole process group: while two student runs train in worker processes, the
+    demo prints one line (the workers nothing: no traceback), exits with 130 and leaves no process behind; the
+    command goes on in the same folder and finishes."""
+    out = tmp_path / "out"
+    plan = write_plan(tmp_path, TWO_WORKERS_PLAN)
+
+    def command(jobs):
+        return ["demo", "--plan", plan, "--out-dir", str(out), "--jobs", str(jobs), f"data_dir={fm}"]
+
+    proc = subprocess.Popen([sys.executable, "-m", "train", *command(2)], cwd=ROOT,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while len(glob.glob(str(out / "*" / "log.txt"))) < 2 and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.02)
+        workers = children(proc.pid)
+        os.killpg(proc.pid, signal.SIGINT)
+        err = proc.communicate(timeout=60)[1]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130, err
+    assert len(workers) >= 2 and err.count("interrupted:") == 1 and "Traceback" not in err, err
+    assert err.splitlines()[-1].startswith(f"interrupted: rerun the same command to resume from {out}: ")
+    deadline = time.time() + 20
+    while any(map(running, workers)) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not [pid for pid in workers if running(pid)]
+    assert (out / demo.INTERRUPTED).exists()
+
+    assert main(command(jobs=1)) == 0  # in this process: no workers to start again (they take seconds to import torch)
+    results = json.loads((out / demo.RESULTS).read_text())
+    assert results["runs"][0]["seeds"] == [0, 1] and None not in results["runs"][0]["values"]
+    assert not (out / demo.INTERRUPTED).exists()
 
 
 def test_select_runs_the_grid_on_the_validation_split(tmp_path, fm, capsys):

@@ -1,19 +1,26 @@
 """python -m train teacher-topk (the top-k store) and teacher_topk: DIR in the LM task: round trip, resume after
-a kill, refusal of a mismatched or corrupt store, distillation from it."""
+a kill or Ctrl-C, one writer per store (the run lock), refusal of a mismatched or corrupt store, distillation from
+it."""
 import json
 import os
+import signal
+import socket
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
 import torch
 
-from train import engine, topk_store
+from train import engine, run_lock, teacher_topk, topk_store
 from train.__main__ import main
-from train.errors import ConfigError, DataError
+from train.errors import ConfigError, DataError, RunDirBusyError
 from train.models import gpt
 
 from test_train_lm import lm_cfg, write_text
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE = "train/configs/lm_smoke.yaml"
 
 
@@ -51,8 +58,10 @@ def expected_topk(teacher, k=8):
     return inputs, top.indices.int(), top.values
 
 
-def test_teacher_topk_store_round_trip(teacher, tmp_path):
+def test_teacher_topk_store_round_trip(teacher, tmp_path, capsys):
     assert write_store(teacher, tmp_path / "store") == 0
+    estimates = [line for line in capsys.readouterr().out.splitlines() if line.startswith("teacher top-k: about ")]
+    assert len(estimates) == 1 and estimates[0].endswith(" on this machine (measured over the first 2 batches)")
     store = topk_store.TopkStore(str(tmp_path / "store"))
     inputs, ids, logprobs = expected_topk(teacher)
     m = store.manifest
@@ -66,9 +75,10 @@ def test_teacher_topk_store_round_trip(teacher, tmp_path):
     assert write_store(teacher, tmp_path / "store") == 0  # complete: nothing to do
 
 
-def test_teacher_topk_resumes_after_a_kill(teacher, tmp_path, monkeypatch):
-    """A writer killed inside its third shard (a partial temporary file left) resumes after the second and
-    ends with the same store as an uninterrupted one."""
+def test_teacher_topk_resumes_after_a_kill(teacher, tmp_path, monkeypatch, capsys):
+    """A writer stopped by Ctrl-C inside its third shard (a partial temporary file left, as a kill leaves it) says
+    where a rerun resumes, which goes on after the second shard and ends with the same store as an uninterrupted
+    one."""
     real_save, calls = np.save, []
 
     def dying_save(f, array):
@@ -79,11 +89,13 @@ def test_teacher_topk_resumes_after_a_kill(teacher, tmp_path, monkeypatch):
         real_save(f, array)
 
     monkeypatch.setattr(np, "save", dying_save)
-    with pytest.raises(KeyboardInterrupt):
-        write_store(teacher, tmp_path / "store")
+    assert write_store(teacher, tmp_path / "store") == 130
     monkeypatch.setattr(np, "save", real_save)
     manifest = json.loads((tmp_path / "store" / topk_store.MANIFEST).read_text())
     assert len(manifest["shards"]) == 2 and not manifest["complete"]
+    assert capsys.readouterr().err == (f"interrupted: rerun the same command to resume from window 14 of "
+                                       f"{manifest['windows']} of the store: the complete shards in "
+                                       f"{tmp_path / 'store'} are kept\n")
     assert (tmp_path / "store" / "ids-00002.npy.tmp").exists()
     with pytest.raises(ConfigError, match="incomplete"):
         topk_store.TopkStore(str(tmp_path / "store"))
@@ -93,6 +105,67 @@ def test_teacher_topk_resumes_after_a_kill(teacher, tmp_path, monkeypatch):
     fresh = json.loads((tmp_path / "fresh" / topk_store.MANIFEST).read_text())
     assert resumed["shards"] == fresh["shards"] and resumed["complete"]
     assert not any(name.endswith(".tmp") for name in os.listdir(tmp_path / "store"))
+
+
+def test_a_second_writer_is_refused_and_the_first_ones_store_stays_whole(teacher, store, tmp_path, capsys):
+    """The first writer holds the store's run lock, here blocked while it writes its second shard; a second writer
+    on the same out_dir is refused before it touches anything (it would delete the first one's temporary files),
+    naming the first; SIGTERM stops the first with its one line, and the rerun it advises completes the store."""
+    script, ready, out = tmp_path / "writer.py", tmp_path / "ready", tmp_path / "store"
+    script.write_text(f"""
+import sys, time
+import numpy as np
+sys.path.insert(0, {ROOT!r})
+from train.__main__ import main
+
+real_save, calls = np.save, []
+
+def blocking_save(f, array):
+    calls.append(1)
+    real_save(f, array)
+    if len(calls) == 3:  # the second shard's ids, written to their temporary file
+        open({str(ready)!r}, "w").close()
+        while True:
+            time.sleep(0.01)
+
+np.save = blocking_save
+sys.exit(main(sys.argv[1:]))
+""")
+    args = ["teacher-topk", "--config", SMOKE, f"data_dir={teacher['text']}", f"out_dir={out}", "teacher=gpt_tiny",
+            f"teacher_checkpoint={teacher['checkpoint']}", "k=8", "windows_per_shard=7", "progress=false"]
+    first = subprocess.Popen([sys.executable, str(script), *args], cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"),
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while not ready.exists() and first.poll() is None and time.time() < deadline:
+            time.sleep(0.02)
+        assert ready.exists(), first.stderr.read()
+        files = sorted(os.listdir(out))
+        assert "ids-00001.npy.tmp" in files
+        assert main(args) == 2
+        assert capsys.readouterr().err == (f"error: out_dir {out} is in use by another run (PID {first.pid} on "
+                                           f"{socket.gethostname()}): wait for it to end, or choose another out_dir\n")
+        assert sorted(os.listdir(out)) == files  # nothing deleted, nothing written
+        first.send_signal(signal.SIGTERM)
+        err = first.communicate(timeout=60)[1]
+    finally:
+        if first.poll() is None:
+            first.kill()
+    assert first.returncode == 130
+    windows = topk_store.TopkStore(store).manifest["windows"]
+    assert err == (f"interrupted: rerun the same command to resume from window 7 of {windows} of the store: the "
+                   f"complete shards in {out} are kept\n")
+    assert main(args) == 0
+    assert topk_store.TopkStore(str(out)).manifest["shards"] == topk_store.TopkStore(store).manifest["shards"]
+
+
+def test_write_store_holds_the_run_lock(teacher, tmp_path):
+    """The writer the demo calls (write_store) takes the lock itself, before it touches the folder."""
+    cfg = lm_cfg(tmp_path, teacher["text"], "store", teacher="gpt_tiny", teacher_checkpoint=teacher["checkpoint"])
+    with run_lock.hold(cfg["out_dir"]):
+        with pytest.raises(RunDirBusyError, match=f"PID {os.getpid()} on"):
+            teacher_topk.write_store(cfg, {"k": 8, "logprobs_dtype": "float32", "windows_per_shard": 7})
+        assert os.listdir(cfg["out_dir"]) == [run_lock.LOCK_NAME]
 
 
 def test_teacher_topk_refuses_another_store_in_out_dir(teacher, tmp_path, capsys):

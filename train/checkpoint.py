@@ -16,11 +16,16 @@ def save_atomic(obj, path: str):
     """Write to a temporary file in the same folder, flush it to disk, then rename over ``path``: a run killed
     at any moment leaves either the old or the new checkpoint, never a torn one."""
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # Ctrl-C, a full disk: no half-written file is left behind
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 def rng_state() -> dict:

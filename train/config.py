@@ -140,13 +140,17 @@ KEYS: dict[str, Key] = {
                          "pooling (2.5x for the Fashion-MNIST CNNs on CPU)"),
     # output
     "out_dir": Key(None, str, "where the run writes; null = runs/<dataset>-<model>-<loss>-seed<seed>"),
+    "checkpoint_every_min": Key(5, NUM, "also save checkpoint_last.pt inside an epoch when this many minutes have "
+                                "passed since the last save (looked at every log_every steps), for an exact --resume "
+                                "from that step; 0 = at the end of each epoch only"),
     "tensorboard": Key(True, bool, "also write TensorBoard events when tensorboard is installed"),
     "progress": Key(True, bool, "tqdm progress bars"),
 }
 
 # Keys that may differ between a run and its resumption.
 RESUMABLE_CHANGES = ("epochs", "out_dir", "num_workers", "threads", "channels_last", "tensorboard", "progress",
-                     "test_batch_size", "eval_teacher", "data_dir", "device", "log_every", "on_nonfinite")
+                     "test_batch_size", "eval_teacher", "data_dir", "device", "log_every", "on_nonfinite",
+                     "checkpoint_every_min")
 
 
 def defaults() -> dict:
@@ -251,7 +255,7 @@ def validate(cfg: dict) -> dict:
     if cfg["vocab_size"] < 512:
         raise ConfigError(f"config key 'vocab_size' must be >= 512 (the 256 bytes, a pad and merges), got "
                           f"{cfg['vocab_size']}")
-    for name in ("train_subset", "test_subset", "num_workers", "threads"):
+    for name in ("train_subset", "test_subset", "num_workers", "threads", "checkpoint_every_min"):
         if cfg[name] < 0:
             raise ConfigError(f"config key {name!r} must be >= 0, got {cfg[name]}")
     if not all(isinstance(m, int) and not isinstance(m, bool) for m in cfg["lr_milestones"]):

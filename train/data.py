@@ -2,13 +2,16 @@
 
 Fashion-MNIST and CIFAR-100 live in memory as uint8 tensors; batches are drawn and augmented in torch with a
 generator seeded by (seed, epoch, rank), so the data stream of an epoch is a pure function of those three and
-a resumed run sees exactly the batches it would have seen.
+a resumed run sees exactly the batches it would have seen. Inside an epoch, ``position()`` says how many batches
+were drawn and where the generator stands; ``set_epoch(epoch, position)`` goes on from there (a mid-epoch
+checkpoint).
 """
 from __future__ import annotations
 
 import dataclasses
 import gzip
 import importlib
+import itertools
 import math
 import os
 import pickle
@@ -35,7 +38,7 @@ IDX_DTYPES = {0x08: torch.uint8, 0x09: torch.int8, 0x0B: torch.int16, 0x0C: torc
 
 @dataclasses.dataclass
 class Data:
-    train: object  # iterable of (images, labels) batches with set_epoch(epoch) and len()
+    train: object  # iterable of (images, labels) batches with set_epoch(epoch, position), position() and len()
     test: object
     num_classes: int
     input_shape: tuple
@@ -183,26 +186,41 @@ class ShardedBatches:
 
     def __init__(self, n_samples, batch_size, *, train, seed=0, rank=0, world=1):
         self.batch_size, self.train, self.seed, self.rank = batch_size, train, seed, rank
-        self.epoch = 0
+        self.epoch, self.start = 0, None
+        self.generator = torch.Generator()
+        self.drawn = 0  # batches of the epoch drawn so far
         if train:
             self.sampler = DistributedSampler(range(n_samples), num_replicas=world, rank=rank, shuffle=True,
                                               seed=seed)
         else:
             self.sampler = range(rank, n_samples, world)
 
-    def set_epoch(self, epoch: int):
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, position: dict | None = None):
+        """The next iteration yields epoch ``epoch``'s batches, from the one after ``position`` (``position()`` of
+        an iteration of that epoch) when given."""
+        self.epoch, self.start = epoch, position
         if self.train:
             self.sampler.set_epoch(epoch)
+
+    def position(self) -> dict:
+        """Where the current iteration stands: the batches drawn and the generator's state after them."""
+        return {"batches": self.drawn, "generator": self.generator.get_state()}
 
     def __len__(self):
         return -(-len(self.sampler) // self.batch_size)
 
     def __iter__(self):
         indices = torch.as_tensor(list(iter(self.sampler)), dtype=torch.long)
-        generator = torch.Generator().manual_seed((self.seed * 100_003 + self.epoch) * 1_009 + self.rank)
-        for start in range(0, len(indices), self.batch_size):
-            yield self.batch(indices[start:start + self.batch_size], generator)
+        self.generator.manual_seed((self.seed * 100_003 + self.epoch) * 1_009 + self.rank)
+        self.drawn = 0
+        if self.start is not None:  # the batches before it were drawn (and augmented) in an earlier process
+            self.drawn = self.start["batches"]
+            self.generator.set_state(self.start["generator"])
+            self.start = None
+        for start in range(self.drawn * self.batch_size, len(indices), self.batch_size):
+            batch = self.batch(indices[start:start + self.batch_size], self.generator)
+            self.drawn += 1
+            yield batch
 
     def batch(self, idx, generator):
         raise NotImplementedError
@@ -234,24 +252,49 @@ class ImageFolderLoader:
         transform = (t.Compose([t.RandomResizedCrop(224), t.RandomHorizontalFlip(), t.ToTensor(), normalize])
                      if train else t.Compose([t.Resize(256), t.CenterCrop(224), t.ToTensor(), normalize]))
         self.dataset = tv.datasets.ImageFolder(folder, transform)
-        self.train, self.seed = train, seed
+        self.train, self.seed, self.batch_size = train, seed, batch_size
         self.sampler = (DistributedSampler(self.dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed)
                         if train else list(range(rank, len(self.dataset), world)))
+        self.order = _Skipping(self.sampler)
         self.generator = torch.Generator()
-        self.loader = torch.utils.data.DataLoader(self.dataset, batch_size=batch_size, sampler=self.sampler,
+        self.loader = torch.utils.data.DataLoader(self.dataset, batch_size=batch_size, sampler=self.order,
                                                   num_workers=num_workers, pin_memory=torch.cuda.is_available(),
                                                   generator=self.generator)
+        self.drawn = 0
 
-    def set_epoch(self, epoch):
+    def set_epoch(self, epoch, position=None):
+        """As ``ShardedBatches.set_epoch``. Resumed inside an epoch, the images that follow come in the same order,
+        but their random crops and flips are not those of an uninterrupted run (the workers' RNG streams are not
+        replayed)."""
         self.generator.manual_seed(self.seed * 100_003 + epoch)  # seeds the workers' augmentation
+        self.order.skip = position["batches"] * self.batch_size if position else 0
         if self.train:
             self.sampler.set_epoch(epoch)
 
+    def position(self) -> dict:
+        return {"batches": self.drawn}
+
     def __len__(self):
-        return len(self.loader)
+        return -(-len(self.sampler) // self.batch_size)  # the whole epoch's, also when resumed inside it
 
     def __iter__(self):
-        return iter(self.loader)
+        self.drawn = self.order.skip // self.batch_size
+        for batch in self.loader:
+            self.drawn += 1
+            yield batch
+
+
+class _Skipping(torch.utils.data.Sampler):
+    """``sampler``'s indices without the first ``skip`` (those of the batches a resumed epoch already trained on)."""
+
+    def __init__(self, sampler):
+        self.sampler, self.skip = sampler, 0
+
+    def __iter__(self):
+        return itertools.islice(iter(self.sampler), self.skip, None)
+
+    def __len__(self):
+        return len(self.sampler) - self.skip
 
 
 def _torchvision():

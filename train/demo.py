@@ -13,6 +13,11 @@ the plan distils from the teacher's top-K store instead (``python -m train teach
 and cached beside the teacher). The students report the metric of their last epoch (no epoch is picked on the
 test set); ``--select`` runs the plan's grid on a validation split carved from the training data and prints the
 best values, which the plan then records.
+
+Ctrl-C (or SIGTERM) stops a demo with one line saying what a rerun of the same command resumes from: the cached
+teacher's last checkpoint (written inside its epochs too), its top-k store's complete shards, and, in the output
+folder of an interrupted demo given again as --out-dir, the finished student runs (the others go on from their
+last checkpoints); the student runs of a demo in a new folder start over.
 """
 from __future__ import annotations
 
@@ -28,8 +33,10 @@ import multiprocessing
 import os
 import platform
 import shlex
+import signal
 import statistics
 import sys
+import threading
 import time
 
 import matplotlib
@@ -41,14 +48,17 @@ from tqdm import tqdm  # noqa: E402
 
 from . import cache, checkpoint, config, data, text_data  # noqa: E402
 from .engine import SUMMARY_NAME, Distributed, autocast_factory, run_epoch, train  # noqa: E402
-from .errors import ConfigError, UserError  # noqa: E402
+from .errors import ConfigError, Interrupted, UserError  # noqa: E402
+from .eta import duration  # noqa: E402
 from .tasks import get_task  # noqa: E402
-from .teacher_topk import write_store  # noqa: E402
+from .teacher_topk import write_store, writer_interrupted  # noqa: E402
 
 CONFIGS = os.path.join(os.path.dirname(__file__), "configs")
 PLANS = {"demo": os.path.join(CONFIGS, "demo.yaml"), "demo-lm": os.path.join(CONFIGS, "demo_lm.yaml")}
 LABELS = {"ce": "CE only", "kd": "KD", "ttm": "TTM", "wttm": "WTTM"}
 RESULTS, TABLE, PLOT = "results.json", "results.md", "results.png"
+# In the output folder of a demo stopped by Ctrl-C while its students ran: a rerun may go on in that folder.
+INTERRUPTED = "interrupted.txt"
 # A demo plan's student key (not a config key): distil from the cached teacher's top-k store with this k.
 TOPK_KEY = "teacher_topk_k"
 # Config keys that change neither the teacher's weights nor its data: left out of its cache key.
@@ -203,14 +213,21 @@ def cached_teacher_config(plan, overrides, name) -> dict:
 
 
 def ensure_teacher(cfg) -> str:
-    """Reuse the cached teacher run, finish an interrupted one, or train it. Says which."""
+    """Reuse the cached teacher run, finish an interrupted one (from its last checkpoint, inside an epoch too), or
+    train it. Says which."""
     folder = cfg["out_dir"]
     if os.path.exists(os.path.join(folder, SUMMARY_NAME)):
         print(f"== teacher {cfg['model']}: reusing the cached run {folder} (its config and data fingerprint match)")
         return "cached"
     resume = os.path.exists(os.path.join(folder, checkpoint.LAST))
     print(f"== teacher {cfg['model']}: {'resuming the interrupted' if resume else 'training once, cached in'} {folder}")
-    train(cfg, resume=resume)
+    try:
+        train(cfg, resume=resume, label="teacher")
+    except Interrupted as exc:
+        where = (f"the teacher at {exc.resume_from}" if exc.resume_from
+                 else f"the start of the teacher's training (no checkpoint was written yet in {folder})")
+        advice = f"rerun the same command to resume from {where}; the student runs have not started"
+        raise Interrupted(advice) from None
     return "trained"
 
 
@@ -229,8 +246,11 @@ def ensure_topk_store(job: Job, teacher_cfg):
         store_cfg = {**job.cfg, "out_dir": folder, "teacher": teacher_cfg["model"], "teacher_topk": None,
                      "teacher_checkpoint": os.path.join(teacher_cfg["out_dir"], checkpoint.LAST), "threads": 0}
         print(f"== teacher top-{job.top_k} store: {folder}")
-        write_store(store_cfg, {"k": job.top_k, "logprobs_dtype": "float32", "windows_per_shard": 1024},
-                    log=lambda line: print(f"   {line}"))
+        try:
+            write_store(store_cfg, {"k": job.top_k, "logprobs_dtype": "float32", "windows_per_shard": 1024},
+                        log=lambda line: print(f"   {line}"))
+        except KeyboardInterrupt:
+            raise writer_interrupted(folder, f"the teacher's top-{job.top_k} store") from None
 
 
 def measure(cfg, weights: str) -> tuple:
@@ -260,43 +280,134 @@ def parameters_of(cfg, dataset) -> int:
 
 # ---------------------------------------------------------------------------------------------------- the students
 
-def train_logged(cfg: dict, log_path: str):
-    """One student run, its output to ``log_path``: (summary, per-epoch history), or None if it diverged."""
+def train_logged(cfg: dict, log_path: str, on_estimate=None):
+    """One student run, its output to ``log_path``: (summary, per-epoch history), or None if it diverged. In the
+    folder of an interrupted demo, a run it finished is read back and one it started goes on from its checkpoint."""
+    last = os.path.join(cfg["out_dir"], checkpoint.LAST)
+    if os.path.exists(os.path.join(cfg["out_dir"], SUMMARY_NAME)):
+        with open(os.path.join(cfg["out_dir"], SUMMARY_NAME)) as f:
+            return json.load(f), checkpoint.load(last)["history"]
+    resume = os.path.exists(last)
     os.makedirs(cfg["out_dir"], exist_ok=True)
-    with open(log_path, "w") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+    with open(log_path, "a" if resume else "w") as log, contextlib.redirect_stdout(log), \
+            contextlib.redirect_stderr(log):
         try:
-            summary = train(cfg)
+            summary = train(cfg, resume=resume, on_estimate=on_estimate)
         except FloatingPointError as exc:  # a hyper-parameter the grid tries may diverge; that is a result too
             print(f"diverged: {exc}")
             return None
-    return summary, checkpoint.load(os.path.join(cfg["out_dir"], checkpoint.LAST))["history"]
+    return summary, checkpoint.load(last)["history"]
 
 
-def run_jobs(jobs: list, n_jobs: int, metric: Metric) -> list:
+class StudentsEstimate:
+    """The student runs' time estimates: once the first runs (as many as run at a time) have timed their first
+    steps, the whole lot on this machine, and with what ran before them (``began``: the demo's start), the demo;
+    after each run, the time left at the mean time of the runs so far (the students are the demo's last part)."""
+
+    def __init__(self, runs: int, at_a_time: int, began: float, write):
+        self.runs, self.at_a_time, self.began, self.write = runs, at_a_time, began, write
+        self.start = time.perf_counter()
+        self.estimates, self.durations = [], []
+
+    def estimated(self, seconds: float):
+        """A run's estimate of its own time (engine.train's on_estimate)."""
+        self.estimates.append(seconds)
+        if len(self.estimates) == min(self.at_a_time, self.runs):
+            total = statistics.fmean(self.estimates) * math.ceil(self.runs / self.at_a_time)
+            self.write(f"students: about {duration(total)} on this machine (measured over the first steps of "
+                       f"{len(self.estimates)} run{'s' if len(self.estimates) > 1 else ''}); the demo: about "
+                       f"{duration(self.start - self.began + total)} in all")
+
+    def finished(self, seconds: float) -> str:
+        """'; about 3 min left' after a run that took ``seconds``, '' after the last."""
+        self.durations.append(seconds)
+        left = self.runs - len(self.durations)
+        return f"; about {duration(statistics.fmean(self.durations) * left / self.at_a_time)} left" if left else ""
+
+
+_estimates = None  # in a worker process: the pipe its runs send their time estimates to
+
+
+def _start_worker(estimates):
+    global _estimates
+    _estimates = estimates
+    # tqdm's default lock is a multiprocessing one, a named semaphore: a worker that Ctrl-C makes the parent stop
+    # (SIGTERM) would leave it behind, and Python's resource tracker would warn about it on stderr.
+    tqdm.set_lock(threading.RLock())
+
+
+def _run_job(cfg: dict, log_path: str):
+    """A worker's student run: (its outcome, its wall time)."""
+    start = time.perf_counter()
+    outcome = train_logged(cfg, log_path, on_estimate=_estimates.send)
+    return outcome, time.perf_counter() - start
+
+
+def run_jobs(jobs: list, n_jobs: int, metric: Metric, began: float, stopped) -> list:
     """Train every job, ``n_jobs`` at a time in separate processes (one thread each: small models use two cores
-    better as two runs than as one run on two threads). Returns (summary, history) or None per job."""
+    better as two runs than as one run on two threads). Returns (summary, history) or None per job. On Ctrl-C the
+    workers are stopped and ``stopped(number of finished runs)`` is raised (an Interrupted). ``began``: when the
+    demo started, for its time estimate."""
     outcomes = [None] * len(jobs)
+    stdout = sys.stdout  # a run's own output goes to its log
     bar = tqdm(total=len(jobs), desc="students", unit="run", dynamic_ncols=True)
+    eta = StudentsEstimate(len(jobs), n_jobs, began, lambda line: bar.write(line, file=stdout))
 
-    def report(i, outcome):
+    def report(i, outcome, seconds):
         outcomes[i] = outcome
         job = jobs[i]
         value = "diverged" if outcome is None else f"{outcome[0][f'last_{metric.task_metric}']:.2f}"
-        bar.write(f"{job.name} seed {job.seed}: {metric.label} {value} ({job.cfg['out_dir']})")
+        bar.write(f"{job.name} seed {job.seed}: {metric.label} {value} ({job.cfg['out_dir']}){eta.finished(seconds)}",
+                  file=stdout)
         bar.update()
 
     logs = [os.path.join(job.cfg["out_dir"], "log.txt") for job in jobs]
-    if n_jobs == 1:
-        for i, job in enumerate(jobs):
-            report(i, train_logged(job.cfg, logs[i]))
-    else:
-        context = multiprocessing.get_context("spawn")  # no fork of a process whose OpenMP threads already ran
-        with concurrent.futures.ProcessPoolExecutor(n_jobs, mp_context=context) as pool:
-            futures = {pool.submit(train_logged, job.cfg, logs[i]): i for i, job in enumerate(jobs)}
-            for future in concurrent.futures.as_completed(futures):
-                report(futures[future], future.result())
-    bar.close()
+    try:
+        if n_jobs == 1:
+            for i, job in enumerate(jobs):
+                start = time.perf_counter()
+                outcome = train_logged(job.cfg, logs[i], on_estimate=eta.estimated)
+                report(i, outcome, time.perf_counter() - start)
+        else:
+            run_in_workers(jobs, logs, n_jobs, eta, report)
+    except KeyboardInterrupt:
+        raise stopped(bar.n) from None
+    finally:
+        bar.close()
     return outcomes
+
+
+def run_in_workers(jobs, logs, n_jobs, eta, report):
+    """``run_jobs`` in ``n_jobs`` worker processes, which Ctrl-C does not reach: on it, or SIGTERM, this process
+    stops them (and they die without a word)."""
+    context = multiprocessing.get_context("spawn")  # no fork of a process whose OpenMP threads already ran
+    # One pipe for all the workers: a message (a float) is one write, far below PIPE_BUF, which the OS writes whole
+    # however many processes write. (A queue would add semaphores, which workers stopped mid-run would leave for
+    # Python's resource tracker to warn about.)
+    estimates, estimates_in = context.Pipe(duplex=False)
+    others = set(multiprocessing.active_children())
+    with concurrent.futures.ProcessPoolExecutor(n_jobs, mp_context=context, initializer=_start_worker,
+                                                initargs=(estimates_in,)) as pool:
+        try:
+            # The workers are started by the first submits; started with SIGINT ignored, they keep ignoring it.
+            ctrl_c = signal.signal(signal.SIGINT, signal.SIG_IGN)
+            try:
+                futures = {pool.submit(_run_job, job.cfg, logs[i]): i for i, job in enumerate(jobs)}
+            finally:
+                signal.signal(signal.SIGINT, ctrl_c)
+            pending = set(futures)
+            while pending:
+                done, pending = concurrent.futures.wait(pending, timeout=1,
+                                                        return_when=concurrent.futures.FIRST_COMPLETED)
+                while estimates.poll():
+                    eta.estimated(estimates.recv())
+                for future in done:
+                    report(futures[future], *future.result())
+        except BaseException:
+            for worker in set(multiprocessing.active_children()) - others:
+                worker.terminate()
+            pool.shutdown(cancel_futures=True)
+            raise
 
 
 # ---------------------------------------------------------------------------------------------------- results
@@ -472,7 +583,7 @@ def main(argv=None, demo: str = "demo") -> int:
 def run_demo(args, demo: str, argv: list) -> int:
     start = time.perf_counter()
     out_dir = args.out_dir or time.strftime(f"runs/{demo}{'-select' if args.select else ''}-%Y%m%d-%H%M%S")
-    if os.path.isdir(out_dir) and os.listdir(out_dir):
+    if os.path.isdir(out_dir) and os.listdir(out_dir) and not os.path.exists(os.path.join(out_dir, INTERRUPTED)):
         raise ConfigError(f"--out-dir {out_dir} is not empty: choose a new folder (a demo never overwrites runs)")
     plan = read_plan(args.plan)
     if args.select and not isinstance(plan.get("select"), dict):
@@ -484,8 +595,12 @@ def run_demo(args, demo: str, argv: list) -> int:
     for job in {job.cfg["teacher_topk"]: job for job in jobs if job.top_k}.values():
         ensure_topk_store(job, teacher_cfg)
     eval_cfg = {**teacher_cfg, "eval_split": jobs[0].cfg["eval_split"], "test_subset": jobs[0].cfg["test_subset"]}
-    teacher_value, teacher_ce, teacher_params, dataset = measure(eval_cfg, os.path.join(teacher_cfg["out_dir"],
-                                                                                        checkpoint.LAST))
+    try:
+        teacher_value, teacher_ce, teacher_params, dataset = measure(eval_cfg, os.path.join(teacher_cfg["out_dir"],
+                                                                                            checkpoint.LAST))
+    except KeyboardInterrupt:
+        raise Interrupted(f"rerun the same command to resume from the cached teacher ({teacher_cfg['out_dir']}); the "
+                          "student runs have not started") from None
     with open(os.path.join(teacher_cfg["out_dir"], SUMMARY_NAME)) as f:
         teacher_summary = json.load(f)
     note = "" if args.select else f" (when trained: {teacher_summary[f'last_{metric.task_metric}']:.2f})"
@@ -493,7 +608,23 @@ def run_demo(args, demo: str, argv: list) -> int:
           f"measured now{note}")
     print(f"\n== {len(jobs)} student runs, {min(args.jobs, len(jobs))} at a time; each run's log in its folder "
           f"under {out_dir}/")
-    outcomes = run_jobs(jobs, min(args.jobs, len(jobs)), metric)
+
+    def stopped(finished: int) -> Interrupted:
+        """The Interrupted error of the student runs stopped after ``finished`` of them; marks out_dir as an
+        interrupted demo's, which a rerun given it as --out-dir goes on in."""
+        os.makedirs(out_dir, exist_ok=True)
+        with open(os.path.join(out_dir, INTERRUPTED), "w") as f:
+            f.write(shlex.join(["python3", "-m", "train", demo] + argv) + "\n")
+        kept = f"{finished} finished student run{'' if finished == 1 else 's'}"
+        if args.out_dir:
+            return Interrupted(f"rerun the same command to resume from {out_dir}: "
+                               + (f"its {kept} are kept, the others" if finished else "the student runs")
+                               + " go on from their last checkpoints (if they wrote one)")
+        return Interrupted(f"rerun the same command to resume from the cached teacher ({teacher_cfg['out_dir']}): the "
+                           f"student runs start over in a new folder (add --out-dir {out_dir} to keep its {kept} and "
+                           "go on with the others)")
+
+    outcomes = run_jobs(jobs, min(args.jobs, len(jobs)), metric, start, stopped)
     params = {job.cfg["model"]: parameters_of(job.cfg, dataset) for job in jobs}
     student = next((outcome[0] for outcome in outcomes if outcome is not None), {})
     unit = "tokens" if teacher_cfg["task"] == "lm" else "images"
@@ -512,6 +643,8 @@ def run_demo(args, demo: str, argv: list) -> int:
     }
     os.makedirs(out_dir, exist_ok=True)
     print("\n" + write_report(results, out_dir))
+    with contextlib.suppress(FileNotFoundError):  # the interrupted demo this one went on with is complete now
+        os.remove(os.path.join(out_dir, INTERRUPTED))
     if args.select:
         print(f"best per loss on the validation split (paste into the plan's students):\n{best_points(results)}")
     print(f"results: {os.path.join(out_dir, RESULTS)}, table {TABLE}, plot {PLOT}")

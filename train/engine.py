@@ -1,7 +1,9 @@
-"""The training loop: seeds, precision, DDP, per-epoch evaluation, checkpoints, --resume and reporting."""
+"""The training loop: seeds, precision, DDP, per-epoch evaluation, checkpoints (at the end of every epoch and every
+checkpoint_every_min minutes inside one), --resume, time estimates, Ctrl-C and reporting."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -13,7 +15,8 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from . import checkpoint, config, run_lock
-from .errors import CheckpointError, ConfigError, UserError
+from .errors import CheckpointError, ConfigError, Interrupted, UserError
+from .eta import FirstSteps, duration
 from .logs import RunLog, columns
 from .nonfinite import StepGuard
 from .parallel import Parallel
@@ -48,6 +51,20 @@ class Distributed:
         if self.world > 1:
             dist.all_reduce(values)
         return dict(zip(names, values.tolist()))
+
+    def any(self, flag: bool) -> bool:
+        """Whether ``flag`` is true on any rank (a collective: every rank calls it)."""
+        if self.world == 1:
+            return flag
+        return self.all_reduce({"flag": flag})["flag"] > 0
+
+    def gather(self, obj) -> list:
+        """Every rank's ``obj`` (picklable, CPU tensors), in rank order, on every rank."""
+        if self.world == 1:
+            return [obj]
+        objects = [None] * self.world
+        dist.all_gather_object(objects, obj)
+        return objects
 
     def barrier(self):
         if self.world > 1:
@@ -119,18 +136,23 @@ def _rounded(means: dict, prefix: str) -> dict:
 
 
 def run_epoch(task, model, teacher, loader, dist_ctx, autocast, *, optimizer=None, scaler=None, guard=None,
-              desc="", progress=True) -> tuple[dict, float, int]:
+              desc="", progress=True, resume=None, after_step=None) -> tuple[dict, float, int]:
     """One pass over ``loader``: training when an optimizer is given (with its GradScaler and StepGuard), else
     evaluation. Returns the metric means (all ranks together, as ``task.finalize`` reports them; the means of
-    training leave out the skipped non-finite steps), the wall time and the number of skipped steps."""
+    training leave out the skipped non-finite steps), the wall time and the number of skipped steps.
+
+    Training only: ``resume`` (an InsideEpoch) goes on with an epoch a mid-epoch checkpoint stopped in (``loader``
+    yields the batches after its steps); ``after_step(step, sums, seconds, checked)`` is called after each step,
+    ``checked`` when the step's loss and flags were just read on the host."""
     training = optimizer is not None
     skipped = 0
     model.train(training)
-    sums: dict = {}
+    first, sums, before = (resume.step, resume.sums, resume.train_time_s) if resume else (0, {}, 0.0)
     start = time.perf_counter()
-    bar = tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, disable=not (progress and dist_ctx.main))
+    bar = tqdm(loader, desc=desc, initial=first, leave=False, dynamic_ncols=True,
+               disable=not (progress and dist_ctx.main))
     with contextlib.nullcontext() if training else torch.no_grad():
-        for step, batch in enumerate(bar):
+        for step, batch in enumerate(bar, start=first):
             if training:
                 guard.before_forward()
                 loss, batch_sums = task.train_step(model, teacher, batch, autocast)
@@ -144,11 +166,15 @@ def run_epoch(task, model, teacher, loader, dist_ctx, autocast, *, optimizer=Non
                 batch_sums = task.eval_step(model, batch, autocast)
             for name, value in batch_sums.items():
                 sums[name] = sums.get(name, 0) + (value.detach() if torch.is_tensor(value) else value)
-            if training and step % guard.log_every == 0:  # the only host syncs of the loop
-                bar.set_postfix(loss=f"{guard.check(loss):.4f}")
+            if training:
+                checked = step % guard.log_every == 0
+                if checked:  # the only host syncs of the loop
+                    bar.set_postfix(loss=f"{guard.check(loss):.4f}")
+                if after_step is not None:
+                    after_step(step, sums, before + time.perf_counter() - start, checked)
         if training:
             skipped = guard.end_epoch(loss)
-    elapsed = time.perf_counter() - start
+    elapsed = before + time.perf_counter() - start
     totals = dist_ctx.all_reduce(sums)
     means = _means(totals, task.train_metrics if training else task.eval_metrics)
     return task.finalize(means, training), elapsed, skipped
@@ -179,12 +205,98 @@ def _resume_state(cfg, out_dir):
     return state
 
 
-def train(cfg: dict, resume: bool = False) -> dict:
-    """Train (or distil) as ``cfg`` says; returns the summary (best and last test top-1, seed, ...)."""
+class LastCheckpoint:
+    """What checkpoint_last.pt holds, for the messages that point to it: nothing yet, the end of an epoch, or a
+    step inside one."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.epochs: int | None = None  # epochs done; None: no checkpoint yet
+        self.step = self.steps = 0  # in the epoch after them: steps done (0: none) of steps
+
+    def holds(self, epochs: int, step: int = 0, steps: int = 0):
+        self.epochs, self.step, self.steps = epochs, step, steps
+
+    def kept(self) -> str | None:
+        """The checkpoint and what it holds, for the non-finite guard's messages; None before the first."""
+        if self.epochs is None:
+            return None
+        inside = f", step {self.step} of {self.steps}" if self.step else ""
+        return f"{self.path} (epoch {self.epochs + 1 if self.step else self.epochs}{inside})"
+
+    def interrupted(self, resumed: bool, report: bool) -> Interrupted:
+        """The Interrupted error of a run stopped now (``resumed``: it was started with --resume)."""
+        if self.epochs is None:
+            if resumed:  # stopped before it had read the checkpoint it was resuming
+                return Interrupted(f"rerun the same command to resume from {self.path}", self.path, report)
+            return Interrupted("rerun the same command to resume from the start: no checkpoint was written yet",
+                               None, report)
+        where = (f"epoch {self.epochs + 1}, step {self.step} of {self.steps}" if self.step
+                 else f"the end of epoch {self.epochs}") + f" ({self.path})"
+        rerun = "rerun the same command" if resumed else "rerun the same command with --resume"
+        return Interrupted(f"{rerun} to resume from {where}", where, report)
+
+
+class CheckpointClock:
+    """When a checkpoint inside an epoch is due: ``minutes`` (checkpoint_every_min; 0 = never) after the last save.
+    The ranks decide together, so it is asked only where the loss is read (every log_every steps)."""
+
+    def __init__(self, minutes: float):
+        self.seconds = minutes * 60
+        self.reset()
+
+    def reset(self):
+        self.last = time.monotonic()
+
+    def due(self, dist_ctx) -> bool:
+        return bool(self.seconds) and dist_ctx.any(time.monotonic() - self.last >= self.seconds)
+
+
+class RunEstimate:
+    """A run's time estimates. Once, after its first steps: the whole run on this machine (from ``began``, its set-up
+    included), as the training steps left at the pace measured plus the evaluations (forward passes only: a third
+    of a training step's time per sample). After each epoch: the time left at the pace of the epochs so far,
+    evaluations included."""
+
+    def __init__(self, label: str, began: float, train_steps: int, first_epoch_steps: int, eval_steps: float, device,
+                 log, on_estimate=None):
+        self.label, self.began, self.train_steps, self.eval_steps, self.log, self.on_estimate = (
+            label, began, train_steps, eval_steps, log, on_estimate)
+        self.first = FirstSteps(first_epoch_steps, device)  # not across an evaluation
+        self.start = time.perf_counter()
+        self.trained = 0
+
+    def step_done(self):
+        self.trained += 1
+        per_step = self.first.step_done()
+        if per_step is not None:
+            left = per_step * (self.train_steps - self.trained + self.eval_steps)
+            total = time.perf_counter() - self.began + left
+            self.log(f"{self.label}: about {duration(total)} on this machine (measured over the first "
+                     f"{self.first.steps} steps)")
+            if self.on_estimate is not None:
+                self.on_estimate(total)
+
+    def left(self) -> str:
+        """'; about 12 min left' after an epoch, '' after the last."""
+        if self.trained >= self.train_steps:
+            return ""
+        elapsed = time.perf_counter() - self.start
+        return f"; about {duration(elapsed / self.trained * (self.train_steps - self.trained))} left"
+
+
+def train(cfg: dict, resume: bool = False, *, label: str = "training", on_estimate=None) -> dict:
+    """Train (or distil) as ``cfg`` says; returns the summary (best and last test top-1, seed, ...). ``label`` names
+    the run in its time estimate, which ``on_estimate(seconds)`` receives too. Ctrl-C (and SIGTERM, which the CLI
+    turns into it) ends the run with ``Interrupted``, naming the checkpoint a rerun resumes from."""
+    began = time.perf_counter()
     dist_ctx = Distributed(cfg["device"])
+    last = LastCheckpoint(os.path.join(cfg["out_dir"], checkpoint.LAST))
     try:
         with _hold_run_dir(cfg["out_dir"], dist_ctx):
-            return _train(cfg, resume, dist_ctx)
+            return _train(cfg, resume, dist_ctx, last, label, began, on_estimate)
+    except KeyboardInterrupt:
+        raise last.interrupted(resume, report=dist_ctx.main) from None
     finally:
         dist_ctx.close()
 
@@ -205,11 +317,35 @@ def _hold_run_dir(out_dir, dist_ctx):
         yield
 
 
-def _train(cfg, resume, dist_ctx):
+@dataclasses.dataclass
+class InsideEpoch:
+    """Where in its epoch a mid-epoch checkpoint stopped, as this rank goes on from it."""
+    step: int  # the steps of the epoch done
+    sums: dict  # their metric sums on this rank (run_epoch's)
+    train_time_s: float  # their training time
+    guard: dict  # the non-finite flags of the epoch so far (StepGuard.epoch_state)
+    data: dict  # this rank's training loader's position()
+
+
+def _inside_epoch(state, dist_ctx, device) -> InsideEpoch | None:
+    """This rank's part of a mid-epoch checkpoint; None for one written at the end of an epoch."""
+    partial = state.get("partial")
+    if partial is None:
+        return None
+    if len(partial["ranks"]) != dist_ctx.world:
+        raise CheckpointError(f"--resume: the checkpoint was written inside epoch {state['epoch'] + 1} by "
+                              f"{len(partial['ranks'])} process(es); resume it with as many (the data of the rest of "
+                              f"the epoch is split between them), not {dist_ctx.world}")
+    mine = partial["ranks"][dist_ctx.rank]
+    sums = {k: v.to(device) if torch.is_tensor(v) else v for k, v in mine["sums"].items()}
+    return InsideEpoch(partial["step"], sums, partial["train_time_s"], partial["guard"], mine["data"])
+
+
+def _train(cfg, resume, dist_ctx, last, label, began, on_estimate):
     out_dir = cfg["out_dir"]
     if cfg["threads"]:
         torch.set_num_threads(cfg["threads"])
-    last_path = os.path.join(out_dir, checkpoint.LAST)
+    last_path = last.path
     if not resume and os.path.exists(last_path):
         raise ConfigError(f"out_dir {out_dir} already holds a run ({last_path}): pass --resume to continue it, "
                           "or choose another out_dir")
@@ -249,14 +385,18 @@ def _train(cfg, resume, dist_ctx):
             source = f" ({cfg['teacher_checkpoint']})" if cfg["teacher_checkpoint"] else ""
             log(f"teacher {cfg['teacher']}{source}: test {task.format(metric, teacher_score)}")
 
-    start_epoch, history, best = 0, [], {metric: None, "epoch": 0}
+    steps = len(data.train)
+    start_epoch, history, best, inside_epoch = 0, [], {metric: None, "epoch": 0}, None
     if state:
         parallel.load(model, optimizer, state["model"], state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
         checkpoint.set_rng_state(state["rng"])
         start_epoch, history, best = state["epoch"], state["history"], state["best"]
-        log(f"resumed from {last_path} after epoch {start_epoch}")
+        inside_epoch = _inside_epoch(state, dist_ctx, device)
+        last.holds(start_epoch, inside_epoch.step if inside_epoch else 0, steps)
+        log(f"resumed from {last_path} " + (f"at epoch {start_epoch + 1}, step {inside_epoch.step} of {steps}"
+                                           if inside_epoch else f"after epoch {start_epoch}"))
     if start_epoch >= cfg["epochs"]:
         log(f"nothing to do: the run already has {start_epoch} epochs (epochs={cfg['epochs']})")
 
@@ -269,14 +409,51 @@ def _train(cfg, resume, dist_ctx):
         title = f"{cfg['model']} ({cfg['loss']}) on {cfg['dataset']}"
         run_log = RunLog(out_dir, len(history), cfg["tensorboard"], title, columns(task), task.plot_panel)
 
+    clock = CheckpointClock(cfg["checkpoint_every_min"])
+
+    def save_last(epochs_done: int, inside: dict | None = None):
+        """checkpoint_last.pt: the whole state after ``epochs_done`` epochs, and ``inside`` the next one (a
+        mid-epoch checkpoint: the steps done, every rank's metric sums and data position, the guard's flags)."""
+        model_state, optimizer_state = parallel.model_state(model), parallel.optimizer_state(model, optimizer)
+        if dist_ctx.main:
+            checkpoint.save_atomic({
+                "model": model_state, "optimizer": optimizer_state,
+                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": checkpoint.rng_state(),
+                "epoch": epochs_done, "best": best, "history": history, f"teacher_{metric}": teacher_score,
+                "config": cfg, **({"partial": inside} if inside else {})}, last_path)
+        last.holds(epochs_done, inside["step"] if inside else 0, steps)
+        guard.kept = last.kept()
+        clock.reset()
+
+    first_step = inside_epoch.step if inside_epoch else 0
+    estimate = RunEstimate(
+        label, began, max(0, (cfg["epochs"] - start_epoch) * steps - first_step), steps - first_step,
+        # an evaluation step: a forward pass over test_batch_size samples, a third of a training step's per sample
+        max(0, cfg["epochs"] - start_epoch) * len(data.test) * data.test.batch_size / data.train.batch_size / 3,
+        device, log, on_estimate if dist_ctx.main else None)
+
     for epoch in range(start_epoch, cfg["epochs"]):
-        data.train.set_epoch(epoch)
+        data.train.set_epoch(epoch, inside_epoch.data if inside_epoch else None)
         lr = optimizer.param_groups[0]["lr"]
         desc = f"epoch {epoch + 1}/{cfg['epochs']}"
-        guard.start_epoch(epoch, len(data.train), f"{last_path} (epoch {epoch})" if epoch else None)
+        guard.start_epoch(epoch, steps, last.kept())
+        if inside_epoch:
+            guard.resume_epoch(inside_epoch.guard)
+
+        def after_step(step, sums, seconds, checked, epoch=epoch):
+            estimate.step_done()
+            if checked and step + 1 < steps and clock.due(dist_ctx):
+                guard.check_weights(model)  # the loss and gradients of every step so far were just checked
+                ranks = dist_ctx.gather({"sums": {k: v.cpu() if torch.is_tensor(v) else v for k, v in sums.items()},
+                                         "data": data.train.position()})
+                save_last(epoch, {"step": step + 1, "train_time_s": seconds, "guard": guard.epoch_state(),
+                                  "ranks": ranks})
+
         train_means, train_time, skipped = run_epoch(task, train_model, teacher, data.train, dist_ctx, autocast,
                                                      optimizer=optimizer, scaler=scaler, guard=guard, desc=desc,
-                                                     progress=cfg["progress"])
+                                                     progress=cfg["progress"], resume=inside_epoch,
+                                                     after_step=after_step)
+        inside_epoch = None
         guard.check_weights(model)
         scheduler.step()
         test_means, eval_time, _ = run_epoch(task, model, None, data.test, dist_ctx, autocast, desc="eval",
@@ -290,18 +467,13 @@ def _train(cfg, resume, dist_ctx):
                 checkpoint.save_atomic({"model": model_state, "epoch": epoch + 1, metric: best[metric],
                                         "config": cfg}, os.path.join(out_dir, checkpoint.BEST))
         history.append(row)
-        model_state, optimizer_state = parallel.model_state(model), parallel.optimizer_state(model, optimizer)
         if dist_ctx.main:
             run_log.write(history)
-            checkpoint.save_atomic({
-                "model": model_state, "optimizer": optimizer_state,
-                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": checkpoint.rng_state(),
-                "epoch": epoch + 1, "best": best, "history": history, f"teacher_{metric}": teacher_score,
-                "config": cfg}, last_path)
+        save_last(epoch + 1)
         log(f"{desc}: lr {lr:.4g}  train loss {train_means['loss']:.4f}{_shown(task, train_means, task.train_shown)}"
             f"  test{_shown(task, test_means, task.eval_shown)} (best {task.format(metric, best[metric])} @ "
             f"{best['epoch']})  {train_time:.1f}s + eval {eval_time:.1f}s"
-            + (f"; skipped {skipped} non-finite step(s)" if skipped else ""))
+            + (f"; skipped {skipped} non-finite step(s)" if skipped else "") + estimate.left())
         dist_ctx.barrier()  # no rank starts the next epoch before rank 0 has saved this one
 
     summary = {

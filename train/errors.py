@@ -1,5 +1,6 @@
 """Errors caused by the user's input (config, data, checkpoints): the CLI prints them as one ``error:`` line,
-without a traceback, and exits with ``exit_code``."""
+without a traceback, and exits with ``exit_code``; and ``Interrupted``, its one ``interrupted:`` line."""
+from __future__ import annotations
 
 
 class UserError(Exception):
@@ -35,3 +36,16 @@ class NonFiniteError(UserError, FloatingPointError):
     the usual cause; the last good checkpoint is kept."""
 
     exit_code = 3  # the run started and stopped: sweeps can tell it from rejected input (2)
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C (SIGINT) or SIGTERM stopped a long command. The CLI prints ``interrupted: <str(self)>`` as one line
+    and exits with ``exit_code``; ``resume_from`` is the position a rerun continues from (None: nothing was saved).
+    A KeyboardInterrupt, so that code which stops on Ctrl-C stops on it too."""
+
+    exit_code = 130  # 128 + SIGINT, as a shell reports a command stopped by Ctrl-C
+
+    def __init__(self, advice: str, resume_from: str | None = None, report: bool = True):
+        super().__init__(advice)
+        self.resume_from = resume_from
+        self.report = report  # False on the ranks other than 0 of a multi-process run: one line, not one per rank

@@ -29,7 +29,8 @@ from .errors import NonFiniteError
 
 class StepGuard:
     """One per run. Per step: before_forward, backward_loss, after_backward; every log_every steps: check; per
-    epoch: start_epoch, end_epoch, check_weights."""
+    epoch: start_epoch, end_epoch, check_weights; a checkpoint inside an epoch saves epoch_state, and its resumption
+    gives it back to resume_epoch."""
 
     def __init__(self, model, optimizer, scaler, on_nonfinite: str, log_every: int, world: int):
         self.params = [p for p in model.parameters() if p.requires_grad]
@@ -48,6 +49,14 @@ class StepGuard:
         self.epoch, self.steps, self.kept = epoch, steps, kept
         self.count = torch.zeros((), dtype=torch.int64, device=self.found_inf.device)
         self.first = torch.full_like(self.count, -1)
+
+    def epoch_state(self) -> dict:
+        """The epoch's flags so far: how many steps were bad, and the first."""
+        return {"count": self.count.cpu(), "first": self.first.cpu()}
+
+    def resume_epoch(self, state: dict):
+        self.count.copy_(state["count"])
+        self.first.copy_(state["first"])
 
     def before_forward(self):
         if self.buffers:

@@ -9,20 +9,25 @@ float32 keeps the tail bucket's loss within 1e-5, float16 moves confident rows b
 benchmarks/RESULTS.md), ``windows_per_shard`` (default 1024); ``import=SERVED.jsonl`` builds the store from a
 served teacher's output instead of running a teacher (train/topk_import.py says the format), ``vocab=N`` its
 vocabulary size (default: the tokenizer's).
+
+A writer holds the store folder's run lock (run_lock.py) while it works: a second one on the same out_dir is
+refused before it touches anything. Ctrl-C (or SIGTERM) stops it with one line saying where a rerun resumes.
 """
 from __future__ import annotations
 
 import argparse
 import sys
+import time
 
 import numpy as np
 import torch
 
-from . import checkpoint, config
+from . import checkpoint, config, run_lock
 from .engine import autocast_factory
-from .errors import ConfigError, UserError
+from .errors import ConfigError, Interrupted, UserError
+from .eta import FirstSteps, duration
 from .tasks import LanguageModelTask, lm_head
-from .topk_store import LOGPROB_DTYPES, StoreWriter, corpus_fingerprint
+from .topk_store import LOGPROB_DTYPES, StoreWriter, corpus_fingerprint, written
 
 OPTIONS = {"k": (64, int), "logprobs_dtype": ("float32", str), "windows_per_shard": (1024, int), "import": (None, str),
            "vocab": (0, int)}
@@ -70,7 +75,26 @@ def build_teacher(cfg, device):
     return data, teacher.eval().requires_grad_(False).to(device)
 
 
+def writer_interrupted(out_dir: str, store: str = "the store") -> Interrupted:
+    """The Interrupted error of a writer stopped now: a rerun keeps the complete shards of ``store``, in ``out_dir``,
+    and writes the rest."""
+    progress = written(out_dir)
+    if progress is None:
+        return Interrupted(f"rerun the same command to resume from the start of {store} (nothing was written to "
+                           f"{out_dir} yet)")
+    done, total = progress
+    return Interrupted(f"rerun the same command to resume from window {done} of {total} of {store}: the complete "
+                       f"shards in {out_dir} are kept")
+
+
 def write_store(cfg, options, log=print):
+    """Run the teacher over the training windows into the store in ``cfg['out_dir']``, holding its run lock."""
+    with run_lock.hold(cfg["out_dir"]):
+        return _write_store(cfg, options, log)
+
+
+def _write_store(cfg, options, log):
+    began = time.perf_counter()  # the time estimate counts the set-up too
     device = _device(cfg["device"])
     if cfg["threads"]:
         torch.set_num_threads(cfg["threads"])
@@ -95,7 +119,11 @@ def write_store(cfg, options, log=print):
     from tqdm import tqdm
 
     bar = tqdm(total=inputs.shape[0], initial=start, unit="window", desc="teacher top-k", disable=not cfg["progress"])
-    for first in range(start, inputs.shape[0], options["windows_per_shard"]):
+    shards = range(start, inputs.shape[0], options["windows_per_shard"])
+    batches = sum(-(-min(options["windows_per_shard"], inputs.shape[0] - first) // cfg["test_batch_size"])
+                  for first in shards)
+    timer, done = FirstSteps(batches, device), 0
+    for first in shards:
         windows = inputs[first:first + options["windows_per_shard"]]
         ids, logprobs = [], []
         for batch in windows.split(cfg["test_batch_size"]):
@@ -106,6 +134,12 @@ def write_store(cfg, options, log=print):
             ids.append(top.indices.to(torch.int32).cpu().numpy())
             logprobs.append(top.values.cpu().numpy().astype(dtype))
             bar.update(len(batch))
+            done += 1
+            per_batch = timer.step_done()
+            if per_batch is not None:
+                total = time.perf_counter() - began + per_batch * (batches - done)
+                log(f"teacher top-k: about {duration(total)} on this machine (measured over the first {timer.steps} "
+                    "batches)")
         writer.write_shard(np.concatenate(ids), np.concatenate(logprobs))
     bar.close()
     m = writer.manifest
@@ -125,11 +159,14 @@ def main(argv) -> int:
         if not any(pair.startswith("out_dir=") for pair in overrides):
             raise ConfigError("pass out_dir=DIR: the folder of the store (a new one, or one to resume)")
         cfg = config.load(args.config, overrides)
-        if options["import"]:
-            from .topk_import import import_jsonl
-            import_jsonl(cfg, options)
-        else:
-            write_store(cfg, options)
+        try:
+            if options["import"]:
+                from .topk_import import import_jsonl
+                import_jsonl(cfg, options)
+            else:
+                write_store(cfg, options)
+        except KeyboardInterrupt:
+            raise writer_interrupted(cfg["out_dir"]) from None
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code

@@ -24,7 +24,7 @@ import torch
 
 from ttm_kernels.topk import validate_topk
 
-from . import text_data
+from . import run_lock, text_data
 from .errors import DataError
 from .tasks import LanguageModelTask
 from .topk_store import LOGPROB_DTYPES, StoreWriter, corpus_fingerprint
@@ -68,6 +68,12 @@ def _documents(path, k):
 
 
 def import_jsonl(cfg, options, log=print):
+    """The store in ``cfg['out_dir']`` from the served output ``options['import']``, holding the folder's run lock."""
+    with run_lock.hold(cfg["out_dir"]):
+        return _import_jsonl(cfg, options, log)
+
+
+def _import_jsonl(cfg, options, log):
     path, k = options["import"], options["k"]
     task = LanguageModelTask(cfg, torch.device("cpu"))
     data = task.build_data(0, 1)

@@ -69,9 +69,19 @@ def _read_manifest(path: str) -> dict:
     return manifest
 
 
+def written(path: str) -> tuple[int, int] | None:
+    """(windows in the complete shards, windows in all) of the store in ``path``; None when it has no manifest."""
+    try:
+        manifest = _read_manifest(path)
+    except (ConfigError, DataError):
+        return None
+    return sum(shard["windows"] for shard in manifest["shards"]), manifest["windows"]
+
+
 class StoreWriter:
     """Writes a store shard by shard (see the module docstring); resumes the shards of an interrupted writer
-    with the same identity (``meta``), after checking their checksums."""
+    with the same identity (``meta``), after checking their checksums. Its caller holds the folder's run lock
+    (run_lock.hold): it removes the partial files a killed writer left, which would be a live writer's."""
 
     def __init__(self, path: str, meta: dict):
         self.path = path
