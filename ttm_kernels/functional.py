@@ -194,6 +194,19 @@ def mean_denominator(target, ignore_index, n_rows, device, num_items_in_batch=No
     return (target != ignore_index).sum().clamp_min(1).to(dtype)
 
 
+def reference_rows(rows_of, target, vocab, ignore_index) -> dict:
+    """``rows_of(target)``, the reference's row dict, with the kernels' contract for a target outside [0, vocab)
+    that is not ``ignore_index`` (reachable only where ``validate_target`` leaves the range to the kernels:
+    under torch.compile): that row's loss, and so its gradient, is NaN, never a raw index error."""
+    if target is None:
+        return rows_of(None)
+    bad = (target != ignore_index) & ((target < 0) | (target >= vocab))
+    rows = rows_of(torch.where(bad, 0, target))
+    # A factor, not a torch.where of two branches: the branch not taken would get 0 * NaN in the gradient.
+    rows["loss"] = rows["loss"] * torch.where(bad, float("nan"), 1.0).to(rows["loss"].dtype)
+    return rows
+
+
 def _valid_rows(target, lead_shape, device, ignore_index):
     if target is None:
         return torch.ones(lead_shape, dtype=torch.bool, device=device)
@@ -231,9 +244,11 @@ def _fused_loss(student_logits, teacher_logits, target, *, student_scale, teache
         # The kernels' contract: float32 arithmetic (float64 stays float64), a float32 loss, the gradient in
         # the student's dtype (the cast's backward).
         compute = torch.float64 if student_logits.dtype == torch.float64 else torch.float32
-        rows = reference.loss_rows(student_logits.to(compute), teacher_logits.to(compute), target,
-                                   student_scale=student_scale, teacher_scale=teacher_scale, kl_scale=kl_scale,
-                                   weighted=weighted, beta=beta, ce_weight=ce_weight, ignore_index=ignore_index)
+        rows = reference_rows(
+            lambda y: reference.loss_rows(student_logits.to(compute), teacher_logits.to(compute), y,
+                                          student_scale=student_scale, teacher_scale=teacher_scale, kl_scale=kl_scale,
+                                          weighted=weighted, beta=beta, ce_weight=ce_weight, ignore_index=ignore_index),
+            target, student_logits.shape[-1], ignore_index)
         loss = rows["loss"] if reduction == "none" else rows["loss"].sum()
         if denominator is not None:
             loss = loss / denominator.to(compute)

@@ -250,16 +250,23 @@ def topk_loss_rows(
     ids = torch.where(in_s, topk_ids, 0).long()
     logprobs = torch.where(in_s, topk_logprobs.detach().to(dtype), float("-inf"))
 
-    # The teacher on S and R: log p_b ** g, normalised.
-    p_s = torch.exp(logprobs.double()).sum(-1)
+    # The teacher on S and R: log p_b ** g, normalised, from the log-probabilities relative to the row's largest
+    # (``shift``), so that rows far below 0 keep their digits in low precision; log sum_S p as a log-sum-exp: below
+    # about -745 each p underflows in float64, and the renormalised weight needs its log.
+    shift = logprobs.amax(-1, keepdim=True)
+    shift = torch.where(shift > float("-inf"), shift, 0)
+    log_p_s = torch.logsumexp(logprobs.double(), -1)
     bucket = torch.full_like(valid, tail == "bucket") | ~valid
-    p_tail = torch.where(bucket & (in_s.sum(-1) < vocab), (1 - p_s).clamp_min(0), 0)
-    log_w = teacher_scale * torch.cat([logprobs, torch.log(p_tail).to(dtype).unsqueeze(-1)], -1)
+    p_tail = torch.where(bucket & (in_s.sum(-1) < vocab), (1 - torch.exp(log_p_s)).clamp_min(0), 0)
+    log_tail = (torch.log(p_tail) - shift.squeeze(-1).double()).to(dtype)
+    log_w = teacher_scale * torch.cat([logprobs - shift, log_tail.unsqueeze(-1)], -1)
     log_norm = torch.logsumexp(log_w, -1, keepdim=True)
     log_pt = log_w - log_norm
     if weighted:
-        renormalised_by = torch.where(bucket, 0, teacher_scale * torch.log(p_s).to(dtype))
-        weight = torch.exp(log_norm.squeeze(-1) - renormalised_by)
+        # U = sum_b p_b**g (over S and R; renormalised: divided by (sum_S p)**g), the shift put back.
+        shift = shift.squeeze(-1)
+        unshift = torch.where(bucket, teacher_scale * shift, teacher_scale * (shift.double() - log_p_s).to(dtype))
+        weight = torch.exp(log_norm.squeeze(-1) + unshift)
     else:
         weight = torch.ones_like(log_norm.squeeze(-1))
 

@@ -28,7 +28,7 @@ import torch
 from . import _ops, _topk_ops, linear, reference
 from ._stats import TopkStat
 from .functional import (DEFAULT_GAMMA, DEFAULT_TEMPERATURE, LossComponents, _check_finite, _check_flag, _valid_rows,
-                         validate_logits, validate_options, validate_target)
+                         reference_rows, validate_logits, validate_options, validate_target)
 
 TAILS = reference.TAILS
 PAD_ID = -1
@@ -87,11 +87,12 @@ def validate_topk(ids, logprobs, lead_shape, vocab, device, tail, valid=None):
     if logprobs.requires_grad:
         raise ValueError("teacher_topk_logprobs requires grad, but the teacher is a constant target here and no "
                          "gradient flows to it: pass teacher_topk_logprobs.detach()")
+    # The range is checked in the ids' own dtype, before the kernels' int32 narrows them (2**32 + c would read c).
+    _refuse((ids < PAD_ID) | (ids >= vocab),
+            f"teacher_topk_ids holds ids outside [0, {vocab}) that are not the padding id {PAD_ID}",
+            lambda bad: ids[bad][0].item())
     sorted_ids, sorted_logprobs = _topk_ops.topk_rows(ids, logprobs)
     present = sorted_ids >= 0
-    _refuse((sorted_ids < PAD_ID) | (sorted_ids >= vocab),
-            f"teacher_topk_ids holds ids outside [0, {vocab}) that are not the padding id {PAD_ID}",
-            lambda bad: sorted_ids[bad][0].item())
     _refuse((sorted_ids[:, 1:] == sorted_ids[:, :-1]) & present[:, 1:],
             "teacher_topk_ids holds an id twice in one row (each row's ids must be distinct; pad with -1)",
             lambda bad: sorted_ids[:, 1:][bad][0].item())
@@ -104,9 +105,12 @@ def validate_topk(ids, logprobs, lead_shape, vocab, device, tail, valid=None):
             f"slack of {sum_slack:.2g}): they must be normalised over the full vocabulary, as a served teacher "
             "returns them", lambda bad: p_sum[bad][0].item())
     if tail == "renormalize":
-        empty = ~present.any(-1) if valid is None else ~present.any(-1) & valid.reshape(-1)
+        # A row whose ids all have log-probability -inf has no mass to renormalise, as a row of padding.
+        massless = ~(present & (sorted_logprobs > float("-inf"))).any(-1)
+        empty = massless if valid is None else massless & valid.reshape(-1)
         _refuse(empty, "tail='renormalize' has no teacher to renormalise in a row that counts: every row that is "
-                "not ignored needs at least one id in teacher_topk_ids (tail='bucket' takes empty rows)")
+                "not ignored needs at least one id in teacher_topk_ids with a finite log-probability "
+                "(tail='bucket' takes empty rows)")
     return sorted_ids, sorted_logprobs
 
 
@@ -127,10 +131,12 @@ def _fused_topk_loss(student_logits, ids, logprobs, target, *, student_scale, te
     if backend == "torch" or student_logits[..., 0].numel() == 0:
         # The kernels' contract: float32 arithmetic (float64 stays float64), a float32 loss.
         compute = torch.float64 if student_logits.dtype == torch.float64 else torch.float32
-        rows = reference.topk_loss_rows(student_logits.to(compute), ids, logprobs, target,
-                                        student_scale=student_scale, teacher_scale=teacher_scale,
-                                        kl_scale=kl_scale, weighted=weighted, tail=tail, beta=beta,
-                                        ce_weight=ce_weight, ignore_index=ignore_index)
+        rows = reference_rows(
+            lambda y: reference.topk_loss_rows(student_logits.to(compute), ids, logprobs, y,
+                                               student_scale=student_scale, teacher_scale=teacher_scale,
+                                               kl_scale=kl_scale, weighted=weighted, tail=tail, beta=beta,
+                                               ce_weight=ce_weight, ignore_index=ignore_index),
+            target, vocab, ignore_index)
         loss = reference.reduce_rows(rows["loss"], valid, reduction)
         detached = [rows[k].detach() for k in ("kl", "ce", "weight")]
     else:
