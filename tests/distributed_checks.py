@@ -229,14 +229,16 @@ def expect_error(rank, world, make_call, own_error, own_match, bad_ranks):
     assert torch.isfinite(after)
 
 
-def _call(rank, world, n=9, dtype=torch.float32, change_target=None, requires_grad_teacher=False, gamma=0.3):
+def _call(rank, world, n=9, dtype=torch.float32, change_target=None, requires_grad_teacher=False, gamma=0.3,
+          student_none=False, **extra):
     z, v, target = make_rows(seed=10, n=n)
     if change_target is not None:
         change_target(target)
     a, b = columns(rank, world)
     teacher = v[:, a:b].to(dtype).requires_grad_(requires_grad_teacher)
-    return lambda: ttm_kernels.fused_wttm_loss(z[:, a:b].to(dtype), teacher, target, gamma=gamma,
-                                               process_group=world_group())
+    student = None if student_none else z[:, a:b].to(dtype)
+    return lambda: ttm_kernels.fused_wttm_loss(student, teacher, target, gamma=gamma, process_group=world_group(),
+                                               **extra)
 
 
 def check_error_rows_differ(rank, world):
@@ -271,6 +273,20 @@ def check_error_one_rank_rejects(rank, world):
     last = world - 1
     expect_error(rank, world, _call(rank, world, requires_grad_teacher=rank == last), ValueError,
                  "teacher_logits requires grad", [last])
+
+
+def check_error_num_items_differ(rank, world):
+    """num_items_in_batch is in the agreement: ranks passing different counts would each return another loss."""
+    expect_error(rank, world, _call(rank, world, num_items_in_batch=torch.tensor(12.0 + rank)), ValueError,
+                 "disagree on num_items_in_batch: rank 0: 12, rank 1: 13", None)
+
+
+def check_error_one_rank_passes_none(rank, world):
+    """A rank passing student_logits=None raises its own TypeError in the agreement, the others one naming it:
+    none waits in a collective."""
+    last = world - 1
+    expect_error(rank, world, _call(rank, world, student_none=rank == last), TypeError,
+                 "student_logits must be a torch.Tensor, got NoneType", [last])
 
 
 # ------------------------------------------------------------------------------------------- fused linear
@@ -365,6 +381,21 @@ def check_linear_error_hidden_sizes_differ(rank, world):
     expect_error(rank, world, call, ValueError, "student hidden size: rank 0: 16, rank 1: 8", None)
 
 
+def check_linear_error_one_rank_passes_none(rank, world):
+    """The fused linear loss's agreement likewise: a None student_hidden on one rank, and num_items_in_batch."""
+    hs, ws, bs, ht, wt, bt, target = make_linear(seed=15)
+    a, b = columns(rank, world)
+    last = world - 1
+
+    def call(hidden, **extra):
+        return lambda: ttm_kernels.fused_linear_wttm_loss(hidden, ws[a:b].float(), ht.float(), wt[a:b].float(),
+                                                          target, process_group=world_group(), **extra)
+    expect_error(rank, world, call(None if rank == last else hs.float()), TypeError,
+                 "student_hidden must be a torch.Tensor, got NoneType", [last])
+    expect_error(rank, world, call(hs.float(), num_items_in_batch=7 if rank == 0 else 5), ValueError,
+                 "disagree on num_items_in_batch: rank 0: 7, rank 1: 5", None)
+
+
 # ------------------------------------------------------------------------------------------- FSDP2
 
 
@@ -450,11 +481,14 @@ CHECKS = {
     "error-targets-differ": check_error_targets_differ,
     "error-settings-differ": check_error_settings_differ,
     "error-one-rank-rejects": check_error_one_rank_rejects,
+    "error-num-items-differ": check_error_num_items_differ,
+    "error-one-rank-passes-none": check_error_one_rank_passes_none,
     **{f"fused_linear-{kind}-{reduction}": check_linear_matches_reference(kind, reduction)
        for kind, reduction in (("wttm", "mean"), ("ttm", "sum"), ("kd", "none"), ("wttm", "none"))},
     "fused_linear-local-hidden-grad": check_linear_local_hidden_grad,
     "fused_linear-default-chunks": check_linear_default_chunks,
     "fused_linear-error-hidden-sizes-differ": check_linear_error_hidden_sizes_differ,
+    "fused_linear-error-one-rank-passes-none": check_linear_error_one_rank_passes_none,
     "fsdp2-separate-head": check_fsdp2(separate_head=True),
     "fsdp2-root-head": check_fsdp2(separate_head=False),
 }

@@ -32,6 +32,7 @@ of a tensor-parallel model does.
 from __future__ import annotations
 
 import functools
+import struct
 import zlib
 from typing import NamedTuple
 
@@ -45,6 +46,7 @@ from .functional import LossComponents, is_dtensor
 # float dtypes as small integers for the agreement exchange
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _INT64_MAX = torch.iinfo(torch.int64).max
+_NO_NUM_ITEMS = -1  # num_items_in_batch None in the agreement (the bits of a NaN, which no valid count has)
 # torch 2.13 renamed all_gather_into_tensor (now deprecated) to all_gather_single.
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
@@ -100,21 +102,53 @@ def _target_facts(target, ignore_index, device) -> torch.Tensor:
                         torch.where(valid, t, -1).max()])
 
 
-def agree(group, index: int, device, check, names, target=None, ignore_index=-100) -> Shards:
-    """The vocabulary layout of ``group``, after one all_gather in which every rank also learns whether every other
-    rank's own checks passed and whether they agree on ``names``.
+def _num_items_code(num_items_in_batch, device) -> torch.Tensor:
+    """``num_items_in_batch`` (validated) as the int64 bits of its float64 value, a (1,) tensor on ``device``, or
+    ``_NO_NUM_ITEMS`` for None. A tensor count is converted on the device: the agreement's one host
+    synchronisation reads it."""
+    if num_items_in_batch is None:
+        return torch.full((1,), _NO_NUM_ITEMS, dtype=torch.int64, device=device)
+    if isinstance(num_items_in_batch, torch.Tensor):
+        value = num_items_in_batch.detach().reshape(1).to(device=device, dtype=torch.float64)
+    else:
+        value = torch.full((1,), float(num_items_in_batch), dtype=torch.float64, device=device)
+    return value.view(torch.int64)
 
-    ``check()`` runs this rank's checks (those that need no other rank) and returns its shard width and one value
-    per name (ints, dtypes, or strings compared by checksum). An exception it raises is exchanged, not raised at
-    once, so that every rank raises (this one its own exception; the others a RuntimeError naming the rank and
-    its message) rather than some waiting forever in the next collective."""
+
+def _shown_num_items(code: int) -> str:
+    return "None" if code == _NO_NUM_ITEMS else f"{struct.unpack('<d', struct.pack('<q', code))[0]:g}"
+
+
+def exchange_device(group, *tensors) -> torch.device:
+    """The device of the agreement's tensors: that of the first tensor argument, else the group's (a rank whose
+    arguments are all missing must still take part in the exchange, and then raise with the others)."""
+    for x in tensors:
+        if isinstance(x, torch.Tensor):
+            return x.device
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def agree(group, index: int, device, check, names, target=None, ignore_index=-100,
+          num_items_in_batch=None) -> Shards:
+    """The vocabulary layout of ``group``, after one all_gather in which every rank also learns whether every other
+    rank's own checks passed and whether they agree on ``names`` and on ``num_items_in_batch`` (a different
+    divisor per rank would give each rank another loss of the same rows).
+
+    ``check()`` runs this rank's checks (those that need no other rank, None inputs included) and returns its
+    shard width and one value per name (ints, dtypes, or strings compared by checksum). An exception it raises is
+    exchanged, not raised at once, so that every rank raises (this one its own exception; the others a
+    RuntimeError naming the rank and its message) rather than some waiting forever in the next collective."""
     world = dist.get_world_size(group)
     error, width, values = None, 0, [0] * len(names)
     try:
         width, values = check()
-        facts = _target_facts(target, ignore_index, device)
+        facts = torch.cat([_target_facts(target, ignore_index, device),
+                           _num_items_code(num_items_in_batch, device)])
     except (TypeError, ValueError, RuntimeError) as exc:
-        error, facts = exc, _target_facts(None, ignore_index, device)
+        error = exc
+        facts = torch.cat([_target_facts(None, ignore_index, device), _num_items_code(None, device)])
     head = [int(error is not None), index, width] + [_encode(v) for v in values]
     row = torch.cat([torch.tensor(head, dtype=torch.int64, device=device), facts])
     table = row.new_empty(world * row.numel())  # gloo wants the inputs concatenated, not stacked
@@ -139,8 +173,13 @@ def agree(group, index: int, device, check, names, target=None, ignore_index=-10
                 raise ValueError(f"the ranks of the process group disagree on {name}")
             raise ValueError(f"the ranks of the process group disagree on {name}: "
                              + ", ".join(f"rank {r}: {_shown(local, c)}" for r, c in enumerate(codes)))
-    fingerprint, low, high = (table[0][k] for k in range(-3, 0))
-    if any(row[-3] != fingerprint for row in table):
+    num_items_codes = [row[-1] for row in table]
+    if len(set(num_items_codes)) > 1:
+        raise ValueError("the ranks of the process group disagree on num_items_in_batch: "
+                         + ", ".join(f"rank {r}: {_shown_num_items(c)}" for r, c in enumerate(num_items_codes))
+                         + " (every rank computes the loss of the same rows: pass every rank the same count)")
+    fingerprint, low, high = (table[0][k] for k in range(-4, -1))
+    if any(row[-4] != fingerprint for row in table):
         raise ValueError("the ranks of the process group hold different targets: every rank must pass the same "
                          "target (global class ids)")
     widths = [0] * world
@@ -238,8 +277,7 @@ def _local_logits(student, teacher, target, process_group):
     1-D mesh become their local shards (differentiably) on the mesh's group. Only global facts of DTensors are
     checked here, the same on every rank, so raising at once leaves no rank waiting."""
     if not (is_dtensor(student) or is_dtensor(teacher)):
-        if not isinstance(student, torch.Tensor):
-            raise TypeError(f"student_logits must be a torch.Tensor, got {type(student).__name__}")
+        # Anything else (None included) is checked in the agreement, where every rank learns of it.
         return student, teacher, target, process_group, _member(process_group)
     from torch.distributed.tensor import Shard
 
@@ -277,7 +315,7 @@ def vocab_parallel_loss(student_logits, teacher_logits, target, *, process_group
                                       ce_weight=ce_weight, ignore_index=ignore_index, reduction=reduction,
                                       backend=backend, inplace_backward=inplace_backward,
                                       return_components=return_components, num_items_in_batch=num_items_in_batch)
-    device = student.device
+    device = exchange_device(group, student, teacher, target)
     names = ("the number of rows N", "the student_logits dtype", "the teacher_logits dtype", "the device type",
              "whether a target is given", "the loss settings (gamma or temperature, beta, ce_weight, "
              "ignore_index, reduction, backend)")
@@ -296,7 +334,7 @@ def vocab_parallel_loss(student_logits, teacher_logits, target, *, process_group
         return student.shape[-1], (student[..., 0].numel(), student.dtype, teacher.dtype, device.type,
                                    target is not None, settings)
 
-    shards = agree(group, index, device, check, names, target, ignore_index)
+    shards = agree(group, index, device, check, names, target, ignore_index, num_items_in_batch)
     backend = _ops.resolve_backend(backend, device, student.dtype)
     lead = student.shape[:-1]
     flat_target = None if target is None else target.reshape(-1).long()
@@ -366,9 +404,7 @@ def vocab_parallel_linear_loss(student_hidden, student_weight, teacher_hidden, t
             weighted=weighted, beta=beta, ce_weight=ce_weight, ignore_index=ignore_index, reduction=reduction,
             chunk_size=chunk_size, vocab_mismatch=vocab_mismatch, backend=backend,
             return_components=return_components, num_items_in_batch=num_items_in_batch)
-    if not isinstance(student_hidden, torch.Tensor):
-        raise TypeError(f"student_hidden must be a torch.Tensor, got {type(student_hidden).__name__}")
-    device = student_hidden.device
+    device = exchange_device(process_group, student_hidden, teacher_hidden, target)
     names = ("the number of rows N", "the student hidden size", "the teacher hidden size", "the student dtype",
              "the teacher dtype", "the device type", "whether a target is given",
              "the loss settings (gamma or temperature, beta, ce_weight, ignore_index, reduction, chunk_size, "
@@ -400,7 +436,7 @@ def vocab_parallel_linear_loss(student_hidden, student_weight, teacher_hidden, t
                                           student_hidden.dtype, teacher_hidden.dtype, device.type,
                                           target is not None, settings)
 
-    shards = agree(process_group, index, device, check, names, target, ignore_index)
+    shards = agree(process_group, index, device, check, names, target, ignore_index, num_items_in_batch)
     backend = _ops.resolve_backend(backend, device, student_hidden.dtype)
     lead = student_hidden.shape[:-1]
     n = lead.numel()
