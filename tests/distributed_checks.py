@@ -14,11 +14,14 @@ import datetime
 import json
 import os
 import traceback
+import zlib
 
+import pytest
 import torch
 import torch.distributed as dist
 from torch import nn
 
+import matrix
 import ttm_kernels
 from ttm_kernels import reference
 from test_fused_loss import FUSED, REFERENCE, assert_close, reference_loss_and_grad
@@ -396,6 +399,30 @@ def check_linear_error_one_rank_passes_none(rank, world):
                  "disagree on num_items_in_batch: rank 0: 7, rank 1: 5", None)
 
 
+# ------------------------------------------------------------------------------------------- the matrix
+
+
+def check_matrix_cell(cell):
+    """One process_group cell of the variant registry (``matrix.py``): this rank's columns (or LM-head rows)
+    against the float64 reference of the whole rows, the loss the same on every rank; or the documented refusal,
+    raised by every rank."""
+    def check(rank, world):
+        inputs = matrix.make_inputs(cell, seed=zlib.crc32(cell.id.encode()))
+        columns = matrix.COLUMNS[world][rank:rank + 2]
+        local = matrix.shard(inputs, columns)
+        error = matrix.documented_error(cell, distributed=True)
+        if error is not None:
+            with pytest.raises(error[0], match=error[1]):
+                matrix.run_cell(cell, local, process_group=world_group())
+            return
+        upstream = matrix.upstream(cell)
+        loss, grads = matrix.run_cell(cell, local, upstream, process_group=world_group())
+        assert_same_on_every_rank("loss", loss)
+        ref_loss, ref_grads = matrix.reference_cell(cell, inputs, upstream)
+        matrix.assert_matches(cell, loss, grads, ref_loss, ref_grads, columns)
+    return check
+
+
 # ------------------------------------------------------------------------------------------- FSDP2
 
 
@@ -489,6 +516,7 @@ CHECKS = {
     "fused_linear-default-chunks": check_linear_default_chunks,
     "fused_linear-error-hidden-sizes-differ": check_linear_error_hidden_sizes_differ,
     "fused_linear-error-one-rank-passes-none": check_linear_error_one_rank_passes_none,
+    **{f"matrix-{cell.id}": check_matrix_cell(cell) for cell in matrix.distributed_cells()},
     "fsdp2-separate-head": check_fsdp2(separate_head=True),
     "fsdp2-root-head": check_fsdp2(separate_head=False),
 }

@@ -68,13 +68,28 @@ class Cell(NamedTuple):
         return "mean" if self.num_items else self.reduction
 
 
-def cells() -> list[Cell]:
-    """A greedy pairwise cover of ``AXES``: each step takes the combination that covers most pairs not yet
+# Vocabulary parallelism (``process_group``): each rank's columns, uneven; with 3 ranks the middle one holds one.
+COLUMNS = {2: (0, 20, VOCAB), 3: (0, 20, 21, VOCAB)}
+# The axes of the process_group cells, which run in gloo spawns (test_distributed.py): the dense teacher forms on
+# the compiled CPU kernels, every spec, reduction and head post-processing; then one cell per refusal.
+DISTRIBUTED_AXES = dict(AXES, form=("logits", "head"), shape=("3d", "sliced"), backend=("cpu",))
+
+
+def distributed_cells() -> list[Cell]:
+    """The process_group cells: a pairwise cover of ``DISTRIBUTED_AXES``, and the refused combinations."""
+    refused = [Cell("wttm", "topk", "3d", "cpu", "mean_num_items", "plain"),
+               Cell("kd", "head_topk", "sliced", "cpu", "sum", "softcap"),
+               Cell("ttm", "logits", "3d", "torch", "mean", "plain")]
+    return cells(DISTRIBUTED_AXES) + refused
+
+
+def cells(axes: dict = AXES) -> list[Cell]:
+    """A greedy pairwise cover of ``axes``: each step takes the combination that covers most pairs not yet
     covered (ties: the first in product order), until every pair of values of two axes is covered."""
-    names = list(AXES)
+    names = list(axes)
     uncovered = {((i, a), (j, b)) for i, j in itertools.combinations(range(len(names)), 2)
-                 for a in AXES[names[i]] for b in AXES[names[j]]}
-    product = list(itertools.product(*AXES.values()))
+                 for a in axes[names[i]] for b in axes[names[j]]}
+    product = list(itertools.product(*axes.values()))
     chosen = []
     while uncovered:
         def gain(combo):
@@ -86,9 +101,35 @@ def cells() -> list[Cell]:
     return chosen
 
 
-def documented_error(cell: Cell) -> Optional[tuple[type, str]]:
-    """The error a cell must raise, when its combination is refused by design; else None."""
+def documented_error(cell: Cell, distributed: bool = False) -> Optional[tuple[type, str]]:
+    """The error a cell must raise (with ``process_group`` when ``distributed``), when its combination is refused;
+    else None."""
+    if distributed and "topk" in cell.form:
+        return NotImplementedError, "process_group is not supported by the top-k"
+    if distributed and cell.backend == "torch":
+        return ValueError, "the vocabulary-parallel loss runs on the compiled kernels"
     return None
+
+
+def shard(inputs: dict, columns: tuple) -> dict:
+    """A rank's inputs: its vocabulary columns of the logits, its rows of the LM heads; the rest whole."""
+    a, b = columns
+    out = dict(inputs)
+    for name in ("student_logits", "teacher_logits"):
+        if name in out:
+            out[name] = out[name][..., a:b]
+    for name in ("student_weight", "student_bias", "teacher_weight"):
+        if name in out:
+            out[name] = out[name][a:b]
+    return out
+
+
+def grad_shard(name: str, grad: torch.Tensor, columns: tuple) -> torch.Tensor:
+    """A rank's part of the whole gradient of ``name`` (the hidden states' gradient is summed over the ranks)."""
+    a, b = columns
+    if name == "student_logits":
+        return grad[..., a:b]
+    return grad[a:b] if name in ("student_weight", "student_bias") else grad
 
 
 def device_of(backend: str) -> str:
@@ -237,3 +278,26 @@ def assert_close(name, ref, out, rtol, atol=0.0):
         err = (ref[finite] - out[finite]).abs().max().item()
         scale = ref[finite].abs().max().item()
         assert err <= rtol * scale + atol, f"{name}: max error {err:.3g} > {rtol:g} * {scale:.3g} + {atol:g}"
+
+
+# Head forms run GEMMs in float32 before the loss: their tolerance is the fused linear tests' own.
+RTOL = {"logits": (1e-5, 1e-4), "topk": (1e-5, 1e-4), "head": (2e-4, 2e-4), "head_topk": (2e-4, 2e-4)}
+
+
+def upstream(cell: Cell) -> Optional[torch.Tensor]:
+    """The upstream gradient of a "none" cell's per-row losses (not all ones); None for a scalar loss."""
+    if cell.reduction != "none":
+        return None
+    return torch.linspace(0.5, 2.0, 6, dtype=torch.float32).view(LEAD[cell.shape]).to(device_of(cell.backend))
+
+
+def assert_matches(cell: Cell, loss, grads, ref_loss, ref_grads, columns=None):
+    """The cell's float32 loss and gradients (a rank's part of them, for ``columns``) against the reference's."""
+    loss_rtol, grad_rtol = RTOL[cell.form]
+    assert_close("loss", ref_loss, loss, loss_rtol, 1e-6)
+    assert loss.dtype == torch.float32
+    assert set(grads) == set(ref_grads)
+    for name, ref in ref_grads.items():
+        if columns is not None:
+            ref = grad_shard(name, ref, columns)
+        assert_close(f"d loss / d {name}", ref, grads[name], grad_rtol, 1e-7)

@@ -9,13 +9,8 @@ import torch
 import matrix
 import ttm_kernels
 
-# Cells of combinations not built yet: strict, so that each becomes a failure the day it works.
-NOT_YET = {
-    lambda cell: cell.form in ("topk", "head_topk") and cell.num_items:
-        "the top-k losses do not take num_items_in_batch yet",
-    lambda cell: cell.form != "head" and cell.post != "plain":
-        "softcap and logit_scale are taken by the dense fused linear losses only, so far",
-}
+# Cells of combinations not built yet (strict xfails, so that each becomes a failure the day it works): none.
+NOT_YET = {}
 
 
 def _param(cell):
@@ -30,10 +25,6 @@ def _param(cell):
     return pytest.param(cell, id=cell.id, marks=marks)
 
 
-# Head forms run GEMMs in float32 before the loss: their tolerance is the fused linear tests' own.
-RTOL = {"logits": (1e-5, 1e-4), "topk": (1e-5, 1e-4), "head": (2e-4, 2e-4), "head_topk": (2e-4, 2e-4)}
-
-
 @pytest.mark.parametrize("cell", [_param(cell) for cell in matrix.cells()])
 def test_cell_matches_the_float64_reference(cell):
     inputs = matrix.make_inputs(cell, seed=zlib.crc32(cell.id.encode()))
@@ -42,27 +33,37 @@ def test_cell_matches_the_float64_reference(cell):
         with pytest.raises(error[0], match=error[1]):
             matrix.run_cell(cell, inputs)
         return
-    upstream = None
-    if cell.reduction == "none":
-        upstream = torch.linspace(0.5, 2.0, 6, dtype=torch.float32).view(matrix.LEAD[cell.shape])
-        upstream = upstream.to(matrix.device_of(cell.backend))
+    upstream = matrix.upstream(cell)
     loss, grads = matrix.run_cell(cell, inputs, upstream)
     ref_loss, ref_grads = matrix.reference_cell(cell, inputs, upstream)
-    loss_rtol, grad_rtol = RTOL[cell.form]
-    matrix.assert_close("loss", ref_loss, loss, loss_rtol, 1e-6)
-    assert loss.dtype == torch.float32
-    assert set(grads) == set(ref_grads)
-    for name, ref in ref_grads.items():
-        matrix.assert_close(f"d loss / d {name}", ref, grads[name], grad_rtol, 1e-7)
+    matrix.assert_matches(cell, loss, grads, ref_loss, ref_grads)
 
 
-@pytest.mark.parametrize("form", [
-    form if "topk" not in form else
-    pytest.param(form, marks=pytest.mark.xfail(strict=True, reason="top-k losses lack num_items_in_batch yet"))
-    for form in matrix.AXES["form"]])
+@pytest.mark.parametrize("form", matrix.AXES["form"])
 def test_num_items_in_batch_needs_reduction_mean(form):
     """Every teacher form refuses num_items_in_batch with a reduction other than "mean", before any work."""
     cell = matrix.Cell("wttm", form, "2d", "torch", "sum", "plain")
     inputs = matrix.make_inputs(cell, seed=1)
     with pytest.raises(ValueError, match="num_items_in_batch is the denominator of reduction='mean'"):
         matrix.run_cell(cell, inputs, num_items_in_batch=5)
+
+
+def test_softcap_refuses_inplace_backward():
+    """The logits losses' post-processing reads a new tensor, so the gradient cannot be written into the
+    logits' storage: a clear error, before any work."""
+    z, v = torch.randn(4, 9) * 10, torch.randn(4, 9) * 10
+    with pytest.raises(ValueError, match="inplace_backward=True cannot write the gradient into student_logits"):
+        ttm_kernels.fused_wttm_loss(z * 1.0, v, softcap=5.0, inplace_backward=True)
+
+
+@pytest.mark.parametrize("module,fn,scale", [(ttm_kernels.WTTMLoss, ttm_kernels.fused_wttm_loss, {"gamma": 0.3}),
+                                             (ttm_kernels.KDLoss, ttm_kernels.fused_kd_loss, {"temperature": 2.0})])
+def test_modules_take_the_heads_post_processing(module, fn, scale):
+    gen = torch.Generator().manual_seed(5)
+    z, v = torch.randn(5, 11, generator=gen) * 15, torch.randn(5, 11, generator=gen) * 15
+    target = torch.tensor([1, -100, 3, 10, 0])
+    post = dict(softcap=6.0, logit_scale=0.7)
+    ours = module(**scale, **post)(z, v, target)
+    assert torch.equal(ours, fn(z, v, target, **scale, **post))
+    assert not torch.equal(ours, fn(z, v, target, **scale))
+    assert "softcap=6.0, logit_scale=0.7" in repr(module(**scale, **post))

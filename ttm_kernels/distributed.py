@@ -303,47 +303,44 @@ def _local_logits(student, teacher, target, process_group):
     return student.to_local(), teacher.to_local(), target, group, mesh.get_local_rank()
 
 
-def vocab_parallel_loss(student_logits, teacher_logits, target, *, process_group, student_scale, teacher_scale,
-                        kl_scale, weighted, beta, ce_weight, ignore_index, reduction, backend, inplace_backward,
-                        return_components, num_items_in_batch=None):
+def vocab_parallel_loss(student_logits, teacher_logits, target, spec, *, process_group, reduction, backend,
+                        inplace_backward, return_components, num_items_in_batch=None):
     """``functional._fused_loss`` for logits whose columns the ranks of ``process_group`` hold (or DTensors
     sharded on the last dimension): the loss of the whole rows on every rank, and this rank's columns' gradient."""
     student, teacher, target, group, index = _local_logits(student_logits, teacher_logits, target, process_group)
     if dist.get_world_size(group) == 1:  # the whole rows are here: the one-pass kernels
-        return functional._fused_loss(student, teacher, target, student_scale=student_scale,
-                                      teacher_scale=teacher_scale, kl_scale=kl_scale, weighted=weighted, beta=beta,
-                                      ce_weight=ce_weight, ignore_index=ignore_index, reduction=reduction,
+        # (the heads' post-processing is already applied: the spec without it)
+        return functional._fused_loss(student, teacher, target, spec.without_head_post(), reduction=reduction,
                                       backend=backend, inplace_backward=inplace_backward,
                                       return_components=return_components, num_items_in_batch=num_items_in_batch)
     device = exchange_device(group, student, teacher, target)
     names = ("the number of rows N", "the student_logits dtype", "the teacher_logits dtype", "the device type",
              "whether a target is given", "the loss settings (gamma or temperature, beta, ce_weight, "
-             "ignore_index, reduction, backend)")
+             "ignore_index, softcap, logit_scale, reduction, backend)")
 
     def check():
         if inplace_backward:
             raise ValueError("inplace_backward=True is not supported with process_group (each rank's logits are "
                              "already 1/world of the vocabulary)")
-        functional._validate(student, teacher, None, ignore_index, reduction)
+        functional._validate(student, teacher, None, spec.ignore_index, reduction)
         functional.validate_num_items(num_items_in_batch, reduction)
         if target is not None:
-            functional.validate_target(target, student.shape[:-1], None, device, ignore_index)
+            functional.validate_target(target, student.shape[:-1], None, device, spec.ignore_index)
         resolved = _compiled_backend(backend, device, student.dtype)
-        settings = _settings(student_scale, teacher_scale, kl_scale, weighted, beta, ce_weight, ignore_index,
-                             reduction, resolved)
+        settings = _settings(spec, reduction, resolved)
         return student.shape[-1], (student[..., 0].numel(), student.dtype, teacher.dtype, device.type,
                                    target is not None, settings)
 
-    shards = agree(group, index, device, check, names, target, ignore_index, num_items_in_batch)
+    shards = agree(group, index, device, check, names, target, spec.ignore_index, num_items_in_batch)
     backend = _ops.resolve_backend(backend, device, student.dtype)
     lead = student.shape[:-1]
     flat_target = None if target is None else target.reshape(-1).long()
-    valid = (torch.ones(lead, dtype=torch.bool, device=device) if target is None else target != ignore_index)
-    pieces = _ops.RowPieces(backend, _ops._params(student_scale, teacher_scale, beta * kl_scale, ce_weight,
-                                                  ignore_index), weighted, shards.vocab)
+    valid = (torch.ones(lead, dtype=torch.bool, device=device) if target is None else target != spec.ignore_index)
+    pieces = _ops.RowPieces(backend, spec.kernel_params(), spec.weighted, shards.vocab)
     denominator = None
     if reduction == "mean":
-        denominator = functional.mean_denominator(target, ignore_index, valid.numel(), device, num_items_in_batch)
+        denominator = functional.mean_denominator(target, spec.ignore_index, valid.numel(), device,
+                                                  num_items_in_batch)
     row_grad = None
     if reduction != "none" and student.requires_grad and torch.is_grad_enabled():
         row_grad = (1.0 / denominator if reduction == "mean"
@@ -383,32 +380,27 @@ class _SumGradOverGroup(torch.autograd.Function):
 def _sharded_chunk_loss(z, v, y, row_grad, spec, *, shards):
     """``linear._chunk_loss`` for a chunk whose columns the ranks hold: the chunk's (loss, kl, ce, weight) rows,
     and with ``row_grad`` its gradient written over ``z``."""
-    pieces = _ops.RowPieces(spec.backend, _ops._params(spec.student_scale, spec.teacher_scale,
-                                                       spec.beta * spec.kl_scale, spec.ce_weight, spec.ignore_index),
-                            spec.weighted, shards.vocab)
+    pieces = _ops.RowPieces(spec.backend, spec.loss.kernel_params(), spec.loss.weighted, shards.vocab)
     stats = sharded_rows(pieces, shards, z, v, y, grad=None if row_grad is None else z, row_grad=row_grad)
     return stats[Stat.LOSS:Stat.WEIGHT + 1]
 
 
-def vocab_parallel_linear_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, target, *,
-                               process_group, reduce_hidden_grad, student_bias, teacher_bias, student_scale,
-                               teacher_scale, kl_scale, weighted, beta, ce_weight, ignore_index, reduction, chunk_size,
+def vocab_parallel_linear_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, target, spec, *,
+                               process_group, reduce_hidden_grad, student_bias, teacher_bias, reduction, chunk_size,
                                vocab_mismatch, backend, return_components, num_items_in_batch=None):
     """``linear._fused_linear_loss`` with each rank's rows of both LM heads: the chunk loop of ``linear._run_chunks``
     with the sharded rows' loss per chunk (every rank runs the same chunks)."""
     index = _member(process_group)
     if dist.get_world_size(process_group) == 1:  # the whole LM heads are here
         return linear._fused_linear_loss(
-            student_hidden, student_weight, teacher_hidden, teacher_weight, target, student_bias=student_bias,
-            teacher_bias=teacher_bias, student_scale=student_scale, teacher_scale=teacher_scale, kl_scale=kl_scale,
-            weighted=weighted, beta=beta, ce_weight=ce_weight, ignore_index=ignore_index, reduction=reduction,
-            chunk_size=chunk_size, vocab_mismatch=vocab_mismatch, backend=backend,
-            return_components=return_components, num_items_in_batch=num_items_in_batch)
+            student_hidden, student_weight, teacher_hidden, teacher_weight, target, spec, student_bias=student_bias,
+            teacher_bias=teacher_bias, reduction=reduction, chunk_size=chunk_size, vocab_mismatch=vocab_mismatch,
+            backend=backend, return_components=return_components, num_items_in_batch=num_items_in_batch)
     device = exchange_device(process_group, student_hidden, teacher_hidden, target)
     names = ("the number of rows N", "the student hidden size", "the teacher hidden size", "the student dtype",
              "the teacher dtype", "the device type", "whether a target is given",
-             "the loss settings (gamma or temperature, beta, ce_weight, ignore_index, reduction, chunk_size, "
-             "reduce_hidden_grad, biases, backend)")
+             "the loss settings (gamma or temperature, beta, ce_weight, ignore_index, softcap, logit_scale, "
+             "reduction, chunk_size, reduce_hidden_grad, biases, backend)")
 
     def check():
         if not isinstance(reduce_hidden_grad, bool):
@@ -417,7 +409,7 @@ def vocab_parallel_linear_loss(student_hidden, student_weight, teacher_hidden, t
         if any(map(is_dtensor, tensors)):
             raise TypeError("with process_group, pass each rank's own shards as plain tensors (DTensor.to_local())")
         lead = linear._check_linear_args(student_hidden, student_weight, student_bias, teacher_hidden,
-                                         teacher_weight, teacher_bias, ignore_index, reduction, chunk_size,
+                                         teacher_weight, teacher_bias, spec.ignore_index, reduction, chunk_size,
                                          vocab_mismatch, num_items_in_batch)
         if vocab_mismatch != "error":
             raise ValueError(f"vocab_mismatch={vocab_mismatch!r} is not supported with process_group: give every "
@@ -427,45 +419,44 @@ def vocab_parallel_linear_loss(student_hidden, student_weight, teacher_hidden, t
                              f"student_weight's vocabulary slice: got {teacher_weight.shape[0]} and "
                              f"{student_weight.shape[0]} rows")
         if target is not None:
-            functional.validate_target(target, lead, None, device, ignore_index)
+            functional.validate_target(target, lead, None, device, spec.ignore_index)
         resolved = _compiled_backend(backend, device, student_hidden.dtype)
-        settings = _settings(student_scale, teacher_scale, kl_scale, weighted, beta, ce_weight, ignore_index,
-                             reduction, chunk_size, reduce_hidden_grad, student_bias is None, teacher_bias is None,
-                             resolved)
+        settings = _settings(spec, reduction, chunk_size, reduce_hidden_grad, student_bias is None,
+                             teacher_bias is None, resolved)
         return student_weight.shape[0], (lead.numel(), student_hidden.shape[-1], teacher_hidden.shape[-1],
                                           student_hidden.dtype, teacher_hidden.dtype, device.type,
                                           target is not None, settings)
 
-    shards = agree(process_group, index, device, check, names, target, ignore_index, num_items_in_batch)
+    shards = agree(process_group, index, device, check, names, target, spec.ignore_index, num_items_in_batch)
     backend = _ops.resolve_backend(backend, device, student_hidden.dtype)
     lead = student_hidden.shape[:-1]
     n = lead.numel()
     target = None if target is None else target.reshape(-1).long()
-    spec = linear._Spec(float(student_scale), float(teacher_scale), float(kl_scale), bool(weighted), beta, ce_weight,
-                        int(ignore_index), backend)
+    launch = linear.Launch(spec, backend)
     denominator = None
     if reduction == "mean":
-        denominator = functional.mean_denominator(target, ignore_index, n, device, num_items_in_batch,
+        denominator = functional.mean_denominator(target, spec.ignore_index, n, device, num_items_in_batch,
                                                   dtype=linear._accumulation_dtype(student_hidden.dtype))
     needs = tuple(torch.is_grad_enabled() and x is not None and x.requires_grad
                   for x in (student_hidden, student_weight, student_bias))
     # Every rank runs the same chunks (each one's collectives): sized for the widest shard.
     chunk = chunk_size or linear.default_chunk_size(
         n, max(shards.widths), student_hidden.dtype, teacher_hidden.dtype, device,
-        fp32_scratch=needs[1] and student_weight.dtype not in (torch.float32, torch.float64))
+        fp32_scratch=needs[1] and student_weight.dtype not in (torch.float32, torch.float64),
+        softcap_scratch=any(needs) and spec.softcap is not None)
     hidden = student_hidden.reshape(-1, student_hidden.shape[-1])
     if reduce_hidden_grad and needs[0]:
         hidden = _SumGradOverGroup.apply(hidden, process_group)
     teacher = linear.DenseTeacher(teacher_hidden.reshape(-1, teacher_hidden.shape[-1]), teacher_weight.detach(),
                                   None if teacher_bias is None else teacher_bias.detach(), student_weight.shape[0],
                                   loss=functools.partial(_sharded_chunk_loss, shards=shards))
-    loss, terms = linear._FusedLinearLoss.apply(hidden, student_weight, student_bias, teacher, target, spec,
+    loss, terms = linear._FusedLinearLoss.apply(hidden, student_weight, student_bias, teacher, target, launch,
                                                 reduction, chunk, needs, denominator)
     if reduction == "none":
         loss = loss.view(lead)
     if not return_components:
         return loss
-    return loss, _components(terms, functional._valid_rows(target, (n,), device, ignore_index), lead)
+    return loss, _components(terms, functional._valid_rows(target, (n,), device, spec.ignore_index), lead)
 
 
 # ---------------------------------------------------------------------------------------------- FSDP2

@@ -15,13 +15,12 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from . import _ops, reference
+from . import _ops, reference, spec as specs
 from ._rows import row_view, rows_overlap
 from ._stats import Stat
+from .spec import DEFAULT_GAMMA, DEFAULT_TEMPERATURE, LossSpec, check_flag as _check_flag
 
 REDUCTIONS = ("mean", "sum", "none")
-DEFAULT_GAMMA = 0.2
-DEFAULT_TEMPERATURE = 4.0
 
 
 class LossComponents(NamedTuple):
@@ -35,20 +34,6 @@ class LossComponents(NamedTuple):
     kl: torch.Tensor
     ce: torch.Tensor
     weight: torch.Tensor
-
-
-def _check_finite(name: str, value, positive: bool = False) -> float:
-    if isinstance(value, torch.Tensor) or not isinstance(value, (int, float)) or isinstance(value, bool):
-        raise TypeError(f"{name} must be a Python number, got {type(value).__name__}")
-    if not math.isfinite(value) or (positive and value <= 0):
-        raise ValueError(f"{name} must be a finite {'positive ' if positive else ''}number, got {value}")
-    return float(value)
-
-
-def _check_flag(name: str, value) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be True or False, got {value!r} ({type(value).__name__})")
-    return value
 
 
 def validate_logits(name: str, x) -> None:
@@ -213,21 +198,37 @@ def _valid_rows(target, lead_shape, device, ignore_index):
     return target != ignore_index
 
 
-def _fused_loss(student_logits, teacher_logits, target, *, student_scale, teacher_scale, kl_scale, weighted,
-                beta, ce_weight, ignore_index, reduction, backend, inplace_backward, return_components,
-                num_items_in_batch, process_group=None):
-    beta = _check_finite("beta", beta)
-    ce_weight = _check_finite("ce_weight", ce_weight)
+def head_post(logits: torch.Tensor, spec: LossSpec) -> torch.Tensor:
+    """The heads' post-processing of ``spec`` on logits given as such (the logits forms): ``logit_scale * x``,
+    then ``softcap * tanh(x / softcap)``, as out-of-place differentiable operations (one more (N, V) tensor
+    each for the student and a dense teacher, plus the tanh that autograd saves). -inf stays -inf."""
+    if spec.logit_scale != 1.0:
+        logits = logits * spec.logit_scale
+    if spec.softcap is not None:
+        logits = torch.tanh(logits / spec.softcap) * spec.softcap
+    return logits
+
+
+def _fused_loss(student_logits, teacher_logits, target, spec: LossSpec, *, reduction, backend, inplace_backward,
+                return_components, num_items_in_batch, process_group=None):
     inplace_backward = _check_flag("inplace_backward", inplace_backward)
     return_components = _check_flag("return_components", return_components)
+    if spec.has_head_post:
+        if inplace_backward:
+            raise ValueError("inplace_backward=True cannot write the gradient into student_logits when softcap or "
+                             "logit_scale transforms them first (the loss reads a new tensor): leave one of them")
+        # Anything but floating-point logits is left as it is, for the checks to name.
+        if isinstance(student_logits, torch.Tensor) and student_logits.is_floating_point():
+            student_logits = head_post(student_logits, spec)
+        if isinstance(teacher_logits, torch.Tensor) and teacher_logits.is_floating_point():
+            teacher_logits = head_post(teacher_logits, spec)
     if process_group is not None or (not torch.compiler.is_compiling() and is_dtensor(student_logits)):
         from . import distributed  # imported on first use: it imports this module
         return distributed.vocab_parallel_loss(
-            student_logits, teacher_logits, target, process_group=process_group, student_scale=student_scale,
-            teacher_scale=teacher_scale, kl_scale=kl_scale, weighted=weighted, beta=beta, ce_weight=ce_weight,
-            ignore_index=ignore_index, reduction=reduction, backend=backend, inplace_backward=inplace_backward,
-            return_components=return_components, num_items_in_batch=num_items_in_batch)
-    _validate(student_logits, teacher_logits, target, ignore_index, reduction)
+            student_logits, teacher_logits, target, spec, process_group=process_group, reduction=reduction,
+            backend=backend, inplace_backward=inplace_backward, return_components=return_components,
+            num_items_in_batch=num_items_in_batch)
+    _validate(student_logits, teacher_logits, target, spec.ignore_index, reduction)
     validate_num_items(num_items_in_batch, reduction)
     backend = _ops.resolve_backend(backend, student_logits.device, student_logits.dtype)
     if inplace_backward:
@@ -237,7 +238,7 @@ def _fused_loss(student_logits, teacher_logits, target, *, student_scale, teache
     lead = student_logits.shape[:-1]
     denominator = None
     if reduction == "mean":
-        denominator = mean_denominator(target, ignore_index, student_logits.numel() // student_logits.shape[-1],
+        denominator = mean_denominator(target, spec.ignore_index, student_logits.numel() // student_logits.shape[-1],
                                        student_logits.device, num_items_in_batch)
 
     if backend == "torch" or student_logits.numel() == 0:
@@ -246,25 +247,25 @@ def _fused_loss(student_logits, teacher_logits, target, *, student_scale, teache
         compute = torch.float64 if student_logits.dtype == torch.float64 else torch.float32
         rows = reference_rows(
             lambda y: reference.loss_rows(student_logits.to(compute), teacher_logits.to(compute), y,
-                                          student_scale=student_scale, teacher_scale=teacher_scale, kl_scale=kl_scale,
-                                          weighted=weighted, beta=beta, ce_weight=ce_weight, ignore_index=ignore_index),
-            target, student_logits.shape[-1], ignore_index)
+                                          **spec.reference_params()),
+            target, student_logits.shape[-1], spec.ignore_index)
         loss = rows["loss"] if reduction == "none" else rows["loss"].sum()
         if denominator is not None:
             loss = loss / denominator.to(compute)
         terms = [rows[k] for k in ("kl", "ce", "weight")]
     else:
         loss, stats = _ops.fused_loss(student_logits, teacher_logits, target, denominator, reduction=reduction,
-                                      student_scale=student_scale, teacher_scale=teacher_scale,
-                                      kl_coef=beta * kl_scale, ce_weight=ce_weight, weighted=weighted,
-                                      ignore_index=ignore_index, backend=backend, inplace_backward=inplace_backward)
+                                      student_scale=spec.student_scale, teacher_scale=spec.teacher_scale,
+                                      kl_coef=spec.kl_coef, ce_weight=spec.ce_weight, weighted=spec.weighted,
+                                      ignore_index=spec.ignore_index, backend=backend,
+                                      inplace_backward=inplace_backward)
         terms = None  # views of stats, made only when asked for: each costs a few microseconds
 
     if not return_components:
         return loss
     if terms is None:
         terms = [stats[k].view(lead) for k in (Stat.KL, Stat.CE, Stat.WEIGHT)]
-    valid = _valid_rows(target, lead, student_logits.device, ignore_index)
+    valid = _valid_rows(target, lead, student_logits.device, spec.ignore_index)
     return loss, LossComponents(*(reference.reduce_rows(x.detach(), valid, "mean") for x in terms))
 
 
@@ -302,6 +303,11 @@ _COMMON_DOC = """
             default ``average_tokens_across_devices=True`` it is the count of all ranks, and the Trainer
             multiplies the loss by the world size to undo DDP's gradient averaging. The logged
             ``LossComponents`` stay means over this call's rows.
+        softcap, logit_scale: the LM heads' post-processing, for logits that are the raw output of a head whose
+            model post-processes them (Gemma-2's soft-cap, Cohere's or Granite's scale): the loss reads
+            ``softcap * tanh(logit_scale * x / softcap)`` (``logit_scale * x`` without a soft-cap) of both the
+            student's and the teacher's logits, with its gradient. Default: neither. It costs one (N, V) tensor
+            per model (and autograd's saved tanh); refused with ``inplace_backward``.
         process_group: a ``torch.distributed`` process group whose ranks each hold a contiguous slice of the
             vocabulary columns of both logits (rank order = column order, uneven widths allowed; ``target``
             holds global ids): the vocabulary-parallel loss (``ttm_kernels.distributed``). Every rank gets the
@@ -325,13 +331,13 @@ def fused_wttm_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, 
                     *, gamma: float = DEFAULT_GAMMA, beta: float = 1.0, ce_weight: float = 1.0,
                     ignore_index: int = -100, reduction: str = "mean", backend: str = "auto",
                     inplace_backward: bool = False, return_components: bool = False,
-                    num_items_in_batch=None, process_group=None):
-    gamma = _check_finite("gamma", gamma, positive=True)
-    return _fused_loss(student_logits, teacher_logits, target, student_scale=1.0, teacher_scale=gamma,
-                       kl_scale=1.0, weighted=True, beta=beta, ce_weight=ce_weight, ignore_index=ignore_index,
-                       reduction=reduction, backend=backend, inplace_backward=inplace_backward,
-                       return_components=return_components, num_items_in_batch=num_items_in_batch,
-                       process_group=process_group)
+                    num_items_in_batch=None, process_group=None, softcap: Optional[float] = None,
+                    logit_scale: float = 1.0):
+    spec = specs.wttm(gamma, beta=beta, ce_weight=ce_weight, ignore_index=ignore_index, softcap=softcap,
+                      logit_scale=logit_scale)
+    return _fused_loss(student_logits, teacher_logits, target, spec, reduction=reduction, backend=backend,
+                       inplace_backward=inplace_backward, return_components=return_components,
+                       num_items_in_batch=num_items_in_batch, process_group=process_group)
 
 
 fused_wttm_loss.__doc__ = """Weighted Transformed Teacher Matching (Zheng & Yang, ICLR 2024).
@@ -349,13 +355,13 @@ def fused_ttm_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, t
                    *, gamma: float = DEFAULT_GAMMA, beta: float = 1.0, ce_weight: float = 1.0,
                    ignore_index: int = -100, reduction: str = "mean", backend: str = "auto",
                    inplace_backward: bool = False, return_components: bool = False,
-                   num_items_in_batch=None, process_group=None):
-    gamma = _check_finite("gamma", gamma, positive=True)
-    return _fused_loss(student_logits, teacher_logits, target, student_scale=1.0, teacher_scale=gamma,
-                       kl_scale=1.0, weighted=False, beta=beta, ce_weight=ce_weight, ignore_index=ignore_index,
-                       reduction=reduction, backend=backend, inplace_backward=inplace_backward,
-                       return_components=return_components, num_items_in_batch=num_items_in_batch,
-                       process_group=process_group)
+                   num_items_in_batch=None, process_group=None, softcap: Optional[float] = None,
+                   logit_scale: float = 1.0):
+    spec = specs.ttm(gamma, beta=beta, ce_weight=ce_weight, ignore_index=ignore_index, softcap=softcap,
+                     logit_scale=logit_scale)
+    return _fused_loss(student_logits, teacher_logits, target, spec, reduction=reduction, backend=backend,
+                       inplace_backward=inplace_backward, return_components=return_components,
+                       num_items_in_batch=num_items_in_batch, process_group=process_group)
 
 
 fused_ttm_loss.__doc__ = """Transformed Teacher Matching: ``ce_weight * CE + beta * mean_rows(KL(softmax(gamma * v) || softmax(z)))``.
@@ -369,11 +375,11 @@ def fused_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, ta
                   *, temperature: float = DEFAULT_TEMPERATURE, beta: float = 1.0, ce_weight: float = 1.0,
                   ignore_index: int = -100, reduction: str = "mean", backend: str = "auto",
                   inplace_backward: bool = False, return_components: bool = False,
-                  num_items_in_batch=None, process_group=None):
-    temperature = _check_finite("temperature", temperature, positive=True)
-    return _fused_loss(student_logits, teacher_logits, target, student_scale=1.0 / temperature,
-                       teacher_scale=1.0 / temperature, kl_scale=temperature**2, weighted=False, beta=beta,
-                       ce_weight=ce_weight, ignore_index=ignore_index, reduction=reduction, backend=backend,
+                  num_items_in_batch=None, process_group=None, softcap: Optional[float] = None,
+                  logit_scale: float = 1.0):
+    spec = specs.kd(temperature, beta=beta, ce_weight=ce_weight, ignore_index=ignore_index, softcap=softcap,
+                    logit_scale=logit_scale)
+    return _fused_loss(student_logits, teacher_logits, target, spec, reduction=reduction, backend=backend,
                        inplace_backward=inplace_backward, return_components=return_components,
                        num_items_in_batch=num_items_in_batch, process_group=process_group)
 
