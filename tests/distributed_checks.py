@@ -292,6 +292,19 @@ def check_error_one_rank_passes_none(rank, world):
                  "student_logits must be a torch.Tensor, got NoneType", [last])
 
 
+def check_vocab_size(rank, world):
+    """vocab_size= lets the ranks check that their shards tile the vocabulary: the right size changes nothing; a
+    wrong one, or ranks passing different sizes, make every rank raise."""
+    z, v, target = make_rows(seed=18)
+    checked, _ = sharded_loss_and_grad("wttm", z, v, target, rank, world, vocab_size=V)
+    plain, _ = sharded_loss_and_grad("wttm", z, v, target, rank, world)
+    expect_error(rank, world, _call(rank, world, vocab_size=V + 1), ValueError,
+                 f"sum to {V}, not vocab_size={V + 1}", None)
+    expect_error(rank, world, _call(rank, world, vocab_size=V + rank), ValueError,
+                 f"disagree on vocab_size: rank 0: {V}, rank 1: {V + 1}", None)
+    assert torch.equal(checked, plain)
+
+
 # ------------------------------------------------------------------------------------------- fused linear
 
 
@@ -423,6 +436,53 @@ def check_matrix_cell(cell):
     return check
 
 
+def check_topk_tails_and_full_rows(rank, world):
+    """Top-k with process_group, both tails, on rows whose ids cover the whole vocabulary (an empty tail on every
+    rank), rows whose ids all lie in one rank's columns, a row of padding and an ignored row; against the float64
+    reference of the whole rows."""
+    v, k = matrix.VOCAB, matrix.VOCAB
+    gen = torch.Generator().manual_seed(17)
+    z = torch.randn(6, v, generator=gen, dtype=torch.float64) * 10
+    logprobs_full = torch.log_softmax(torch.randn(6, v, generator=gen, dtype=torch.float64) * 10, -1)
+    ids = torch.argsort(torch.rand(6, v, generator=gen), -1)
+    ids[2:4, 5:] = -1                              # partial rows
+    ids[2, :5] = torch.tensor([0, 3, 7, 11, 19])  # all in rank 0's columns
+    ids[3, :5] = torch.tensor([20, 25, 30, 33, 36])  # none in rank 0's
+    ids[4, 1:] = -1                                # one id
+    logprobs = logprobs_full.gather(-1, ids.clamp_min(0))
+    target = torch.tensor([4, 20, -100, 36, 0, 21])
+    columns = matrix.COLUMNS[world][rank:rank + 2]
+    a, b = columns
+    results = []
+    for tail in ("bucket", "renormalize"):
+        local = z[:, a:b].float().requires_grad_()
+        loss = ttm_kernels.fused_wttm_loss_topk(local, ids, logprobs.float(), target, gamma=0.4, beta=2.0, tail=tail,
+                                                 process_group=world_group())
+        loss.backward()
+        z64 = z.float().double().requires_grad_()
+        ref = reference.wttm_loss_topk(z64, ids, logprobs.float().double(), target, gamma=0.4, beta=2.0, tail=tail)
+        ref.backward()
+        results.append((tail, loss.detach(), local.grad, ref.detach(), z64.grad[:, a:b]))
+    for tail, loss, grad, ref_loss, ref_grad in results:
+        assert_same_on_every_rank(f"{tail} loss", loss)
+        assert_close(f"{tail} loss", ref_loss, loss, 1e-5, 1e-6)
+        assert_close(f"{tail} grad", ref_grad, grad, 1e-4, 1e-7)
+
+
+def check_topk_error_ids_outside_vocabulary(rank, world):
+    """The ids' range is checked against the global vocabulary, known after the agreement: every rank raises."""
+    inputs = matrix.make_inputs(matrix.Cell("wttm", "topk", "3d", "cpu", "mean", "plain"), seed=3)
+    local = matrix.shard(inputs, matrix.COLUMNS[world][rank:rank + 2])
+    local["teacher_topk_ids"] = local["teacher_topk_ids"].clone()
+    local["teacher_topk_ids"][0, 0, 0] = matrix.VOCAB
+
+    def call():
+        return ttm_kernels.fused_wttm_loss_topk(local["student_logits"].float(), local["teacher_topk_ids"],
+                                                local["teacher_topk_logprobs"].float(), local["target"],
+                                                process_group=world_group())
+    expect_error(rank, world, call, ValueError, f"teacher_topk_ids holds ids outside [0, {matrix.VOCAB})", None)
+
+
 # ------------------------------------------------------------------------------------------- FSDP2
 
 
@@ -509,6 +569,7 @@ CHECKS = {
     "error-settings-differ": check_error_settings_differ,
     "error-one-rank-rejects": check_error_one_rank_rejects,
     "error-num-items-differ": check_error_num_items_differ,
+    "fused_loss-vocab-size": check_vocab_size,
     "error-one-rank-passes-none": check_error_one_rank_passes_none,
     **{f"fused_linear-{kind}-{reduction}": check_linear_matches_reference(kind, reduction)
        for kind, reduction in (("wttm", "mean"), ("ttm", "sum"), ("kd", "none"), ("wttm", "none"))},
@@ -517,6 +578,8 @@ CHECKS = {
     "fused_linear-error-hidden-sizes-differ": check_linear_error_hidden_sizes_differ,
     "fused_linear-error-one-rank-passes-none": check_linear_error_one_rank_passes_none,
     **{f"matrix-{cell.id}": check_matrix_cell(cell) for cell in matrix.distributed_cells()},
+    "topk-tails-and-full-rows": check_topk_tails_and_full_rows,
+    "topk-error-ids-outside-vocabulary": check_topk_error_ids_outside_vocabulary,
     "fsdp2-separate-head": check_fsdp2(separate_head=True),
     "fsdp2-root-head": check_fsdp2(separate_head=False),
 }

@@ -67,3 +67,17 @@ def test_modules_take_the_heads_post_processing(module, fn, scale):
     assert torch.equal(ours, fn(z, v, target, **scale, **post))
     assert not torch.equal(ours, fn(z, v, target, **scale))
     assert "softcap=6.0, logit_scale=0.7" in repr(module(**scale, **post))
+
+
+@pytest.mark.parametrize("form", matrix.AXES["form"])
+def test_vocab_size_without_process_group_is_the_width(form):
+    """vocab_size= (meant for process_group, where the ranks' slices must tile it) is checked against the one
+    call's vocabulary too: the right size changes nothing, a wrong one is a clear error."""
+    cell = matrix.Cell("ttm", form, "2d", "torch", "mean", "plain")
+    inputs = matrix.make_inputs(cell, seed=2)
+    assert torch.equal(matrix.run_cell(cell, inputs, vocab_size=matrix.VOCAB)[0], matrix.run_cell(cell, inputs)[0])
+    with pytest.raises(ValueError, match=f"vocab_size={matrix.VOCAB + 1}, but the student's logits have "
+                                         f"{matrix.VOCAB} columns"):  # (a head's: its V rows)
+        matrix.run_cell(cell, inputs, vocab_size=matrix.VOCAB + 1)
+    with pytest.raises(ValueError, match="vocab_size must be None or a positive int"):
+        matrix.run_cell(cell, inputs, vocab_size=0)

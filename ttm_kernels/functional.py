@@ -128,6 +128,17 @@ def validate_target(target, lead_shape, vocab, device, ignore_index) -> None:
                          f"{ignore_index}, e.g. {target[bad].flatten()[0].item()}")
 
 
+def check_vocab_size(vocab_size, vocab=None) -> None:
+    """``vocab_size``: None, or a positive int: the whole vocabulary, which the ranks' shard widths must sum to
+    (checked in the agreement), and, given ``vocab`` (the columns of a call without a process group), its width."""
+    if vocab_size is not None and (isinstance(vocab_size, bool) or not isinstance(vocab_size, int)
+                                   or vocab_size < 1):
+        raise ValueError(f"vocab_size must be None or a positive int, got {vocab_size!r}")
+    if vocab is not None and vocab_size is not None and vocab != vocab_size:
+        raise ValueError(f"vocab_size={vocab_size}, but the student's logits have {vocab} columns (without "
+                         "process_group, a call holds the whole vocabulary)")
+
+
 def validate_num_items(num_items_in_batch, reduction) -> None:
     """``num_items_in_batch``: None, or a positive count (int, float, or a one-element tensor on any device, as
     Hugging Face's Trainer passes it) that only ``reduction="mean"`` uses; else a clear error.
@@ -210,7 +221,7 @@ def head_post(logits: torch.Tensor, spec: LossSpec) -> torch.Tensor:
 
 
 def _fused_loss(student_logits, teacher_logits, target, spec: LossSpec, *, reduction, backend, inplace_backward,
-                return_components, num_items_in_batch, process_group=None):
+                return_components, num_items_in_batch, process_group=None, vocab_size=None):
     inplace_backward = _check_flag("inplace_backward", inplace_backward)
     return_components = _check_flag("return_components", return_components)
     if spec.has_head_post:
@@ -227,9 +238,10 @@ def _fused_loss(student_logits, teacher_logits, target, spec: LossSpec, *, reduc
         return distributed.vocab_parallel_loss(
             student_logits, teacher_logits, target, spec, process_group=process_group, reduction=reduction,
             backend=backend, inplace_backward=inplace_backward, return_components=return_components,
-            num_items_in_batch=num_items_in_batch)
+            num_items_in_batch=num_items_in_batch, vocab_size=vocab_size)
     _validate(student_logits, teacher_logits, target, spec.ignore_index, reduction)
     validate_num_items(num_items_in_batch, reduction)
+    check_vocab_size(vocab_size, student_logits.shape[-1])
     backend = _ops.resolve_backend(backend, student_logits.device, student_logits.dtype)
     if inplace_backward:
         if backend == "torch":
@@ -303,6 +315,8 @@ _COMMON_DOC = """
             default ``average_tokens_across_devices=True`` it is the count of all ranks, and the Trainer
             multiplies the loss by the world size to undo DDP's gradient averaging. The logged
             ``LossComponents`` stay means over this call's rows.
+        vocab_size: optional, the whole vocabulary's size: with ``process_group`` the ranks check (in their one
+            agreement exchange) that their slices tile it; without, it must be V.
         softcap, logit_scale: the LM heads' post-processing, for logits that are the raw output of a head whose
             model post-processes them (Gemma-2's soft-cap, Cohere's or Granite's scale): the loss reads
             ``softcap * tanh(logit_scale * x / softcap)`` (``logit_scale * x`` without a soft-cap) of both the
@@ -332,12 +346,12 @@ def fused_wttm_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, 
                     ignore_index: int = -100, reduction: str = "mean", backend: str = "auto",
                     inplace_backward: bool = False, return_components: bool = False,
                     num_items_in_batch=None, process_group=None, softcap: Optional[float] = None,
-                    logit_scale: float = 1.0):
+                    logit_scale: float = 1.0, vocab_size: Optional[int] = None):
     spec = specs.wttm(gamma, beta=beta, ce_weight=ce_weight, ignore_index=ignore_index, softcap=softcap,
                       logit_scale=logit_scale)
     return _fused_loss(student_logits, teacher_logits, target, spec, reduction=reduction, backend=backend,
                        inplace_backward=inplace_backward, return_components=return_components,
-                       num_items_in_batch=num_items_in_batch, process_group=process_group)
+                       num_items_in_batch=num_items_in_batch, process_group=process_group, vocab_size=vocab_size)
 
 
 fused_wttm_loss.__doc__ = """Weighted Transformed Teacher Matching (Zheng & Yang, ICLR 2024).
@@ -356,12 +370,12 @@ def fused_ttm_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, t
                    ignore_index: int = -100, reduction: str = "mean", backend: str = "auto",
                    inplace_backward: bool = False, return_components: bool = False,
                    num_items_in_batch=None, process_group=None, softcap: Optional[float] = None,
-                   logit_scale: float = 1.0):
+                   logit_scale: float = 1.0, vocab_size: Optional[int] = None):
     spec = specs.ttm(gamma, beta=beta, ce_weight=ce_weight, ignore_index=ignore_index, softcap=softcap,
                      logit_scale=logit_scale)
     return _fused_loss(student_logits, teacher_logits, target, spec, reduction=reduction, backend=backend,
                        inplace_backward=inplace_backward, return_components=return_components,
-                       num_items_in_batch=num_items_in_batch, process_group=process_group)
+                       num_items_in_batch=num_items_in_batch, process_group=process_group, vocab_size=vocab_size)
 
 
 fused_ttm_loss.__doc__ = """Transformed Teacher Matching: ``ce_weight * CE + beta * mean_rows(KL(softmax(gamma * v) || softmax(z)))``.
@@ -376,12 +390,12 @@ def fused_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, ta
                   ignore_index: int = -100, reduction: str = "mean", backend: str = "auto",
                   inplace_backward: bool = False, return_components: bool = False,
                   num_items_in_batch=None, process_group=None, softcap: Optional[float] = None,
-                  logit_scale: float = 1.0):
+                  logit_scale: float = 1.0, vocab_size: Optional[int] = None):
     spec = specs.kd(temperature, beta=beta, ce_weight=ce_weight, ignore_index=ignore_index, softcap=softcap,
                     logit_scale=logit_scale)
     return _fused_loss(student_logits, teacher_logits, target, spec, reduction=reduction, backend=backend,
                        inplace_backward=inplace_backward, return_components=return_components,
-                       num_items_in_batch=num_items_in_batch, process_group=process_group)
+                       num_items_in_batch=num_items_in_batch, process_group=process_group, vocab_size=vocab_size)
 
 
 fused_kd_loss.__doc__ = """Classic KD (Hinton et al.): ``ce_weight * CE + beta * T^2 * mean_rows(KL(softmax(v/T) || softmax(z/T)))``.

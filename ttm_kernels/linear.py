@@ -30,7 +30,8 @@ from torch import nn
 
 from . import _ops, reference, spec as specs
 from ._stats import Stat
-from .functional import (LossComponents, _valid_rows, is_dtensor, mean_denominator, validate_num_items,
+from .functional import (LossComponents, _valid_rows, check_vocab_size, is_dtensor, mean_denominator,
+                         validate_num_items,
                          validate_options, validate_target)
 from .spec import DEFAULT_GAMMA, DEFAULT_TEMPERATURE, LossSpec
 
@@ -357,7 +358,8 @@ def _check_linear_args(student_hidden, student_weight, student_bias, teacher_hid
 
 def _fused_linear_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, target, spec: LossSpec, *,
                        student_bias, teacher_bias, reduction, chunk_size, vocab_mismatch, backend, return_components,
-                       num_items_in_batch=None, return_soft_hard=False, process_group=None, reduce_hidden_grad=True):
+                       num_items_in_batch=None, return_soft_hard=False, process_group=None, reduce_hidden_grad=True,
+                       vocab_size=None):
     """The fused linear loss; with ``return_soft_hard`` (reduction "mean"), ``(loss, soft, hard)``: the
     detached distillation term ``sum_rows(kl_scale * weight * KL)`` and cross-entropy ``sum_rows(CE)``, each
     over the mean's divisor, so that ``loss = ce_weight * hard + beta * soft``."""
@@ -369,7 +371,7 @@ def _fused_linear_loss(student_hidden, student_weight, teacher_hidden, teacher_w
             student_hidden, student_weight, teacher_hidden, teacher_weight, target, spec, process_group=process_group,
             reduce_hidden_grad=reduce_hidden_grad, student_bias=student_bias, teacher_bias=teacher_bias,
             reduction=reduction, chunk_size=chunk_size, vocab_mismatch=vocab_mismatch, backend=backend,
-            return_components=return_components, num_items_in_batch=num_items_in_batch)
+            return_components=return_components, num_items_in_batch=num_items_in_batch, vocab_size=vocab_size)
     if not torch.compiler.is_compiling() and any(map(is_dtensor, (student_weight, student_bias, teacher_weight,
                                                                    teacher_bias))):
         from . import distributed
@@ -380,6 +382,7 @@ def _fused_linear_loss(student_hidden, student_weight, teacher_hidden, teacher_w
                               num_items_in_batch)
     device = student_hidden.device
     vocab, teacher_vocab = student_weight.shape[0], teacher_weight.shape[0]
+    check_vocab_size(vocab_size, vocab)
     if vocab != teacher_vocab and vocab_mismatch == "error":
         raise ValueError(f"student vocabulary {vocab} (student_weight rows) != teacher vocabulary {teacher_vocab} "
                          "(teacher_weight rows); pass vocab_mismatch='truncate_teacher' to align the teacher "
@@ -466,6 +469,8 @@ _COMMON_DOC = """
             vocabulary (rank order = row order, uneven slices allowed), and the same hidden states and target
             (global ids). Every rank gets the loss of the whole rows; the weight and bias gradients are its
             slices' (local); the hidden-state gradient is summed over the group before it is returned.
+        vocab_size: optional, the whole vocabulary's size: with ``process_group`` the ranks check that their LM-head
+            slices tile it; without, it must be the student head's V.
         reduce_hidden_grad: with ``process_group``, False returns this rank's part of the hidden-state
             gradient instead (the sum over the group is the gradient), for frameworks whose column-parallel
             LM head all-reduces it in its own backward (Megatron's ``copy_to_tensor_model_parallel_region``).
@@ -491,14 +496,15 @@ def fused_linear_wttm_loss(student_hidden: torch.Tensor, student_weight: torch.T
                            ignore_index: int = -100, reduction: str = "mean", chunk_size: Optional[int] = None,
                            vocab_mismatch: str = "error", backend: str = "auto", return_components: bool = False,
                            num_items_in_batch=None, softcap: Optional[float] = None, logit_scale: float = 1.0,
-                           process_group=None, reduce_hidden_grad: bool = True):
+                           process_group=None, reduce_hidden_grad: bool = True, vocab_size: Optional[int] = None):
     spec = specs.wttm(gamma, beta=beta, ce_weight=ce_weight, ignore_index=ignore_index, softcap=softcap,
                     logit_scale=logit_scale)
     return _fused_linear_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, target, spec,
                               student_bias=student_bias, teacher_bias=teacher_bias, reduction=reduction,
                               chunk_size=chunk_size, vocab_mismatch=vocab_mismatch, backend=backend,
                               return_components=return_components, num_items_in_batch=num_items_in_batch,
-                              process_group=process_group, reduce_hidden_grad=reduce_hidden_grad)
+                              process_group=process_group, reduce_hidden_grad=reduce_hidden_grad,
+                              vocab_size=vocab_size)
 
 
 fused_linear_wttm_loss.__doc__ = """``fused_wttm_loss`` on ``student_hidden @ student_weight.T (+ bias)`` and the
@@ -515,14 +521,15 @@ def fused_linear_ttm_loss(student_hidden: torch.Tensor, student_weight: torch.Te
                           ignore_index: int = -100, reduction: str = "mean", chunk_size: Optional[int] = None,
                           vocab_mismatch: str = "error", backend: str = "auto", return_components: bool = False,
                           num_items_in_batch=None, softcap: Optional[float] = None, logit_scale: float = 1.0,
-                          process_group=None, reduce_hidden_grad: bool = True):
+                          process_group=None, reduce_hidden_grad: bool = True, vocab_size: Optional[int] = None):
     spec = specs.ttm(gamma, beta=beta, ce_weight=ce_weight, ignore_index=ignore_index, softcap=softcap,
                     logit_scale=logit_scale)
     return _fused_linear_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, target, spec,
                               student_bias=student_bias, teacher_bias=teacher_bias, reduction=reduction,
                               chunk_size=chunk_size, vocab_mismatch=vocab_mismatch, backend=backend,
                               return_components=return_components, num_items_in_batch=num_items_in_batch,
-                              process_group=process_group, reduce_hidden_grad=reduce_hidden_grad)
+                              process_group=process_group, reduce_hidden_grad=reduce_hidden_grad,
+                              vocab_size=vocab_size)
 
 
 fused_linear_ttm_loss.__doc__ = """``fused_ttm_loss`` on the student's and teacher's LM-head outputs, chunked.
@@ -538,14 +545,15 @@ def fused_linear_kd_loss(student_hidden: torch.Tensor, student_weight: torch.Ten
                          ignore_index: int = -100, reduction: str = "mean", chunk_size: Optional[int] = None,
                          vocab_mismatch: str = "error", backend: str = "auto", return_components: bool = False,
                          num_items_in_batch=None, softcap: Optional[float] = None, logit_scale: float = 1.0,
-                         process_group=None, reduce_hidden_grad: bool = True):
+                         process_group=None, reduce_hidden_grad: bool = True, vocab_size: Optional[int] = None):
     spec = specs.kd(temperature, beta=beta, ce_weight=ce_weight, ignore_index=ignore_index, softcap=softcap,
                     logit_scale=logit_scale)
     return _fused_linear_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, target, spec,
                               student_bias=student_bias, teacher_bias=teacher_bias, reduction=reduction,
                               chunk_size=chunk_size, vocab_mismatch=vocab_mismatch, backend=backend,
                               return_components=return_components, num_items_in_batch=num_items_in_batch,
-                              process_group=process_group, reduce_hidden_grad=reduce_hidden_grad)
+                              process_group=process_group, reduce_hidden_grad=reduce_hidden_grad,
+                              vocab_size=vocab_size)
 
 
 fused_linear_kd_loss.__doc__ = """``fused_kd_loss`` (Hinton KD, T^2 factor) on the LM-head outputs, chunked.

@@ -108,12 +108,13 @@ def _kl_terms(pt, q, log_ratio):
     return torch.where(near_zero, q * (y * torch.exp(y) - torch.expm1(y)), closed)
 
 
-def _row_terms(kl, weight, student_logits, target, valid, *, beta, kl_scale, ce_weight):
+def _row_terms(kl, weight, student_logits, target, valid, *, beta, kl_scale, ce_weight, ce=None):
     """The rows' dict of ``loss_rows`` from their KL and weight: adds the hard-label CE of the (untempered)
-    student and zeroes every term of the ignored rows."""
+    student (``ce`` when the caller computed it, e.g. from merged statistics) and zeroes every term of the
+    ignored rows."""
     if target is None:
         ce = torch.zeros_like(kl)
-    else:
+    elif ce is None:
         safe_target = torch.where(valid, target, torch.zeros_like(target))
         log_probs = torch.log_softmax(student_logits, dim=-1)
         ce = -log_probs.gather(-1, safe_target.unsqueeze(-1).long()).squeeze(-1)
@@ -244,9 +245,28 @@ def topk_loss_rows(
     vocab = student_logits.shape[-1]
     # Ignored rows hold a plain teacher (everything in the bucket) and zero logits, whatever they were given:
     # their NaN or -inf would otherwise reach the gradient through the masks below (0 * NaN).
-    in_s = (topk_ids >= 0) & valid.unsqueeze(-1)
     student_logits = torch.where(valid.unsqueeze(-1), student_logits, 0)
-    dtype = student_logits.dtype
+    in_s, ids, log_pt, weight = topk_teacher(topk_ids, topk_logprobs, valid, vocab, student_logits.dtype,
+                                             teacher_scale=teacher_scale, weighted=weighted, tail=tail)
+
+    # The student on S and R.
+    scaled = student_logits * student_scale
+    member = torch.zeros((*scaled.shape[:-1], vocab + 1), dtype=torch.bool, device=scaled.device)
+    member = member.scatter(-1, torch.where(in_s, ids, vocab), True)[..., :vocab]
+    lse = torch.logsumexp(scaled, -1, keepdim=True)
+    lse_tail = torch.logsumexp(scaled.masked_fill(member, float("-inf")), -1, keepdim=True)
+    scaled_s = scaled.gather(-1, ids).masked_fill(~in_s, float("-inf"))
+    log_q = torch.cat([scaled_s, lse_tail], -1) - lse
+
+    kl = _kl_terms(torch.exp(log_pt), torch.exp(log_q), log_pt - log_q).sum(-1)
+    return _row_terms(kl, weight, student_logits, target, valid, beta=beta, kl_scale=kl_scale, ce_weight=ce_weight)
+
+
+def topk_teacher(topk_ids, topk_logprobs, valid, vocab, dtype, *, teacher_scale, weighted, tail):
+    """The teacher side of ``topk_loss_rows`` (its rows of ``valid`` only; ignored rows hold everything in the
+    bucket): (in_s, the ids of S (0 elsewhere, int64), log pt over the k slots and the bucket (..., k + 1),
+    the weight U (or 1)), in ``dtype``; the tail mass in float64."""
+    in_s = (topk_ids >= 0) & valid.unsqueeze(-1)
     ids = torch.where(in_s, topk_ids, 0).long()
     logprobs = torch.where(in_s, topk_logprobs.detach().to(dtype), float("-inf"))
 
@@ -269,18 +289,7 @@ def topk_loss_rows(
         weight = torch.exp(log_norm.squeeze(-1) + unshift)
     else:
         weight = torch.ones_like(log_norm.squeeze(-1))
-
-    # The student on S and R.
-    scaled = student_logits * student_scale
-    member = torch.zeros((*scaled.shape[:-1], vocab + 1), dtype=torch.bool, device=scaled.device)
-    member = member.scatter(-1, torch.where(in_s, ids, vocab), True)[..., :vocab]
-    lse = torch.logsumexp(scaled, -1, keepdim=True)
-    lse_tail = torch.logsumexp(scaled.masked_fill(member, float("-inf")), -1, keepdim=True)
-    scaled_s = scaled.gather(-1, ids).masked_fill(~in_s, float("-inf"))
-    log_q = torch.cat([scaled_s, lse_tail], -1) - lse
-
-    kl = _kl_terms(torch.exp(log_pt), torch.exp(log_q), log_pt - log_q).sum(-1)
-    return _row_terms(kl, weight, student_logits, target, valid, beta=beta, kl_scale=kl_scale, ce_weight=ce_weight)
+    return in_s, ids, log_pt, weight
 
 
 def _topk_loss(student_logits, topk_ids, topk_logprobs, target, reduction, **params):

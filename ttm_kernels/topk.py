@@ -27,8 +27,8 @@ import torch
 
 from . import _ops, _topk_ops, linear, reference, spec as specs
 from ._stats import TopkStat
-from .functional import (LossComponents, _valid_rows, head_post, mean_denominator, reference_rows, validate_logits,
-                         validate_num_items, validate_options, validate_target)
+from .functional import (LossComponents, _valid_rows, check_vocab_size, head_post, mean_denominator, reference_rows,
+                         validate_logits, validate_num_items, validate_options, validate_target)
 from .spec import DEFAULT_GAMMA, DEFAULT_TEMPERATURE, LossSpec, check_flag as _check_flag
 
 TAILS = reference.TAILS
@@ -115,21 +115,19 @@ def validate_topk(ids, logprobs, lead_shape, vocab, device, tail, valid=None):
     return sorted_ids, sorted_logprobs
 
 
-def refuse_process_group(process_group) -> None:
-    """The top-k losses do not run vocabulary-parallel yet: a clear error before any work (every rank raises it,
-    since it depends on the call's arguments only)."""
-    if process_group is not None:
-        raise NotImplementedError(
-            "process_group is not supported by the top-k (sparse teacher) losses yet: their kernels have no partial "
-            "statistics to merge across ranks; gather the student's logits (or its LM head) to every rank, or use a "
-            "dense teacher's logits with process_group")
-
-
 def _fused_topk_loss(student_logits, ids, logprobs, target, spec: LossSpec, *, tail, reduction, backend,
-                     return_components, num_items_in_batch=None, process_group=None):
+                     return_components, num_items_in_batch=None, process_group=None, vocab_size=None):
     _check_flag("return_components", return_components)
-    refuse_process_group(process_group)
+    if process_group is not None:
+        from . import distributed  # imported on first use: it imports this module's dependencies
+        if spec.has_head_post and isinstance(student_logits, torch.Tensor) and student_logits.is_floating_point():
+            student_logits = head_post(student_logits, spec)
+        return distributed.vocab_parallel_topk_loss(
+            student_logits, ids, logprobs, target, spec.without_head_post(), tail=tail, process_group=process_group,
+            reduction=reduction, backend=backend, return_components=return_components,
+            num_items_in_batch=num_items_in_batch, vocab_size=vocab_size)
     validate_logits("student_logits", student_logits)
+    check_vocab_size(vocab_size, student_logits.shape[-1])
     validate_options(reduction, spec.ignore_index)
     validate_num_items(num_items_in_batch, reduction)
     lead, vocab, device = student_logits.shape[:-1], student_logits.shape[-1], student_logits.device
@@ -191,8 +189,15 @@ _TOPK_DOC = """
         softcap, logit_scale: the student head's post-processing (``softcap * tanh(logit_scale * z / softcap)``),
             applied to the student's logits with its gradient (one more (N, V) tensor); the teacher's
             log-probabilities are already final and stay as given.
-        process_group: not supported yet (NotImplementedError): the top-k kernels have no partial statistics to
-            merge across ranks.
+        process_group: vocabulary parallelism: each rank passes its contiguous slice of the student's vocabulary
+            columns (rank order = column order, uneven widths allowed) and the teacher's whole (..., k) top-k in
+            global ids (the same on every rank; each rank handles the ids in its columns) and the same target.
+            Every rank gets the loss of the whole rows and its columns' gradient. This runs the reference's
+            arithmetic (float32, float64 for float64 logits) on each rank's columns, whatever ``backend``,
+            unfused: a few (N, width) temporaries; one all_gather of 4 + k numbers per row after the agreement
+            (``ttm_kernels.distributed``). The fused linear top-k losses refuse it (NotImplementedError).
+        vocab_size: optional, the whole vocabulary's size: with ``process_group`` the ranks check that their slices
+            tile it; without, it must be V.
 
     Errors are raised before any work, naming the argument; on a GPU the value checks of the ids and
     log-probabilities are device-side assertions (no host synchronisation), as for the target.
@@ -213,12 +218,14 @@ def fused_wttm_loss_topk(student_logits: torch.Tensor, teacher_topk_ids: torch.T
                          gamma: float = DEFAULT_GAMMA, beta: float = 1.0, ce_weight: float = 1.0,
                          tail: str = "bucket", ignore_index: int = -100, reduction: str = "mean",
                          backend: str = "auto", return_components: bool = False, num_items_in_batch=None,
-                         softcap: Optional[float] = None, logit_scale: float = 1.0, process_group=None):
+                         softcap: Optional[float] = None, logit_scale: float = 1.0, process_group=None,
+                         vocab_size: Optional[int] = None):
     spec = specs.wttm(gamma, beta=beta, ce_weight=ce_weight, ignore_index=ignore_index, softcap=softcap,
                     logit_scale=logit_scale)
     return _fused_topk_loss(student_logits, teacher_topk_ids, teacher_topk_logprobs, target, spec, tail=tail,
                             reduction=reduction, backend=backend, return_components=return_components,
-                            num_items_in_batch=num_items_in_batch, process_group=process_group)
+                            num_items_in_batch=num_items_in_batch, process_group=process_group,
+                            vocab_size=vocab_size)
 
 
 fused_wttm_loss_topk.__doc__ = """WTTM from the teacher's top-k log-probabilities: ``ce_weight * CE + beta *
@@ -234,12 +241,14 @@ def fused_ttm_loss_topk(student_logits: torch.Tensor, teacher_topk_ids: torch.Te
                         gamma: float = DEFAULT_GAMMA, beta: float = 1.0, ce_weight: float = 1.0,
                         tail: str = "bucket", ignore_index: int = -100, reduction: str = "mean",
                         backend: str = "auto", return_components: bool = False, num_items_in_batch=None,
-                        softcap: Optional[float] = None, logit_scale: float = 1.0, process_group=None):
+                        softcap: Optional[float] = None, logit_scale: float = 1.0, process_group=None,
+                        vocab_size: Optional[int] = None):
     spec = specs.ttm(gamma, beta=beta, ce_weight=ce_weight, ignore_index=ignore_index, softcap=softcap,
                     logit_scale=logit_scale)
     return _fused_topk_loss(student_logits, teacher_topk_ids, teacher_topk_logprobs, target, spec, tail=tail,
                             reduction=reduction, backend=backend, return_components=return_components,
-                            num_items_in_batch=num_items_in_batch, process_group=process_group)
+                            num_items_in_batch=num_items_in_batch, process_group=process_group,
+                            vocab_size=vocab_size)
 
 
 fused_ttm_loss_topk.__doc__ = """TTM from the teacher's top-k log-probabilities: ``ce_weight * CE + beta *
@@ -254,12 +263,14 @@ def fused_kd_loss_topk(student_logits: torch.Tensor, teacher_topk_ids: torch.Ten
                        temperature: float = DEFAULT_TEMPERATURE, beta: float = 1.0, ce_weight: float = 1.0,
                        tail: str = "bucket", ignore_index: int = -100, reduction: str = "mean",
                        backend: str = "auto", return_components: bool = False, num_items_in_batch=None,
-                       softcap: Optional[float] = None, logit_scale: float = 1.0, process_group=None):
+                       softcap: Optional[float] = None, logit_scale: float = 1.0, process_group=None,
+                       vocab_size: Optional[int] = None):
     spec = specs.kd(temperature, beta=beta, ce_weight=ce_weight, ignore_index=ignore_index, softcap=softcap,
                     logit_scale=logit_scale)
     return _fused_topk_loss(student_logits, teacher_topk_ids, teacher_topk_logprobs, target, spec, tail=tail,
                             reduction=reduction, backend=backend, return_components=return_components,
-                            num_items_in_batch=num_items_in_batch, process_group=process_group)
+                            num_items_in_batch=num_items_in_batch, process_group=process_group,
+                            vocab_size=vocab_size)
 
 
 fused_kd_loss_topk.__doc__ = """Hinton KD from the teacher's top-k log-probabilities: ``ce_weight * CE + beta *
@@ -304,12 +315,19 @@ class TopkTeacher:
 
 def _fused_linear_topk_loss(student_hidden, student_weight, ids, logprobs, target, spec: LossSpec, *, student_bias,
                             tail, reduction, chunk_size, backend, return_components, num_items_in_batch=None,
-                            process_group=None):
+                            process_group=None, reduce_hidden_grad=True, vocab_size=None):
     _check_flag("return_components", return_components)
-    refuse_process_group(process_group)
+    if process_group is not None:
+        from . import distributed  # imported on first use: it imports this module's dependencies
+        return distributed.vocab_parallel_linear_topk_loss(
+            student_hidden, student_weight, ids, logprobs, target, spec, tail=tail, process_group=process_group,
+            reduce_hidden_grad=reduce_hidden_grad, student_bias=student_bias, reduction=reduction,
+            chunk_size=chunk_size, backend=backend, return_components=return_components,
+            num_items_in_batch=num_items_in_batch, vocab_size=vocab_size)
     linear.validate_student(student_hidden, student_weight, student_bias, reduction, spec.ignore_index, chunk_size,
                             num_items_in_batch)
     lead, vocab, device = student_hidden.shape[:-1], student_weight.shape[0], student_hidden.device
+    check_vocab_size(vocab_size, vocab)
     if target is not None:
         validate_target(target, lead, vocab, device, spec.ignore_index)
     sorted_ids, sorted_logprobs = validate_topk(ids, logprobs, lead, vocab, device, tail,
@@ -329,7 +347,13 @@ _LINEAR_TOPK_DOC = """
         teacher_topk_ids, teacher_topk_logprobs: (..., k) with the student's leading shape: the teacher's top-k
             ids (-1 pads) and log-probabilities, as in ``fused_wttm_loss_topk``. No teacher model at all.
         target, tail, beta, ce_weight, ignore_index, reduction, backend, return_components, num_items_in_batch,
-            process_group: as in ``fused_wttm_loss_topk``.
+            vocab_size: as in ``fused_wttm_loss_topk``.
+        process_group: vocabulary parallelism: each rank passes its rows of the student's LM head (and bias), a
+            contiguous slice of the vocabulary, and the same hidden states, target and whole top-k in global ids.
+            Every rank gets the loss of the whole rows; the weight and bias gradients are its slices'; the hidden
+            states' gradient is summed over the group (``reduce_hidden_grad=False``: this rank's part). As for the
+            logits, each chunk's loss is the reference's arithmetic on each rank's columns (unfused; with its
+            collectives, also in the backward of "none"): every rank runs the same chunks.
         softcap, logit_scale: the student head's post-processing, applied to each chunk of its logits inside the
             chunk loop with its gradient (as in ``fused_linear_wttm_loss``); the teacher's log-probabilities are
             final.
@@ -354,13 +378,15 @@ def fused_linear_wttm_loss_topk(student_hidden: torch.Tensor, student_weight: to
                                 tail: str = "bucket", ignore_index: int = -100, reduction: str = "mean",
                                 chunk_size: Optional[int] = None, backend: str = "auto",
                                 return_components: bool = False, num_items_in_batch=None, softcap: Optional[float] = None,
-                                logit_scale: float = 1.0, process_group=None):
+                                logit_scale: float = 1.0, process_group=None,
+                                reduce_hidden_grad: bool = True, vocab_size: Optional[int] = None):
     spec = specs.wttm(gamma, beta=beta, ce_weight=ce_weight, ignore_index=ignore_index, softcap=softcap,
                     logit_scale=logit_scale)
     return _fused_linear_topk_loss(student_hidden, student_weight, teacher_topk_ids, teacher_topk_logprobs, target,
                                    spec, student_bias=student_bias, tail=tail, reduction=reduction,
                                    chunk_size=chunk_size, backend=backend, return_components=return_components,
-                                   num_items_in_batch=num_items_in_batch, process_group=process_group)
+                                   num_items_in_batch=num_items_in_batch, process_group=process_group,
+                                   reduce_hidden_grad=reduce_hidden_grad, vocab_size=vocab_size)
 
 
 fused_linear_wttm_loss_topk.__doc__ = """``fused_wttm_loss_topk`` on ``student_hidden @ student_weight.T (+ bias)``,
@@ -375,13 +401,15 @@ def fused_linear_ttm_loss_topk(student_hidden: torch.Tensor, student_weight: tor
                                tail: str = "bucket", ignore_index: int = -100, reduction: str = "mean",
                                chunk_size: Optional[int] = None, backend: str = "auto",
                                return_components: bool = False, num_items_in_batch=None, softcap: Optional[float] = None,
-                               logit_scale: float = 1.0, process_group=None):
+                               logit_scale: float = 1.0, process_group=None,
+                               reduce_hidden_grad: bool = True, vocab_size: Optional[int] = None):
     spec = specs.ttm(gamma, beta=beta, ce_weight=ce_weight, ignore_index=ignore_index, softcap=softcap,
                     logit_scale=logit_scale)
     return _fused_linear_topk_loss(student_hidden, student_weight, teacher_topk_ids, teacher_topk_logprobs, target,
                                    spec, student_bias=student_bias, tail=tail, reduction=reduction,
                                    chunk_size=chunk_size, backend=backend, return_components=return_components,
-                                   num_items_in_batch=num_items_in_batch, process_group=process_group)
+                                   num_items_in_batch=num_items_in_batch, process_group=process_group,
+                                   reduce_hidden_grad=reduce_hidden_grad, vocab_size=vocab_size)
 
 
 fused_linear_ttm_loss_topk.__doc__ = """``fused_ttm_loss_topk`` on the student's LM-head output, chunked. gamma:
@@ -396,13 +424,15 @@ def fused_linear_kd_loss_topk(student_hidden: torch.Tensor, student_weight: torc
                               tail: str = "bucket", ignore_index: int = -100, reduction: str = "mean",
                               chunk_size: Optional[int] = None, backend: str = "auto",
                               return_components: bool = False, num_items_in_batch=None, softcap: Optional[float] = None,
-                              logit_scale: float = 1.0, process_group=None):
+                              logit_scale: float = 1.0, process_group=None,
+                              reduce_hidden_grad: bool = True, vocab_size: Optional[int] = None):
     spec = specs.kd(temperature, beta=beta, ce_weight=ce_weight, ignore_index=ignore_index, softcap=softcap,
                     logit_scale=logit_scale)
     return _fused_linear_topk_loss(student_hidden, student_weight, teacher_topk_ids, teacher_topk_logprobs, target,
                                    spec, student_bias=student_bias, tail=tail, reduction=reduction,
                                    chunk_size=chunk_size, backend=backend, return_components=return_components,
-                                   num_items_in_batch=num_items_in_batch, process_group=process_group)
+                                   num_items_in_batch=num_items_in_batch, process_group=process_group,
+                                   reduce_hidden_grad=reduce_hidden_grad, vocab_size=vocab_size)
 
 
 fused_linear_kd_loss_topk.__doc__ = """``fused_kd_loss_topk`` (T^2 factor) on the student's LM-head output,
