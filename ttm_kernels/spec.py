@@ -13,6 +13,7 @@ transform or a divergence means adding a field here, its constructor and its ref
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Optional
 
@@ -87,6 +88,7 @@ class LossSpec:
                     ce_weight=self.ce_weight, ignore_index=self.ignore_index)
 
 
+@functools.lru_cache(maxsize=256, typed=True)  # a training loop builds the same spec every step
 def wttm(gamma: float = DEFAULT_GAMMA, **options) -> LossSpec:
     """Weighted TTM: ``U * KL(softmax(gamma * v) || softmax(z))``, U = sum(softmax(v)**gamma); no student
     temperature, no T^2. ``options``: beta, ce_weight, ignore_index, softcap, logit_scale."""
@@ -94,12 +96,14 @@ def wttm(gamma: float = DEFAULT_GAMMA, **options) -> LossSpec:
     return LossSpec("wttm", 1.0, gamma, 1.0, True, **options)
 
 
+@functools.lru_cache(maxsize=256, typed=True)  # a training loop builds the same spec every step
 def ttm(gamma: float = DEFAULT_GAMMA, **options) -> LossSpec:
     """TTM: ``KL(softmax(gamma * v) || softmax(z))``."""
     gamma = check_finite("gamma", gamma, positive=True)
     return LossSpec("ttm", 1.0, gamma, 1.0, False, **options)
 
 
+@functools.lru_cache(maxsize=256, typed=True)  # a training loop builds the same spec every step
 def kd(temperature: float = DEFAULT_TEMPERATURE, *, t_squared: bool = True, **options) -> LossSpec:
     """Hinton KD: ``T^2 * KL(softmax(v / T) || softmax(z / T))``; ``t_squared=False`` drops the T^2 factor
     (Liger's convention, ``FusedLinearDistillLoss``)."""
