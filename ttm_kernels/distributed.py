@@ -39,9 +39,9 @@ from typing import NamedTuple
 import torch
 import torch.distributed as dist
 
-from . import _ops, functional, linear, reference
+from . import _ops, functional, linear, reference, reduction as reduction_
 from ._stats import Stat
-from .functional import LossComponents, is_dtensor
+from .functional import is_dtensor
 
 # float dtypes as small integers for the agreement exchange
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -232,11 +232,6 @@ def sharded_rows(pieces: _ops.RowPieces, shards: Shards, student, teacher, targe
     return stats
 
 
-def _components(rows, valid, lead) -> LossComponents:
-    """Batch means of the detached (kl, ce, weight) rows over the rows that count."""
-    return LossComponents(*(reference.reduce_rows(x.detach().view(lead), valid, "mean") for x in rows))
-
-
 # ---------------------------------------------------------------------------------------------- logits
 
 
@@ -331,7 +326,7 @@ def vocab_parallel_loss(student_logits, teacher_logits, target, spec, *, process
             raise ValueError("inplace_backward=True is not supported with process_group (each rank's logits are "
                              "already 1/world of the vocabulary)")
         functional._validate(student, teacher, None, spec.ignore_index, reduction)
-        functional.validate_num_items(num_items_in_batch, reduction)
+        reduction_.validate_num_items(num_items_in_batch, reduction)
         if target is not None:
             functional.validate_target(target, student.shape[:-1], None, device, spec.ignore_index)
         resolved = _compiled_backend(backend, device, student.dtype)
@@ -348,7 +343,7 @@ def vocab_parallel_loss(student_logits, teacher_logits, target, spec, *, process
     pieces = _ops.RowPieces(backend, spec.kernel_params(), spec.weighted, shards.vocab)
     denominator = None
     if reduction == "mean":
-        denominator = functional.mean_denominator(target, spec.ignore_index, valid.numel(), device,
+        denominator = reduction_.mean_denominator(target, spec.ignore_index, valid.numel(), device,
                                                   num_items_in_batch)
     row_grad = None
     if reduction != "none" and student.requires_grad and torch.is_grad_enabled():
@@ -363,7 +358,7 @@ def vocab_parallel_loss(student_logits, teacher_logits, target, spec, *, process
             loss = loss / denominator if reduction == "mean" else loss
     if not return_components:
         return loss
-    return loss, _components(stats[Stat.KL:Stat.WEIGHT + 1], valid, lead)
+    return loss, reduction_.components(stats[Stat.KL:Stat.WEIGHT + 1], valid)
 
 
 # ---------------------------------------------------------------------------------------------- top-k logits
@@ -438,12 +433,12 @@ def vocab_parallel_topk_loss(student_logits, ids, logprobs, target, spec, *, tai
     def check():
         functional.validate_logits("student_logits", student_logits)
         functional.validate_options(reduction, spec.ignore_index)
-        functional.validate_num_items(num_items_in_batch, reduction)
+        reduction_.validate_num_items(num_items_in_batch, reduction)
         _ops.resolve_backend(backend, device, student_logits.dtype)
         lead = student_logits.shape[:-1]
         if target is not None:
             functional.validate_target(target, lead, None, device, spec.ignore_index)
-        valid = functional._valid_rows(target, lead, device, spec.ignore_index)
+        valid = reduction_.valid_rows(target, lead, device, spec.ignore_index)
         # The global vocabulary is known after the exchange: the ids' range against it is checked then.
         topk.validate_topk(ids, logprobs, lead, _INT64_MAX, device, tail, valid)
         flat = ids.reshape(-1).long()
@@ -461,7 +456,7 @@ def vocab_parallel_topk_loss(student_logits, ids, logprobs, target, spec, *, tai
     lead = student_logits.shape[:-1]
     compute = torch.float64 if student_logits.dtype == torch.float64 else torch.float32
     flat_target = None if target is None else target.reshape(-1).long()
-    valid = functional._valid_rows(flat_target, (lead.numel(),), device, spec.ignore_index)
+    valid = reduction_.valid_rows(flat_target, (lead.numel(),), device, spec.ignore_index)
     z = student_logits.reshape(-1, student_logits.shape[-1]).to(compute)
     rows = _sharded_topk_rows(z, ids.reshape(-1, ids.shape[-1]).long(), logprobs.reshape(-1, ids.shape[-1]),
                               flat_target, valid, spec, tail, shards)
@@ -469,11 +464,11 @@ def vocab_parallel_topk_loss(student_logits, ids, logprobs, target, spec, *, tai
     if reduction != "none":
         loss = loss.sum()
         if reduction == "mean":
-            loss = loss / functional.mean_denominator(flat_target, spec.ignore_index, lead.numel(), device,
+            loss = loss / reduction_.mean_denominator(flat_target, spec.ignore_index, lead.numel(), device,
                                                       num_items_in_batch, dtype=compute)
     if not return_components:
         return loss
-    return loss, _components([rows[k] for k in ("kl", "ce", "weight")], valid.view(lead), lead)
+    return loss, reduction_.components([rows[k] for k in ("kl", "ce", "weight")], valid.view(lead))
 
 
 # ---------------------------------------------------------------------------------------------- fused linear
@@ -556,7 +551,7 @@ def vocab_parallel_linear_loss(student_hidden, student_weight, teacher_hidden, t
     launch = linear.Launch(spec, backend)
     denominator = None
     if reduction == "mean":
-        denominator = functional.mean_denominator(target, spec.ignore_index, n, device, num_items_in_batch,
+        denominator = reduction_.mean_denominator(target, spec.ignore_index, n, device, num_items_in_batch,
                                                   dtype=linear._accumulation_dtype(student_hidden.dtype))
     needs = tuple(torch.is_grad_enabled() and x is not None and x.requires_grad
                   for x in (student_hidden, student_weight, student_bias))
@@ -577,7 +572,7 @@ def vocab_parallel_linear_loss(student_hidden, student_weight, teacher_hidden, t
         loss = loss.view(lead)
     if not return_components:
         return loss
-    return loss, _components(terms, functional._valid_rows(target, (n,), device, spec.ignore_index), lead)
+    return loss, reduction_.components(terms, reduction_.valid_rows(target, (n,), device, spec.ignore_index).view(lead))
 
 
 class _ShardedTopkTeacher:
@@ -599,7 +594,7 @@ class _ShardedTopkTeacher:
     def chunk_loss(self, z, start, end, y, row_grad, launch):
         spec = launch.loss
         ids, logprobs = self.ids[start:end], self.logprobs[start:end]
-        valid = functional._valid_rows(y, (end - start,), z.device, spec.ignore_index)
+        valid = reduction_.valid_rows(y, (end - start,), z.device, spec.ignore_index)
         return linear.loss_and_grad_torch(
             z, lambda logits: _sharded_topk_rows(logits, ids, logprobs, y, valid, spec, self.tail, self.shards),
             row_grad)
@@ -632,7 +627,7 @@ def vocab_parallel_linear_topk_loss(student_hidden, student_weight, ids, logprob
         lead = student_hidden.shape[:-1]
         if target is not None:
             functional.validate_target(target, lead, None, device, spec.ignore_index)
-        valid = functional._valid_rows(target, lead, device, spec.ignore_index)
+        valid = reduction_.valid_rows(target, lead, device, spec.ignore_index)
         # The global vocabulary is known after the exchange: the ids' range against it is checked then.
         topk.validate_topk(ids, logprobs, lead, _INT64_MAX, device, tail, valid)
         flat = ids.reshape(-1).long()
@@ -654,7 +649,7 @@ def vocab_parallel_linear_topk_loss(student_hidden, student_weight, ids, logprob
     target = None if target is None else target.reshape(-1).long()
     denominator = None
     if reduction == "mean":
-        denominator = functional.mean_denominator(target, spec.ignore_index, n, device, num_items_in_batch,
+        denominator = reduction_.mean_denominator(target, spec.ignore_index, n, device, num_items_in_batch,
                                                   dtype=linear._accumulation_dtype(student_hidden.dtype))
     needs = tuple(torch.is_grad_enabled() and x is not None and x.requires_grad
                   for x in (student_hidden, student_weight, student_bias))
@@ -675,7 +670,7 @@ def vocab_parallel_linear_topk_loss(student_hidden, student_weight, ids, logprob
         loss = loss.view(lead)
     if not return_components:
         return loss
-    return loss, _components(terms, functional._valid_rows(target, (n,), device, spec.ignore_index), lead)
+    return loss, reduction_.components(terms, reduction_.valid_rows(target, (n,), device, spec.ignore_index).view(lead))
 
 
 # ---------------------------------------------------------------------------------------------- FSDP2

@@ -30,9 +30,8 @@ from torch import nn
 
 from . import _ops, reference, spec as specs
 from ._stats import Stat
-from .functional import (LossComponents, _valid_rows, check_vocab_size, is_dtensor, mean_denominator,
-                         validate_num_items,
-                         validate_options, validate_target)
+from .functional import check_vocab_size, is_dtensor, validate_options, validate_target
+from .reduction import components, mean_denominator, valid_rows, validate_num_items
 from .spec import DEFAULT_GAMMA, DEFAULT_TEMPERATURE, LossSpec
 
 VOCAB_MISMATCH = ("error", "truncate_teacher")
@@ -422,8 +421,7 @@ def run_linear_loss(student_hidden, student_weight, student_bias, teacher, targe
         return loss, spec.kl_scale * (weight * kl).sum() / denominator, ce.sum() / denominator
     if not return_components:
         return loss
-    valid = _valid_rows(target, (n_rows,), device, spec.ignore_index)
-    return loss, LossComponents(*(reference.reduce_rows(x, valid, "mean") for x in terms))
+    return loss, components(terms, valid_rows(target, lead, device, spec.ignore_index).view(lead))
 
 
 _COMMON_DOC = """

@@ -27,8 +27,8 @@ import torch
 
 from . import _ops, _topk_ops, linear, reference, spec as specs
 from ._stats import TopkStat
-from .functional import (LossComponents, _valid_rows, check_vocab_size, head_post, mean_denominator, reference_rows,
-                         validate_logits, validate_num_items, validate_options, validate_target)
+from .functional import check_vocab_size, head_post, reference_rows, validate_logits, validate_options, validate_target
+from .reduction import components, mean_denominator, valid_rows, validate_num_items
 from .spec import DEFAULT_GAMMA, DEFAULT_TEMPERATURE, LossSpec, check_flag as _check_flag
 
 TAILS = reference.TAILS
@@ -133,7 +133,7 @@ def _fused_topk_loss(student_logits, ids, logprobs, target, spec: LossSpec, *, t
     lead, vocab, device = student_logits.shape[:-1], student_logits.shape[-1], student_logits.device
     if target is not None:
         validate_target(target, lead, vocab, device, spec.ignore_index)
-    valid = _valid_rows(target, lead, device, spec.ignore_index)
+    valid = valid_rows(target, lead, device, spec.ignore_index)
     sorted_ids, sorted_logprobs = validate_topk(ids, logprobs, lead, vocab, device, tail, valid)
     backend = _ops.resolve_backend(backend, device, student_logits.dtype)
     # The student's head post-processing; the teacher's log-probabilities are already final.
@@ -162,7 +162,7 @@ def _fused_topk_loss(student_logits, ids, logprobs, target, spec: LossSpec, *, t
         detached = [stats[k].detach().view(lead) for k in (TopkStat.KL, TopkStat.CE, TopkStat.WEIGHT)]
     if not return_components:
         return loss
-    return loss, LossComponents(*(reference.reduce_rows(x, valid, "mean") for x in detached))
+    return loss, components(detached, valid)
 
 
 _TOPK_DOC = """
@@ -331,7 +331,7 @@ def _fused_linear_topk_loss(student_hidden, student_weight, ids, logprobs, targe
     if target is not None:
         validate_target(target, lead, vocab, device, spec.ignore_index)
     sorted_ids, sorted_logprobs = validate_topk(ids, logprobs, lead, vocab, device, tail,
-                                                _valid_rows(target, lead, device, spec.ignore_index))
+                                                valid_rows(target, lead, device, spec.ignore_index))
     backend = _ops.resolve_backend(backend, device, student_hidden.dtype)
     # The chunk loop applies the student head's post-processing (softcap, logit_scale) to each chunk.
     return linear.run_linear_loss(student_hidden, student_weight, student_bias,
@@ -377,8 +377,8 @@ def fused_linear_wttm_loss_topk(student_hidden: torch.Tensor, student_weight: to
                                 gamma: float = DEFAULT_GAMMA, beta: float = 1.0, ce_weight: float = 1.0,
                                 tail: str = "bucket", ignore_index: int = -100, reduction: str = "mean",
                                 chunk_size: Optional[int] = None, backend: str = "auto",
-                                return_components: bool = False, num_items_in_batch=None, softcap: Optional[float] = None,
-                                logit_scale: float = 1.0, process_group=None,
+                                return_components: bool = False, num_items_in_batch=None,
+                                softcap: Optional[float] = None, logit_scale: float = 1.0, process_group=None,
                                 reduce_hidden_grad: bool = True, vocab_size: Optional[int] = None):
     spec = specs.wttm(gamma, beta=beta, ce_weight=ce_weight, ignore_index=ignore_index, softcap=softcap,
                     logit_scale=logit_scale)
@@ -400,8 +400,8 @@ def fused_linear_ttm_loss_topk(student_hidden: torch.Tensor, student_weight: tor
                                gamma: float = DEFAULT_GAMMA, beta: float = 1.0, ce_weight: float = 1.0,
                                tail: str = "bucket", ignore_index: int = -100, reduction: str = "mean",
                                chunk_size: Optional[int] = None, backend: str = "auto",
-                               return_components: bool = False, num_items_in_batch=None, softcap: Optional[float] = None,
-                               logit_scale: float = 1.0, process_group=None,
+                               return_components: bool = False, num_items_in_batch=None,
+                               softcap: Optional[float] = None, logit_scale: float = 1.0, process_group=None,
                                reduce_hidden_grad: bool = True, vocab_size: Optional[int] = None):
     spec = specs.ttm(gamma, beta=beta, ce_weight=ce_weight, ignore_index=ignore_index, softcap=softcap,
                     logit_scale=logit_scale)
