@@ -591,11 +591,18 @@ TopkTeacher topk_teacher(const TopkSetup& setup, int64_t r, int64_t first) {
   const LossSetup& loss = setup.loss;
   const double g = loss.teacher_scale;
   const float* l = setup.logprobs + r * setup.k;
-  double p_sum = 0.0, m_w = -INFINITY;
+  double m_l = -INFINITY, m_w = -INFINITY;
   for (int64_t i = first; i < setup.k; ++i) {
-    p_sum += std::exp(double(l[i]));
+    m_l = std::max(m_l, double(l[i]));
     m_w = std::max(m_w, g * l[i]);
   }
+  // sum p shifted by the row's largest log-probability: a row whose log-probabilities all lie below about -745
+  // underflows in double, and its renormalised weight needs log sum p, which is finite.
+  const double shift = m_l > -INFINITY ? m_l : 0.0;
+  double p_shifted = 0.0;
+  for (int64_t i = first; i < setup.k; ++i) p_shifted += std::exp(double(l[i]) - shift);
+  const double log_p_sum = shift + std::log(p_shifted);
+  const double p_sum = std::exp(log_p_sum);
   // Under the power transform a residue counts: 1 - sum p in double, from the stored values.
   const double p_tail = setup.bucket && setup.k - first < loss.vocab ? std::max(0.0, 1.0 - p_sum) : 0.0;
   const double w_tail = g * std::log(p_tail);
@@ -604,7 +611,7 @@ TopkTeacher topk_teacher(const TopkSetup& setup, int64_t r, int64_t first) {
   for (int64_t i = first; i < setup.k; ++i) sum_w += std::exp(g * l[i] - m_w);
   TopkTeacher teacher;
   teacher.log_norm = m_w + std::log(sum_w);
-  teacher.weight = !loss.weighted ? 1.0 : std::exp(teacher.log_norm - (setup.bucket ? 0.0 : g * std::log(p_sum)));
+  teacher.weight = !loss.weighted ? 1.0 : std::exp(teacher.log_norm - (setup.bucket ? 0.0 : g * log_p_sum));
   teacher.log_pt_tail = w_tail - teacher.log_norm;
   return teacher;
 }

@@ -14,11 +14,14 @@ import datetime
 import json
 import os
 import traceback
+import zlib
 
+import pytest
 import torch
 import torch.distributed as dist
 from torch import nn
 
+import matrix
 import ttm_kernels
 from ttm_kernels import reference
 from test_fused_loss import FUSED, REFERENCE, assert_close, reference_loss_and_grad
@@ -229,14 +232,16 @@ def expect_error(rank, world, make_call, own_error, own_match, bad_ranks):
     assert torch.isfinite(after)
 
 
-def _call(rank, world, n=9, dtype=torch.float32, change_target=None, requires_grad_teacher=False, gamma=0.3):
+def _call(rank, world, n=9, dtype=torch.float32, change_target=None, requires_grad_teacher=False, gamma=0.3,
+          student_none=False, **extra):
     z, v, target = make_rows(seed=10, n=n)
     if change_target is not None:
         change_target(target)
     a, b = columns(rank, world)
     teacher = v[:, a:b].to(dtype).requires_grad_(requires_grad_teacher)
-    return lambda: ttm_kernels.fused_wttm_loss(z[:, a:b].to(dtype), teacher, target, gamma=gamma,
-                                               process_group=world_group())
+    student = None if student_none else z[:, a:b].to(dtype)
+    return lambda: ttm_kernels.fused_wttm_loss(student, teacher, target, gamma=gamma, process_group=world_group(),
+                                               **extra)
 
 
 def check_error_rows_differ(rank, world):
@@ -271,6 +276,33 @@ def check_error_one_rank_rejects(rank, world):
     last = world - 1
     expect_error(rank, world, _call(rank, world, requires_grad_teacher=rank == last), ValueError,
                  "teacher_logits requires grad", [last])
+
+
+def check_error_num_items_differ(rank, world):
+    """num_items_in_batch is in the agreement: ranks passing different counts would each return another loss."""
+    expect_error(rank, world, _call(rank, world, num_items_in_batch=torch.tensor(12.0 + rank)), ValueError,
+                 "disagree on num_items_in_batch: rank 0: 12, rank 1: 13", None)
+
+
+def check_error_one_rank_passes_none(rank, world):
+    """A rank passing student_logits=None raises its own TypeError in the agreement, the others one naming it:
+    none waits in a collective."""
+    last = world - 1
+    expect_error(rank, world, _call(rank, world, student_none=rank == last), TypeError,
+                 "student_logits must be a torch.Tensor, got NoneType", [last])
+
+
+def check_vocab_size(rank, world):
+    """vocab_size= lets the ranks check that their shards tile the vocabulary: the right size changes nothing; a
+    wrong one, or ranks passing different sizes, make every rank raise."""
+    z, v, target = make_rows(seed=18)
+    checked, _ = sharded_loss_and_grad("wttm", z, v, target, rank, world, vocab_size=V)
+    plain, _ = sharded_loss_and_grad("wttm", z, v, target, rank, world)
+    expect_error(rank, world, _call(rank, world, vocab_size=V + 1), ValueError,
+                 f"sum to {V}, not vocab_size={V + 1}", None)
+    expect_error(rank, world, _call(rank, world, vocab_size=V + rank), ValueError,
+                 f"disagree on vocab_size: rank 0: {V}, rank 1: {V + 1}", None)
+    assert torch.equal(checked, plain)
 
 
 # ------------------------------------------------------------------------------------------- fused linear
@@ -365,6 +397,92 @@ def check_linear_error_hidden_sizes_differ(rank, world):
     expect_error(rank, world, call, ValueError, "student hidden size: rank 0: 16, rank 1: 8", None)
 
 
+def check_linear_error_one_rank_passes_none(rank, world):
+    """The fused linear loss's agreement likewise: a None student_hidden on one rank, and num_items_in_batch."""
+    hs, ws, bs, ht, wt, bt, target = make_linear(seed=15)
+    a, b = columns(rank, world)
+    last = world - 1
+
+    def call(hidden, **extra):
+        return lambda: ttm_kernels.fused_linear_wttm_loss(hidden, ws[a:b].float(), ht.float(), wt[a:b].float(),
+                                                          target, process_group=world_group(), **extra)
+    expect_error(rank, world, call(None if rank == last else hs.float()), TypeError,
+                 "student_hidden must be a torch.Tensor, got NoneType", [last])
+    expect_error(rank, world, call(hs.float(), num_items_in_batch=7 if rank == 0 else 5), ValueError,
+                 "disagree on num_items_in_batch: rank 0: 7, rank 1: 5", None)
+
+
+# ------------------------------------------------------------------------------------------- the matrix
+
+
+def check_matrix_cell(cell):
+    """One process_group cell of the variant registry (``matrix.py``): this rank's columns (or LM-head rows)
+    against the float64 reference of the whole rows, the loss the same on every rank; or the documented refusal,
+    raised by every rank."""
+    def check(rank, world):
+        inputs = matrix.make_inputs(cell, seed=zlib.crc32(cell.id.encode()))
+        columns = matrix.COLUMNS[world][rank:rank + 2]
+        local = matrix.shard(inputs, columns)
+        error = matrix.documented_error(cell, distributed=True)
+        if error is not None:
+            with pytest.raises(error[0], match=error[1]):
+                matrix.run_cell(cell, local, process_group=world_group())
+            return
+        upstream = matrix.upstream(cell)
+        loss, grads = matrix.run_cell(cell, local, upstream, process_group=world_group())
+        assert_same_on_every_rank("loss", loss)
+        ref_loss, ref_grads = matrix.reference_cell(cell, inputs, upstream)
+        matrix.assert_matches(cell, loss, grads, ref_loss, ref_grads, columns)
+    return check
+
+
+def check_topk_tails_and_full_rows(rank, world):
+    """Top-k with process_group, both tails, on rows whose ids cover the whole vocabulary (an empty tail on every
+    rank), rows whose ids all lie in one rank's columns, a row of padding and an ignored row; against the float64
+    reference of the whole rows."""
+    v, k = matrix.VOCAB, matrix.VOCAB
+    gen = torch.Generator().manual_seed(17)
+    z = torch.randn(6, v, generator=gen, dtype=torch.float64) * 10
+    logprobs_full = torch.log_softmax(torch.randn(6, v, generator=gen, dtype=torch.float64) * 10, -1)
+    ids = torch.argsort(torch.rand(6, v, generator=gen), -1)
+    ids[2:4, 5:] = -1                              # partial rows
+    ids[2, :5] = torch.tensor([0, 3, 7, 11, 19])  # all in rank 0's columns
+    ids[3, :5] = torch.tensor([20, 25, 30, 33, 36])  # none in rank 0's
+    ids[4, 1:] = -1                                # one id
+    logprobs = logprobs_full.gather(-1, ids.clamp_min(0))
+    target = torch.tensor([4, 20, -100, 36, 0, 21])
+    columns = matrix.COLUMNS[world][rank:rank + 2]
+    a, b = columns
+    results = []
+    for tail in ("bucket", "renormalize"):
+        local = z[:, a:b].float().requires_grad_()
+        loss = ttm_kernels.fused_wttm_loss_topk(local, ids, logprobs.float(), target, gamma=0.4, beta=2.0, tail=tail,
+                                                 process_group=world_group())
+        loss.backward()
+        z64 = z.float().double().requires_grad_()
+        ref = reference.wttm_loss_topk(z64, ids, logprobs.float().double(), target, gamma=0.4, beta=2.0, tail=tail)
+        ref.backward()
+        results.append((tail, loss.detach(), local.grad, ref.detach(), z64.grad[:, a:b]))
+    for tail, loss, grad, ref_loss, ref_grad in results:
+        assert_same_on_every_rank(f"{tail} loss", loss)
+        assert_close(f"{tail} loss", ref_loss, loss, 1e-5, 1e-6)
+        assert_close(f"{tail} grad", ref_grad, grad, 1e-4, 1e-7)
+
+
+def check_topk_error_ids_outside_vocabulary(rank, world):
+    """The ids' range is checked against the global vocabulary, known after the agreement: every rank raises."""
+    inputs = matrix.make_inputs(matrix.Cell("wttm", "topk", "3d", "cpu", "mean", "plain"), seed=3)
+    local = matrix.shard(inputs, matrix.COLUMNS[world][rank:rank + 2])
+    local["teacher_topk_ids"] = local["teacher_topk_ids"].clone()
+    local["teacher_topk_ids"][0, 0, 0] = matrix.VOCAB
+
+    def call():
+        return ttm_kernels.fused_wttm_loss_topk(local["student_logits"].float(), local["teacher_topk_ids"],
+                                                local["teacher_topk_logprobs"].float(), local["target"],
+                                                process_group=world_group())
+    expect_error(rank, world, call, ValueError, f"teacher_topk_ids holds ids outside [0, {matrix.VOCAB})", None)
+
+
 # ------------------------------------------------------------------------------------------- FSDP2
 
 
@@ -450,11 +568,18 @@ CHECKS = {
     "error-targets-differ": check_error_targets_differ,
     "error-settings-differ": check_error_settings_differ,
     "error-one-rank-rejects": check_error_one_rank_rejects,
+    "error-num-items-differ": check_error_num_items_differ,
+    "fused_loss-vocab-size": check_vocab_size,
+    "error-one-rank-passes-none": check_error_one_rank_passes_none,
     **{f"fused_linear-{kind}-{reduction}": check_linear_matches_reference(kind, reduction)
        for kind, reduction in (("wttm", "mean"), ("ttm", "sum"), ("kd", "none"), ("wttm", "none"))},
     "fused_linear-local-hidden-grad": check_linear_local_hidden_grad,
     "fused_linear-default-chunks": check_linear_default_chunks,
     "fused_linear-error-hidden-sizes-differ": check_linear_error_hidden_sizes_differ,
+    "fused_linear-error-one-rank-passes-none": check_linear_error_one_rank_passes_none,
+    **{f"matrix-{cell.id}": check_matrix_cell(cell) for cell in matrix.distributed_cells()},
+    "topk-tails-and-full-rows": check_topk_tails_and_full_rows,
+    "topk-error-ids-outside-vocabulary": check_topk_error_ids_outside_vocabulary,
     "fsdp2-separate-head": check_fsdp2(separate_head=True),
     "fsdp2-root-head": check_fsdp2(separate_head=False),
 }

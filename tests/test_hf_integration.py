@@ -66,9 +66,9 @@ def reference_rows(student, teacher, batch, loss_fn):
     z = student(**model_inputs).logits[:, :-1]
     with torch.no_grad():
         v = teacher(**model_inputs).logits[:, :-1]
-    student_scale, teacher_scale = loss_fn._scales()
-    return reference.loss_rows(z.double(), v.double(), batch["labels"][:, 1:], student_scale=student_scale,
-                               teacher_scale=teacher_scale, kl_scale=1.0, weighted=loss_fn.loss == "wttm",
+    spec = loss_fn._spec()
+    return reference.loss_rows(z.double(), v.double(), batch["labels"][:, 1:], student_scale=spec.student_scale,
+                               teacher_scale=spec.teacher_scale, kl_scale=1.0, weighted=loss_fn.loss == "wttm",
                                beta=loss_fn.weight_soft_loss, ce_weight=loss_fn.weight_hard_loss)
 
 

@@ -310,6 +310,63 @@ def test_fused_wttm_loss_topk_bad_input(args, kwargs, error, match):
         fused_wttm_loss_topk(**args, **kwargs)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fused_wttm_loss_topk_int64_ids_beyond_int32_are_refused(backend):
+    """An int64 id of 2**32 + c is checked before the kernels' int32 narrows it: an error naming it, never the
+    loss of id c (nor a raw index error from the reference)."""
+    args = _bad(teacher_topk_ids=torch.tensor([[1, 2, -1], [3, 0, 2**32 + 9], [5, 4, 6], [7, 8, -1]]))
+    with pytest.raises(ValueError, match=rf"teacher_topk_ids holds ids outside \[0, 10\).*e.g. {2**32 + 9}"):
+        fused_wttm_loss_topk(**args, backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fused_wttm_loss_topk_renormalize_row_without_mass_is_refused(backend):
+    """tail='renormalize' on a row whose ids all have log-probability -inf: the clear error of a row of
+    padding, not a NaN loss."""
+    logprobs = torch.log(torch.full((4, 3), 0.2))
+    logprobs[2] = float("-inf")
+    args = _bad(teacher_topk_logprobs=logprobs)
+    with pytest.raises(ValueError, match="at least one id in teacher_topk_ids with a finite log-probability"):
+        fused_wttm_loss_topk(**args, tail="renormalize", backend=backend)
+    args["target"] = torch.tensor([1, 2, -100, 4])  # the row ignored: nothing to refuse
+    assert torch.isfinite(fused_wttm_loss_topk(**args, tail="renormalize", backend=backend))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", ["wttm", "kd"])
+def test_fused_loss_topk_renormalize_logprobs_below_float64_underflow(backend, kind):
+    """Renormalising is invariant under a shift of a row's log-probabilities, so rows whose log-probabilities all
+    lie near -800 (each exp underflows in float64) have the loss and gradient of the same rows shifted back:
+    finite, not inf."""
+    z, ids, logprobs, target = make_problem((6,), 50, 4, seed=31)
+    deep = logprobs.float() - 800.0
+    loss, grad = check(kind, z, ids, deep, target, backend, tail="renormalize")
+    shifted_loss, shifted_grad = fused_loss_and_grad(kind, z.float(), ids, deep + 800.0, target, backend,
+                                                     tail="renormalize")
+    assert torch.isfinite(loss)
+    assert_close("loss vs the shifted rows", shifted_loss, loss, 2e-6, 1e-6)
+    assert_close("grad vs the shifted rows", shifted_grad, grad, 1e-5, 1e-9)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fused_wttm_loss_topk_target_out_of_range_poisons_compiled_rows(backend):
+    """Under torch.compile the target's range check is left to the kernels (and to the reference backend
+    alike): a bad row gets a NaN loss and NaN gradient."""
+    device = device_of(backend)
+    z, ids, logprobs, _ = make_problem((4,), 60, 5, seed=33, device=device)
+    target = torch.tensor([1, 60, -100, 7], device=device)
+
+    @torch.compile(fullgraph=True, dynamic=False)
+    def rows(student, topk_ids, topk_logprobs, tgt):
+        return fused_wttm_loss_topk(student, topk_ids, topk_logprobs, tgt, reduction="none", backend=backend)
+
+    student = z.float().requires_grad_()
+    loss = rows(student, ids, logprobs.float(), target)
+    loss.backward(torch.ones(4, device=device))
+    assert torch.isfinite(loss[[0, 2, 3]]).all() and loss[1].isnan()
+    assert torch.isfinite(student.grad[[0, 2, 3]]).all() and student.grad[1].isnan().all()
+
+
 def test_fused_wttm_loss_topk_takes_rows_of_padding_and_rounding_slack():
     """tail='bucket' takes a row without ids (all mass in the bucket: KL 0); log-probabilities a rounding above
     0 pass and leave a tail of 0."""

@@ -156,16 +156,17 @@ def _(student, ids, logprobs, target, row_grad, student_scale, teacher_scale, kl
     return _new_stats(student)
 
 
-def fused_topk_loss(student, ids, logprobs, target, valid, *, reduction, student_scale, teacher_scale, kl_coef,
-                    ce_weight, weighted, bucket, ignore_index, backend):
+def fused_topk_loss(student, ids, logprobs, target, denominator, *, reduction, student_scale, teacher_scale,
+                    kl_coef, ce_weight, weighted, bucket, ignore_index, backend):
     """The reduced loss (float32) and the (NUM_STATS, N) statistics, from ``topk_rows``' ids and logprobs; as
     ``_ops.fused_loss``: with "mean"/"sum" and a student that needs a gradient, the gradient is computed in
-    the forward's launch; otherwise the backward recomputes it from the statistics."""
+    the forward's launch; otherwise the backward recomputes it from the statistics. ``denominator``: the 0-dim
+    float32 divisor of reduction "mean" (``functional.mean_denominator``)."""
     params = (float(student_scale), float(teacher_scale), float(kl_coef), float(ce_weight), bool(weighted),
               bool(bucket), int(ignore_index), backend)
     if reduction != "none" and student.requires_grad and torch.is_grad_enabled():
         if reduction == "mean":
-            row_grad = 1.0 / valid.sum().clamp_min(1).float()
+            row_grad = denominator.reciprocal()
         else:
             row_grad = torch.ones((), dtype=torch.float32, device=student.device)
         loss, stats, _ = topk_fwd_with_grad(student, ids, logprobs, target, row_grad, *params)
@@ -175,4 +176,4 @@ def fused_topk_loss(student, ids, logprobs, target, valid, *, reduction, student
     if reduction == "none":
         return rows, stats
     total = rows.sum()
-    return (total / valid.sum().clamp_min(1) if reduction == "mean" else total), stats
+    return (total / denominator if reduction == "mean" else total), stats

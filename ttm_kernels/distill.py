@@ -18,8 +18,9 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .functional import DEFAULT_GAMMA, _check_finite, _check_flag
+from . import spec as specs
 from .linear import VOCAB_MISMATCH, _fused_linear_loss
+from .spec import DEFAULT_GAMMA, LossSpec, check_finite, check_flag
 
 LOSSES = ("wttm", "ttm", "kd")
 
@@ -95,44 +96,43 @@ class FusedLinearDistillLoss(nn.Module):
         if beta is not None and (isinstance(beta, bool) or beta != 0):
             raise ValueError(f"beta={beta!r}: Liger's JSD interpolation is not computed here; ttm_kernels' losses "
                              "are the forward KL(teacher || student), Liger's beta=0 (pass beta=0 or leave it out)")
-        self._scales()  # refuse a bad configuration at construction, not at the first step
+        self._spec()  # refuse a bad configuration at construction, not at the first step
 
-    def _scales(self) -> tuple:
-        """(student_scale, teacher_scale) of the kernels for the current attributes, or a clear error."""
+    def _spec(self) -> LossSpec:
+        """The loss spec of the current attributes (Liger's conventions: KD without T^2), or a clear error."""
         if self.loss not in LOSSES:
             raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
-        gamma = _check_finite("gamma", self.gamma, positive=True)
-        temperature = _check_finite("temperature", self.temperature, positive=True)
-        _check_finite("weight_hard_loss", self.weight_hard_loss)
-        _check_finite("weight_soft_loss", self.weight_soft_loss)
-        _check_flag("return_soft_hard_loss", self.return_soft_hard_loss)
+        gamma = check_finite("gamma", self.gamma, positive=True)
+        temperature = check_finite("temperature", self.temperature, positive=True)
+        check_finite("weight_hard_loss", self.weight_hard_loss)
+        check_finite("weight_soft_loss", self.weight_soft_loss)
+        check_flag("return_soft_hard_loss", self.return_soft_hard_loss)
         if self.vocab_mismatch not in VOCAB_MISMATCH:
             raise ValueError(f"vocab_mismatch must be one of {VOCAB_MISMATCH}, got {self.vocab_mismatch!r}")
+        options = dict(beta=self.weight_soft_loss, ce_weight=self.weight_hard_loss, ignore_index=self.ignore_index,
+                       softcap=self.softcap, logit_scale=self.logit_scale)
         if self.loss == "kd":
             if gamma != DEFAULT_GAMMA:
                 raise ValueError(f"gamma={gamma} is the TTM/WTTM exponent; loss='kd' uses temperature")
-            return 1.0 / temperature, 1.0 / temperature
+            return specs.kd(temperature, t_squared=False, **options)
         if temperature != 1.0:
             raise ValueError(f"temperature={temperature}: TTM and WTTM have no student temperature; their teacher "
                              f"transform is gamma (= 1/T), e.g. gamma={1.0 / temperature:g} for T={temperature:g}")
-        return 1.0, gamma
+        return specs.from_scales(self.loss, gamma, **options)
 
     def forward(self, student_input: torch.Tensor, student_weight: torch.Tensor, teacher_input: torch.Tensor,
                 teacher_weight: torch.Tensor, true_labels: Optional[torch.Tensor] = None,
                 student_bias: Optional[torch.Tensor] = None, teacher_bias: Optional[torch.Tensor] = None, *,
                 num_items_in_batch=None):
-        student_scale, teacher_scale = self._scales()
+        spec = self._spec()
         if true_labels is None and self.weight_hard_loss != 0:
             raise ValueError(f"weight_hard_loss={self.weight_hard_loss} needs true_labels for its cross-entropy; "
                              "pass them, or weight_hard_loss=0")
         return _fused_linear_loss(
-            student_input, student_weight, teacher_input, teacher_weight, true_labels, student_bias=student_bias,
-            teacher_bias=teacher_bias, student_scale=student_scale, teacher_scale=teacher_scale, kl_scale=1.0,
-            weighted=self.loss == "wttm", beta=self.weight_soft_loss, ce_weight=self.weight_hard_loss,
-            ignore_index=self.ignore_index, reduction="mean", chunk_size=self.chunk_size,
+            student_input, student_weight, teacher_input, teacher_weight, true_labels, spec, student_bias=student_bias,
+            teacher_bias=teacher_bias, reduction="mean", chunk_size=self.chunk_size,
             vocab_mismatch=self.vocab_mismatch, backend=self.backend, return_components=False,
-            num_items_in_batch=num_items_in_batch, softcap=self.softcap, logit_scale=self.logit_scale,
-            return_soft_hard=self.return_soft_hard_loss)
+            num_items_in_batch=num_items_in_batch, return_soft_hard=self.return_soft_hard_loss)
 
     def extra_repr(self) -> str:
         scale = f"temperature={self.temperature}" if self.loss == "kd" else f"gamma={self.gamma}"

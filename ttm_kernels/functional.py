@@ -9,47 +9,17 @@ read of each row, saving only per-row fp32 statistics for the backward.
 """
 from __future__ import annotations
 
-import math
 import sys
-from typing import NamedTuple, Optional
+from typing import Optional
 
 import torch
 
-from . import _ops, reference
+from . import _ops, reference, spec as specs
 from ._rows import row_view, rows_overlap
 from ._stats import Stat
-
-REDUCTIONS = ("mean", "sum", "none")
-DEFAULT_GAMMA = 0.2
-DEFAULT_TEMPERATURE = 4.0
-
-
-class LossComponents(NamedTuple):
-    """Detached per-batch terms for logging, each averaged over the rows that count (not ignored).
-
-    ``kl``: KL(transformed teacher || student) (for KD, of the tempered student, without the T^2 factor);
-    ``ce``: hard-label cross-entropy of the untempered student (0 without a target); ``weight``: the WTTM
-    weight U = sum(softmax(v)**gamma), 1 for TTM and KD.
-    """
-
-    kl: torch.Tensor
-    ce: torch.Tensor
-    weight: torch.Tensor
-
-
-def _check_finite(name: str, value, positive: bool = False) -> float:
-    if isinstance(value, torch.Tensor) or not isinstance(value, (int, float)) or isinstance(value, bool):
-        raise TypeError(f"{name} must be a Python number, got {type(value).__name__}")
-    if not math.isfinite(value) or (positive and value <= 0):
-        raise ValueError(f"{name} must be a finite {'positive ' if positive else ''}number, got {value}")
-    return float(value)
-
-
-def _check_flag(name: str, value) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be True or False, got {value!r} ({type(value).__name__})")
-    return value
-
+from .reduction import (REDUCTIONS, LossComponents, components, mean_denominator, valid_rows,
+                        validate_num_items)
+from .spec import DEFAULT_GAMMA, DEFAULT_TEMPERATURE, LossSpec, check_flag as _check_flag
 
 def validate_logits(name: str, x) -> None:
     if not isinstance(x, torch.Tensor):
@@ -143,79 +113,63 @@ def validate_target(target, lead_shape, vocab, device, ignore_index) -> None:
                          f"{ignore_index}, e.g. {target[bad].flatten()[0].item()}")
 
 
-def validate_num_items(num_items_in_batch, reduction) -> None:
-    """``num_items_in_batch``: None, or a positive count (int, float, or a one-element tensor on any device, as
-    Hugging Face's Trainer passes it) that only ``reduction="mean"`` uses; else a clear error.
-
-    A tensor on the CPU is checked here; on another device the check is a device-side assertion (no host
-    synchronisation), and under torch.compile it is skipped."""
-    if num_items_in_batch is None:
-        return
-    if reduction != "mean":
-        raise ValueError(f"num_items_in_batch is the denominator of reduction='mean', got reduction={reduction!r}")
-    if isinstance(num_items_in_batch, torch.Tensor):
-        if num_items_in_batch.numel() != 1:
-            raise ValueError("num_items_in_batch must be a number or a one-element tensor, got shape "
-                             f"{tuple(num_items_in_batch.shape)}")
-        if num_items_in_batch.dtype == torch.bool or num_items_in_batch.dtype.is_complex:
-            raise TypeError(f"num_items_in_batch must hold a count, got dtype {num_items_in_batch.dtype}")
-        if torch.compiler.is_compiling():
-            return
-        if num_items_in_batch.device.type == "cpu":
-            value = num_items_in_batch.item()
-        else:
-            count = num_items_in_batch.reshape(())
-            torch._assert_async((count > 0) & (count < math.inf),
-                                "num_items_in_batch must be a finite positive count")
-            return
-    else:
-        value = num_items_in_batch
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise TypeError(f"num_items_in_batch must be None, a number or a tensor, got {type(value).__name__}")
-    if not (math.isfinite(value) and value > 0):
-        raise ValueError(f"num_items_in_batch must be a finite positive count, got {value}")
+def check_vocab_size(vocab_size, vocab=None) -> None:
+    """``vocab_size``: None, or a positive int: the whole vocabulary, which the ranks' shard widths must sum to
+    (checked in the agreement), and, given ``vocab`` (the columns of a call without a process group), its width."""
+    if vocab_size is not None and (isinstance(vocab_size, bool) or not isinstance(vocab_size, int)
+                                   or vocab_size < 1):
+        raise ValueError(f"vocab_size must be None or a positive int, got {vocab_size!r}")
+    if vocab is not None and vocab_size is not None and vocab != vocab_size:
+        raise ValueError(f"vocab_size={vocab_size}, but the student's logits have {vocab} columns (without "
+                         "process_group, a call holds the whole vocabulary)")
 
 
-def mean_denominator(target, ignore_index, n_rows, device, num_items_in_batch=None,
-                     dtype=torch.float32) -> torch.Tensor:
-    """The divisor of ``reduction="mean"`` as a 0-dim ``dtype`` tensor on ``device``, computed without a host
-    synchronisation: ``num_items_in_batch`` when given (validated by ``validate_num_items``; a tensor may sit
-    on another device), else the rows whose target is not ``ignore_index`` (all ``n_rows`` without a target),
-    at least 1."""
-    if num_items_in_batch is not None:
-        if isinstance(num_items_in_batch, torch.Tensor):
-            return num_items_in_batch.reshape(()).to(device=device, dtype=dtype, non_blocking=True)
-        return torch.full((), float(num_items_in_batch), dtype=dtype, device=device)
+def reference_rows(rows_of, target, vocab, ignore_index) -> dict:
+    """``rows_of(target)``, the reference's row dict, with the kernels' contract for a target outside [0, vocab)
+    that is not ``ignore_index`` (reachable only where ``validate_target`` leaves the range to the kernels:
+    under torch.compile): that row's loss, and so its gradient, is NaN, never a raw index error."""
     if target is None:
-        return torch.full((), max(n_rows, 1), dtype=dtype, device=device)
-    if target.device.type == "cpu" and not torch.compiler.is_compiling():
-        # On the CPU reading the count costs no synchronisation, and saves two small tensor operations.
-        return torch.full((), max(int((target != ignore_index).sum()), 1), dtype=dtype, device=device)
-    return (target != ignore_index).sum().clamp_min(1).to(dtype)
+        return rows_of(None)
+    bad = (target != ignore_index) & ((target < 0) | (target >= vocab))
+    rows = rows_of(torch.where(bad, 0, target))
+    # A factor, not a torch.where of two branches: the branch not taken would get 0 * NaN in the gradient.
+    rows["loss"] = rows["loss"] * torch.where(bad, float("nan"), 1.0).to(rows["loss"].dtype)
+    return rows
 
 
-def _valid_rows(target, lead_shape, device, ignore_index):
-    if target is None:
-        return torch.ones(lead_shape, dtype=torch.bool, device=device)
-    return target != ignore_index
+def head_post(logits: torch.Tensor, spec: LossSpec) -> torch.Tensor:
+    """The heads' post-processing of ``spec`` on logits given as such (the logits forms): ``logit_scale * x``,
+    then ``softcap * tanh(x / softcap)``, as out-of-place differentiable operations (one more (N, V) tensor
+    each for the student and a dense teacher, plus the tanh that autograd saves). -inf stays -inf."""
+    if spec.logit_scale != 1.0:
+        logits = logits * spec.logit_scale
+    if spec.softcap is not None:
+        logits = torch.tanh(logits / spec.softcap) * spec.softcap
+    return logits
 
 
-def _fused_loss(student_logits, teacher_logits, target, *, student_scale, teacher_scale, kl_scale, weighted,
-                beta, ce_weight, ignore_index, reduction, backend, inplace_backward, return_components,
-                num_items_in_batch, process_group=None):
-    beta = _check_finite("beta", beta)
-    ce_weight = _check_finite("ce_weight", ce_weight)
+def _fused_loss(student_logits, teacher_logits, target, spec: LossSpec, *, reduction, backend, inplace_backward,
+                return_components, num_items_in_batch, process_group=None, vocab_size=None):
     inplace_backward = _check_flag("inplace_backward", inplace_backward)
     return_components = _check_flag("return_components", return_components)
+    if spec.has_head_post:
+        if inplace_backward:
+            raise ValueError("inplace_backward=True cannot write the gradient into student_logits when softcap or "
+                             "logit_scale transforms them first (the loss reads a new tensor): leave one of them")
+        # Anything but floating-point logits is left as it is, for the checks to name.
+        if isinstance(student_logits, torch.Tensor) and student_logits.is_floating_point():
+            student_logits = head_post(student_logits, spec)
+        if isinstance(teacher_logits, torch.Tensor) and teacher_logits.is_floating_point():
+            teacher_logits = head_post(teacher_logits, spec)
     if process_group is not None or (not torch.compiler.is_compiling() and is_dtensor(student_logits)):
         from . import distributed  # imported on first use: it imports this module
         return distributed.vocab_parallel_loss(
-            student_logits, teacher_logits, target, process_group=process_group, student_scale=student_scale,
-            teacher_scale=teacher_scale, kl_scale=kl_scale, weighted=weighted, beta=beta, ce_weight=ce_weight,
-            ignore_index=ignore_index, reduction=reduction, backend=backend, inplace_backward=inplace_backward,
-            return_components=return_components, num_items_in_batch=num_items_in_batch)
-    _validate(student_logits, teacher_logits, target, ignore_index, reduction)
+            student_logits, teacher_logits, target, spec, process_group=process_group, reduction=reduction,
+            backend=backend, inplace_backward=inplace_backward, return_components=return_components,
+            num_items_in_batch=num_items_in_batch, vocab_size=vocab_size)
+    _validate(student_logits, teacher_logits, target, spec.ignore_index, reduction)
     validate_num_items(num_items_in_batch, reduction)
+    check_vocab_size(vocab_size, student_logits.shape[-1])
     backend = _ops.resolve_backend(backend, student_logits.device, student_logits.dtype)
     if inplace_backward:
         if backend == "torch":
@@ -224,33 +178,34 @@ def _fused_loss(student_logits, teacher_logits, target, *, student_scale, teache
     lead = student_logits.shape[:-1]
     denominator = None
     if reduction == "mean":
-        denominator = mean_denominator(target, ignore_index, student_logits.numel() // student_logits.shape[-1],
+        denominator = mean_denominator(target, spec.ignore_index, student_logits.numel() // student_logits.shape[-1],
                                        student_logits.device, num_items_in_batch)
 
     if backend == "torch" or student_logits.numel() == 0:
         # The kernels' contract: float32 arithmetic (float64 stays float64), a float32 loss, the gradient in
         # the student's dtype (the cast's backward).
         compute = torch.float64 if student_logits.dtype == torch.float64 else torch.float32
-        rows = reference.loss_rows(student_logits.to(compute), teacher_logits.to(compute), target,
-                                   student_scale=student_scale, teacher_scale=teacher_scale, kl_scale=kl_scale,
-                                   weighted=weighted, beta=beta, ce_weight=ce_weight, ignore_index=ignore_index)
+        rows = reference_rows(
+            lambda y: reference.loss_rows(student_logits.to(compute), teacher_logits.to(compute), y,
+                                          **spec.reference_params()),
+            target, student_logits.shape[-1], spec.ignore_index)
         loss = rows["loss"] if reduction == "none" else rows["loss"].sum()
         if denominator is not None:
             loss = loss / denominator.to(compute)
         terms = [rows[k] for k in ("kl", "ce", "weight")]
     else:
         loss, stats = _ops.fused_loss(student_logits, teacher_logits, target, denominator, reduction=reduction,
-                                      student_scale=student_scale, teacher_scale=teacher_scale,
-                                      kl_coef=beta * kl_scale, ce_weight=ce_weight, weighted=weighted,
-                                      ignore_index=ignore_index, backend=backend, inplace_backward=inplace_backward)
+                                      student_scale=spec.student_scale, teacher_scale=spec.teacher_scale,
+                                      kl_coef=spec.kl_coef, ce_weight=spec.ce_weight, weighted=spec.weighted,
+                                      ignore_index=spec.ignore_index, backend=backend,
+                                      inplace_backward=inplace_backward)
         terms = None  # views of stats, made only when asked for: each costs a few microseconds
 
     if not return_components:
         return loss
     if terms is None:
         terms = [stats[k].view(lead) for k in (Stat.KL, Stat.CE, Stat.WEIGHT)]
-    valid = _valid_rows(target, lead, student_logits.device, ignore_index)
-    return loss, LossComponents(*(reference.reduce_rows(x.detach(), valid, "mean") for x in terms))
+    return loss, components(terms, valid_rows(target, lead, student_logits.device, spec.ignore_index))
 
 
 _COMMON_DOC = """
@@ -287,6 +242,13 @@ _COMMON_DOC = """
             default ``average_tokens_across_devices=True`` it is the count of all ranks, and the Trainer
             multiplies the loss by the world size to undo DDP's gradient averaging. The logged
             ``LossComponents`` stay means over this call's rows.
+        vocab_size: optional, the whole vocabulary's size: with ``process_group`` the ranks check (in their one
+            agreement exchange) that their slices tile it; without, it must be V.
+        softcap, logit_scale: the LM heads' post-processing, for logits that are the raw output of a head whose
+            model post-processes them (Gemma-2's soft-cap, Cohere's or Granite's scale): the loss reads
+            ``softcap * tanh(logit_scale * x / softcap)`` (``logit_scale * x`` without a soft-cap) of both the
+            student's and the teacher's logits, with its gradient. Default: neither. It costs one (N, V) tensor
+            per model (and autograd's saved tanh); refused with ``inplace_backward``.
         process_group: a ``torch.distributed`` process group whose ranks each hold a contiguous slice of the
             vocabulary columns of both logits (rank order = column order, uneven widths allowed; ``target``
             holds global ids): the vocabulary-parallel loss (``ttm_kernels.distributed``). Every rank gets the
@@ -310,13 +272,13 @@ def fused_wttm_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, 
                     *, gamma: float = DEFAULT_GAMMA, beta: float = 1.0, ce_weight: float = 1.0,
                     ignore_index: int = -100, reduction: str = "mean", backend: str = "auto",
                     inplace_backward: bool = False, return_components: bool = False,
-                    num_items_in_batch=None, process_group=None):
-    gamma = _check_finite("gamma", gamma, positive=True)
-    return _fused_loss(student_logits, teacher_logits, target, student_scale=1.0, teacher_scale=gamma,
-                       kl_scale=1.0, weighted=True, beta=beta, ce_weight=ce_weight, ignore_index=ignore_index,
-                       reduction=reduction, backend=backend, inplace_backward=inplace_backward,
-                       return_components=return_components, num_items_in_batch=num_items_in_batch,
-                       process_group=process_group)
+                    num_items_in_batch=None, process_group=None, softcap: Optional[float] = None,
+                    logit_scale: float = 1.0, vocab_size: Optional[int] = None):
+    spec = specs.wttm(gamma, beta=beta, ce_weight=ce_weight, ignore_index=ignore_index, softcap=softcap,
+                      logit_scale=logit_scale)
+    return _fused_loss(student_logits, teacher_logits, target, spec, reduction=reduction, backend=backend,
+                       inplace_backward=inplace_backward, return_components=return_components,
+                       num_items_in_batch=num_items_in_batch, process_group=process_group, vocab_size=vocab_size)
 
 
 fused_wttm_loss.__doc__ = """Weighted Transformed Teacher Matching (Zheng & Yang, ICLR 2024).
@@ -334,13 +296,13 @@ def fused_ttm_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, t
                    *, gamma: float = DEFAULT_GAMMA, beta: float = 1.0, ce_weight: float = 1.0,
                    ignore_index: int = -100, reduction: str = "mean", backend: str = "auto",
                    inplace_backward: bool = False, return_components: bool = False,
-                   num_items_in_batch=None, process_group=None):
-    gamma = _check_finite("gamma", gamma, positive=True)
-    return _fused_loss(student_logits, teacher_logits, target, student_scale=1.0, teacher_scale=gamma,
-                       kl_scale=1.0, weighted=False, beta=beta, ce_weight=ce_weight, ignore_index=ignore_index,
-                       reduction=reduction, backend=backend, inplace_backward=inplace_backward,
-                       return_components=return_components, num_items_in_batch=num_items_in_batch,
-                       process_group=process_group)
+                   num_items_in_batch=None, process_group=None, softcap: Optional[float] = None,
+                   logit_scale: float = 1.0, vocab_size: Optional[int] = None):
+    spec = specs.ttm(gamma, beta=beta, ce_weight=ce_weight, ignore_index=ignore_index, softcap=softcap,
+                     logit_scale=logit_scale)
+    return _fused_loss(student_logits, teacher_logits, target, spec, reduction=reduction, backend=backend,
+                       inplace_backward=inplace_backward, return_components=return_components,
+                       num_items_in_batch=num_items_in_batch, process_group=process_group, vocab_size=vocab_size)
 
 
 fused_ttm_loss.__doc__ = """Transformed Teacher Matching: ``ce_weight * CE + beta * mean_rows(KL(softmax(gamma * v) || softmax(z)))``.
@@ -354,13 +316,13 @@ def fused_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, ta
                   *, temperature: float = DEFAULT_TEMPERATURE, beta: float = 1.0, ce_weight: float = 1.0,
                   ignore_index: int = -100, reduction: str = "mean", backend: str = "auto",
                   inplace_backward: bool = False, return_components: bool = False,
-                  num_items_in_batch=None, process_group=None):
-    temperature = _check_finite("temperature", temperature, positive=True)
-    return _fused_loss(student_logits, teacher_logits, target, student_scale=1.0 / temperature,
-                       teacher_scale=1.0 / temperature, kl_scale=temperature**2, weighted=False, beta=beta,
-                       ce_weight=ce_weight, ignore_index=ignore_index, reduction=reduction, backend=backend,
+                  num_items_in_batch=None, process_group=None, softcap: Optional[float] = None,
+                  logit_scale: float = 1.0, vocab_size: Optional[int] = None):
+    spec = specs.kd(temperature, beta=beta, ce_weight=ce_weight, ignore_index=ignore_index, softcap=softcap,
+                    logit_scale=logit_scale)
+    return _fused_loss(student_logits, teacher_logits, target, spec, reduction=reduction, backend=backend,
                        inplace_backward=inplace_backward, return_components=return_components,
-                       num_items_in_batch=num_items_in_batch, process_group=process_group)
+                       num_items_in_batch=num_items_in_batch, process_group=process_group, vocab_size=vocab_size)
 
 
 fused_kd_loss.__doc__ = """Classic KD (Hinton et al.): ``ce_weight * CE + beta * T^2 * mean_rows(KL(softmax(v/T) || softmax(z/T)))``.

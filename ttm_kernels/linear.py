@@ -28,10 +28,11 @@ from typing import NamedTuple, Optional
 import torch
 from torch import nn
 
-from . import _ops, reference
+from . import _ops, reference, spec as specs
 from ._stats import Stat
-from .functional import (DEFAULT_GAMMA, DEFAULT_TEMPERATURE, LossComponents, _check_finite, _valid_rows, is_dtensor,
-                         mean_denominator, validate_num_items, validate_options, validate_target)
+from .functional import check_vocab_size, is_dtensor, validate_options, validate_target
+from .reduction import components, mean_denominator, valid_rows, validate_num_items
+from .spec import DEFAULT_GAMMA, DEFAULT_TEMPERATURE, LossSpec
 
 VOCAB_MISMATCH = ("error", "truncate_teacher")
 # The chunk buffers' bytes are budgeted, not rows. CUDA: 1 GiB (2048 rows at V=128256 bf16) ran within 3% of
@@ -42,17 +43,12 @@ DEFAULT_CHUNK_BUDGET_BYTES = 64 << 20
 MIN_CHUNK_ROWS = 256
 
 
-class _Spec(NamedTuple):
-    student_scale: float
-    teacher_scale: float
-    kl_scale: float
-    weighted: bool
-    beta: float
-    ce_weight: float
-    ignore_index: int
+class Launch(NamedTuple):
+    """What the chunk loop runs: the loss (``spec.LossSpec``: its scalars and the heads' post-processing) on a
+    resolved backend."""
+
+    loss: LossSpec
     backend: str
-    softcap: Optional[float] = None  # the heads' logit post-processing, see _head_transform_
-    logit_scale: float = 1.0
 
 
 @functools.cache
@@ -96,7 +92,7 @@ def _linear_into(out, hidden, weight, bias):
         torch.addmm(bias, hidden, weight.t(), out=out)
 
 
-def _head_transform_(logits, spec, derivative=None):
+def _head_transform_(logits, spec: LossSpec, derivative=None):
     """The LM head's own post-processing of its logits, in place: ``x * logit_scale`` (Cohere's multiplier,
     Granite's 1 / logits_scaling), then ``softcap * tanh(x / softcap)`` (Gemma-2's final soft-capping), in
     the models' order and dtype. With ``derivative`` (a buffer of the same shape) and a soft-cap, also
@@ -110,7 +106,7 @@ def _head_transform_(logits, spec, derivative=None):
         logits.mul_(spec.softcap)
 
 
-def _head_transform_backward_(grad, spec, derivative):
+def _head_transform_backward_(grad, spec: LossSpec, derivative):
     """d loss / d logits -> d loss / d (the GEMM's output), in place: the chain rule of ``_head_transform_``."""
     if spec.softcap is not None:
         grad.mul_(derivative)
@@ -119,12 +115,6 @@ def _head_transform_backward_(grad, spec, derivative):
 
 
 ROW_TERMS = ("loss", "kl", "ce", "weight")
-
-
-def reference_params(spec) -> dict:
-    """The keyword arguments of ``reference.loss_rows`` (and its sparse sibling) that ``spec`` sets."""
-    return dict(student_scale=spec.student_scale, teacher_scale=spec.teacher_scale, kl_scale=spec.kl_scale,
-                weighted=spec.weighted, beta=spec.beta, ce_weight=spec.ce_weight, ignore_index=spec.ignore_index)
 
 
 def loss_and_grad_torch(z, rows_of, row_grad):
@@ -143,14 +133,15 @@ def loss_and_grad_torch(z, rows_of, row_grad):
     return torch.stack([rows[k].detach() for k in ROW_TERMS])
 
 
-def _chunk_loss(z, v, y, row_grad, spec):
+def _chunk_loss(z, v, y, row_grad, launch: Launch):
     """Per-row fp32 (loss, kl, ce, weight) of one chunk; with ``row_grad``, also overwrites ``z`` with its
     gradient."""
-    if spec.backend == "torch":
+    spec = launch.loss
+    if launch.backend == "torch":
         return loss_and_grad_torch(z, lambda logits: reference.loss_rows(logits, v.to(logits.dtype), y,
-                                                                         **reference_params(spec)), row_grad)
-    args = (spec.student_scale, spec.teacher_scale, spec.beta * spec.kl_scale, spec.ce_weight, spec.weighted,
-            spec.ignore_index, spec.backend)
+                                                                         **spec.reference_params()), row_grad)
+    args = (spec.student_scale, spec.teacher_scale, spec.kl_coef, spec.ce_weight, spec.weighted, spec.ignore_index,
+            launch.backend)
     if row_grad is None:
         stats = _ops.loss_fwd(z, v, y, *args)
     else:
@@ -176,17 +167,17 @@ class DenseTeacher:
         # tokens the teacher lacks mass exp(0) / Z).
         self.buffer[:, self.shared:] = float("-inf")
 
-    def chunk_loss(self, z, start, end, y, row_grad, spec):
+    def chunk_loss(self, z, start, end, y, row_grad, launch):
         v = self.buffer[: end - start]
         _linear_into(v[:, :self.shared], self.hidden[start:end], self.weight, self.bias)
-        _head_transform_(v[:, :self.shared], spec)  # the -inf columns stay -inf
-        return self.loss(z, v, y, row_grad, spec)
+        _head_transform_(v[:, :self.shared], launch.loss)  # the -inf columns stay -inf
+        return self.loss(z, v, y, row_grad, launch)
 
     def release(self):
         self.buffer = None
 
 
-def _run_chunks(h_s, w_s, b_s, teacher, target, spec, chunk_size, row_grad=None, needs=(False,) * 3):
+def _run_chunks(h_s, w_s, b_s, teacher, target, launch, chunk_size, row_grad=None, needs=(False,) * 3):
     """Row terms (4, N) (loss, kl, ce, weight; fp32, fp64 for fp64 inputs) against ``teacher`` (a provider,
     see ``DenseTeacher``) and, with ``row_grad`` ((N,) or 0-dim), the gradients of sum_i row_grad_i * loss_i
     w.r.t. (h_s, w_s, b_s), each None unless ``needs`` asks for it."""
@@ -197,6 +188,7 @@ def _run_chunks(h_s, w_s, b_s, teacher, target, spec, chunk_size, row_grad=None,
     fp32_out = w_s.dtype != accumulate and _addmm_has_fp32_out(w_s.device.type, w_s.dtype)
     upcast = w_s.dtype != accumulate and not fp32_out
     # The soft-cap's derivative needs the capped logits, which the kernel overwrites with their gradient.
+    spec = launch.loss
     softcap_scratch = row_grad is not None and spec.softcap is not None
     chunk = chunk_size or default_chunk_size(n, vocab, h_s.dtype, teacher.buffer_dtype, h_s.device,
                                              fp32_scratch=need_w and upcast, softcap_scratch=softcap_scratch)
@@ -221,7 +213,7 @@ def _run_chunks(h_s, w_s, b_s, teacher, target, spec, chunk_size, row_grad=None,
         _head_transform_(z, spec, derivative)
         y = None if target is None else target[start:end]
         rg = row_grad if row_grad is None or row_grad.dim() == 0 else row_grad[start:end]
-        rows[:, start:end] = teacher.chunk_loss(z, start, end, y, rg, spec)
+        rows[:, start:end] = teacher.chunk_loss(z, start, end, y, rg, launch)
         # From here on z holds dlogits.
         if rg is not None:
             _head_transform_backward_(z, spec, derivative)
@@ -363,65 +355,53 @@ def _check_linear_args(student_hidden, student_weight, student_bias, teacher_hid
     return lead
 
 
-def _check_head_transform(softcap, logit_scale):
-    """The LM heads' post-processing: (softcap or None, logit_scale), validated."""
-    if softcap is not None:
-        softcap = _check_finite("softcap", softcap, positive=True)
-    return softcap, _check_finite("logit_scale", logit_scale, positive=True)
-
-
-def _fused_linear_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, target, *, student_bias,
-                       teacher_bias, student_scale, teacher_scale, kl_scale, weighted, beta, ce_weight,
-                       ignore_index, reduction, chunk_size, vocab_mismatch, backend, return_components,
-                       num_items_in_batch=None, softcap=None, logit_scale=1.0, return_soft_hard=False,
-                       process_group=None, reduce_hidden_grad=True):
+def _fused_linear_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, target, spec: LossSpec, *,
+                       student_bias, teacher_bias, reduction, chunk_size, vocab_mismatch, backend, return_components,
+                       num_items_in_batch=None, return_soft_hard=False, process_group=None, reduce_hidden_grad=True,
+                       vocab_size=None):
     """The fused linear loss; with ``return_soft_hard`` (reduction "mean"), ``(loss, soft, hard)``: the
     detached distillation term ``sum_rows(kl_scale * weight * KL)`` and cross-entropy ``sum_rows(CE)``, each
     over the mean's divisor, so that ``loss = ce_weight * hard + beta * soft``."""
-    beta = _check_finite("beta", beta)
-    ce_weight = _check_finite("ce_weight", ce_weight)
-    softcap, logit_scale = _check_head_transform(softcap, logit_scale)
     if process_group is not None:
-        if softcap is not None or logit_scale != 1.0 or return_soft_hard:
-            raise ValueError("softcap, logit_scale and return_soft_hard are not supported with process_group yet")
+        if return_soft_hard:
+            raise ValueError("return_soft_hard is not supported with process_group yet")
         from . import distributed  # imported on first use: it imports this module
         return distributed.vocab_parallel_linear_loss(
-            student_hidden, student_weight, teacher_hidden, teacher_weight, target, process_group=process_group,
+            student_hidden, student_weight, teacher_hidden, teacher_weight, target, spec, process_group=process_group,
             reduce_hidden_grad=reduce_hidden_grad, student_bias=student_bias, teacher_bias=teacher_bias,
-            student_scale=student_scale, teacher_scale=teacher_scale, kl_scale=kl_scale, weighted=weighted,
-            beta=beta, ce_weight=ce_weight, ignore_index=ignore_index, reduction=reduction, chunk_size=chunk_size,
-            vocab_mismatch=vocab_mismatch, backend=backend, return_components=return_components,
-            num_items_in_batch=num_items_in_batch)
+            reduction=reduction, chunk_size=chunk_size, vocab_mismatch=vocab_mismatch, backend=backend,
+            return_components=return_components, num_items_in_batch=num_items_in_batch, vocab_size=vocab_size)
     if not torch.compiler.is_compiling() and any(map(is_dtensor, (student_weight, student_bias, teacher_weight,
                                                                    teacher_bias))):
         from . import distributed
         student_weight, student_bias = distributed.full_parameters(student_weight, student_bias)
         teacher_weight, teacher_bias = distributed.full_parameters(teacher_weight, teacher_bias, constant=True)
     lead = _check_linear_args(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight,
-                              teacher_bias, ignore_index, reduction, chunk_size, vocab_mismatch, num_items_in_batch)
+                              teacher_bias, spec.ignore_index, reduction, chunk_size, vocab_mismatch,
+                              num_items_in_batch)
     device = student_hidden.device
     vocab, teacher_vocab = student_weight.shape[0], teacher_weight.shape[0]
+    check_vocab_size(vocab_size, vocab)
     if vocab != teacher_vocab and vocab_mismatch == "error":
         raise ValueError(f"student vocabulary {vocab} (student_weight rows) != teacher vocabulary {teacher_vocab} "
                          "(teacher_weight rows); pass vocab_mismatch='truncate_teacher' to align the teacher "
                          "to the student's vocabulary")
     if target is not None:
-        validate_target(target, lead, vocab, device, ignore_index)
+        validate_target(target, lead, vocab, device, spec.ignore_index)
         target = target.reshape(-1).long()
     backend = _ops.resolve_backend(backend, device, student_hidden.dtype)
 
-    spec = _Spec(float(student_scale), float(teacher_scale), float(kl_scale), bool(weighted), beta, ce_weight,
-                 int(ignore_index), backend, softcap, logit_scale)
     teacher = DenseTeacher(teacher_hidden.reshape(-1, teacher_hidden.shape[-1]), teacher_weight.detach(),
                            None if teacher_bias is None else teacher_bias.detach(), vocab)
-    return run_linear_loss(student_hidden, student_weight, student_bias, teacher, target, spec, reduction,
-                           chunk_size, return_components, num_items_in_batch, return_soft_hard)
+    return run_linear_loss(student_hidden, student_weight, student_bias, teacher, target, Launch(spec, backend),
+                           reduction, chunk_size, return_components, num_items_in_batch, return_soft_hard)
 
 
-def run_linear_loss(student_hidden, student_weight, student_bias, teacher, target, spec, reduction, chunk_size,
-                    return_components, num_items_in_batch=None, return_soft_hard=False):
+def run_linear_loss(student_hidden, student_weight, student_bias, teacher, target, launch: Launch, reduction,
+                    chunk_size, return_components, num_items_in_batch=None, return_soft_hard=False):
     """The validated call's loss (of the leading shape for "none") and, with ``return_components``, its
     ``LossComponents`` (with ``return_soft_hard``, see ``_fused_linear_loss``); ``target`` already (N,) int64."""
+    spec = launch.loss
     lead = student_hidden.shape[:-1]
     n_rows, device = lead.numel(), student_hidden.device
     denominator = None
@@ -432,7 +412,7 @@ def run_linear_loss(student_hidden, student_weight, student_bias, teacher, targe
     needs = tuple(torch.is_grad_enabled() and x is not None and x.requires_grad
                   for x in (student_hidden, student_weight, student_bias))
     loss, terms = _FusedLinearLoss.apply(student_hidden.reshape(-1, student_hidden.shape[-1]), student_weight,
-                                         student_bias, teacher, target, spec, reduction, chunk_size, needs,
+                                         student_bias, teacher, target, launch, reduction, chunk_size, needs,
                                          denominator)
     if reduction == "none":
         loss = loss.view(lead)
@@ -441,8 +421,7 @@ def run_linear_loss(student_hidden, student_weight, student_bias, teacher, targe
         return loss, spec.kl_scale * (weight * kl).sum() / denominator, ce.sum() / denominator
     if not return_components:
         return loss
-    valid = _valid_rows(target, (n_rows,), device, spec.ignore_index)
-    return loss, LossComponents(*(reference.reduce_rows(x, valid, "mean") for x in terms))
+    return loss, components(terms, valid_rows(target, lead, device, spec.ignore_index).view(lead))
 
 
 _COMMON_DOC = """
@@ -481,12 +460,15 @@ _COMMON_DOC = """
             the teacher's alike inside the chunk loop, with its gradient, so that the loss sees the logits the
             models produce: ``x * logit_scale`` (Cohere's ``logit_scale``; Granite's ``1 / logits_scaling``),
             then ``softcap * tanh(x / softcap)`` (Gemma-2's ``final_logit_softcapping``). Default: neither.
-            A soft-cap adds one (chunk, V) buffer in the student's dtype for its derivative.
+            A soft-cap adds one (chunk, V) buffer in the student's dtype for its derivative. With
+            ``process_group`` each rank applies it to its own columns.
         process_group: vocabulary parallelism (``ttm_kernels.distributed``): each rank of this
             ``torch.distributed`` group passes its rows of both LM heads (and biases), a contiguous slice of the
             vocabulary (rank order = row order, uneven slices allowed), and the same hidden states and target
             (global ids). Every rank gets the loss of the whole rows; the weight and bias gradients are its
             slices' (local); the hidden-state gradient is summed over the group before it is returned.
+        vocab_size: optional, the whole vocabulary's size: with ``process_group`` the ranks check that their LM-head
+            slices tile it; without, it must be the student head's V.
         reduce_hidden_grad: with ``process_group``, False returns this rank's part of the hidden-state
             gradient instead (the sum over the group is the gradient), for frameworks whose column-parallel
             LM head all-reduces it in its own backward (Megatron's ``copy_to_tensor_model_parallel_region``).
@@ -512,16 +494,15 @@ def fused_linear_wttm_loss(student_hidden: torch.Tensor, student_weight: torch.T
                            ignore_index: int = -100, reduction: str = "mean", chunk_size: Optional[int] = None,
                            vocab_mismatch: str = "error", backend: str = "auto", return_components: bool = False,
                            num_items_in_batch=None, softcap: Optional[float] = None, logit_scale: float = 1.0,
-                           process_group=None, reduce_hidden_grad: bool = True):
-    gamma = _check_finite("gamma", gamma, positive=True)
-    return _fused_linear_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, target,
-                              student_bias=student_bias, teacher_bias=teacher_bias, student_scale=1.0,
-                              teacher_scale=gamma, kl_scale=1.0, weighted=True, beta=beta, ce_weight=ce_weight,
-                              ignore_index=ignore_index, reduction=reduction, chunk_size=chunk_size,
-                              vocab_mismatch=vocab_mismatch, backend=backend,
+                           process_group=None, reduce_hidden_grad: bool = True, vocab_size: Optional[int] = None):
+    spec = specs.wttm(gamma, beta=beta, ce_weight=ce_weight, ignore_index=ignore_index, softcap=softcap,
+                    logit_scale=logit_scale)
+    return _fused_linear_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, target, spec,
+                              student_bias=student_bias, teacher_bias=teacher_bias, reduction=reduction,
+                              chunk_size=chunk_size, vocab_mismatch=vocab_mismatch, backend=backend,
                               return_components=return_components, num_items_in_batch=num_items_in_batch,
-                              softcap=softcap, logit_scale=logit_scale, process_group=process_group,
-                              reduce_hidden_grad=reduce_hidden_grad)
+                              process_group=process_group, reduce_hidden_grad=reduce_hidden_grad,
+                              vocab_size=vocab_size)
 
 
 fused_linear_wttm_loss.__doc__ = """``fused_wttm_loss`` on ``student_hidden @ student_weight.T (+ bias)`` and the
@@ -538,16 +519,15 @@ def fused_linear_ttm_loss(student_hidden: torch.Tensor, student_weight: torch.Te
                           ignore_index: int = -100, reduction: str = "mean", chunk_size: Optional[int] = None,
                           vocab_mismatch: str = "error", backend: str = "auto", return_components: bool = False,
                           num_items_in_batch=None, softcap: Optional[float] = None, logit_scale: float = 1.0,
-                          process_group=None, reduce_hidden_grad: bool = True):
-    gamma = _check_finite("gamma", gamma, positive=True)
-    return _fused_linear_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, target,
-                              student_bias=student_bias, teacher_bias=teacher_bias, student_scale=1.0,
-                              teacher_scale=gamma, kl_scale=1.0, weighted=False, beta=beta, ce_weight=ce_weight,
-                              ignore_index=ignore_index, reduction=reduction, chunk_size=chunk_size,
-                              vocab_mismatch=vocab_mismatch, backend=backend,
+                          process_group=None, reduce_hidden_grad: bool = True, vocab_size: Optional[int] = None):
+    spec = specs.ttm(gamma, beta=beta, ce_weight=ce_weight, ignore_index=ignore_index, softcap=softcap,
+                    logit_scale=logit_scale)
+    return _fused_linear_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, target, spec,
+                              student_bias=student_bias, teacher_bias=teacher_bias, reduction=reduction,
+                              chunk_size=chunk_size, vocab_mismatch=vocab_mismatch, backend=backend,
                               return_components=return_components, num_items_in_batch=num_items_in_batch,
-                              softcap=softcap, logit_scale=logit_scale, process_group=process_group,
-                              reduce_hidden_grad=reduce_hidden_grad)
+                              process_group=process_group, reduce_hidden_grad=reduce_hidden_grad,
+                              vocab_size=vocab_size)
 
 
 fused_linear_ttm_loss.__doc__ = """``fused_ttm_loss`` on the student's and teacher's LM-head outputs, chunked.
@@ -563,16 +543,15 @@ def fused_linear_kd_loss(student_hidden: torch.Tensor, student_weight: torch.Ten
                          ignore_index: int = -100, reduction: str = "mean", chunk_size: Optional[int] = None,
                          vocab_mismatch: str = "error", backend: str = "auto", return_components: bool = False,
                          num_items_in_batch=None, softcap: Optional[float] = None, logit_scale: float = 1.0,
-                         process_group=None, reduce_hidden_grad: bool = True):
-    temperature = _check_finite("temperature", temperature, positive=True)
-    return _fused_linear_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, target,
-                              student_bias=student_bias, teacher_bias=teacher_bias, student_scale=1.0 / temperature,
-                              teacher_scale=1.0 / temperature, kl_scale=temperature**2, weighted=False, beta=beta,
-                              ce_weight=ce_weight, ignore_index=ignore_index, reduction=reduction,
+                         process_group=None, reduce_hidden_grad: bool = True, vocab_size: Optional[int] = None):
+    spec = specs.kd(temperature, beta=beta, ce_weight=ce_weight, ignore_index=ignore_index, softcap=softcap,
+                    logit_scale=logit_scale)
+    return _fused_linear_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, target, spec,
+                              student_bias=student_bias, teacher_bias=teacher_bias, reduction=reduction,
                               chunk_size=chunk_size, vocab_mismatch=vocab_mismatch, backend=backend,
                               return_components=return_components, num_items_in_batch=num_items_in_batch,
-                              softcap=softcap, logit_scale=logit_scale, process_group=process_group,
-                              reduce_hidden_grad=reduce_hidden_grad)
+                              process_group=process_group, reduce_hidden_grad=reduce_hidden_grad,
+                              vocab_size=vocab_size)
 
 
 fused_linear_kd_loss.__doc__ = """``fused_kd_loss`` (Hinton KD, T^2 factor) on the LM-head outputs, chunked.

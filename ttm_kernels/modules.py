@@ -6,7 +6,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .functional import DEFAULT_GAMMA, DEFAULT_TEMPERATURE, fused_kd_loss, fused_ttm_loss, fused_wttm_loss
+from .functional import fused_kd_loss, fused_ttm_loss, fused_wttm_loss
+from .spec import DEFAULT_GAMMA, DEFAULT_TEMPERATURE
 
 
 class _DistillLoss(nn.Module):
@@ -14,7 +15,8 @@ class _DistillLoss(nn.Module):
     _scale_name = ""
 
     def __init__(self, scale: float, *, beta: float = 1.0, ce_weight: float = 1.0, ignore_index: int = -100,
-                 reduction: str = "mean", backend: str = "auto", inplace_backward: bool = False):
+                 reduction: str = "mean", backend: str = "auto", inplace_backward: bool = False,
+                 softcap: Optional[float] = None, logit_scale: float = 1.0):
         super().__init__()
         self.scale = scale
         self.beta = beta
@@ -23,6 +25,8 @@ class _DistillLoss(nn.Module):
         self.reduction = reduction
         self.backend = backend
         self.inplace_backward = inplace_backward
+        self.softcap = softcap
+        self.logit_scale = logit_scale
 
     def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
                 target: Optional[torch.Tensor] = None, return_components: bool = False, *,
@@ -31,11 +35,12 @@ class _DistillLoss(nn.Module):
             student_logits, teacher_logits, target, **{self._scale_name: self.scale}, beta=self.beta,
             ce_weight=self.ce_weight, ignore_index=self.ignore_index, reduction=self.reduction,
             backend=self.backend, inplace_backward=self.inplace_backward, return_components=return_components,
-            num_items_in_batch=num_items_in_batch)
+            num_items_in_batch=num_items_in_batch, softcap=self.softcap, logit_scale=self.logit_scale)
 
     def extra_repr(self) -> str:
         return (f"{self._scale_name}={self.scale}, beta={self.beta}, ce_weight={self.ce_weight}, "
-                f"ignore_index={self.ignore_index}, reduction={self.reduction!r}, backend={self.backend!r}")
+                f"ignore_index={self.ignore_index}, reduction={self.reduction!r}, backend={self.backend!r}, "
+                f"softcap={self.softcap}, logit_scale={self.logit_scale}")
 
 
 class WTTMLoss(_DistillLoss):

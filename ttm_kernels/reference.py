@@ -108,12 +108,13 @@ def _kl_terms(pt, q, log_ratio):
     return torch.where(near_zero, q * (y * torch.exp(y) - torch.expm1(y)), closed)
 
 
-def _row_terms(kl, weight, student_logits, target, valid, *, beta, kl_scale, ce_weight):
+def _row_terms(kl, weight, student_logits, target, valid, *, beta, kl_scale, ce_weight, ce=None):
     """The rows' dict of ``loss_rows`` from their KL and weight: adds the hard-label CE of the (untempered)
-    student and zeroes every term of the ignored rows."""
+    student (``ce`` when the caller computed it, e.g. from merged statistics) and zeroes every term of the
+    ignored rows."""
     if target is None:
         ce = torch.zeros_like(kl)
-    else:
+    elif ce is None:
         safe_target = torch.where(valid, target, torch.zeros_like(target))
         log_probs = torch.log_softmax(student_logits, dim=-1)
         ce = -log_probs.gather(-1, safe_target.unsqueeze(-1).long()).squeeze(-1)
@@ -244,24 +245,9 @@ def topk_loss_rows(
     vocab = student_logits.shape[-1]
     # Ignored rows hold a plain teacher (everything in the bucket) and zero logits, whatever they were given:
     # their NaN or -inf would otherwise reach the gradient through the masks below (0 * NaN).
-    in_s = (topk_ids >= 0) & valid.unsqueeze(-1)
     student_logits = torch.where(valid.unsqueeze(-1), student_logits, 0)
-    dtype = student_logits.dtype
-    ids = torch.where(in_s, topk_ids, 0).long()
-    logprobs = torch.where(in_s, topk_logprobs.detach().to(dtype), float("-inf"))
-
-    # The teacher on S and R: log p_b ** g, normalised.
-    p_s = torch.exp(logprobs.double()).sum(-1)
-    bucket = torch.full_like(valid, tail == "bucket") | ~valid
-    p_tail = torch.where(bucket & (in_s.sum(-1) < vocab), (1 - p_s).clamp_min(0), 0)
-    log_w = teacher_scale * torch.cat([logprobs, torch.log(p_tail).to(dtype).unsqueeze(-1)], -1)
-    log_norm = torch.logsumexp(log_w, -1, keepdim=True)
-    log_pt = log_w - log_norm
-    if weighted:
-        renormalised_by = torch.where(bucket, 0, teacher_scale * torch.log(p_s).to(dtype))
-        weight = torch.exp(log_norm.squeeze(-1) - renormalised_by)
-    else:
-        weight = torch.ones_like(log_norm.squeeze(-1))
+    in_s, ids, log_pt, weight = topk_teacher(topk_ids, topk_logprobs, valid, vocab, student_logits.dtype,
+                                             teacher_scale=teacher_scale, weighted=weighted, tail=tail)
 
     # The student on S and R.
     scaled = student_logits * student_scale
@@ -274,6 +260,36 @@ def topk_loss_rows(
 
     kl = _kl_terms(torch.exp(log_pt), torch.exp(log_q), log_pt - log_q).sum(-1)
     return _row_terms(kl, weight, student_logits, target, valid, beta=beta, kl_scale=kl_scale, ce_weight=ce_weight)
+
+
+def topk_teacher(topk_ids, topk_logprobs, valid, vocab, dtype, *, teacher_scale, weighted, tail):
+    """The teacher side of ``topk_loss_rows`` (its rows of ``valid`` only; ignored rows hold everything in the
+    bucket): (in_s, the ids of S (0 elsewhere, int64), log pt over the k slots and the bucket (..., k + 1),
+    the weight U (or 1)), in ``dtype``; the tail mass in float64."""
+    in_s = (topk_ids >= 0) & valid.unsqueeze(-1)
+    ids = torch.where(in_s, topk_ids, 0).long()
+    logprobs = torch.where(in_s, topk_logprobs.detach().to(dtype), float("-inf"))
+
+    # The teacher on S and R: log p_b ** g, normalised, from the log-probabilities relative to the row's largest
+    # (``shift``), so that rows far below 0 keep their digits in low precision; log sum_S p as a log-sum-exp: below
+    # about -745 each p underflows in float64, and the renormalised weight needs its log.
+    shift = logprobs.amax(-1, keepdim=True)
+    shift = torch.where(shift > float("-inf"), shift, 0)
+    log_p_s = torch.logsumexp(logprobs.double(), -1)
+    bucket = torch.full_like(valid, tail == "bucket") | ~valid
+    p_tail = torch.where(bucket & (in_s.sum(-1) < vocab), (1 - torch.exp(log_p_s)).clamp_min(0), 0)
+    log_tail = (torch.log(p_tail) - shift.squeeze(-1).double()).to(dtype)
+    log_w = teacher_scale * torch.cat([logprobs - shift, log_tail.unsqueeze(-1)], -1)
+    log_norm = torch.logsumexp(log_w, -1, keepdim=True)
+    log_pt = log_w - log_norm
+    if weighted:
+        # U = sum_b p_b**g (over S and R; renormalised: divided by (sum_S p)**g), the shift put back.
+        shift = shift.squeeze(-1)
+        unshift = torch.where(bucket, teacher_scale * shift, teacher_scale * (shift.double() - log_p_s).to(dtype))
+        weight = torch.exp(log_norm.squeeze(-1) + unshift)
+    else:
+        weight = torch.ones_like(log_norm.squeeze(-1))
+    return in_s, ids, log_pt, weight
 
 
 def _topk_loss(student_logits, topk_ids, topk_logprobs, target, reduction, **params):

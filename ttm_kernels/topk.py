@@ -25,10 +25,11 @@ from typing import Optional
 
 import torch
 
-from . import _ops, _topk_ops, linear, reference
+from . import _ops, _topk_ops, linear, reference, spec as specs
 from ._stats import TopkStat
-from .functional import (DEFAULT_GAMMA, DEFAULT_TEMPERATURE, LossComponents, _check_finite, _check_flag, _valid_rows,
-                         validate_logits, validate_options, validate_target)
+from .functional import check_vocab_size, head_post, reference_rows, validate_logits, validate_options, validate_target
+from .reduction import components, mean_denominator, valid_rows, validate_num_items
+from .spec import DEFAULT_GAMMA, DEFAULT_TEMPERATURE, LossSpec, check_flag as _check_flag
 
 TAILS = reference.TAILS
 PAD_ID = -1
@@ -87,11 +88,12 @@ def validate_topk(ids, logprobs, lead_shape, vocab, device, tail, valid=None):
     if logprobs.requires_grad:
         raise ValueError("teacher_topk_logprobs requires grad, but the teacher is a constant target here and no "
                          "gradient flows to it: pass teacher_topk_logprobs.detach()")
+    # The range is checked in the ids' own dtype, before the kernels' int32 narrows them (2**32 + c would read c).
+    _refuse((ids < PAD_ID) | (ids >= vocab),
+            f"teacher_topk_ids holds ids outside [0, {vocab}) that are not the padding id {PAD_ID}",
+            lambda bad: ids[bad][0].item())
     sorted_ids, sorted_logprobs = _topk_ops.topk_rows(ids, logprobs)
     present = sorted_ids >= 0
-    _refuse((sorted_ids < PAD_ID) | (sorted_ids >= vocab),
-            f"teacher_topk_ids holds ids outside [0, {vocab}) that are not the padding id {PAD_ID}",
-            lambda bad: sorted_ids[bad][0].item())
     _refuse((sorted_ids[:, 1:] == sorted_ids[:, :-1]) & present[:, 1:],
             "teacher_topk_ids holds an id twice in one row (each row's ids must be distinct; pad with -1)",
             lambda bad: sorted_ids[:, 1:][bad][0].item())
@@ -104,44 +106,63 @@ def validate_topk(ids, logprobs, lead_shape, vocab, device, tail, valid=None):
             f"slack of {sum_slack:.2g}): they must be normalised over the full vocabulary, as a served teacher "
             "returns them", lambda bad: p_sum[bad][0].item())
     if tail == "renormalize":
-        empty = ~present.any(-1) if valid is None else ~present.any(-1) & valid.reshape(-1)
+        # A row whose ids all have log-probability -inf has no mass to renormalise, as a row of padding.
+        massless = ~(present & (sorted_logprobs > float("-inf"))).any(-1)
+        empty = massless if valid is None else massless & valid.reshape(-1)
         _refuse(empty, "tail='renormalize' has no teacher to renormalise in a row that counts: every row that is "
-                "not ignored needs at least one id in teacher_topk_ids (tail='bucket' takes empty rows)")
+                "not ignored needs at least one id in teacher_topk_ids with a finite log-probability "
+                "(tail='bucket' takes empty rows)")
     return sorted_ids, sorted_logprobs
 
 
-def _fused_topk_loss(student_logits, ids, logprobs, target, *, student_scale, teacher_scale, kl_scale, weighted,
-                     beta, ce_weight, tail, ignore_index, reduction, backend, return_components):
-    beta = _check_finite("beta", beta)
-    ce_weight = _check_finite("ce_weight", ce_weight)
+def _fused_topk_loss(student_logits, ids, logprobs, target, spec: LossSpec, *, tail, reduction, backend,
+                     return_components, num_items_in_batch=None, process_group=None, vocab_size=None):
     _check_flag("return_components", return_components)
+    if process_group is not None:
+        from . import distributed  # imported on first use: it imports this module's dependencies
+        if spec.has_head_post and isinstance(student_logits, torch.Tensor) and student_logits.is_floating_point():
+            student_logits = head_post(student_logits, spec)
+        return distributed.vocab_parallel_topk_loss(
+            student_logits, ids, logprobs, target, spec.without_head_post(), tail=tail, process_group=process_group,
+            reduction=reduction, backend=backend, return_components=return_components,
+            num_items_in_batch=num_items_in_batch, vocab_size=vocab_size)
     validate_logits("student_logits", student_logits)
-    validate_options(reduction, ignore_index)
+    check_vocab_size(vocab_size, student_logits.shape[-1])
+    validate_options(reduction, spec.ignore_index)
+    validate_num_items(num_items_in_batch, reduction)
     lead, vocab, device = student_logits.shape[:-1], student_logits.shape[-1], student_logits.device
     if target is not None:
-        validate_target(target, lead, vocab, device, ignore_index)
-    valid = _valid_rows(target, lead, device, ignore_index)
+        validate_target(target, lead, vocab, device, spec.ignore_index)
+    valid = valid_rows(target, lead, device, spec.ignore_index)
     sorted_ids, sorted_logprobs = validate_topk(ids, logprobs, lead, vocab, device, tail, valid)
     backend = _ops.resolve_backend(backend, device, student_logits.dtype)
+    # The student's head post-processing; the teacher's log-probabilities are already final.
+    student_logits = head_post(student_logits, spec)
+    denominator = None
+    if reduction == "mean":
+        denominator = mean_denominator(target, spec.ignore_index, lead.numel(), device, num_items_in_batch)
 
     if backend == "torch" or student_logits[..., 0].numel() == 0:
         # The kernels' contract: float32 arithmetic (float64 stays float64), a float32 loss.
         compute = torch.float64 if student_logits.dtype == torch.float64 else torch.float32
-        rows = reference.topk_loss_rows(student_logits.to(compute), ids, logprobs, target,
-                                        student_scale=student_scale, teacher_scale=teacher_scale,
-                                        kl_scale=kl_scale, weighted=weighted, tail=tail, beta=beta,
-                                        ce_weight=ce_weight, ignore_index=ignore_index)
-        loss = reference.reduce_rows(rows["loss"], valid, reduction)
+        rows = reference_rows(
+            lambda y: reference.topk_loss_rows(student_logits.to(compute), ids, logprobs, y, tail=tail,
+                                               **spec.reference_params()),
+            target, vocab, spec.ignore_index)
+        loss = rows["loss"] if reduction == "none" else rows["loss"].sum()
+        if denominator is not None:
+            loss = loss / denominator.to(compute)
         detached = [rows[k].detach() for k in ("kl", "ce", "weight")]
     else:
         loss, stats = _topk_ops.fused_topk_loss(
-            student_logits, sorted_ids, sorted_logprobs, target, valid, reduction=reduction,
-            student_scale=student_scale, teacher_scale=teacher_scale, kl_coef=beta * kl_scale, ce_weight=ce_weight,
-            weighted=weighted, bucket=tail == "bucket", ignore_index=ignore_index, backend=backend)
+            student_logits, sorted_ids, sorted_logprobs, target, denominator, reduction=reduction,
+            student_scale=spec.student_scale, teacher_scale=spec.teacher_scale, kl_coef=spec.kl_coef,
+            ce_weight=spec.ce_weight, weighted=spec.weighted, bucket=tail == "bucket", ignore_index=spec.ignore_index,
+            backend=backend)
         detached = [stats[k].detach().view(lead) for k in (TopkStat.KL, TopkStat.CE, TopkStat.WEIGHT)]
     if not return_components:
         return loss
-    return loss, LossComponents(*(reference.reduce_rows(x, valid, "mean") for x in detached))
+    return loss, components(detached, valid)
 
 
 _TOPK_DOC = """
@@ -163,6 +184,20 @@ _TOPK_DOC = """
         beta, ce_weight, ignore_index, reduction, backend, return_components: as in the dense losses
             (``fused_wttm_loss``): "mean" over the rows not ignored, "sum", "none"; "auto" runs the Triton
             kernel on CUDA tensors, the C++ kernel on CPU tensors, the float64 reference for float64.
+        num_items_in_batch: the divisor of ``reduction="mean"`` in place of this call's non-ignored rows, for
+            exact gradient accumulation, as in ``fused_wttm_loss``.
+        softcap, logit_scale: the student head's post-processing (``softcap * tanh(logit_scale * z / softcap)``),
+            applied to the student's logits with its gradient (one more (N, V) tensor); the teacher's
+            log-probabilities are already final and stay as given.
+        process_group: vocabulary parallelism: each rank passes its contiguous slice of the student's vocabulary
+            columns (rank order = column order, uneven widths allowed) and the teacher's whole (..., k) top-k in
+            global ids (the same on every rank; each rank handles the ids in its columns) and the same target.
+            Every rank gets the loss of the whole rows and its columns' gradient. This runs the reference's
+            arithmetic (float32, float64 for float64 logits) on each rank's columns, whatever ``backend``,
+            unfused: a few (N, width) temporaries; one all_gather of 4 + k numbers per row after the agreement
+            (``ttm_kernels.distributed``). The fused linear top-k losses refuse it (NotImplementedError).
+        vocab_size: optional, the whole vocabulary's size: with ``process_group`` the ranks check that their slices
+            tile it; without, it must be V.
 
     Errors are raised before any work, naming the argument; on a GPU the value checks of the ids and
     log-probabilities are device-side assertions (no host synchronisation), as for the target.
@@ -182,12 +217,15 @@ def fused_wttm_loss_topk(student_logits: torch.Tensor, teacher_topk_ids: torch.T
                          teacher_topk_logprobs: torch.Tensor, target: Optional[torch.Tensor] = None, *,
                          gamma: float = DEFAULT_GAMMA, beta: float = 1.0, ce_weight: float = 1.0,
                          tail: str = "bucket", ignore_index: int = -100, reduction: str = "mean",
-                         backend: str = "auto", return_components: bool = False):
-    gamma = _check_finite("gamma", gamma, positive=True)
-    return _fused_topk_loss(student_logits, teacher_topk_ids, teacher_topk_logprobs, target, student_scale=1.0,
-                            teacher_scale=gamma, kl_scale=1.0, weighted=True, beta=beta, ce_weight=ce_weight,
-                            tail=tail, ignore_index=ignore_index, reduction=reduction, backend=backend,
-                            return_components=return_components)
+                         backend: str = "auto", return_components: bool = False, num_items_in_batch=None,
+                         softcap: Optional[float] = None, logit_scale: float = 1.0, process_group=None,
+                         vocab_size: Optional[int] = None):
+    spec = specs.wttm(gamma, beta=beta, ce_weight=ce_weight, ignore_index=ignore_index, softcap=softcap,
+                    logit_scale=logit_scale)
+    return _fused_topk_loss(student_logits, teacher_topk_ids, teacher_topk_logprobs, target, spec, tail=tail,
+                            reduction=reduction, backend=backend, return_components=return_components,
+                            num_items_in_batch=num_items_in_batch, process_group=process_group,
+                            vocab_size=vocab_size)
 
 
 fused_wttm_loss_topk.__doc__ = """WTTM from the teacher's top-k log-probabilities: ``ce_weight * CE + beta *
@@ -202,12 +240,15 @@ def fused_ttm_loss_topk(student_logits: torch.Tensor, teacher_topk_ids: torch.Te
                         teacher_topk_logprobs: torch.Tensor, target: Optional[torch.Tensor] = None, *,
                         gamma: float = DEFAULT_GAMMA, beta: float = 1.0, ce_weight: float = 1.0,
                         tail: str = "bucket", ignore_index: int = -100, reduction: str = "mean",
-                        backend: str = "auto", return_components: bool = False):
-    gamma = _check_finite("gamma", gamma, positive=True)
-    return _fused_topk_loss(student_logits, teacher_topk_ids, teacher_topk_logprobs, target, student_scale=1.0,
-                            teacher_scale=gamma, kl_scale=1.0, weighted=False, beta=beta, ce_weight=ce_weight,
-                            tail=tail, ignore_index=ignore_index, reduction=reduction, backend=backend,
-                            return_components=return_components)
+                        backend: str = "auto", return_components: bool = False, num_items_in_batch=None,
+                        softcap: Optional[float] = None, logit_scale: float = 1.0, process_group=None,
+                        vocab_size: Optional[int] = None):
+    spec = specs.ttm(gamma, beta=beta, ce_weight=ce_weight, ignore_index=ignore_index, softcap=softcap,
+                    logit_scale=logit_scale)
+    return _fused_topk_loss(student_logits, teacher_topk_ids, teacher_topk_logprobs, target, spec, tail=tail,
+                            reduction=reduction, backend=backend, return_components=return_components,
+                            num_items_in_batch=num_items_in_batch, process_group=process_group,
+                            vocab_size=vocab_size)
 
 
 fused_ttm_loss_topk.__doc__ = """TTM from the teacher's top-k log-probabilities: ``ce_weight * CE + beta *
@@ -221,13 +262,15 @@ def fused_kd_loss_topk(student_logits: torch.Tensor, teacher_topk_ids: torch.Ten
                        teacher_topk_logprobs: torch.Tensor, target: Optional[torch.Tensor] = None, *,
                        temperature: float = DEFAULT_TEMPERATURE, beta: float = 1.0, ce_weight: float = 1.0,
                        tail: str = "bucket", ignore_index: int = -100, reduction: str = "mean",
-                       backend: str = "auto", return_components: bool = False):
-    temperature = _check_finite("temperature", temperature, positive=True)
-    return _fused_topk_loss(student_logits, teacher_topk_ids, teacher_topk_logprobs, target,
-                            student_scale=1.0 / temperature, teacher_scale=1.0 / temperature,
-                            kl_scale=temperature**2, weighted=False, beta=beta, ce_weight=ce_weight, tail=tail,
-                            ignore_index=ignore_index, reduction=reduction, backend=backend,
-                            return_components=return_components)
+                       backend: str = "auto", return_components: bool = False, num_items_in_batch=None,
+                       softcap: Optional[float] = None, logit_scale: float = 1.0, process_group=None,
+                       vocab_size: Optional[int] = None):
+    spec = specs.kd(temperature, beta=beta, ce_weight=ce_weight, ignore_index=ignore_index, softcap=softcap,
+                    logit_scale=logit_scale)
+    return _fused_topk_loss(student_logits, teacher_topk_ids, teacher_topk_logprobs, target, spec, tail=tail,
+                            reduction=reduction, backend=backend, return_components=return_components,
+                            num_items_in_batch=num_items_in_batch, process_group=process_group,
+                            vocab_size=vocab_size)
 
 
 fused_kd_loss_topk.__doc__ = """Hinton KD from the teacher's top-k log-probabilities: ``ce_weight * CE + beta *
@@ -254,14 +297,15 @@ class TopkTeacher:
     def release(self):
         pass
 
-    def chunk_loss(self, z, start, end, y, row_grad, spec):
+    def chunk_loss(self, z, start, end, y, row_grad, launch):
         ids, logprobs = self.ids[start:end], self.logprobs[start:end]
-        if spec.backend == "torch":
+        spec = launch.loss
+        if launch.backend == "torch":
             return linear.loss_and_grad_torch(
                 z, lambda logits: reference.topk_loss_rows(logits, ids, logprobs, y, tail=self.tail,
-                                                           **linear.reference_params(spec)), row_grad)
-        args = (spec.student_scale, spec.teacher_scale, spec.beta * spec.kl_scale, spec.ce_weight, spec.weighted,
-                self.tail == "bucket", spec.ignore_index, spec.backend)
+                                                           **spec.reference_params()), row_grad)
+        args = (spec.student_scale, spec.teacher_scale, spec.kl_coef, spec.ce_weight, spec.weighted,
+                self.tail == "bucket", spec.ignore_index, launch.backend)
         if row_grad is None:
             stats = _topk_ops.topk_fwd(z, ids, logprobs, y, *args)
         else:
@@ -269,25 +313,31 @@ class TopkTeacher:
         return stats[TopkStat.LOSS:TopkStat.WEIGHT + 1]
 
 
-def _fused_linear_topk_loss(student_hidden, student_weight, ids, logprobs, target, *, student_bias, student_scale,
-                            teacher_scale, kl_scale, weighted, beta, ce_weight, tail, ignore_index, reduction,
-                            chunk_size, backend, return_components):
-    beta = _check_finite("beta", beta)
-    ce_weight = _check_finite("ce_weight", ce_weight)
+def _fused_linear_topk_loss(student_hidden, student_weight, ids, logprobs, target, spec: LossSpec, *, student_bias,
+                            tail, reduction, chunk_size, backend, return_components, num_items_in_batch=None,
+                            process_group=None, reduce_hidden_grad=True, vocab_size=None):
     _check_flag("return_components", return_components)
-    linear.validate_student(student_hidden, student_weight, student_bias, reduction, ignore_index, chunk_size)
+    if process_group is not None:
+        from . import distributed  # imported on first use: it imports this module's dependencies
+        return distributed.vocab_parallel_linear_topk_loss(
+            student_hidden, student_weight, ids, logprobs, target, spec, tail=tail, process_group=process_group,
+            reduce_hidden_grad=reduce_hidden_grad, student_bias=student_bias, reduction=reduction,
+            chunk_size=chunk_size, backend=backend, return_components=return_components,
+            num_items_in_batch=num_items_in_batch, vocab_size=vocab_size)
+    linear.validate_student(student_hidden, student_weight, student_bias, reduction, spec.ignore_index, chunk_size,
+                            num_items_in_batch)
     lead, vocab, device = student_hidden.shape[:-1], student_weight.shape[0], student_hidden.device
+    check_vocab_size(vocab_size, vocab)
     if target is not None:
-        validate_target(target, lead, vocab, device, ignore_index)
+        validate_target(target, lead, vocab, device, spec.ignore_index)
     sorted_ids, sorted_logprobs = validate_topk(ids, logprobs, lead, vocab, device, tail,
-                                                _valid_rows(target, lead, device, ignore_index))
+                                                valid_rows(target, lead, device, spec.ignore_index))
     backend = _ops.resolve_backend(backend, device, student_hidden.dtype)
-    spec = linear._Spec(float(student_scale), float(teacher_scale), float(kl_scale), bool(weighted), beta,
-                        ce_weight, int(ignore_index), backend)
+    # The chunk loop applies the student head's post-processing (softcap, logit_scale) to each chunk.
     return linear.run_linear_loss(student_hidden, student_weight, student_bias,
                                   TopkTeacher(sorted_ids, sorted_logprobs, tail),
-                                  None if target is None else target.reshape(-1).long(), spec, reduction,
-                                  chunk_size, return_components)
+                                  None if target is None else target.reshape(-1).long(), linear.Launch(spec, backend),
+                                  reduction, chunk_size, return_components, num_items_in_batch)
 
 
 _LINEAR_TOPK_DOC = """
@@ -296,8 +346,17 @@ _LINEAR_TOPK_DOC = """
             checks); student_weight: (V, H) its LM head, same dtype; student_bias: optional (V,).
         teacher_topk_ids, teacher_topk_logprobs: (..., k) with the student's leading shape: the teacher's top-k
             ids (-1 pads) and log-probabilities, as in ``fused_wttm_loss_topk``. No teacher model at all.
-        target, tail, beta, ce_weight, ignore_index, reduction, backend, return_components: as in
-            ``fused_wttm_loss_topk``.
+        target, tail, beta, ce_weight, ignore_index, reduction, backend, return_components, num_items_in_batch,
+            vocab_size: as in ``fused_wttm_loss_topk``.
+        process_group: vocabulary parallelism: each rank passes its rows of the student's LM head (and bias), a
+            contiguous slice of the vocabulary, and the same hidden states, target and whole top-k in global ids.
+            Every rank gets the loss of the whole rows; the weight and bias gradients are its slices'; the hidden
+            states' gradient is summed over the group (``reduce_hidden_grad=False``: this rank's part). As for the
+            logits, each chunk's loss is the reference's arithmetic on each rank's columns (unfused; with its
+            collectives, also in the backward of "none"): every rank runs the same chunks.
+        softcap, logit_scale: the student head's post-processing, applied to each chunk of its logits inside the
+            chunk loop with its gradient (as in ``fused_linear_wttm_loss``); the teacher's log-probabilities are
+            final.
         chunk_size: rows per chunk; default from the memory budget of the one (chunk, V) student buffer (see
             ``linear.default_chunk_size``: twice the rows of the dense loss's, which also holds the teacher's).
 
@@ -318,13 +377,16 @@ def fused_linear_wttm_loss_topk(student_hidden: torch.Tensor, student_weight: to
                                 gamma: float = DEFAULT_GAMMA, beta: float = 1.0, ce_weight: float = 1.0,
                                 tail: str = "bucket", ignore_index: int = -100, reduction: str = "mean",
                                 chunk_size: Optional[int] = None, backend: str = "auto",
-                                return_components: bool = False):
-    gamma = _check_finite("gamma", gamma, positive=True)
+                                return_components: bool = False, num_items_in_batch=None,
+                                softcap: Optional[float] = None, logit_scale: float = 1.0, process_group=None,
+                                reduce_hidden_grad: bool = True, vocab_size: Optional[int] = None):
+    spec = specs.wttm(gamma, beta=beta, ce_weight=ce_weight, ignore_index=ignore_index, softcap=softcap,
+                    logit_scale=logit_scale)
     return _fused_linear_topk_loss(student_hidden, student_weight, teacher_topk_ids, teacher_topk_logprobs, target,
-                                   student_bias=student_bias, student_scale=1.0, teacher_scale=gamma, kl_scale=1.0,
-                                   weighted=True, beta=beta, ce_weight=ce_weight, tail=tail,
-                                   ignore_index=ignore_index, reduction=reduction, chunk_size=chunk_size,
-                                   backend=backend, return_components=return_components)
+                                   spec, student_bias=student_bias, tail=tail, reduction=reduction,
+                                   chunk_size=chunk_size, backend=backend, return_components=return_components,
+                                   num_items_in_batch=num_items_in_batch, process_group=process_group,
+                                   reduce_hidden_grad=reduce_hidden_grad, vocab_size=vocab_size)
 
 
 fused_linear_wttm_loss_topk.__doc__ = """``fused_wttm_loss_topk`` on ``student_hidden @ student_weight.T (+ bias)``,
@@ -338,13 +400,16 @@ def fused_linear_ttm_loss_topk(student_hidden: torch.Tensor, student_weight: tor
                                gamma: float = DEFAULT_GAMMA, beta: float = 1.0, ce_weight: float = 1.0,
                                tail: str = "bucket", ignore_index: int = -100, reduction: str = "mean",
                                chunk_size: Optional[int] = None, backend: str = "auto",
-                               return_components: bool = False):
-    gamma = _check_finite("gamma", gamma, positive=True)
+                               return_components: bool = False, num_items_in_batch=None,
+                               softcap: Optional[float] = None, logit_scale: float = 1.0, process_group=None,
+                               reduce_hidden_grad: bool = True, vocab_size: Optional[int] = None):
+    spec = specs.ttm(gamma, beta=beta, ce_weight=ce_weight, ignore_index=ignore_index, softcap=softcap,
+                    logit_scale=logit_scale)
     return _fused_linear_topk_loss(student_hidden, student_weight, teacher_topk_ids, teacher_topk_logprobs, target,
-                                   student_bias=student_bias, student_scale=1.0, teacher_scale=gamma, kl_scale=1.0,
-                                   weighted=False, beta=beta, ce_weight=ce_weight, tail=tail,
-                                   ignore_index=ignore_index, reduction=reduction, chunk_size=chunk_size,
-                                   backend=backend, return_components=return_components)
+                                   spec, student_bias=student_bias, tail=tail, reduction=reduction,
+                                   chunk_size=chunk_size, backend=backend, return_components=return_components,
+                                   num_items_in_batch=num_items_in_batch, process_group=process_group,
+                                   reduce_hidden_grad=reduce_hidden_grad, vocab_size=vocab_size)
 
 
 fused_linear_ttm_loss_topk.__doc__ = """``fused_ttm_loss_topk`` on the student's LM-head output, chunked. gamma:
@@ -358,14 +423,16 @@ def fused_linear_kd_loss_topk(student_hidden: torch.Tensor, student_weight: torc
                               temperature: float = DEFAULT_TEMPERATURE, beta: float = 1.0, ce_weight: float = 1.0,
                               tail: str = "bucket", ignore_index: int = -100, reduction: str = "mean",
                               chunk_size: Optional[int] = None, backend: str = "auto",
-                              return_components: bool = False):
-    temperature = _check_finite("temperature", temperature, positive=True)
+                              return_components: bool = False, num_items_in_batch=None, softcap: Optional[float] = None,
+                              logit_scale: float = 1.0, process_group=None,
+                              reduce_hidden_grad: bool = True, vocab_size: Optional[int] = None):
+    spec = specs.kd(temperature, beta=beta, ce_weight=ce_weight, ignore_index=ignore_index, softcap=softcap,
+                    logit_scale=logit_scale)
     return _fused_linear_topk_loss(student_hidden, student_weight, teacher_topk_ids, teacher_topk_logprobs, target,
-                                   student_bias=student_bias, student_scale=1.0 / temperature,
-                                   teacher_scale=1.0 / temperature, kl_scale=temperature**2, weighted=False,
-                                   beta=beta, ce_weight=ce_weight, tail=tail, ignore_index=ignore_index,
-                                   reduction=reduction, chunk_size=chunk_size, backend=backend,
-                                   return_components=return_components)
+                                   spec, student_bias=student_bias, tail=tail, reduction=reduction,
+                                   chunk_size=chunk_size, backend=backend, return_components=return_components,
+                                   num_items_in_batch=num_items_in_batch, process_group=process_group,
+                                   reduce_hidden_grad=reduce_hidden_grad, vocab_size=vocab_size)
 
 
 fused_linear_kd_loss_topk.__doc__ = """``fused_kd_loss_topk`` (T^2 factor) on the student's LM-head output,

@@ -86,23 +86,30 @@ def _gather(s_row, ids_row, lp_row, k, BLOCK_K: tl.constexpr):
 
 @triton.jit
 def _teacher(logprobs, present, V, teacher_scale, WEIGHTED: tl.constexpr, BUCKET: tl.constexpr):
-    # The transformed teacher on S (and the bucket R): log pt of each slot, log pt_R, and the weight U.
-    p_sum = tl.sum(tl.where(present, tl.exp(logprobs.to(tl.float64)), 0.0), 0)
-    log_tail = float("-inf")
+    # The transformed teacher on S (and the bucket R): log pt of each slot, log pt_R, and the weight U, all
+    # from the log-probabilities relative to the row's largest (``shift``): the differences of nearby fp32
+    # values are exact, so rows far below 0 keep their digits, and sum p, which underflows in fp64 when every
+    # log-probability lies below about -745, is summed shifted (the renormalised weight needs its log).
+    l64 = tl.where(present, logprobs.to(tl.float64), float("-inf"))
+    m_l = tl.max(l64, 0)
+    shift = tl.where(m_l > float("-inf"), m_l, 0.0)
+    log_p_sum_shifted = tl.log(tl.sum(tl.where(present, tl.exp(l64 - shift), 0.0), 0))
+    shift32 = shift.to(tl.float32)
+    w = teacher_scale * (logprobs - shift32)
+    w_tail = float("-inf")
     if BUCKET:
         # Under the power transform a residue counts: 1 - sum p in fp64, from the stored values.
+        p_sum = tl.exp(shift + log_p_sum_shifted)
         tail = tl.where(tl.sum(present.to(tl.int32), 0) < V, tl.maximum(1.0 - p_sum, 0.0), 0.0)
-        log_tail = tl.log(tail).to(tl.float32)
-    w = teacher_scale * logprobs
-    w_tail = teacher_scale * log_tail
+        w_tail = teacher_scale * (tl.log(tail) - shift).to(tl.float32)
     m_w = tl.maximum(tl.max(w, 0), w_tail)
     log_norm = m_w + tl.log(tl.sum(tl.exp(w - m_w), 0) + tl.exp(w_tail - m_w))
     weight = 1.0
     if WEIGHTED:
         if BUCKET:
-            weight = tl.exp(log_norm)
+            weight = tl.exp(log_norm + teacher_scale * shift32)
         else:
-            weight = tl.exp(log_norm - teacher_scale * tl.log(p_sum).to(tl.float32))
+            weight = tl.exp(log_norm - teacher_scale * log_p_sum_shifted.to(tl.float32))
     return w - log_norm, w_tail - log_norm, weight
 
 

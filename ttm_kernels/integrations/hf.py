@@ -191,7 +191,7 @@ def _check_tokenizers(path, processing_class) -> None:
 def _linear_loss_of(loss_fn: FusedLinearDistillLoss):
     """The public ``fused_linear_*_loss`` and keyword arguments computing ``loss_fn``'s loss (of which it is one
     configuration), for the ``LossComponents`` that ``loss_fn``'s own ``forward`` does not return."""
-    loss_fn._scales()  # the configuration's own checks, e.g. no temperature with TTM
+    loss_fn._spec()  # the configuration's own checks, e.g. no temperature with TTM
     kwargs = dict(beta=loss_fn.weight_soft_loss, ce_weight=loss_fn.weight_hard_loss, ignore_index=loss_fn.ignore_index,
                   chunk_size=loss_fn.chunk_size, vocab_mismatch=loss_fn.vocab_mismatch, backend=loss_fn.backend,
                   softcap=loss_fn.softcap, logit_scale=loss_fn.logit_scale)

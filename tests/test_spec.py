@@ -1,0 +1,43 @@
+"""``LossSpec``: the one description of a loss, its constructors and their validation."""
+import dataclasses
+import math
+
+import pytest
+
+from ttm_kernels import reference, spec
+
+
+def test_constructors_set_the_family_members():
+    assert spec.wttm(0.3).reference_params() == dict(student_scale=1.0, teacher_scale=0.3, kl_scale=1.0, weighted=True,
+                                                      beta=1.0, ce_weight=1.0, ignore_index=-100)
+    assert not spec.ttm(0.3).weighted
+    kd = spec.kd(4.0, beta=0.9, ce_weight=0.1)
+    assert (kd.student_scale, kd.teacher_scale, kd.kl_scale, kd.kl_coef) == (0.25, 0.25, 16.0, 0.9 * 16.0)
+    assert spec.kd(4.0, t_squared=False).kl_scale == 1.0
+    assert spec.from_scales("ttm", 0.5) == spec.ttm(0.5)
+    # Every keyword the reference takes, and nothing else.
+    assert set(spec.ttm().reference_params()) <= set(reference.loss_rows.__code__.co_varnames)
+
+
+def test_spec_is_frozen_and_knows_its_head_post_processing():
+    s = spec.wttm(0.2, softcap=30.0, logit_scale=0.5)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        s.beta = 2.0
+    assert s.has_head_post and not s.without_head_post().has_head_post
+    assert s.without_head_post().teacher_scale == 0.2
+    assert not spec.wttm().has_head_post
+
+
+@pytest.mark.parametrize("build,error,match", [
+    (lambda: spec.wttm(0.0), ValueError, "gamma must be a finite positive number"),
+    (lambda: spec.kd(math.inf), ValueError, "temperature must be a finite positive number"),
+    (lambda: spec.ttm(0.2, beta=math.nan), ValueError, "beta must be a finite number"),
+    (lambda: spec.ttm(0.2, ce_weight="1"), TypeError, "ce_weight must be a Python number"),
+    (lambda: spec.ttm(0.2, ignore_index=1.5), TypeError, "ignore_index must be an int"),
+    (lambda: spec.wttm(0.2, softcap=-1.0), ValueError, "softcap must be a finite positive number"),
+    (lambda: spec.wttm(0.2, logit_scale=0), ValueError, "logit_scale must be a finite positive number"),
+    (lambda: spec.from_scales("jsd", 1.0), ValueError, "loss must be one of"),
+])
+def test_bad_settings_raise_naming_the_argument(build, error, match):
+    with pytest.raises(error, match=match):
+        build()

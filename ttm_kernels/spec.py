@@ -1,0 +1,120 @@
+"""One description of a loss: ``LossSpec``, built by ``wttm()``, ``ttm()`` or ``kd()`` and validated once, then
+carried as one argument through the public functions, the orchestrators and the reference.
+
+Every loss of the family is an instance of one row loss (``reference.loss_rows``)::
+
+    ce_weight * CE(z, y) + beta * kl_scale * w * KL(softmax(teacher_scale * v) || softmax(student_scale * z))
+
+with ``w`` the WTTM weight U (``weighted``) or 1, and the heads' post-processing ``post(x) = softcap *
+tanh(logit_scale * x / softcap)`` (or ``logit_scale * x`` without a soft-cap) applied first to the student's
+logits and to a dense teacher's (a top-k teacher's log-probabilities are already final). Adding a teacher
+transform or a divergence means adding a field here, its constructor and its reference.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Optional
+
+DEFAULT_GAMMA = 0.2
+DEFAULT_TEMPERATURE = 4.0
+
+
+def check_finite(name: str, value, positive: bool = False) -> float:
+    """``value`` as a float when it is a finite (positive) Python number; else an error naming ``name``."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise TypeError(f"{name} must be a Python number, got {type(value).__name__}")
+    if not math.isfinite(value) or (positive and value <= 0):
+        raise ValueError(f"{name} must be a finite {'positive ' if positive else ''}number, got {value}")
+    return float(value)
+
+
+def check_flag(name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r} ({type(value).__name__})")
+    return value
+
+
+@dataclasses.dataclass(frozen=True)
+class LossSpec:
+    """The loss's scalars (see the module docstring); immutable, validated when built. ``name`` is the family
+    member ("wttm", "ttm", "kd"), for messages and reprs only."""
+
+    name: str
+    student_scale: float
+    teacher_scale: float
+    kl_scale: float
+    weighted: bool
+    beta: float = 1.0
+    ce_weight: float = 1.0
+    ignore_index: int = -100
+    softcap: Optional[float] = None
+    logit_scale: float = 1.0
+
+    def __post_init__(self):
+        for name in ("student_scale", "teacher_scale", "kl_scale", "logit_scale"):
+            object.__setattr__(self, name, check_finite(name, getattr(self, name), positive=True))
+        for name in ("beta", "ce_weight"):
+            object.__setattr__(self, name, check_finite(name, getattr(self, name)))
+        check_flag("weighted", self.weighted)
+        if isinstance(self.ignore_index, bool) or not isinstance(self.ignore_index, int):
+            raise TypeError(f"ignore_index must be an int, got {type(self.ignore_index).__name__}")
+        if self.softcap is not None:
+            object.__setattr__(self, "softcap", check_finite("softcap", self.softcap, positive=True))
+
+    @property
+    def kl_coef(self) -> float:
+        """The kernels' factor of the row's KL (times the weight): beta * kl_scale."""
+        return self.beta * self.kl_scale
+
+    @property
+    def has_head_post(self) -> bool:
+        """Whether the heads' post-processing changes the logits (a soft-cap, or a logit scale other than 1)."""
+        return self.softcap is not None or self.logit_scale != 1.0
+
+    def without_head_post(self) -> "LossSpec":
+        """This spec for logits that already went through the heads' post-processing."""
+        return dataclasses.replace(self, softcap=None, logit_scale=1.0)
+
+    def reference_params(self) -> dict:
+        """The keyword arguments of ``reference.loss_rows`` (and ``topk_loss_rows``) that this spec sets."""
+        return dict(student_scale=self.student_scale, teacher_scale=self.teacher_scale, kl_scale=self.kl_scale,
+                    weighted=self.weighted, beta=self.beta, ce_weight=self.ce_weight, ignore_index=self.ignore_index)
+
+    def kernel_params(self) -> dict:
+        """The scalar keyword arguments every kernel launcher takes (``_ops._params``)."""
+        return dict(student_scale=self.student_scale, teacher_scale=self.teacher_scale, kl_coef=self.kl_coef,
+                    ce_weight=self.ce_weight, ignore_index=self.ignore_index)
+
+
+@functools.lru_cache(maxsize=256, typed=True)  # a training loop builds the same spec every step
+def wttm(gamma: float = DEFAULT_GAMMA, **options) -> LossSpec:
+    """Weighted TTM: ``U * KL(softmax(gamma * v) || softmax(z))``, U = sum(softmax(v)**gamma); no student
+    temperature, no T^2. ``options``: beta, ce_weight, ignore_index, softcap, logit_scale."""
+    gamma = check_finite("gamma", gamma, positive=True)
+    return LossSpec("wttm", 1.0, gamma, 1.0, True, **options)
+
+
+@functools.lru_cache(maxsize=256, typed=True)  # a training loop builds the same spec every step
+def ttm(gamma: float = DEFAULT_GAMMA, **options) -> LossSpec:
+    """TTM: ``KL(softmax(gamma * v) || softmax(z))``."""
+    gamma = check_finite("gamma", gamma, positive=True)
+    return LossSpec("ttm", 1.0, gamma, 1.0, False, **options)
+
+
+@functools.lru_cache(maxsize=256, typed=True)  # a training loop builds the same spec every step
+def kd(temperature: float = DEFAULT_TEMPERATURE, *, t_squared: bool = True, **options) -> LossSpec:
+    """Hinton KD: ``T^2 * KL(softmax(v / T) || softmax(z / T))``; ``t_squared=False`` drops the T^2 factor
+    (Liger's convention, ``FusedLinearDistillLoss``)."""
+    temperature = check_finite("temperature", temperature, positive=True)
+    return LossSpec("kd", 1.0 / temperature, 1.0 / temperature, temperature**2 if t_squared else 1.0, False,
+                    **options)
+
+
+def from_scales(name: str, scale: float, **options) -> LossSpec:
+    """The spec of the family member ``name`` ("wttm", "ttm": ``scale`` is gamma; "kd": the temperature)."""
+    constructors = {"wttm": wttm, "ttm": ttm, "kd": kd}
+    if name not in constructors:
+        raise ValueError(f"loss must be one of {tuple(constructors)}, got {name!r}")
+    return constructors[name](scale, **options)
