@@ -9,7 +9,8 @@ from ttm_kernels import reference, spec
 
 def test_constructors_set_the_family_members():
     assert spec.wttm(0.3).reference_params() == dict(student_scale=1.0, teacher_scale=0.3, kl_scale=1.0, weighted=True,
-                                                      beta=1.0, ce_weight=1.0, ignore_index=-100)
+                                                      beta=1.0, ce_weight=1.0, ignore_index=-100,
+                                                      jsd_beta=0.0)
     assert not spec.ttm(0.3).weighted
     kd = spec.kd(4.0, beta=0.9, ce_weight=0.1)
     assert (kd.student_scale, kd.teacher_scale, kd.kl_scale, kd.kl_coef) == (0.25, 0.25, 16.0, 0.9 * 16.0)
@@ -41,3 +42,9 @@ def test_spec_is_frozen_and_knows_its_head_post_processing():
 def test_bad_settings_raise_naming_the_argument(build, error, match):
     with pytest.raises(error, match=match):
         build()
+
+
+@pytest.mark.parametrize("jsd_beta", [-0.1, 1.5, math.inf, math.nan], ids=["negative", "above-1", "inf", "nan"])
+def test_spec_refuses_a_jsd_beta_outside_0_1(jsd_beta):
+    with pytest.raises(ValueError, match="jsd_beta"):
+        spec.kd(1.0, jsd_beta=jsd_beta)

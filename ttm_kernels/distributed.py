@@ -200,7 +200,10 @@ def agree(group, index: int, device, check, names, target=None, ignore_index=-10
     return Shards(group, index, sum(widths[:index]), vocab, tuple(widths))
 
 
-def _compiled_backend(backend: str, device, dtype) -> str:
+def _compiled_backend(backend: str, device, dtype, spec) -> str:
+    if spec.jsd_beta != 0.0:
+        raise ValueError(f"jsd_beta={spec.jsd_beta} (the reverse KL or the JSD) is not supported with process_group "
+                         "yet: the vocabulary-parallel loss computes the forward KL (jsd_beta=0)")
     resolved = _ops.resolve_backend(backend, device, dtype)
     if resolved == "torch":
         raise ValueError(f"the vocabulary-parallel loss runs on the compiled kernels ('triton' on CUDA, 'cpu' on "
@@ -329,7 +332,7 @@ def vocab_parallel_loss(student_logits, teacher_logits, target, spec, *, process
         reduction_.validate_num_items(num_items_in_batch, reduction)
         if target is not None:
             functional.validate_target(target, student.shape[:-1], None, device, spec.ignore_index)
-        resolved = _compiled_backend(backend, device, student.dtype)
+        resolved = _compiled_backend(backend, device, student.dtype, spec)
         settings = _settings(spec, reduction, resolved)
         return student.shape[-1], (student[..., 0].numel(), student.dtype, teacher.dtype, device.type,
                                    target is not None, settings)
@@ -407,9 +410,11 @@ def _sharded_topk_rows(z, ids, logprobs, target, valid, spec, tail, shards):
     held = torch.where(torch.isfinite(parts[..., 3:]), parts[..., 3:], 0).sum(0)
     scaled_s = held[:, 1:].masked_fill(~in_s, float("-inf"))
     log_q = torch.cat([scaled_s, lse_tail.unsqueeze(-1)], -1) - lse.unsqueeze(-1)
-    kl = reference._kl_terms(torch.exp(log_pt), torch.exp(log_q), log_pt - log_q).sum(-1)
-    return reference._row_terms(kl, weight, None, target, valid, beta=spec.beta, kl_scale=spec.kl_scale,
+    kl = reference.divergence(log_pt, log_q, spec.jsd_beta)
+    rows = reference._row_terms(kl, weight, None, target, valid, beta=spec.beta, kl_scale=spec.kl_scale,
                                 ce_weight=spec.ce_weight, ce=lse_z - held[:, 0])
+    rows["entropy"] = torch.where(valid, reference.entropy(log_q), 0)
+    return rows
 
 
 def vocab_parallel_topk_loss(student_logits, ids, logprobs, target, spec, *, tail, process_group, reduction, backend,
@@ -440,6 +445,7 @@ def vocab_parallel_topk_loss(student_logits, ids, logprobs, target, spec, *, tai
             functional.validate_target(target, lead, None, device, spec.ignore_index)
         valid = reduction_.valid_rows(target, lead, device, spec.ignore_index)
         # The global vocabulary is known after the exchange: the ids' range against it is checked then.
+        reference.check_topk_divergence(tail, spec.jsd_beta)
         topk.validate_topk(ids, logprobs, lead, _INT64_MAX, device, tail, valid)
         flat = ids.reshape(-1).long()
         fingerprint = int((flat * torch.arange(1, flat.numel() + 1, device=flat.device)).sum())
@@ -535,7 +541,7 @@ def vocab_parallel_linear_loss(student_hidden, student_weight, teacher_hidden, t
                              f"{student_weight.shape[0]} rows")
         if target is not None:
             functional.validate_target(target, lead, None, device, spec.ignore_index)
-        resolved = _compiled_backend(backend, device, student_hidden.dtype)
+        resolved = _compiled_backend(backend, device, student_hidden.dtype, spec)
         settings = _settings(spec, reduction, chunk_size, reduce_hidden_grad, student_bias is None,
                              teacher_bias is None, resolved)
         return student_weight.shape[0], (lead.numel(), student_hidden.shape[-1], teacher_hidden.shape[-1],
@@ -629,6 +635,7 @@ def vocab_parallel_linear_topk_loss(student_hidden, student_weight, ids, logprob
             functional.validate_target(target, lead, None, device, spec.ignore_index)
         valid = reduction_.valid_rows(target, lead, device, spec.ignore_index)
         # The global vocabulary is known after the exchange: the ids' range against it is checked then.
+        reference.check_topk_divergence(tail, spec.jsd_beta)
         topk.validate_topk(ids, logprobs, lead, _INT64_MAX, device, tail, valid)
         flat = ids.reshape(-1).long()
         fingerprint = int((flat * torch.arange(1, flat.numel() + 1, device=flat.device)).sum())

@@ -170,7 +170,7 @@ def _fused_loss(student_logits, teacher_logits, target, spec: LossSpec, *, reduc
     _validate(student_logits, teacher_logits, target, spec.ignore_index, reduction)
     validate_num_items(num_items_in_batch, reduction)
     check_vocab_size(vocab_size, student_logits.shape[-1])
-    backend = _ops.resolve_backend(backend, student_logits.device, student_logits.dtype)
+    backend = _ops.resolve_backend(backend, student_logits.device, student_logits.dtype, spec)
     if inplace_backward:
         if backend == "torch":
             raise ValueError("inplace_backward=True needs a compiled backend ('triton' or 'cpu'), not 'torch'")
@@ -249,6 +249,11 @@ _COMMON_DOC = """
             ``softcap * tanh(logit_scale * x / softcap)`` (``logit_scale * x`` without a soft-cap) of both the
             student's and the teacher's logits, with its gradient. Default: neither. It costs one (N, V) tensor
             per model (and autograd's saved tanh); refused with ``inplace_backward``.
+        jsd_beta: the divergence D between the (transformed) teacher's distribution p and the student's q that
+            replaces KL(p || q), in TRL's and Liger's convention: 0 (default) the forward KL(p || q) of the paper
+            and of KD; 1 the reverse KL(q || p); in between the generalised JSD beta * KL(p || m) + (1 - beta) *
+            KL(q || m), m = beta * p + (1 - beta) * q. Any other value than 0 runs on the reference's
+            arithmetic (backend "auto" picks it; "cpu" and "triton" refuse it) and is refused with process_group.
         process_group: a ``torch.distributed`` process group whose ranks each hold a contiguous slice of the
             vocabulary columns of both logits (rank order = column order, uneven widths allowed; ``target``
             holds global ids): the vocabulary-parallel loss (``ttm_kernels.distributed``). Every rank gets the
@@ -273,9 +278,9 @@ def fused_wttm_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, 
                     ignore_index: int = -100, reduction: str = "mean", backend: str = "auto",
                     inplace_backward: bool = False, return_components: bool = False,
                     num_items_in_batch=None, process_group=None, softcap: Optional[float] = None,
-                    logit_scale: float = 1.0, vocab_size: Optional[int] = None):
+                    logit_scale: float = 1.0, jsd_beta: float = 0.0, vocab_size: Optional[int] = None):
     spec = specs.wttm(gamma, beta=beta, ce_weight=ce_weight, ignore_index=ignore_index, softcap=softcap,
-                      logit_scale=logit_scale)
+                      logit_scale=logit_scale, jsd_beta=jsd_beta)
     return _fused_loss(student_logits, teacher_logits, target, spec, reduction=reduction, backend=backend,
                        inplace_backward=inplace_backward, return_components=return_components,
                        num_items_in_batch=num_items_in_batch, process_group=process_group, vocab_size=vocab_size)
@@ -297,9 +302,9 @@ def fused_ttm_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, t
                    ignore_index: int = -100, reduction: str = "mean", backend: str = "auto",
                    inplace_backward: bool = False, return_components: bool = False,
                    num_items_in_batch=None, process_group=None, softcap: Optional[float] = None,
-                   logit_scale: float = 1.0, vocab_size: Optional[int] = None):
+                   logit_scale: float = 1.0, jsd_beta: float = 0.0, vocab_size: Optional[int] = None):
     spec = specs.ttm(gamma, beta=beta, ce_weight=ce_weight, ignore_index=ignore_index, softcap=softcap,
-                     logit_scale=logit_scale)
+                     logit_scale=logit_scale, jsd_beta=jsd_beta)
     return _fused_loss(student_logits, teacher_logits, target, spec, reduction=reduction, backend=backend,
                        inplace_backward=inplace_backward, return_components=return_components,
                        num_items_in_batch=num_items_in_batch, process_group=process_group, vocab_size=vocab_size)
@@ -317,9 +322,9 @@ def fused_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, ta
                   ignore_index: int = -100, reduction: str = "mean", backend: str = "auto",
                   inplace_backward: bool = False, return_components: bool = False,
                   num_items_in_batch=None, process_group=None, softcap: Optional[float] = None,
-                  logit_scale: float = 1.0, vocab_size: Optional[int] = None):
+                  logit_scale: float = 1.0, jsd_beta: float = 0.0, vocab_size: Optional[int] = None):
     spec = specs.kd(temperature, beta=beta, ce_weight=ce_weight, ignore_index=ignore_index, softcap=softcap,
-                    logit_scale=logit_scale)
+                    logit_scale=logit_scale, jsd_beta=jsd_beta)
     return _fused_loss(student_logits, teacher_logits, target, spec, reduction=reduction, backend=backend,
                        inplace_backward=inplace_backward, return_components=return_components,
                        num_items_in_batch=num_items_in_batch, process_group=process_group, vocab_size=vocab_size)

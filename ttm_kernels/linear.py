@@ -389,7 +389,7 @@ def _fused_linear_loss(student_hidden, student_weight, teacher_hidden, teacher_w
     if target is not None:
         validate_target(target, lead, vocab, device, spec.ignore_index)
         target = target.reshape(-1).long()
-    backend = _ops.resolve_backend(backend, device, student_hidden.dtype)
+    backend = _ops.resolve_backend(backend, device, student_hidden.dtype, spec)
 
     teacher = DenseTeacher(teacher_hidden.reshape(-1, teacher_hidden.shape[-1]), teacher_weight.detach(),
                            None if teacher_bias is None else teacher_bias.detach(), vocab)
@@ -462,6 +462,11 @@ _COMMON_DOC = """
             then ``softcap * tanh(x / softcap)`` (Gemma-2's ``final_logit_softcapping``). Default: neither.
             A soft-cap adds one (chunk, V) buffer in the student's dtype for its derivative. With
             ``process_group`` each rank applies it to its own columns.
+        jsd_beta: the divergence D between the (transformed) teacher's distribution p and the student's q that
+            replaces KL(p || q), in TRL's and Liger's convention: 0 (default) the forward KL(p || q) of the paper
+            and of KD; 1 the reverse KL(q || p); in between the generalised JSD beta * KL(p || m) + (1 - beta) *
+            KL(q || m), m = beta * p + (1 - beta) * q. Any other value than 0 runs on the reference's
+            arithmetic (backend "auto" picks it; "cpu" and "triton" refuse it) and is refused with process_group.
         process_group: vocabulary parallelism (``ttm_kernels.distributed``): each rank of this
             ``torch.distributed`` group passes its rows of both LM heads (and biases), a contiguous slice of the
             vocabulary (rank order = row order, uneven slices allowed), and the same hidden states and target
@@ -494,9 +499,10 @@ def fused_linear_wttm_loss(student_hidden: torch.Tensor, student_weight: torch.T
                            ignore_index: int = -100, reduction: str = "mean", chunk_size: Optional[int] = None,
                            vocab_mismatch: str = "error", backend: str = "auto", return_components: bool = False,
                            num_items_in_batch=None, softcap: Optional[float] = None, logit_scale: float = 1.0,
+                           jsd_beta: float = 0.0,
                            process_group=None, reduce_hidden_grad: bool = True, vocab_size: Optional[int] = None):
     spec = specs.wttm(gamma, beta=beta, ce_weight=ce_weight, ignore_index=ignore_index, softcap=softcap,
-                    logit_scale=logit_scale)
+                    logit_scale=logit_scale, jsd_beta=jsd_beta)
     return _fused_linear_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, target, spec,
                               student_bias=student_bias, teacher_bias=teacher_bias, reduction=reduction,
                               chunk_size=chunk_size, vocab_mismatch=vocab_mismatch, backend=backend,
@@ -519,9 +525,10 @@ def fused_linear_ttm_loss(student_hidden: torch.Tensor, student_weight: torch.Te
                           ignore_index: int = -100, reduction: str = "mean", chunk_size: Optional[int] = None,
                           vocab_mismatch: str = "error", backend: str = "auto", return_components: bool = False,
                           num_items_in_batch=None, softcap: Optional[float] = None, logit_scale: float = 1.0,
+                          jsd_beta: float = 0.0,
                           process_group=None, reduce_hidden_grad: bool = True, vocab_size: Optional[int] = None):
     spec = specs.ttm(gamma, beta=beta, ce_weight=ce_weight, ignore_index=ignore_index, softcap=softcap,
-                    logit_scale=logit_scale)
+                    logit_scale=logit_scale, jsd_beta=jsd_beta)
     return _fused_linear_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, target, spec,
                               student_bias=student_bias, teacher_bias=teacher_bias, reduction=reduction,
                               chunk_size=chunk_size, vocab_mismatch=vocab_mismatch, backend=backend,
@@ -543,9 +550,10 @@ def fused_linear_kd_loss(student_hidden: torch.Tensor, student_weight: torch.Ten
                          ignore_index: int = -100, reduction: str = "mean", chunk_size: Optional[int] = None,
                          vocab_mismatch: str = "error", backend: str = "auto", return_components: bool = False,
                          num_items_in_batch=None, softcap: Optional[float] = None, logit_scale: float = 1.0,
+                         jsd_beta: float = 0.0,
                          process_group=None, reduce_hidden_grad: bool = True, vocab_size: Optional[int] = None):
     spec = specs.kd(temperature, beta=beta, ce_weight=ce_weight, ignore_index=ignore_index, softcap=softcap,
-                    logit_scale=logit_scale)
+                    logit_scale=logit_scale, jsd_beta=jsd_beta)
     return _fused_linear_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, target, spec,
                               student_bias=student_bias, teacher_bias=teacher_bias, reduction=reduction,
                               chunk_size=chunk_size, vocab_mismatch=vocab_mismatch, backend=backend,

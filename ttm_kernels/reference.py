@@ -20,11 +20,15 @@ Per row, with student logits z, teacher logits v and gamma = 1/T::
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
 __all__ = [
     "loss_rows",
+    "divergence",
+    "entropy",
     "reduce_rows",
     "wttm_loss",
     "ttm_loss",
@@ -51,15 +55,18 @@ def loss_rows(
     beta: float = 1.0,
     ce_weight: float = 1.0,
     ignore_index: int = -100,
+    jsd_beta: float = 0.0,
 ) -> dict[str, torch.Tensor]:
     """Per-row terms of the general loss that every variant is an instance of.
 
-    row loss = ce_weight * CE(z, y) + beta * kl_scale * w * KL(softmax(teacher_scale * v) || softmax(student_scale * z))
+    row loss = ce_weight * CE(z, y) + beta * kl_scale * w * D(softmax(teacher_scale * v), softmax(student_scale * z))
 
-    with w = U when ``weighted`` else 1. TTM/WTTM: student_scale = 1, teacher_scale = gamma, kl_scale = 1.
-    Classic KD: student_scale = teacher_scale = 1/T, kl_scale = T^2, unweighted. Ignored rows (target ==
-    ignore_index) contribute 0 to every term. Returns a dict of tensors of the leading shape:
-    ``loss``, ``kl``, ``ce``, ``weight`` and ``valid`` (bool).
+    with w = U when ``weighted`` else 1 and D the divergence ``divergence(p, q, jsd_beta)``: KL(p || q) for
+    ``jsd_beta`` 0 (the paper's), KL(q || p) for 1, the generalised JSD between them otherwise. TTM/WTTM:
+    student_scale = 1, teacher_scale = gamma, kl_scale = 1. Classic KD: student_scale = teacher_scale = 1/T,
+    kl_scale = T^2, unweighted. Ignored rows (target == ignore_index) contribute 0 to every term. Returns a dict
+    of tensors of the leading shape: ``loss``, ``kl`` (the divergence D, whichever it is), ``ce``, ``weight``,
+    ``entropy`` (of the student's distribution q, as TRL logs it) and ``valid`` (bool).
     """
     teacher_logits = teacher_logits.detach()
     valid = _valid_rows(student_logits, target, ignore_index)
@@ -72,10 +79,11 @@ def loss_rows(
     scaled_teacher = teacher_logits * teacher_scale
     lse_student = torch.logsumexp(scaled_student, -1, keepdim=True)
     lse_teacher = torch.logsumexp(scaled_teacher, -1, keepdim=True)
-    q = torch.exp(scaled_student - lse_student)
-    pt = torch.exp(scaled_teacher - lse_teacher)
+    log_q = scaled_student - lse_student
+    log_pt = scaled_teacher - lse_teacher
+    # The logits' difference first, the lse's after: next to logits of 1e4 each lse rounds to a coarse grid.
     log_ratio = (scaled_teacher - scaled_student) - (lse_teacher - lse_student)
-    kl = _kl_terms(pt, q, log_ratio).sum(-1)
+    kl = divergence(log_pt, log_q, jsd_beta, log_ratio)
     if weighted:
         weight = torch.exp(
             torch.logsumexp(teacher_logits * teacher_scale, -1)
@@ -83,7 +91,38 @@ def loss_rows(
         )
     else:
         weight = torch.ones_like(kl)
-    return _row_terms(kl, weight, student_logits, target, valid, beta=beta, kl_scale=kl_scale, ce_weight=ce_weight)
+    rows = _row_terms(kl, weight, student_logits, target, valid, beta=beta, kl_scale=kl_scale, ce_weight=ce_weight)
+    rows["entropy"] = torch.where(valid, entropy(log_q), 0)
+    return rows
+
+
+def divergence(log_p: torch.Tensor, log_q: torch.Tensor, jsd_beta: float = 0.0,
+               log_ratio: torch.Tensor | None = None) -> torch.Tensor:
+    """The divergence of the rows of two distributions given by their log-probabilities (last dimension):
+    TRL's and Liger's generalised JSD. ``jsd_beta`` 0: KL(p || q) (p the teacher's, the forward KL of the paper
+    and of KD); 1: KL(q || p) (the reverse KL); in between: beta * KL(p || m) + (1 - beta) * KL(q || m) with the
+    mixture m = beta * p + (1 - beta) * q (JSD for 0.5). Every KL is summed as ``_kl_terms`` does (no negative
+    term, no cancellation). ``log_ratio``: log(p / q) when the caller formed it more exactly than
+    ``log_p - log_q``."""
+    if not 0.0 <= jsd_beta <= 1.0:
+        raise ValueError(f"jsd_beta must lie in [0, 1], got {jsd_beta}")
+    if log_ratio is None:
+        log_ratio = log_p - log_q
+    p, q = torch.exp(log_p), torch.exp(log_q)
+    if jsd_beta == 0.0:
+        return _kl_terms(p, q, log_ratio).sum(-1)
+    if jsd_beta == 1.0:
+        return _kl_terms(q, p, -log_ratio).sum(-1)
+    log_m = torch.logaddexp(log_p + math.log(jsd_beta), log_q + math.log1p(-jsd_beta))
+    m = torch.exp(log_m)
+    return (jsd_beta * _kl_terms(p, m, log_p - log_m).sum(-1)
+            + (1.0 - jsd_beta) * _kl_terms(q, m, log_q - log_m).sum(-1))
+
+
+def entropy(log_q: torch.Tensor) -> torch.Tensor:
+    """-sum q log q of each row (0 * log 0 = 0: a class of probability 0, masked or underflowed, adds nothing)."""
+    q = torch.exp(log_q)
+    return -torch.where(q > 0, q * log_q, 0).sum(-1)
 
 
 def _valid_rows(student_logits, target, ignore_index):
@@ -220,6 +259,7 @@ def topk_loss_rows(
     beta: float = 1.0,
     ce_weight: float = 1.0,
     ignore_index: int = -100,
+    jsd_beta: float = 0.0,
 ) -> dict[str, torch.Tensor]:
     """``loss_rows`` for a teacher known by its top-k log-probabilities only.
 
@@ -237,10 +277,17 @@ def topk_loss_rows(
       (U = sum_S p_i**g / (sum_S p)**g), KL(pt || q) with the full-vocabulary q. This is the dense loss of the
       teacher logits l on S and -inf elsewhere. A row that counts needs an id (else its loss is NaN).
 
+    ``jsd_beta`` (the divergence, as in ``loss_rows``): with the bucket every divergence is that of the two
+    distributions coarsened to the k + 1 outcomes. The renormalised teacher gives no mass outside S, so there
+    the reverse KL is infinite and only the forward KL (``jsd_beta`` 0) is taken; anything else is a
+    ValueError. The ``entropy`` row is the student's over the k + 1 outcomes with the bucket, over the
+    vocabulary otherwise.
+
     Same arguments otherwise, and the same dict, as ``loss_rows``; gradients reach the student logits only.
     """
     if tail not in TAILS:
         raise ValueError(f"tail must be one of {TAILS}, got {tail!r}")
+    check_topk_divergence(tail, jsd_beta)
     valid = _valid_rows(student_logits, target, ignore_index)
     vocab = student_logits.shape[-1]
     # Ignored rows hold a plain teacher (everything in the bucket) and zero logits, whatever they were given:
@@ -258,8 +305,19 @@ def topk_loss_rows(
     scaled_s = scaled.gather(-1, ids).masked_fill(~in_s, float("-inf"))
     log_q = torch.cat([scaled_s, lse_tail], -1) - lse
 
-    kl = _kl_terms(torch.exp(log_pt), torch.exp(log_q), log_pt - log_q).sum(-1)
-    return _row_terms(kl, weight, student_logits, target, valid, beta=beta, kl_scale=kl_scale, ce_weight=ce_weight)
+    kl = divergence(log_pt, log_q, jsd_beta)
+    rows = _row_terms(kl, weight, student_logits, target, valid, beta=beta, kl_scale=kl_scale, ce_weight=ce_weight)
+    rows["entropy"] = torch.where(valid, entropy(log_q if tail == "bucket" else torch.log_softmax(scaled, -1)), 0)
+    return rows
+
+
+def check_topk_divergence(tail: str, jsd_beta: float) -> None:
+    """The divergences a top-k teacher defines exactly (see ``topk_loss_rows``), or a ValueError."""
+    if tail == "renormalize" and jsd_beta != 0.0:
+        raise ValueError(f"jsd_beta={jsd_beta} with tail='renormalize': the renormalised teacher gives no mass "
+                         "outside its k ids, where the student's reverse KL is infinite and the mixture's terms "
+                         "are not those of a top-k teacher; use tail='bucket' (every divergence of the k + 1 "
+                         "outcomes) or jsd_beta=0 (the forward KL)")
 
 
 def topk_teacher(topk_ids, topk_logprobs, valid, vocab, dtype, *, teacher_scale, weighted, tail):

@@ -5,9 +5,10 @@ Every loss of the family is an instance of one row loss (``reference.loss_rows``
 
     ce_weight * CE(z, y) + beta * kl_scale * w * KL(softmax(teacher_scale * v) || softmax(student_scale * z))
 
-with ``w`` the WTTM weight U (``weighted``) or 1, and the heads' post-processing ``post(x) = softcap *
-tanh(logit_scale * x / softcap)`` (or ``logit_scale * x`` without a soft-cap) applied first to the student's
-logits and to a dense teacher's (a top-k teacher's log-probabilities are already final). Adding a teacher
+with ``w`` the WTTM weight U (``weighted``) or 1, KL replaced by the reverse KL or the generalised JSD when
+``jsd_beta`` is not 0 (``reference.divergence``: TRL's and Liger's convention), and the heads' post-processing
+``post(x) = softcap * tanh(logit_scale * x / softcap)`` (or ``logit_scale * x`` without a soft-cap) applied first to
+the student's logits and to a dense teacher's (a top-k teacher's log-probabilities are already final). Adding a teacher
 transform or a divergence means adding a field here, its constructor and its reference.
 """
 from __future__ import annotations
@@ -51,6 +52,7 @@ class LossSpec:
     ignore_index: int = -100
     softcap: Optional[float] = None
     logit_scale: float = 1.0
+    jsd_beta: float = 0.0
 
     def __post_init__(self):
         for name in ("student_scale", "teacher_scale", "kl_scale", "logit_scale"):
@@ -62,6 +64,11 @@ class LossSpec:
             raise TypeError(f"ignore_index must be an int, got {type(self.ignore_index).__name__}")
         if self.softcap is not None:
             object.__setattr__(self, "softcap", check_finite("softcap", self.softcap, positive=True))
+        jsd_beta = check_finite("jsd_beta", self.jsd_beta)
+        if not 0.0 <= jsd_beta <= 1.0:
+            raise ValueError(f"jsd_beta must lie in [0, 1] (0: forward KL, 1: reverse KL, else the generalised "
+                             f"JSD), got {jsd_beta}")
+        object.__setattr__(self, "jsd_beta", jsd_beta)
 
     @property
     def kl_coef(self) -> float:
@@ -80,7 +87,8 @@ class LossSpec:
     def reference_params(self) -> dict:
         """The keyword arguments of ``reference.loss_rows`` (and ``topk_loss_rows``) that this spec sets."""
         return dict(student_scale=self.student_scale, teacher_scale=self.teacher_scale, kl_scale=self.kl_scale,
-                    weighted=self.weighted, beta=self.beta, ce_weight=self.ce_weight, ignore_index=self.ignore_index)
+                    weighted=self.weighted, beta=self.beta, ce_weight=self.ce_weight, ignore_index=self.ignore_index,
+                    jsd_beta=self.jsd_beta)
 
     def kernel_params(self) -> dict:
         """The scalar keyword arguments every kernel launcher takes (``_ops._params``)."""
@@ -91,7 +99,7 @@ class LossSpec:
 @functools.lru_cache(maxsize=256, typed=True)  # a training loop builds the same spec every step
 def wttm(gamma: float = DEFAULT_GAMMA, **options) -> LossSpec:
     """Weighted TTM: ``U * KL(softmax(gamma * v) || softmax(z))``, U = sum(softmax(v)**gamma); no student
-    temperature, no T^2. ``options``: beta, ce_weight, ignore_index, softcap, logit_scale."""
+    temperature, no T^2. ``options``: beta, ce_weight, ignore_index, softcap, logit_scale, jsd_beta."""
     gamma = check_finite("gamma", gamma, positive=True)
     return LossSpec("wttm", 1.0, gamma, 1.0, True, **options)
 

@@ -134,8 +134,9 @@ def _fused_topk_loss(student_logits, ids, logprobs, target, spec: LossSpec, *, t
     if target is not None:
         validate_target(target, lead, vocab, device, spec.ignore_index)
     valid = valid_rows(target, lead, device, spec.ignore_index)
+    reference.check_topk_divergence(tail, spec.jsd_beta)
     sorted_ids, sorted_logprobs = validate_topk(ids, logprobs, lead, vocab, device, tail, valid)
-    backend = _ops.resolve_backend(backend, device, student_logits.dtype)
+    backend = _ops.resolve_backend(backend, device, student_logits.dtype, spec)
     # The student's head post-processing; the teacher's log-probabilities are already final.
     student_logits = head_post(student_logits, spec)
     denominator = None
@@ -189,6 +190,12 @@ _TOPK_DOC = """
         softcap, logit_scale: the student head's post-processing (``softcap * tanh(logit_scale * z / softcap)``),
             applied to the student's logits with its gradient (one more (N, V) tensor); the teacher's
             log-probabilities are already final and stay as given.
+        jsd_beta: the divergence D between the (transformed) teacher's distribution p and the student's q that
+            replaces KL(p || q), in TRL's and Liger's convention: 0 (default) the forward KL(p || q) of the paper
+            and of KD; 1 the reverse KL(q || p); in between the generalised JSD beta * KL(p || m) + (1 - beta) *
+            KL(q || m), m = beta * p + (1 - beta) * q. Any other value than 0 runs on the reference's
+            arithmetic (backend "auto" picks it; "cpu" and "triton" refuse it); with tail="bucket" only: the
+            divergence of the k + 1 outcomes.
         process_group: vocabulary parallelism: each rank passes its contiguous slice of the student's vocabulary
             columns (rank order = column order, uneven widths allowed) and the teacher's whole (..., k) top-k in
             global ids (the same on every rank; each rank handles the ids in its columns) and the same target.
@@ -218,10 +225,11 @@ def fused_wttm_loss_topk(student_logits: torch.Tensor, teacher_topk_ids: torch.T
                          gamma: float = DEFAULT_GAMMA, beta: float = 1.0, ce_weight: float = 1.0,
                          tail: str = "bucket", ignore_index: int = -100, reduction: str = "mean",
                          backend: str = "auto", return_components: bool = False, num_items_in_batch=None,
-                         softcap: Optional[float] = None, logit_scale: float = 1.0, process_group=None,
+                         softcap: Optional[float] = None, logit_scale: float = 1.0,
+                         jsd_beta: float = 0.0, process_group=None,
                          vocab_size: Optional[int] = None):
     spec = specs.wttm(gamma, beta=beta, ce_weight=ce_weight, ignore_index=ignore_index, softcap=softcap,
-                    logit_scale=logit_scale)
+                    logit_scale=logit_scale, jsd_beta=jsd_beta)
     return _fused_topk_loss(student_logits, teacher_topk_ids, teacher_topk_logprobs, target, spec, tail=tail,
                             reduction=reduction, backend=backend, return_components=return_components,
                             num_items_in_batch=num_items_in_batch, process_group=process_group,
@@ -241,10 +249,11 @@ def fused_ttm_loss_topk(student_logits: torch.Tensor, teacher_topk_ids: torch.Te
                         gamma: float = DEFAULT_GAMMA, beta: float = 1.0, ce_weight: float = 1.0,
                         tail: str = "bucket", ignore_index: int = -100, reduction: str = "mean",
                         backend: str = "auto", return_components: bool = False, num_items_in_batch=None,
-                        softcap: Optional[float] = None, logit_scale: float = 1.0, process_group=None,
+                        softcap: Optional[float] = None, logit_scale: float = 1.0,
+                        jsd_beta: float = 0.0, process_group=None,
                         vocab_size: Optional[int] = None):
     spec = specs.ttm(gamma, beta=beta, ce_weight=ce_weight, ignore_index=ignore_index, softcap=softcap,
-                    logit_scale=logit_scale)
+                    logit_scale=logit_scale, jsd_beta=jsd_beta)
     return _fused_topk_loss(student_logits, teacher_topk_ids, teacher_topk_logprobs, target, spec, tail=tail,
                             reduction=reduction, backend=backend, return_components=return_components,
                             num_items_in_batch=num_items_in_batch, process_group=process_group,
@@ -263,10 +272,11 @@ def fused_kd_loss_topk(student_logits: torch.Tensor, teacher_topk_ids: torch.Ten
                        temperature: float = DEFAULT_TEMPERATURE, beta: float = 1.0, ce_weight: float = 1.0,
                        tail: str = "bucket", ignore_index: int = -100, reduction: str = "mean",
                        backend: str = "auto", return_components: bool = False, num_items_in_batch=None,
-                       softcap: Optional[float] = None, logit_scale: float = 1.0, process_group=None,
+                       softcap: Optional[float] = None, logit_scale: float = 1.0,
+                       jsd_beta: float = 0.0, process_group=None,
                        vocab_size: Optional[int] = None):
     spec = specs.kd(temperature, beta=beta, ce_weight=ce_weight, ignore_index=ignore_index, softcap=softcap,
-                    logit_scale=logit_scale)
+                    logit_scale=logit_scale, jsd_beta=jsd_beta)
     return _fused_topk_loss(student_logits, teacher_topk_ids, teacher_topk_logprobs, target, spec, tail=tail,
                             reduction=reduction, backend=backend, return_components=return_components,
                             num_items_in_batch=num_items_in_batch, process_group=process_group,
@@ -330,9 +340,10 @@ def _fused_linear_topk_loss(student_hidden, student_weight, ids, logprobs, targe
     check_vocab_size(vocab_size, vocab)
     if target is not None:
         validate_target(target, lead, vocab, device, spec.ignore_index)
+    reference.check_topk_divergence(tail, spec.jsd_beta)
     sorted_ids, sorted_logprobs = validate_topk(ids, logprobs, lead, vocab, device, tail,
                                                 valid_rows(target, lead, device, spec.ignore_index))
-    backend = _ops.resolve_backend(backend, device, student_hidden.dtype)
+    backend = _ops.resolve_backend(backend, device, student_hidden.dtype, spec)
     # The chunk loop applies the student head's post-processing (softcap, logit_scale) to each chunk.
     return linear.run_linear_loss(student_hidden, student_weight, student_bias,
                                   TopkTeacher(sorted_ids, sorted_logprobs, tail),
@@ -348,6 +359,12 @@ _LINEAR_TOPK_DOC = """
             ids (-1 pads) and log-probabilities, as in ``fused_wttm_loss_topk``. No teacher model at all.
         target, tail, beta, ce_weight, ignore_index, reduction, backend, return_components, num_items_in_batch,
             vocab_size: as in ``fused_wttm_loss_topk``.
+        jsd_beta: the divergence D between the (transformed) teacher's distribution p and the student's q that
+            replaces KL(p || q), in TRL's and Liger's convention: 0 (default) the forward KL(p || q) of the paper
+            and of KD; 1 the reverse KL(q || p); in between the generalised JSD beta * KL(p || m) + (1 - beta) *
+            KL(q || m), m = beta * p + (1 - beta) * q. Any other value than 0 runs on the reference's
+            arithmetic (backend "auto" picks it; "cpu" and "triton" refuse it); with tail="bucket" only: the
+            divergence of the k + 1 outcomes.
         process_group: vocabulary parallelism: each rank passes its rows of the student's LM head (and bias), a
             contiguous slice of the vocabulary, and the same hidden states, target and whole top-k in global ids.
             Every rank gets the loss of the whole rows; the weight and bias gradients are its slices'; the hidden
@@ -378,10 +395,11 @@ def fused_linear_wttm_loss_topk(student_hidden: torch.Tensor, student_weight: to
                                 tail: str = "bucket", ignore_index: int = -100, reduction: str = "mean",
                                 chunk_size: Optional[int] = None, backend: str = "auto",
                                 return_components: bool = False, num_items_in_batch=None,
-                                softcap: Optional[float] = None, logit_scale: float = 1.0, process_group=None,
+                                softcap: Optional[float] = None, logit_scale: float = 1.0,
+                                jsd_beta: float = 0.0, process_group=None,
                                 reduce_hidden_grad: bool = True, vocab_size: Optional[int] = None):
     spec = specs.wttm(gamma, beta=beta, ce_weight=ce_weight, ignore_index=ignore_index, softcap=softcap,
-                    logit_scale=logit_scale)
+                    logit_scale=logit_scale, jsd_beta=jsd_beta)
     return _fused_linear_topk_loss(student_hidden, student_weight, teacher_topk_ids, teacher_topk_logprobs, target,
                                    spec, student_bias=student_bias, tail=tail, reduction=reduction,
                                    chunk_size=chunk_size, backend=backend, return_components=return_components,
@@ -401,10 +419,11 @@ def fused_linear_ttm_loss_topk(student_hidden: torch.Tensor, student_weight: tor
                                tail: str = "bucket", ignore_index: int = -100, reduction: str = "mean",
                                chunk_size: Optional[int] = None, backend: str = "auto",
                                return_components: bool = False, num_items_in_batch=None,
-                               softcap: Optional[float] = None, logit_scale: float = 1.0, process_group=None,
+                               softcap: Optional[float] = None, logit_scale: float = 1.0,
+                               jsd_beta: float = 0.0, process_group=None,
                                reduce_hidden_grad: bool = True, vocab_size: Optional[int] = None):
     spec = specs.ttm(gamma, beta=beta, ce_weight=ce_weight, ignore_index=ignore_index, softcap=softcap,
-                    logit_scale=logit_scale)
+                    logit_scale=logit_scale, jsd_beta=jsd_beta)
     return _fused_linear_topk_loss(student_hidden, student_weight, teacher_topk_ids, teacher_topk_logprobs, target,
                                    spec, student_bias=student_bias, tail=tail, reduction=reduction,
                                    chunk_size=chunk_size, backend=backend, return_components=return_components,
@@ -424,10 +443,10 @@ def fused_linear_kd_loss_topk(student_hidden: torch.Tensor, student_weight: torc
                               tail: str = "bucket", ignore_index: int = -100, reduction: str = "mean",
                               chunk_size: Optional[int] = None, backend: str = "auto",
                               return_components: bool = False, num_items_in_batch=None, softcap: Optional[float] = None,
-                              logit_scale: float = 1.0, process_group=None,
+                              logit_scale: float = 1.0, jsd_beta: float = 0.0, process_group=None,
                               reduce_hidden_grad: bool = True, vocab_size: Optional[int] = None):
     spec = specs.kd(temperature, beta=beta, ce_weight=ce_weight, ignore_index=ignore_index, softcap=softcap,
-                    logit_scale=logit_scale)
+                    logit_scale=logit_scale, jsd_beta=jsd_beta)
     return _fused_linear_topk_loss(student_hidden, student_weight, teacher_topk_ids, teacher_topk_logprobs, target,
                                    spec, student_bias=student_bias, tail=tail, reduction=reduction,
                                    chunk_size=chunk_size, backend=backend, return_components=return_components,
