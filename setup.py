@@ -43,8 +43,9 @@ setup(
         "train": ["pyyaml", "tqdm", "matplotlib", "tokenizers"],
         "bench": ["pytest-benchmark", "matplotlib", "tqdm"],
         # ttm_kernels.integrations.hf (logits_to_keep as an index tensor: transformers >= 4.50); trl for the
-        # test of the README's TRL lines (tests/test_hf_integration.py).
-        "hf": ["transformers>=4.50", "accelerate>=1.0", "trl"],
+        # test of the README's TRL lines (tests/test_hf_integration.py); liger-kernel (Python >= 3.10) for the
+        # tests of FusedLinearDistillLoss against Liger's own class (tests/test_distill.py).
+        "hf": ["transformers>=4.50", "accelerate>=1.0", "trl", "liger-kernel; python_version >= '3.10'"],
     },
     ext_modules=extensions(),
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},

@@ -6,7 +6,8 @@
 # `train` (the demos and the trainer) and `test` (pytest, triton for its interpreter, numpy); and the demo's
 # Fashion-MNIST files (Debian's dataset-fashion-mnist) where apt can install them.
 # Optional extras, by name (`all` = every one):
-#   hf     the Hugging Face Trainer / TRL integration and its tests (transformers, accelerate, trl: ~450 MB)
+#   hf     the Hugging Face Trainer / TRL integration and its tests (transformers, accelerate, trl: ~450 MB),
+#          and liger-kernel for the tests against Liger's loss
 #   bench  the benchmark suite under pytest-benchmark (`pytest benchmarks/ --benchmark-only`)
 # Without `hf` the tests of that integration are skipped, each with its reason; CI installs every extra.
 set -euo pipefail

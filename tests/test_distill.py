@@ -326,5 +326,5 @@ def test_fused_linear_distill_loss_keeps_the_teacher_constant():
 
 def test_readme_liger_example_runs():
     namespace = {}
-    exec(compile(readme_block("### Drop-in for Liger"), "README.md", "exec"), namespace)
+    exec(compile(readme_block("### Liger's `LigerFusedLinearJSDLoss`"), "README.md", "exec"), namespace)
     assert torch.isfinite(namespace["loss"]) and namespace["student_head"].grad is not None

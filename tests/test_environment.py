@@ -5,7 +5,7 @@ import os
 import pytest
 
 # What the optional extras bring (setup.py): the tests that need them skip where they are absent.
-OPTIONAL_PACKAGES = ("transformers", "accelerate", "trl", "datasets", "tokenizers", "pytest_benchmark")
+OPTIONAL_PACKAGES = ("transformers", "accelerate", "trl", "datasets", "tokenizers", "liger_kernel", "pytest_benchmark")
 
 
 @pytest.mark.skipif(not os.environ.get("CI"), reason="CI only: a developer may install only the base")

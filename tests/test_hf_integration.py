@@ -69,7 +69,8 @@ def reference_rows(student, teacher, batch, loss_fn):
     spec = loss_fn._spec()
     return reference.loss_rows(z.double(), v.double(), batch["labels"][:, 1:], student_scale=spec.student_scale,
                                teacher_scale=spec.teacher_scale, kl_scale=1.0, weighted=loss_fn.loss == "wttm",
-                               beta=loss_fn.weight_soft_loss, ce_weight=loss_fn.weight_hard_loss)
+                               beta=loss_fn.weight_soft_loss, ce_weight=loss_fn.weight_hard_loss,
+                               jsd_beta=loss_fn.beta)
 
 
 def unfused_loss(student, teacher, batch, loss_fn, denominator):
@@ -116,8 +117,8 @@ def test_distillation_loss_matches_unfused_logits(family, kind):
     teacher = tiny_lm(family, hidden=24, layers=2, seed=1).requires_grad_(False)
     softcap, logit_scale = hf.head_transform(student.config)
     extra = {"temperature": 2.0} if kind == "kd" else {"gamma": 0.3}
-    loss_fn = FusedLinearDistillLoss(loss=kind, weight_hard_loss=0.3, weight_soft_loss=0.8, softcap=softcap,
-                                     logit_scale=logit_scale, chunk_size=8, **extra)
+    loss_fn = FusedLinearDistillLoss(0.3, 0.8, 0.0, loss=kind, softcap=softcap, logit_scale=logit_scale,
+                                     chunk_size=8, **extra)
     batch = make_batch(seed=2)
     count = torch.tensor(num_items(batch) + 5)  # as if other micro-batches held 5 more labelled tokens
 
@@ -170,7 +171,7 @@ def one_sgd_step(tmp_path, batch_size, accumulation, data, accepts_loss_kwargs=T
         max_grad_norm=0.0, report_to=[], save_strategy="no", use_cpu=True, dataloader_num_workers=0, seed=0,
         disable_tqdm=True, **args)
     if distill_loss is None:
-        distill_loss = FusedLinearDistillLoss(weight_hard_loss=0.5, chunk_size=5)
+        distill_loss = FusedLinearDistillLoss(0.5, 1.0, 0.0, chunk_size=5, loss="wttm")
     trainer = hf.FusedDistillationTrainer(model=student, teacher_model=teacher, args=training_args,
                                           train_dataset=ListDataset(data), distill_loss=distill_loss)
     trainer.model_accepts_loss_kwargs = accepts_loss_kwargs
@@ -280,7 +281,7 @@ def test_trl_sft_trainer_with_the_mixin(tmp_path):
     trainer = DistillSFTTrainer(model=tiny_lm("llama", 16, 1, 0), teacher_model=tiny_lm("llama", 24, 1, 1),
                                 args=args, train_dataset=datasets.Dataset.from_dict({"text": texts}),
                                 processing_class=word_tokenizer(),
-                                distill_loss=FusedLinearDistillLoss(weight_hard_loss=0.5))
+                                distill_loss=FusedLinearDistillLoss(0.5, 1.0, 0.0, chunk_size=None, loss="wttm"))
     batch = next(iter(trainer.get_train_dataloader()))
     assert (batch["labels"] == -100).any(), "the batch should hold padding"
     count = num_items(batch)
@@ -326,9 +327,10 @@ def train_and_log(tmp_path, loss_fn, data, logging_steps):
     return trainer, steps.states
 
 
-@pytest.mark.parametrize("loss_fn", [FusedLinearDistillLoss(weight_hard_loss=0.5, weight_soft_loss=2.0, gamma=0.3),
-                                     FusedLinearDistillLoss(loss="kd", temperature=2.0, weight_hard_loss=0.3,
-                                                            weight_soft_loss=0.7, chunk_size=5)], ids=["wttm", "kd"])
+@pytest.mark.parametrize("loss_fn", [FusedLinearDistillLoss(0.5, 2.0, 0.0, chunk_size=None, loss="wttm", gamma=0.3),
+                                     FusedLinearDistillLoss(0.3, 0.7, 0.0, temperature=2.0, chunk_size=5),
+                                     FusedLinearDistillLoss(0.3, 0.7, 0.5, temperature=2.0, chunk_size=5)],
+                         ids=["wttm", "kd", "liger-jsd"])
 def test_trainer_logs_the_loss_components_of_each_step_and_evaluation(tmp_path, loss_fn):
     """Logged every step, the loss and its components (soft and hard terms, KL, CE, WTTM weight) are the token
     means of the reference on the step's 4 unevenly padded sequences (2 micro-batches) with the step's student;
@@ -365,7 +367,7 @@ def test_trainer_accepts_a_loss_that_returns_soft_and_hard(tmp_path):
     data = make_batch(**UNEVEN)
     logs = []
     for flag in (False, True):
-        loss_fn = FusedLinearDistillLoss(weight_hard_loss=0.5, chunk_size=5, return_soft_hard_loss=flag)
+        loss_fn = FusedLinearDistillLoss(0.5, 1.0, 0.0, chunk_size=5, return_soft_hard_loss=flag, loss="wttm")
         weights, trainer = one_sgd_step(tmp_path / str(flag), batch_size=2, accumulation=2, data=data,
                                         distill_loss=loss_fn, logging_steps=1)
         logs.append(trainer.state.log_history[0])
@@ -427,7 +429,8 @@ def test_vocabulary_mismatch_is_refused_at_construction(tmp_path):
         hf.FusedDistillationTrainer(model=tiny_lm("llama", 16, 1, seed=0), teacher_model=teacher,
                                     args=trainer_args(tmp_path))
     _, trainer = one_sgd_step(tmp_path, batch_size=4, accumulation=1, data=make_batch(**UNEVEN), teacher=teacher,
-                              distill_loss=FusedLinearDistillLoss(vocab_mismatch="truncate_teacher"))
+                              distill_loss=FusedLinearDistillLoss(0.0, 1.0, 0.0, loss="wttm",
+                                                                  vocab_mismatch="truncate_teacher"))
     assert trainer.state.global_step == 1
 
 

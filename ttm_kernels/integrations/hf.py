@@ -9,7 +9,7 @@ applies the LM heads a chunk at a time, so neither model's (tokens, V) logits ar
 
     trainer = FusedDistillationTrainer(model=student, teacher_model=teacher, args=TrainingArguments(...),
                                        train_dataset=train,
-                                       distill_loss=FusedLinearDistillLoss(loss="wttm", gamma=0.2))
+                                       distill_loss=FusedLinearDistillLoss(0.0, 1.0, 0.0, loss="wttm", gamma=0.2))
     trainer.train()
 
 It is not TRL's ``DistillationTrainer`` (on-policy generation, a JSD loss): the names ``DistillationTrainer`` and
@@ -194,7 +194,7 @@ def _linear_loss_of(loss_fn: FusedLinearDistillLoss):
     loss_fn._spec()  # the configuration's own checks, e.g. no temperature with TTM
     kwargs = dict(beta=loss_fn.weight_soft_loss, ce_weight=loss_fn.weight_hard_loss, ignore_index=loss_fn.ignore_index,
                   chunk_size=loss_fn.chunk_size, vocab_mismatch=loss_fn.vocab_mismatch, backend=loss_fn.backend,
-                  softcap=loss_fn.softcap, logit_scale=loss_fn.logit_scale)
+                  softcap=loss_fn.softcap, logit_scale=loss_fn.logit_scale, jsd_beta=loss_fn.beta)
     if loss_fn.loss == "kd":
         # Liger's convention: no T^2 factor, which fused_linear_kd_loss has.
         temperature = loss_fn.temperature
@@ -255,8 +255,9 @@ class FusedDistillationMixin:
 
     Keyword arguments: ``teacher_model`` (a causal LM with the student's tokenizer, or the path of a local folder
     holding one; frozen, put in eval mode and on the training device) and ``distill_loss`` (default:
-    ``FusedLinearDistillLoss()``, WTTM with gamma 0.2, with the models' soft-cap and logit scale; its
-    ``return_soft_hard_loss`` makes no difference here, since the soft and hard terms are logged either way).
+    ``FusedLinearDistillLoss(0.0, 1.0, 0.0, chunk_size=None, loss="wttm")``, the paper's WTTM with gamma 0.2 and no
+    CE term, with the models' soft-cap and logit scale; its ``return_soft_hard_loss`` makes no difference here,
+    since the soft and hard terms are logged either way).
     The rest goes to the Trainer."""
 
     def __init__(self, *args, teacher_model=None, distill_loss: Optional[FusedLinearDistillLoss] = None, **kwargs):
@@ -273,7 +274,8 @@ class FusedDistillationMixin:
         lm = _causal_lm(self.model)
         if distill_loss is None:
             softcap, logit_scale = head_transform(lm.config)
-            distill_loss = FusedLinearDistillLoss(softcap=softcap, logit_scale=logit_scale)
+            distill_loss = FusedLinearDistillLoss(0.0, 1.0, 0.0, chunk_size=None, loss="wttm", softcap=softcap,
+                                                  logit_scale=logit_scale)
         self.distill_loss = distill_loss
         if teacher_path is not None:
             _check_tokenizers(teacher_path, self.processing_class)
