@@ -113,7 +113,11 @@ def divergence(log_p: torch.Tensor, log_q: torch.Tensor, jsd_beta: float = 0.0,
         return _kl_terms(p, q, log_ratio).sum(-1)
     if jsd_beta == 1.0:
         return _kl_terms(q, p, -log_ratio).sum(-1)
-    log_m = torch.logaddexp(log_p + math.log(jsd_beta), log_q + math.log1p(-jsd_beta))
+    # A class of probability 0 under both has log m = -inf; logaddexp(-inf, -inf)'s gradient would be NaN.
+    either = (log_p > float("-inf")) | (log_q > float("-inf"))
+    log_m = torch.where(either, torch.logaddexp(torch.where(either, log_p, 0) + math.log(jsd_beta),
+                                                torch.where(either, log_q, 0) + math.log1p(-jsd_beta)),
+                        float("-inf"))
     m = torch.exp(log_m)
     return (jsd_beta * _kl_terms(p, m, log_p - log_m).sum(-1)
             + (1.0 - jsd_beta) * _kl_terms(q, m, log_q - log_m).sum(-1))
@@ -122,7 +126,8 @@ def divergence(log_p: torch.Tensor, log_q: torch.Tensor, jsd_beta: float = 0.0,
 def entropy(log_q: torch.Tensor) -> torch.Tensor:
     """-sum q log q of each row (0 * log 0 = 0: a class of probability 0, masked or underflowed, adds nothing)."""
     q = torch.exp(log_q)
-    return -torch.where(q > 0, q * log_q, 0).sum(-1)
+    positive = q > 0
+    return -torch.where(positive, q * torch.where(positive, log_q, 0), 0).sum(-1)
 
 
 def _valid_rows(student_logits, target, ignore_index):
@@ -143,7 +148,10 @@ def _kl_terms(pt, q, log_ratio):
     when y is NaN because both logits are -inf); a NaN teacher stays NaN, in the loss as in the gradient."""
     near_zero = log_ratio.abs() < 0.5
     y = torch.where(near_zero, log_ratio, torch.zeros_like(log_ratio))
-    closed = torch.where(pt > 0, pt * log_ratio, torch.zeros_like(pt)) + (q - pt)
+    # The ratio is -inf or NaN where pt = 0: masked before the product too, or its gradient would be 0 * inf
+    # (pt is the student's distribution in the reverse KL and the JSD, so the gradient flows through it).
+    supported = pt > 0
+    closed = torch.where(supported, pt * torch.where(supported, log_ratio, 0), torch.zeros_like(pt)) + (q - pt)
     return torch.where(near_zero, q * (y * torch.exp(y) - torch.expm1(y)), closed)
 
 
