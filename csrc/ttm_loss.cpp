@@ -7,8 +7,9 @@
 //   KL / gradient: a second pass that recomputes the probabilities from the statistics and sums the KL in a
 //             form that never cancels (see GradientOptions); given `grad`, it also computes the row's gradient
 //             in fp32 and rounds it once at the store.
-// Statistics, (10, N) fp32, rows as named in ttm_kernels/_stats.py: loss, kl, ce, weight (U, or 1), then
-// (max, log of the rescaled sum) of s*z, g*v and z, kept apart. Rows whose target is ignore_index get zero
+// Statistics, (12, N) fp32, rows as named in ttm_kernels/_stats.py: loss, kl (the divergence), ce, weight (U, or
+// 1), then (max, log of the rescaled sum) of s*z, g*v and z, kept apart, then the row sum the gradient of the
+// reverse KL and the JSD needs (a third pass: statistics, sums, gradient) and the student's entropy. Rows whose target is ignore_index get zero
 // statistics and a zero gradient; a target outside [0, V) gives the row a NaN loss and a NaN gradient.
 //
 // The Python launcher (ttm_kernels/_ops.py) normalises every argument; these ops check that it did. Logits
@@ -40,7 +41,11 @@ namespace {
 
 // The statistics rows, in the order of ttm_kernels/_stats.py's Stat (RowStats below lists them in the same
 // order), and the rows of a piece's online sums, in the order of its Partial.
-enum Stat : int64_t { kLoss, kKl, kCe, kWeight, kMaxS, kLogSumS, kMaxT, kLogSumT, kMaxZ, kLogSumZ, kNumStats };
+enum Stat : int64_t {
+  kLoss, kKl, kCe, kWeight, kMaxS, kLogSumS, kMaxT, kLogSumT, kMaxZ, kLogSumZ, kDivGrad, kEntropy, kNumStats
+};
+// The rows of a second pass's sums over a piece, in the order of _stats.py's PieceSum.
+enum PieceSum : int64_t { kPieceKl, kPieceDivGrad, kPieceEntropy, kNumPieceSums };
 enum Partial : int64_t {
   kPartMaxS, kPartSumS, kPartMaxT, kPartSumT, kPartMaxV, kPartSumV, kPartMaxZ, kPartSumZ, kPartTargetLogit,
   kNumPartial
@@ -116,6 +121,8 @@ struct Rows {
 
 struct LossSetup {
   float student_scale, teacher_scale, kl_coef, ce_weight;
+  Divergence divergence;
+  float jsd_beta;
   bool weighted, separate_ce;
   int64_t ignore_index;
   const int64_t* target;  // nullptr without a target
@@ -143,25 +150,26 @@ void zero_row(const Rows& grad, int64_t r, int64_t vocab) {
 
 // The statistics of a row, as stored (see Stat).
 struct RowStats {
-  float loss, kl, ce, weight, m_s, log_d_s, m_t, log_d_t, m_z, log_d_z;
+  float loss, kl, ce, weight, m_s, log_d_s, m_t, log_d_t, m_z, log_d_z, div_grad, entropy;
 };
 
 RowStats load_stats(const float* stats, int64_t n_rows, int64_t r) {
   RowStats row;
-  float* fields[kNumStats] = {&row.loss, &row.kl,  &row.ce,      &row.weight, &row.m_s,
-                              &row.log_d_s, &row.m_t, &row.log_d_t, &row.m_z,    &row.log_d_z};
+  float* fields[kNumStats] = {&row.loss,    &row.kl,  &row.ce,      &row.weight, &row.m_s,      &row.log_d_s,
+                              &row.m_t,     &row.log_d_t, &row.m_z, &row.log_d_z, &row.div_grad, &row.entropy};
   for (int64_t k = 0; k < kNumStats; ++k) *fields[k] = stats[k * n_rows + r];
   return row;
 }
 
 void store_stats(const RowStats& row, float* stats, int64_t n_rows, int64_t r) {
-  const float values[kNumStats] = {row.loss, row.kl,  row.ce,      row.weight, row.m_s,
-                                   row.log_d_s, row.m_t, row.log_d_t, row.m_z,    row.log_d_z};
+  const float values[kNumStats] = {row.loss,    row.kl,      row.ce,  row.weight,  row.m_s,      row.log_d_s,
+                                   row.m_t,     row.log_d_t, row.m_z, row.log_d_z, row.div_grad, row.entropy};
   for (int64_t k = 0; k < kNumStats; ++k) stats[k * n_rows + r] = values[k];
 }
 
-// The second pass over row r: returns its KL and, unless `grad` is null, writes its gradient.
-float kl_gradient_row(const Rows& student, const Rows& teacher, const Rows* grad, const LossSetup& setup,
+// A second pass over row r: returns its sums and, unless `grad` is null, writes its gradient (which reads
+// stats.div_grad for the reverse KL and the JSD).
+SecondPassSums kl_gradient_row(const Rows& student, const Rows& teacher, const Rows* grad, const LossSetup& setup,
                       int64_t r, const RowStats& stats, RowBuffers& buffers) {
   const float row_grad = grad ? setup.row_grad[r * setup.row_grad_stride] : 0.0f;
   const int64_t target = setup.target ? setup.target[r] : -1;
@@ -181,12 +189,15 @@ float kl_gradient_row(const Rows& student, const Rows& teacher, const Rows* grad
                                                      : std::numeric_limits<float>::quiet_NaN();
   options.has_target = setup.target != nullptr;
   options.separate_ce = setup.separate_ce;
+  options.divergence = setup.divergence;
+  options.jsd_beta = setup.jsd_beta;
+  options.div_grad = stats.div_grad;
 
   const BlockKernels& kernels = block_kernels();
   const char* z_row = student.row(r);
   const char* v_row = teacher.row(r);
   char* g_row = grad ? grad->row(r) : nullptr;
-  float kl = 0.0f;
+  SecondPassSums sums;
   for (int64_t start = 0; start < setup.vocab; start += kBlockSize) {
     const int64_t n = std::min(kBlockSize, setup.vocab - start);
     const float* z = student.block(z_row, start, n, buffers.z);
@@ -205,10 +216,13 @@ float kl_gradient_row(const Rows& student, const Rows& teacher, const Rows* grad
       }
     }
     options.target_column = target - setup.col_offset - start;
-    kl += kernels.kl_gradient(z, v, n, options, out);
+    const SecondPassSums block = kernels.kl_gradient(z, v, n, options, out);
+    sums.kl += block.kl;
+    sums.div_grad += block.div_grad;
+    sums.entropy += block.entropy;
     if (grad && grad->dtype != Dtype::Float32) kernels.store(out, n, g_row + start * grad->element_size, grad->dtype);
   }
-  return kl;
+  return sums;
 }
 
 // The online sums of row r's columns here, and its target logit if one of them holds it (else -inf).
@@ -252,16 +266,25 @@ RowStats finalize(const RowAccumulators& sums, float target_logit, const LossSet
   }
   row.kl = 0.0f;
   row.loss = 0.0f;
+  row.div_grad = 0.0f;
+  row.entropy = 0.0f;
   return row;
 }
 
-// Statistics of row r (two passes: the online sums, then the KL), writing its gradient too given `grad`.
+// Statistics of row r (the online sums, then the divergence), writing its gradient too given `grad`: in the
+// divergence's pass for the forward KL, in a third pass for the reverse KL and the JSD, whose gradient needs
+// the row's sum.
 void forward_row(const Rows& student, const Rows& teacher, const Rows* grad, const LossSetup& setup, int64_t r,
                  float* stats, int64_t n_rows, RowBuffers& buffers) {
   float target_logit;
-  const RowAccumulators sums = scan_row(student, teacher, setup, r, buffers, &target_logit);
-  RowStats row = finalize(sums, target_logit, setup, r);
-  row.kl = kl_gradient_row(student, teacher, grad, setup, r, row, buffers);
+  const RowAccumulators online = scan_row(student, teacher, setup, r, buffers, &target_logit);
+  RowStats row = finalize(online, target_logit, setup, r);
+  const bool fused_grad = setup.divergence == Divergence::kForwardKl;
+  const SecondPassSums sums = kl_gradient_row(student, teacher, fused_grad ? grad : nullptr, setup, r, row, buffers);
+  row.kl = sums.kl;
+  row.div_grad = sums.div_grad;
+  row.entropy = sums.entropy;
+  if (grad && !fused_grad) kl_gradient_row(student, teacher, grad, setup, r, row, buffers);
   row.loss = setup.kl_coef * row.weight * row.kl + setup.ce_weight * row.ce;
   store_stats(row, stats, n_rows, r);
 }
@@ -308,9 +331,16 @@ void set_row_grad(LossSetup& setup, const at::Tensor& row_grad, int64_t n_rows) 
 }
 
 // The setup of rows of `vocab` columns (a whole row until set_piece says otherwise).
+Divergence divergence_of(double jsd_beta) {
+  TORCH_CHECK(jsd_beta >= 0.0 && jsd_beta <= 1.0, "jsd_beta must lie in [0, 1], got ", jsd_beta);
+  return jsd_beta == 0.0 ? Divergence::kForwardKl : jsd_beta == 1.0 ? Divergence::kReverseKl : Divergence::kJsd;
+}
+
 LossSetup make_setup(int64_t vocab, const int64_t* target, double student_scale, double teacher_scale,
-                     double kl_coef, double ce_weight, bool weighted, int64_t ignore_index) {
+                     double kl_coef, double ce_weight, bool weighted, int64_t ignore_index, double jsd_beta = 0.0) {
   LossSetup setup;
+  setup.divergence = divergence_of(jsd_beta);
+  setup.jsd_beta = static_cast<float>(jsd_beta);
   setup.student_scale = static_cast<float>(student_scale);
   setup.teacher_scale = static_cast<float>(teacher_scale);
   setup.kl_coef = static_cast<float>(kl_coef);
@@ -337,13 +367,13 @@ void set_piece(LossSetup& setup, int64_t col_offset, int64_t row_vocab) {
 
 at::Tensor forward(const at::Tensor& student, const at::Tensor& teacher, const std::optional<at::Tensor>& target,
                    double student_scale, double teacher_scale, double kl_coef, double ce_weight, bool weighted,
-                   int64_t ignore_index, const std::optional<at::Tensor>& grad,
+                   int64_t ignore_index, double jsd_beta, const std::optional<at::Tensor>& grad,
                    const std::optional<at::Tensor>& row_grad) {
   check_rows(student, student, "student");
   check_rows(teacher, student, "teacher");
   const int64_t n_rows = student.size(0) * student.size(1);
   LossSetup setup = make_setup(student.size(2), target_rows(target, n_rows), student_scale, teacher_scale, kl_coef,
-                               ce_weight, weighted, ignore_index);
+                               ce_weight, weighted, ignore_index, jsd_beta);
   const bool has_grad = grad.has_value() && grad->defined();
   if (has_grad) {
     check_rows(*grad, student, "grad");
@@ -446,11 +476,13 @@ at::Tensor merge(const at::Tensor& partials, const std::optional<at::Tensor>& ta
 }
 
 // The second pass over each row's columns here, a piece [col_offset, col_offset + V) of rows of row_vocab
-// columns, from the rows' statistics: returns the piece's KL terms (N,) and, given `grad`, writes its gradient
-// of sum_i row_grad_i * loss_i. With the whole row (col_offset 0, row_vocab V) this is the backward.
+// columns, from the rows' statistics: returns the piece's sums (NUM_PIECE_SUMS, N) (rows as _stats.py's
+// PieceSum) and, given `grad`, writes its gradient of sum_i row_grad_i * loss_i, which for the reverse KL and
+// the JSD reads the row's merged DIV_GRAD from `stats`. With the whole row (col_offset 0, row_vocab V) this is
+// the backward.
 at::Tensor pieces(const at::Tensor& student, const at::Tensor& teacher, const std::optional<at::Tensor>& target,
                   const at::Tensor& stats, double student_scale, double teacher_scale, double kl_coef,
-                  double ce_weight, int64_t ignore_index, int64_t col_offset, int64_t row_vocab,
+                  double ce_weight, int64_t ignore_index, double jsd_beta, int64_t col_offset, int64_t row_vocab,
                   const std::optional<at::Tensor>& grad, const std::optional<at::Tensor>& row_grad) {
   check_rows(student, student, "student");
   check_rows(teacher, student, "teacher");
@@ -460,7 +492,7 @@ at::Tensor pieces(const at::Tensor& student, const at::Tensor& teacher, const st
               "stats must be the contiguous (", kNumStats, ", ", n_rows, ") float32 CPU tensor of forward, got ",
               stats.scalar_type(), " ", stats.sizes());
   LossSetup setup = make_setup(student.size(2), target_rows(target, n_rows), student_scale, teacher_scale, kl_coef,
-                               ce_weight, /*weighted=*/false, ignore_index);
+                               ce_weight, /*weighted=*/false, ignore_index, jsd_beta);
   set_piece(setup, col_offset, row_vocab);
   const bool has_grad = grad.has_value() && grad->defined();
   if (has_grad) {
@@ -468,25 +500,28 @@ at::Tensor pieces(const at::Tensor& student, const at::Tensor& teacher, const st
     TORCH_CHECK(row_grad.has_value() && row_grad->defined(), "pieces with grad needs row_grad");
     set_row_grad(setup, *row_grad, n_rows);
   }
-  at::Tensor kl = at::empty({n_rows}, stats.options());
-  if (n_rows == 0) return kl;
+  at::Tensor sums = at::empty({kNumPieceSums, n_rows}, stats.options());
+  if (n_rows == 0) return sums;
   const float* stats_ptr = stats.data_ptr<float>();
-  float* kl_ptr = kl.data_ptr<float>();
+  float* sums_ptr = sums.data_ptr<float>();
   const Rows student_rows(student, "student"), teacher_rows(teacher, "teacher");
   const std::optional<Rows> grad_rows = has_grad ? std::optional<Rows>(Rows(*grad, "grad")) : std::nullopt;
   at::parallel_for(0, n_rows, grain_rows(setup.vocab), [&](int64_t begin, int64_t end) {
     RowBuffers buffers;
     for (int64_t r = begin; r < end; ++r) {
+      SecondPassSums row;
       if (is_ignored(setup, r)) {
-        kl_ptr[r] = 0.0f;
         if (grad_rows) zero_row(*grad_rows, r, setup.vocab);
       } else {
-        kl_ptr[r] = kl_gradient_row(student_rows, teacher_rows, grad_rows ? &*grad_rows : nullptr, setup, r,
-                                    load_stats(stats_ptr, n_rows, r), buffers);
+        row = kl_gradient_row(student_rows, teacher_rows, grad_rows ? &*grad_rows : nullptr, setup, r,
+                              load_stats(stats_ptr, n_rows, r), buffers);
       }
+      sums_ptr[kPieceKl * n_rows + r] = row.kl;
+      sums_ptr[kPieceDivGrad * n_rows + r] = row.div_grad;
+      sums_ptr[kPieceEntropy * n_rows + r] = row.entropy;
     }
   });
-  return kl;
+  return sums;
 }
 
 std::string cpu_isa() { return block_kernels().isa; }
@@ -507,7 +542,7 @@ std::string cpu_isa() { return block_kernels().isa; }
 //   gradient: for j in R, kl_coef * (q_j - pt_R q_j / q_R) plus the CE's: the dense block kernel with the
 //             student's own logits as the teacher, p_j = exp(s*z_j - (lse_R - log pt_R)); the k entries of S
 //             are then overwritten with kl_coef * (q_i - pt_i) plus the CE's, before the block is stored.
-// Statistics: (10, N) fp32, rows as ttm_kernels/_stats.py's TopkStat: Stat's, with the (max, log-sum) of s*z
+// Statistics: (12, N) fp32, rows as ttm_kernels/_stats.py's TopkStat: Stat's, with the (max, log-sum) of s*z
 // over R in the rows that hold the teacher's for a dense teacher.
 namespace ttm_cpu {
 namespace {
@@ -556,6 +591,7 @@ RowAccumulators scan_tail(const Rows& student, const TopkSetup& setup, int64_t r
   const LossSetup& loss = setup.loss;
   ScanOptions options{loss.student_scale, loss.student_scale, false, loss.separate_ce};
   options.has_teacher = false;
+  options.entropy = !setup.bucket;  // the renormalised teacher's entropy is the student's over the vocabulary
   const int32_t* ids = setup.ids + r * setup.k;
   const char* z_row = student.row(r);
   for (int64_t i = first; i < setup.k; ++i) z_s[i - first] = student.column(z_row, ids[i]);
@@ -643,6 +679,29 @@ double topk_kl(const TopkSetup& setup, int64_t r, int64_t first, const float* z_
     }
   }
   return kl;
+}
+
+// The student's entropy as reference.topk_loss_rows defines it, in double: over S + {R} with the bucket, over the
+// vocabulary otherwise, where R's share sum_R q log q = e^c (T + c D) comes from the tail's online sums
+// (D = sum e^(x - m_R), T = sum e^(x - m_R) (x - m_R), x = s*z) with c = log q_j - (x_j - m_R).
+double topk_entropy(const TopkSetup& setup, int64_t first, const float* z_s, const TopkStudent& st, float tail_t,
+                    float tail_d) {
+  const float s = setup.loss.student_scale;
+  double q_log_q = 0.0;
+  for (int64_t i = 0; i < setup.k - first; ++i) {
+    const double log_q = (double(s * z_s[i]) - st.m_all) - st.log_d_all;
+    const double q = std::exp(log_q);
+    if (q > 0.0) q_log_q += q * log_q;
+  }
+  const double c = (double(st.m_tail) - st.m_all) - st.log_d_all;
+  if (setup.bucket) {
+    const double log_q_tail = c + double(st.log_d_tail);
+    const double q_tail = std::exp(log_q_tail);
+    if (q_tail > 0.0) q_log_q += q_tail * log_q_tail;
+  } else if (tail_d > 0.0f) {
+    q_log_q += std::exp(c) * (double(tail_t) + c * tail_d);
+  }
+  return -q_log_q;
 }
 
 // Writes row r's gradient: the dense block kernel over every column (R's entries), the entries of S
@@ -779,6 +838,8 @@ at::Tensor topk_forward(const at::Tensor& student, const at::Tensor& ids, const 
       }
       row.weight = static_cast<float>(teacher.weight);
       row.loss = loss.kl_coef * row.weight * row.kl + loss.ce_weight * row.ce;
+      row.div_grad = 0.0f;  // the forward KL's gradient needs no row sum
+      row.entropy = static_cast<float>(topk_entropy(setup, first, scratch.z.data(), st, sums.t_s, sums.d_s));
       row.m_s = st.m_all;
       row.log_d_s = st.log_d_all;
       row.m_t = st.m_tail;
@@ -841,8 +902,8 @@ void topk_backward(const at::Tensor& student, const at::Tensor& ids, const at::T
 TORCH_LIBRARY(ttm_kernels_C, m) {
   m.def(
       "forward(Tensor student, Tensor teacher, Tensor? target, float student_scale, float teacher_scale, "
-      "float kl_coef, float ce_weight, bool weighted, int ignore_index, Tensor(a!)? grad, Tensor? row_grad) "
-      "-> Tensor");
+      "float kl_coef, float ce_weight, bool weighted, int ignore_index, float jsd_beta, Tensor(a!)? grad, "
+      "Tensor? row_grad) -> Tensor");
   m.def(
       "partial(Tensor student, Tensor teacher, Tensor? target, float student_scale, float teacher_scale, "
       "bool weighted, int ignore_index, int col_offset) -> Tensor");
@@ -851,8 +912,8 @@ TORCH_LIBRARY(ttm_kernels_C, m) {
       "int ignore_index, int row_vocab) -> Tensor");
   m.def(
       "pieces(Tensor student, Tensor teacher, Tensor? target, Tensor stats, float student_scale, "
-      "float teacher_scale, float kl_coef, float ce_weight, int ignore_index, int col_offset, int row_vocab, "
-      "Tensor(a!)? grad, Tensor? row_grad) -> Tensor");
+      "float teacher_scale, float kl_coef, float ce_weight, int ignore_index, float jsd_beta, int col_offset, "
+      "int row_vocab, Tensor(a!)? grad, Tensor? row_grad) -> Tensor");
   m.def(
       "topk_forward(Tensor student, Tensor ids, Tensor logprobs, Tensor? target, float student_scale, "
       "float teacher_scale, float kl_coef, float ce_weight, bool weighted, bool bucket, int ignore_index, "

@@ -28,6 +28,7 @@ enum class Dtype : int { Float32, BFloat16, Float16, Float64 };
 //   d_s = sum exp(s*z - m_s), d_t = sum exp(g*v - m_t), d_v = sum exp(v - m_v), d_z = sum exp(z - m_z).
 struct RowAccumulators {
   float m_s = kInitialMax, d_s = 0.0f;
+  float t_s = 0.0f;  // sum exp(s*z - m_s) * (s*z - m_s): the student's entropy (ScanOptions::entropy only)
   float m_t = kInitialMax, d_t = 0.0f;
   float m_v = kInitialMax, d_v = 0.0f;  // lse(v): WTTM weight only
   float m_z = kInitialMax, d_z = 0.0f;  // lse(z): cross-entropy under a student temperature only
@@ -38,6 +39,17 @@ struct ScanOptions {
   bool weighted;     // accumulate lse(v)
   bool separate_ce;  // accumulate lse(z)
   bool has_teacher = true;  // false: v is not read (a top-k teacher has no row), only the student's sums move
+  bool entropy = false;     // accumulate t_s (with !has_teacher only: a top-k teacher's tail)
+};
+
+// The divergence of the second pass (LossSpec.jsd_beta): 0 the forward KL(p || q), 1 the reverse KL(q || p),
+// in between the generalised JSD beta * KL(p || m) + (1 - beta) * KL(q || m), m = beta * p + (1 - beta) * q.
+enum class Divergence : int { kForwardKl, kReverseKl, kJsd };
+
+// A second pass's sums over its columns: the divergence's terms, the row sum its gradient needs (the reverse
+// KL's own terms, the JSD's KL(q || m); 0 for the forward KL) and the student's entropy terms -q log q.
+struct SecondPassSums {
+  float kl = 0.0f, div_grad = 0.0f, entropy = 0.0f;
 };
 
 // The second pass over a row, with the row's final statistics. It sums KL(p || q), p = softmax(g*v) and
@@ -52,6 +64,9 @@ struct GradientOptions {
   float student_scale, teacher_scale;
   float m_s, log_d_s, m_t, log_d_t, m_z, log_d_z;
   float kl_coef, ce_coef;
+  Divergence divergence = Divergence::kForwardKl;
+  float jsd_beta = 0.0f;  // the JSD's mixture weight
+  float div_grad = 0.0f;  // the row's (merged) DIV_GRAD sum: the reverse KL's and the JSD's gradient need it
   bool has_target;
   bool separate_ce;  // softmax(z) from lse_z rather than softmax(s*z)
   int64_t target_column;  // y relative to the block's first column (may lie outside the block)
@@ -61,9 +76,10 @@ struct BlockKernels {
   const char* isa;
   // Folds n columns of z and v into the row state (of z alone when !options.has_teacher; v may be null then).
   void (*scan)(const float* z, const float* v, int64_t n, const ScanOptions& options, RowAccumulators& row);
-  // Returns the KL terms of n columns and, unless `grad` is null, writes their fp32 gradient; `grad` must not
-  // alias z or v.
-  float (*kl_gradient)(const float* z, const float* v, int64_t n, const GradientOptions& options, float* grad);
+  // Returns the sums of n columns and, unless `grad` is null, writes their fp32 gradient; `grad` must not alias
+  // z or v. The reverse KL's and the JSD's gradient reads options.div_grad, the row's sum, from an earlier pass.
+  SecondPassSums (*kl_gradient)(const float* z, const float* v, int64_t n, const GradientOptions& options,
+                                float* grad);
   void (*load)(const void* src, Dtype dtype, int64_t n, float* dst);
   // Rounds n fp32 values once (to nearest even) into dst's dtype.
   void (*store)(const float* src, int64_t n, void* dst, Dtype dtype);

@@ -63,7 +63,7 @@ inline float exp_fp32(float x) {
   return x < kMin ? 0.0f : result;
 }
 
-template <bool kWeighted, bool kSeparateCe, bool kTeacher = true>
+template <bool kWeighted, bool kSeparateCe, bool kTeacher = true, bool kEntropy = false>
 inline void scan_block(const float* __restrict z, const float* __restrict v, int64_t n, const ScanOptions& options,
                        RowAccumulators& row) {
   const float s = options.student_scale, g = options.teacher_scale;
@@ -79,16 +79,20 @@ inline void scan_block(const float* __restrict z, const float* __restrict v, int
   const float m_v = std::max(row.m_v, max_v);
   const float m_z = std::max(row.m_z, max_z);
 
-  float d_s = 0.0f, d_t = 0.0f, d_v = 0.0f, d_z = 0.0f;
-  TTM_SIMD_REDUCE(+ : d_s, d_t, d_v, d_z)
+  float d_s = 0.0f, d_t = 0.0f, d_v = 0.0f, d_z = 0.0f, t_s = 0.0f;
+  TTM_SIMD_REDUCE(+ : d_s, d_t, d_v, d_z, t_s)
   for (int64_t i = 0; i < n; ++i) {
-    d_s += exp_fp32(s * z[i] - m_s);
+    const float e_s = exp_fp32(s * z[i] - m_s);
+    d_s += e_s;
+    if (kEntropy) t_s += e_s > 0.0f ? e_s * (s * z[i] - m_s) : 0.0f;  // 0 * -inf is 0 here
     if (kTeacher) d_t += exp_fp32(g * v[i] - m_t);
     if (kWeighted) d_v += exp_fp32(v[i] - m_v);
     if (kSeparateCe) d_z += exp_fp32(z[i] - m_z);
   }
 
-  // Move the old sums into the new frames before adding this block's.
+  // Move the old sums into the new frames before adding this block's: sum e^(x - m') (x - m') =
+  // e^(m - m') (sum e^(x - m) (x - m) + (m - m') sum e^(x - m)).
+  if (kEntropy) row.t_s = exp_fp32(row.m_s - m_s) * (row.t_s + (row.m_s - m_s) * row.d_s) + t_s;
   row.d_s = row.d_s * exp_fp32(row.m_s - m_s) + d_s;
   row.d_t = row.d_t * exp_fp32(row.m_t - m_t) + d_t;
   row.m_s = m_s;
@@ -105,8 +109,13 @@ inline void scan_block(const float* __restrict z, const float* __restrict v, int
 
 void scan(const float* z, const float* v, int64_t n, const ScanOptions& options, RowAccumulators& row) {
   if (!options.has_teacher) {
-    options.separate_ce ? scan_block<false, true, false>(z, v, n, options, row)
-                        : scan_block<false, false, false>(z, v, n, options, row);
+    if (options.entropy) {
+      options.separate_ce ? scan_block<false, true, false, true>(z, v, n, options, row)
+                          : scan_block<false, false, false, true>(z, v, n, options, row);
+    } else {
+      options.separate_ce ? scan_block<false, true, false>(z, v, n, options, row)
+                          : scan_block<false, false, false>(z, v, n, options, row);
+    }
   } else if (options.weighted) {
     options.separate_ce ? scan_block<true, true>(z, v, n, options, row)
                         : scan_block<true, false>(z, v, n, options, row);
@@ -134,25 +143,58 @@ inline float kl_term(float q, float p, float y) {
   return std::fabs(y) < 0.5f ? series : closed;
 }
 
-template <bool kStoreGrad, bool kHasTarget, bool kSeparateCe>
-inline float kl_gradient_block(const float* __restrict z, const float* __restrict v, int64_t n,
-                               const GradientOptions& options, float* __restrict grad) {
+// log(e^x + e^y), -inf when both are -inf (where x - y would be NaN).
+inline float log_add_exp(float x, float y) {
+  const float high = x > y ? x : y, low = x > y ? y : x;
+  return high == -INFINITY ? -INFINITY : high + std::log1p(exp_fp32(low - high));
+}
+
+// The second pass over n columns (see GradientOptions and SecondPassSums). Per column, with log q = a - log_d_s
+// and log p = b - log_d_t (a, b the logits minus their maxima), y = log(p / q):
+//   forward KL: q f(y), gradient q - p;
+//   reverse KL: p f(-y), gradient q (-y - D), D the row's reverse KL (options.div_grad);
+//   JSD:        beta m f(log p/m) + (1 - beta) m f(log q/m), gradient (1 - beta) q (log q/m - K), K = KL(q || m);
+// times kl_coef (which carries s), plus the cross-entropy's. A class of q = 0 adds no gradient: its q log q
+// terms are 0 (never 0 * inf).
+template <Divergence kDivergence, bool kStoreGrad, bool kHasTarget, bool kSeparateCe>
+inline SecondPassSums kl_gradient_block(const float* __restrict z, const float* __restrict v, int64_t n,
+                                        const GradientOptions& options, float* __restrict grad) {
   const float s = options.student_scale, g = options.teacher_scale;
   const float m_s = options.m_s, log_d_s = options.log_d_s, m_t = options.m_t, log_d_t = options.log_d_t;
   const float m_z = options.m_z, log_d_z = options.log_d_z;
   const float log_ratio = log_d_t - log_d_s;
   const float kl_coef = options.kl_coef, ce_coef = options.ce_coef;
+  const float beta = options.jsd_beta, log_beta = std::log(beta), log_rest = std::log1p(-beta);
+  const float div_grad = options.div_grad;
   const int64_t target_column = options.target_column;
-  float kl = 0.0f;
-  TTM_SIMD_REDUCE(+ : kl)
+  float kl = 0.0f, student_kl = 0.0f, entropy = 0.0f;
+  TTM_SIMD_REDUCE(+ : kl, student_kl, entropy)
   for (int64_t i = 0; i < n; ++i) {
     const float a = z[i] * s - m_s;
     const float b = v[i] * g - m_t;
     const float q = exp_fp32(a - log_d_s);
     const float p = exp_fp32(b - log_d_t);
-    kl += kl_term(q, p, (b - a) - log_ratio);
+    const float log_q = a - log_d_s;
+    entropy -= q > 0.0f ? q * log_q : 0.0f;
+    float kl_grad = 0.0f;
+    if (kDivergence == Divergence::kForwardKl) {
+      kl += kl_term(q, p, (b - a) - log_ratio);
+      kl_grad = q - p;
+    } else if (kDivergence == Divergence::kReverseKl) {
+      const float y = (a - b) + log_ratio;  // log(q / p)
+      kl += kl_term(p, q, y);
+      kl_grad = q > 0.0f ? q * (y - div_grad) : 0.0f;
+    } else {
+      const float log_p = b - log_d_t;
+      const float log_m = log_add_exp(log_p + log_beta, log_q + log_rest);
+      const float m = beta * p + (1.0f - beta) * q;
+      const float q_term = kl_term(m, q, log_q - log_m);
+      kl += beta * kl_term(m, p, log_p - log_m) + (1.0f - beta) * q_term;
+      student_kl += q_term;
+      kl_grad = q > 0.0f ? (1.0f - beta) * q * ((log_q - log_m) - div_grad) : 0.0f;
+    }
     if (kStoreGrad) {
-      float value = kl_coef * (q - p);
+      float value = kl_coef * kl_grad;
       if (kHasTarget) {
         const float q_ce = kSeparateCe ? exp_fp32((z[i] - m_z) - log_d_z) : q;
         value += ce_coef * (q_ce - (i == target_column ? 1.0f : 0.0f));
@@ -160,14 +202,28 @@ inline float kl_gradient_block(const float* __restrict z, const float* __restric
       grad[i] = value;
     }
   }
-  return kl;
+  SecondPassSums sums;
+  sums.kl = kl;
+  sums.div_grad = kDivergence == Divergence::kReverseKl ? kl : student_kl;
+  sums.entropy = entropy;
+  return sums;
 }
 
-float kl_gradient(const float* z, const float* v, int64_t n, const GradientOptions& options, float* grad) {
-  if (grad == nullptr) return kl_gradient_block<false, false, false>(z, v, n, options, grad);
-  if (!options.has_target) return kl_gradient_block<true, false, false>(z, v, n, options, grad);
-  if (options.separate_ce) return kl_gradient_block<true, true, true>(z, v, n, options, grad);
-  return kl_gradient_block<true, true, false>(z, v, n, options, grad);
+template <Divergence kDivergence>
+SecondPassSums kl_gradient_of(const float* z, const float* v, int64_t n, const GradientOptions& options,
+                              float* grad) {
+  if (grad == nullptr) return kl_gradient_block<kDivergence, false, false, false>(z, v, n, options, grad);
+  if (!options.has_target) return kl_gradient_block<kDivergence, true, false, false>(z, v, n, options, grad);
+  if (options.separate_ce) return kl_gradient_block<kDivergence, true, true, true>(z, v, n, options, grad);
+  return kl_gradient_block<kDivergence, true, true, false>(z, v, n, options, grad);
+}
+
+SecondPassSums kl_gradient(const float* z, const float* v, int64_t n, const GradientOptions& options, float* grad) {
+  switch (options.divergence) {
+    case Divergence::kReverseKl: return kl_gradient_of<Divergence::kReverseKl>(z, v, n, options, grad);
+    case Divergence::kJsd: return kl_gradient_of<Divergence::kJsd>(z, v, n, options, grad);
+    default: return kl_gradient_of<Divergence::kForwardKl>(z, v, n, options, grad);
+  }
 }
 
 void load(const void* src, Dtype dtype, int64_t n, float* __restrict dst) {

@@ -13,7 +13,7 @@ import ttm_kernels
 
 pytestmark = pytest.mark.skipif(not ttm_kernels.cpu_extension_available(), reason="C++ extension not built")
 
-PARAMS = dict(student_scale=1.0, teacher_scale=0.2, kl_coef=2.0, ce_weight=1.0, ignore_index=-100)
+PARAMS = dict(student_scale=1.0, teacher_scale=0.2, kl_coef=2.0, ce_weight=1.0, ignore_index=-100, jsd_beta=0.0)
 
 
 def cpu_kernels():
@@ -68,7 +68,7 @@ gen = torch.Generator().manual_seed(0)
 z = torch.randn(1, 5, 4099, generator=gen) * 4
 v = torch.randn(1, 5, 4099, generator=gen) * 4
 y = torch.randint(0, 4099, (5,), generator=gen)
-p = dict(student_scale=0.25, teacher_scale=0.25, kl_coef=16.0, ce_weight=0.5, ignore_index=-100)
+p = dict(student_scale=0.25, teacher_scale=0.25, kl_coef=16.0, ce_weight=0.5, ignore_index=-100, jsd_beta=0.0)
 stats = cpu_kernels.forward(z, v, y, weighted=True, **p)
 grad = torch.empty_like(z)
 cpu_kernels.backward(torch.ones(5), z, v, y, stats, grad, **p)

@@ -83,7 +83,7 @@ def resolve_backend(backend: str, device: torch.device, dtype: Optional[torch.dt
     stand in for. The compiled kernels compute the forward KL; the reverse KL and the JSD (``jsd_beta`` not 0)
     run on the reference's arithmetic, which "auto" picks for them."""
     resolved = _resolve(backend, device, dtype)
-    if spec is not None and spec.jsd_beta != 0.0 and resolved in ("triton", "cpu"):
+    if spec is not None and spec.jsd_beta != 0.0 and resolved == "triton":
         if backend == "auto":
             return "torch"
         raise ValueError(f"backend={backend!r} computes the forward KL only, and jsd_beta={spec.jsd_beta} asks for "
@@ -146,9 +146,9 @@ def _row_grad_rows(row_grad: torch.Tensor) -> torch.Tensor:
     return row_grad.to(torch.float32).contiguous()
 
 
-def _params(student_scale, teacher_scale, kl_coef, ce_weight, ignore_index):
+def _params(student_scale, teacher_scale, kl_coef, ce_weight, ignore_index, jsd_beta):
     return dict(student_scale=student_scale, teacher_scale=teacher_scale, kl_coef=kl_coef, ce_weight=ce_weight,
-                ignore_index=ignore_index)
+                ignore_index=ignore_index, jsd_beta=jsd_beta)
 
 
 def _forward(backend, student, teacher, target, params, *, weighted, grad=None, row_grad=None):
@@ -172,8 +172,10 @@ class RowPieces:
     """The loss of rows held in pieces (column ranges: the pieces of a split row, the vocabulary shards of
     ranks), with ``backend``'s kernels: each piece's online sums (``partial``), merged into the rows'
     statistics (``merge``, given every piece's partials concatenated on the last dimension, in any order),
-    each piece's second pass (``second_pass``: its KL terms and, given ``grad``, its gradient), then the KL and
-    the loss from the pieces' KL (``finish``). Arguments are normalised as for the whole-row ops; ``params``
+    each piece's second pass (``second_pass``: its sums, ``_stats.PieceSum``, and given ``grad`` its gradient),
+    then the KL, DIV_GRAD, entropy and loss from the pieces' sums (``finish``); the reverse KL's and the JSD's
+    gradient needs the finished DIV_GRAD, so there the gradient is a second call of ``second_pass`` after
+    ``finish`` (``gradient_needs_sums``). Arguments are normalised as for the whole-row ops; ``params``
     as ``_params`` makes them; ``vocab`` is the whole row's width, ``col_offset`` a piece's first column."""
 
     def __init__(self, backend: str, params: dict, weighted: bool, vocab: int):
@@ -198,8 +200,13 @@ class RowPieces:
         return self.kernels.pieces(student, teacher, target, stats, col_offset=col_offset, vocab=self.vocab,
                                    grad=grad, row_grad=row_grad, **self.params)
 
-    def finish(self, stats, kl_parts) -> None:
-        self.kernels.finish(stats, kl_parts, **self.params)
+    @property
+    def gradient_needs_sums(self) -> bool:
+        """Whether the gradient pass needs the rows' finished sums (the reverse KL, the JSD)."""
+        return self.params["jsd_beta"] != 0.0
+
+    def finish(self, stats, sums) -> None:
+        self.kernels.finish(stats, sums, **self.params)
 
 
 def refuse_higher_order() -> None:
@@ -212,32 +219,33 @@ def refuse_higher_order() -> None:
 @torch.library.custom_op("ttm_kernels::loss_fwd", mutates_args=())
 def loss_fwd(student: torch.Tensor, teacher: torch.Tensor, target: Optional[torch.Tensor],
              student_scale: float, teacher_scale: float, kl_coef: float, ce_weight: float, weighted: bool,
-             ignore_index: int, backend: str) -> torch.Tensor:
+             ignore_index: int, jsd_beta: float, backend: str) -> torch.Tensor:
     """(NUM_STATS, N) fp32 statistics per row: loss, kl, ce, weight, then what the backward needs."""
     return _forward(backend, student, teacher, target,
-                    _params(student_scale, teacher_scale, kl_coef, ce_weight, ignore_index), weighted=weighted)
+                    _params(student_scale, teacher_scale, kl_coef, ce_weight, ignore_index, jsd_beta),
+                    weighted=weighted)
 
 
 @loss_fwd.register_fake
 def _(student, teacher, target, student_scale, teacher_scale, kl_coef, ce_weight, weighted, ignore_index,
-      backend):
+      jsd_beta, backend):
     return student.new_empty((NUM_STATS, student[..., 0].numel()), dtype=torch.float32)
 
 
 @torch.library.custom_op("ttm_kernels::loss_bwd", mutates_args=())
 def loss_bwd(row_grad: torch.Tensor, student: torch.Tensor, teacher: torch.Tensor, target: Optional[torch.Tensor],
              stats: torch.Tensor, student_scale: float, teacher_scale: float, kl_coef: float, ce_weight: float,
-             ignore_index: int, backend: str) -> torch.Tensor:
+             ignore_index: int, jsd_beta: float, backend: str) -> torch.Tensor:
     """d(sum_i row_grad_i * loss_i) / d student, in the student's dtype and shape (contiguous)."""
     grad = torch.empty(student.shape, dtype=student.dtype, device=student.device)
     _backward_into(grad, row_grad, student, teacher, target, stats,
-                   _params(student_scale, teacher_scale, kl_coef, ce_weight, ignore_index), backend)
+                   _params(student_scale, teacher_scale, kl_coef, ce_weight, ignore_index, jsd_beta), backend)
     return grad
 
 
 @loss_bwd.register_fake
 def _(row_grad, student, teacher, target, stats, student_scale, teacher_scale, kl_coef, ce_weight, ignore_index,
-      backend):
+      jsd_beta, backend):
     return torch.empty_like(student, memory_format=torch.contiguous_format)
 
 
@@ -252,35 +260,37 @@ def _own_rows(student: torch.Tensor, what: str) -> torch.Tensor:
 @torch.library.custom_op("ttm_kernels::loss_bwd_inplace", mutates_args=("student",))
 def loss_bwd_inplace(row_grad: torch.Tensor, student: torch.Tensor, teacher: torch.Tensor,
                      target: Optional[torch.Tensor], stats: torch.Tensor, student_scale: float,
-                     teacher_scale: float, kl_coef: float, ce_weight: float, ignore_index: int,
+                     teacher_scale: float, kl_coef: float, ce_weight: float, ignore_index: int, jsd_beta: float,
                      backend: str) -> None:
     """Like ``loss_bwd``, but overwrites the student logits with their gradient (one row at a time, each
     row read in full before it is written)."""
     _backward_into(student, row_grad, student, teacher, target, stats,
-                   _params(student_scale, teacher_scale, kl_coef, ce_weight, ignore_index), backend)
+                   _params(student_scale, teacher_scale, kl_coef, ce_weight, ignore_index, jsd_beta), backend)
 
 
 @torch.library.custom_op("ttm_kernels::loss_fwd_grad_inplace", mutates_args=("student",))
 def loss_fwd_grad_inplace(student: torch.Tensor, teacher: torch.Tensor, target: Optional[torch.Tensor],
                           row_grad: torch.Tensor, student_scale: float, teacher_scale: float, kl_coef: float,
-                          ce_weight: float, weighted: bool, ignore_index: int, backend: str) -> torch.Tensor:
+                          ce_weight: float, weighted: bool, ignore_index: int, jsd_beta: float,
+                          backend: str) -> torch.Tensor:
     """Forward and gradient in one launch: returns the statistics and overwrites ``student`` with
     d(sum_i row_grad_i * loss_i)/dz (``row_grad``: (N,) or a 0-dim scalar for every row). For callers that
     own the logits buffer, such as the fused linear loss."""
     return _forward(backend, student, teacher, target,
-                    _params(student_scale, teacher_scale, kl_coef, ce_weight, ignore_index), weighted=weighted,
+                    _params(student_scale, teacher_scale, kl_coef, ce_weight, ignore_index, jsd_beta),
+                    weighted=weighted,
                     grad=student, row_grad=row_grad)
 
 
 @loss_fwd_grad_inplace.register_fake
 def _(student, teacher, target, row_grad, student_scale, teacher_scale, kl_coef, ce_weight, weighted,
-      ignore_index, backend):
+      ignore_index, jsd_beta, backend):
     return student.new_empty((NUM_STATS, student[..., 0].numel()), dtype=torch.float32)
 
 
 def _setup_context(ctx, inputs, output):
-    student, teacher, target, student_scale, teacher_scale, kl_coef, ce_weight, _weighted, ignore_index, backend = inputs
-    ctx.params = (student_scale, teacher_scale, kl_coef, ce_weight, ignore_index, backend)
+    student, teacher, target, student_scale, teacher_scale, kl_coef, ce_weight, _weighted, *rest = inputs
+    ctx.params = (student_scale, teacher_scale, kl_coef, ce_weight, *rest)  # ignore_index, jsd_beta, backend
     ctx.inplace = False
     ctx.save_for_backward(student, teacher, target, output)
 
@@ -296,7 +306,7 @@ def _backward(ctx, grad_stats):
         grad = student
     else:
         grad = loss_bwd(row_grad, student, teacher, target, stats, *ctx.params)
-    return grad, None, None, None, None, None, None, None, None, None
+    return grad, None, None, None, None, None, None, None, None, None, None
 
 
 torch.library.register_autograd("ttm_kernels::loss_fwd", _backward, setup_context=_setup_context)
@@ -320,25 +330,26 @@ class _InplaceLoss(torch.autograd.Function):
 @torch.library.custom_op("ttm_kernels::loss_fwd_with_grad", mutates_args=())
 def loss_fwd_with_grad(student: torch.Tensor, teacher: torch.Tensor, target: Optional[torch.Tensor],
                        row_grad: torch.Tensor, student_scale: float, teacher_scale: float, kl_coef: float,
-                       ce_weight: float, weighted: bool, ignore_index: int,
+                       ce_weight: float, weighted: bool, ignore_index: int, jsd_beta: float,
                        backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss = sum_i row_grad * loss_i, statistics, d loss / d student) from one launch; row_grad is 0-dim."""
     return _loss_with_grad(student, teacher, target, row_grad, student_scale, teacher_scale, kl_coef, ce_weight,
-                           weighted, ignore_index, backend)
+                           weighted, ignore_index, jsd_beta, backend)
 
 
 def _loss_with_grad(student, teacher, target, row_grad, student_scale, teacher_scale, kl_coef, ce_weight, weighted,
-                    ignore_index, backend):
+                    ignore_index, jsd_beta, backend):
     grad = torch.empty(student.shape, dtype=student.dtype, device=student.device)
     stats = _forward(backend, student, teacher, target,
-                     _params(student_scale, teacher_scale, kl_coef, ce_weight, ignore_index), weighted=weighted,
+                     _params(student_scale, teacher_scale, kl_coef, ce_weight, ignore_index, jsd_beta),
+                     weighted=weighted,
                      grad=grad, row_grad=row_grad)
     return stats[Stat.LOSS].sum() * row_grad, stats, grad
 
 
 @loss_fwd_with_grad.register_fake
 def _(student, teacher, target, row_grad, student_scale, teacher_scale, kl_coef, ce_weight, weighted,
-      ignore_index, backend):
+      ignore_index, jsd_beta, backend):
     stats = student.new_empty((NUM_STATS, student[..., 0].numel()), dtype=torch.float32)
     grad = torch.empty_like(student, memory_format=torch.contiguous_format)
     return row_grad.new_empty(()), stats, grad
@@ -368,11 +379,11 @@ def _with_grad_setup_context(ctx, inputs, output):
 def _with_grad_backward(ctx, grad_loss, _grad_stats, _grad_grad):
     refuse_higher_order()
     if grad_loss is None:
-        return (None,) * 11
+        return (None,) * 12
     # A second backward (retain_graph=True) is refused by autograd's version check on the saved gradient.
     (grad,) = ctx.saved_tensors
     (_scale_grad if _eager(grad, grad_loss) else scale_grad_)(grad, grad_loss)
-    return grad, None, None, None, None, None, None, None, None, None, None
+    return grad, None, None, None, None, None, None, None, None, None, None, None
 
 
 torch.library.register_autograd("ttm_kernels::loss_fwd_with_grad", _with_grad_backward,
@@ -422,11 +433,11 @@ class _EagerLossWithGrad(torch.autograd.Function):
 
 
 def fused_loss(student, teacher, target, denominator, *, reduction, student_scale, teacher_scale, kl_coef,
-               ce_weight, weighted, ignore_index, backend, inplace_backward=False):
+               ce_weight, weighted, ignore_index, jsd_beta, backend, inplace_backward=False):
     """The reduced loss (float32) and the (NUM_STATS, N) statistics (rows loss, kl, ce, weight detached).
     ``denominator``: the 0-dim float32 divisor of reduction "mean" (``functional.mean_denominator``)."""
     params = (float(student_scale), float(teacher_scale), float(kl_coef), float(ce_weight), bool(weighted),
-              int(ignore_index), backend)
+              int(ignore_index), float(jsd_beta), backend)
     eager = _eager(student, teacher)
     with_grad = student.requires_grad and torch.is_grad_enabled()
     if reduction != "none" and with_grad:
@@ -445,7 +456,8 @@ def fused_loss(student, teacher, target, denominator, *, reduction, student_scal
         stats = _InplaceLoss.apply(student, teacher, target, *params)
     elif eager and not with_grad:
         stats = _forward(backend, student, teacher, target,
-                         _params(student_scale, teacher_scale, kl_coef, ce_weight, ignore_index), weighted=weighted)
+                         _params(student_scale, teacher_scale, kl_coef, ce_weight, ignore_index, jsd_beta),
+                         weighted=weighted)
     else:
         stats = loss_fwd(student, teacher, target, *params)
     rows = stats[Stat.LOSS].view(student.shape[:-1])

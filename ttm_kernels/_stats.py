@@ -1,8 +1,9 @@
 """The per-row statistics every backend writes: one (NUM_STATS, N) float32 tensor, rows named here once.
 
-The first four are the row's loss terms (what the public layer reads); the rest are what the gradient pass
-needs to recompute the probabilities: the (max, log of the rescaled sum) pairs of s*z, g*v and z. Max and
-log-sum stay apart because their fp32 sum, the lse, would lose the log-sum's bits next to a logit of 1e4.
+The first four are the row's loss terms (what the public layer reads); then what the gradient pass needs to
+recompute the probabilities: the (max, log of the rescaled sum) pairs of s*z, g*v and z (max and log-sum stay
+apart because their fp32 sum, the lse, would lose the log-sum's bits next to a logit of 1e4) and the row sum the
+gradient of the reverse KL and the JSD needs; last, the student's entropy (for logging).
 """
 from enum import IntEnum
 
@@ -18,9 +19,25 @@ class Stat(IntEnum):
     LOG_SUM_T = 7
     MAX_Z = 8  # max of z (for the cross-entropy under a student temperature; else MAX_S)
     LOG_SUM_Z = 9
+    DIV_GRAD = 10  # the reverse KL's own sum, the JSD's KL(q || m) (its gradient's); 0 for the forward KL
+    ENTROPY = 11  # -sum q log q of the student's q = softmax(s*z)
 
 
 NUM_STATS = len(Stat)
+# The rows of the per-row terms the orchestrators keep (``linear.ROW_TERMS``' order): loss, kl, ce, weight,
+# entropy; the same in TopkStat.
+ROW_TERM_STATS = [0, 1, 2, 3, 11]
+
+
+class PieceSum(IntEnum):
+    """The sums of a second pass over one piece of a row (``pieces``), which add up to the row's."""
+
+    KL = 0  # the divergence's terms
+    DIV_GRAD = 1
+    ENTROPY = 2
+
+
+NUM_PIECE_SUMS = len(PieceSum)
 
 
 class TopkStat(IntEnum):
@@ -38,6 +55,8 @@ class TopkStat(IntEnum):
     LOG_SUM_R = 7
     MAX_Z = 8
     LOG_SUM_Z = 9
+    DIV_GRAD = 10
+    ENTROPY = 11  # over S and the bucket with tail "bucket", over the vocabulary with "renormalize"
 
 
 class Partial(IntEnum):

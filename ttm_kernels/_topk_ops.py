@@ -37,7 +37,7 @@ def _kernels(backend: str):
 
 def _params(student_scale, teacher_scale, kl_coef, ce_weight, bucket, ignore_index):
     return dict(student_scale=student_scale, teacher_scale=teacher_scale, kl_coef=kl_coef, ce_weight=ce_weight,
-                bucket=bucket, ignore_index=ignore_index)
+                bucket=bucket, ignore_index=ignore_index, jsd_beta=0.0)  # the forward KL: see topk._topk_backend
 
 
 def _forward(backend, student, ids, logprobs, target, params, *, weighted, grad=None, row_grad=None):

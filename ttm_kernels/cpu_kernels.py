@@ -21,17 +21,17 @@ def cpu_isa() -> str:
 
 
 def forward(student, teacher, target, *, student_scale, teacher_scale, kl_coef, ce_weight, weighted,
-            ignore_index, grad=None, row_grad=None):
-    """Loss statistics (10, N) fp32 of (B, T, V) row views; with ``grad``, also writes d(sum_i row_grad_i *
-    loss_i)/dz into it (a (B, T, V) view, possibly ``student`` itself)."""
+            ignore_index, jsd_beta, grad=None, row_grad=None):
+    """Loss statistics (NUM_STATS, N) fp32 of (B, T, V) row views; with ``grad``, also writes d(sum_i row_grad_i
+    * loss_i)/dz into it (a (B, T, V) view, possibly ``student`` itself)."""
     return torch.ops.ttm_kernels_C.forward(
         student, teacher, target, float(student_scale), float(teacher_scale), float(kl_coef), float(ce_weight),
-        bool(weighted), int(ignore_index), grad, row_grad)
+        bool(weighted), int(ignore_index), float(jsd_beta), grad, row_grad)
 
 
 def backward(row_grad, student, teacher, target, stats, grad, **params):
-    """Writes d(sum_i row_grad_i * loss_i)/dz into ``grad`` from the statistics of ``forward``: the second
-    pass over whole rows."""
+    """Writes d(sum_i row_grad_i * loss_i)/dz into ``grad`` from the statistics of ``forward``: one more pass
+    over whole rows."""
     V = student.shape[2]
     pieces(student, teacher, target, stats, col_offset=0, vocab=V, grad=grad, row_grad=row_grad, **params)
 
@@ -45,32 +45,39 @@ def partial(student, teacher, target, *, student_scale, teacher_scale, weighted,
 
 
 def merge(partials, target, *, student_scale, teacher_scale, weighted, ignore_index, vocab, **_unused):
-    """The rows' statistics (NUM_STATS, N) from their pieces' partials (NUM_PARTIAL, N, C), all but KL and
-    loss (``finish`` writes them from the pieces' KL)."""
+    """The rows' statistics (NUM_STATS, N) from their pieces' partials (NUM_PARTIAL, N, C), all but KL,
+    DIV_GRAD, ENTROPY and loss (``finish`` writes them from the pieces' sums)."""
     return torch.ops.ttm_kernels_C.merge(partials.contiguous(), target, float(student_scale), float(teacher_scale),
                                          bool(weighted), int(ignore_index), int(vocab))
 
 
 def pieces(student, teacher, target, stats, *, col_offset, vocab, grad=None, row_grad=None, student_scale,
-           teacher_scale, kl_coef, ce_weight, ignore_index):
+           teacher_scale, kl_coef, ce_weight, ignore_index, jsd_beta, **_unused):
     """The second pass over each row's columns here (columns [col_offset, col_offset + V) of rows of
-    ``vocab``): their KL terms (N, 1), and with ``grad`` their gradient, written into it."""
+    ``vocab``): their sums (NUM_PIECE_SUMS, N, 1) (rows: ``_stats.PieceSum``), and with ``grad`` their gradient,
+    written into it. The gradient of the reverse KL and the JSD (``jsd_beta`` not 0) reads the row's DIV_GRAD
+    from ``stats``: ``finish`` must have written it from every piece's sums."""
     return torch.ops.ttm_kernels_C.pieces(
         student, teacher, target, stats, float(student_scale), float(teacher_scale), float(kl_coef),
-        float(ce_weight), int(ignore_index), int(col_offset), int(vocab), grad, row_grad).unsqueeze(-1)
+        float(ce_weight), int(ignore_index), float(jsd_beta), int(col_offset), int(vocab), grad,
+        row_grad).unsqueeze(-1)
 
 
-def finish(stats, kl_parts, *, kl_coef, ce_weight, **_unused):
-    """Writes the rows' KL (the sum of their pieces', (N, C)) and loss into ``stats``."""
-    stats[Stat.KL] = kl_parts.sum(1)
+def finish(stats, sums, *, kl_coef, ce_weight, **_unused):
+    """Writes the rows' KL, DIV_GRAD and ENTROPY (the sums of their pieces' ``sums``, (NUM_PIECE_SUMS, N, C))
+    and loss into ``stats``."""
+    stats[[Stat.KL, Stat.DIV_GRAD, Stat.ENTROPY]] = sums.sum(2)
     stats[Stat.LOSS] = kl_coef * stats[Stat.WEIGHT] * stats[Stat.KL] + ce_weight * stats[Stat.CE]
 
 
 def topk_forward(student, ids, logprobs, target, *, student_scale, teacher_scale, kl_coef, ce_weight, weighted,
-                 bucket, ignore_index, grad=None, row_grad=None):
+                 bucket, ignore_index, jsd_beta, grad=None, row_grad=None):
     """The sparse-teacher loss's statistics (NUM_STATS, N) fp32 (rows: ``_stats.TopkStat``) of (B, T, V) row
     views, from ``ids`` sorted ascending per row (int32 (N, k), the padding -1 first) and their ``logprobs``
-    (fp32 (N, k)); with ``grad``, also writes d(sum_i row_grad_i * loss_i)/dz into it."""
+    (fp32 (N, k)); with ``grad``, also writes d(sum_i row_grad_i * loss_i)/dz into it. The forward KL only:
+    the public layer gives ``jsd_beta`` other than 0 with a top-k teacher to the reference on the CPU."""
+    if jsd_beta != 0.0:
+        raise ValueError(f"the C++ top-k kernel computes the forward KL only, got jsd_beta={jsd_beta}")
     return torch.ops.ttm_kernels_C.topk_forward(
         student, ids, logprobs, target, float(student_scale), float(teacher_scale), float(kl_coef), float(ce_weight),
         bool(weighted), bool(bucket), int(ignore_index), grad, row_grad)

@@ -40,7 +40,7 @@ import torch
 import torch.distributed as dist
 
 from . import _ops, functional, linear, reference, reduction as reduction_
-from ._stats import Stat
+from ._stats import ROW_TERM_STATS, Stat
 from .functional import is_dtensor
 
 # float dtypes as small integers for the agreement exchange
@@ -201,10 +201,7 @@ def agree(group, index: int, device, check, names, target=None, ignore_index=-10
 
 
 def _compiled_backend(backend: str, device, dtype, spec) -> str:
-    if spec.jsd_beta != 0.0:
-        raise ValueError(f"jsd_beta={spec.jsd_beta} (the reverse KL or the JSD) is not supported with process_group "
-                         "yet: the vocabulary-parallel loss computes the forward KL (jsd_beta=0)")
-    resolved = _ops.resolve_backend(backend, device, dtype)
+    resolved = _ops.resolve_backend(backend, device, dtype, spec)
     if resolved == "torch":
         raise ValueError(f"the vocabulary-parallel loss runs on the compiled kernels ('triton' on CUDA, 'cpu' on "
                          f"the CPU), but backend={backend!r} gives the unfused reference for {dtype} tensors on "
@@ -221,17 +218,21 @@ def _settings(*values) -> str:
 def sharded_rows(pieces: _ops.RowPieces, shards: Shards, student, teacher, target, grad=None, row_grad=None):
     """The statistics (NUM_STATS, N) of rows whose columns the ranks of ``shards.group`` hold, the same on every
     rank, from this rank's columns (``student``, ``teacher``: (..., width)); with ``grad``, this rank's columns'
-    gradient of sum_i row_grad_i * loss_i written into it. Two collectives: the partials' all_gather and the KL's
-    all_reduce."""
+    gradient of sum_i row_grad_i * loss_i written into it. Two collectives: the partials' all_gather and the
+    sums' all_reduce (KL, DIV_GRAD, entropy); the reverse KL's and the JSD's gradient needs the reduced sums, in
+    one more pass over this rank's columns."""
     local = pieces.partial(student, teacher, target, shards.offset, chunk_v=student.shape[-1])
     n_partial, n_rows = local.shape[:2]
     gathered = local.new_empty((len(shards.widths) * n_partial, n_rows))
     _all_gather_single(gathered, local.view(n_partial, n_rows), group=shards.group)
     stats = pieces.merge(gathered.view(-1, n_partial, n_rows).permute(1, 2, 0), target)
-    kl = pieces.second_pass(student, teacher, target, stats, shards.offset, grad=grad, row_grad=row_grad)
-    kl = kl.sum(1, keepdim=True)
-    dist.all_reduce(kl, group=shards.group)
-    pieces.finish(stats, kl)
+    fused_grad = None if pieces.gradient_needs_sums else grad
+    sums = pieces.second_pass(student, teacher, target, stats, shards.offset, grad=fused_grad, row_grad=row_grad)
+    sums = sums.sum(-1, keepdim=True)
+    dist.all_reduce(sums, group=shards.group)
+    pieces.finish(stats, sums)
+    if grad is not None and fused_grad is None:
+        pieces.second_pass(student, teacher, target, stats, shards.offset, grad=grad, row_grad=row_grad)
     return stats
 
 
@@ -361,7 +362,7 @@ def vocab_parallel_loss(student_logits, teacher_logits, target, spec, *, process
             loss = loss / denominator if reduction == "mean" else loss
     if not return_components:
         return loss
-    return loss, reduction_.components(stats[Stat.KL:Stat.WEIGHT + 1], valid)
+    return loss, reduction_.components(stats[[Stat.KL, Stat.CE, Stat.WEIGHT, Stat.ENTROPY]], valid)
 
 
 # ---------------------------------------------------------------------------------------------- top-k logits
@@ -474,7 +475,7 @@ def vocab_parallel_topk_loss(student_logits, ids, logprobs, target, spec, *, tai
                                                       num_items_in_batch, dtype=compute)
     if not return_components:
         return loss
-    return loss, reduction_.components([rows[k] for k in ("kl", "ce", "weight")], valid.view(lead))
+    return loss, reduction_.components([rows[k] for k in ("kl", "ce", "weight", "entropy")], valid.view(lead))
 
 
 # ---------------------------------------------------------------------------------------------- fused linear
@@ -498,11 +499,11 @@ class _SumGradOverGroup(torch.autograd.Function):
 
 
 def _sharded_chunk_loss(z, v, y, row_grad, spec, *, shards):
-    """``linear._chunk_loss`` for a chunk whose columns the ranks hold: the chunk's (loss, kl, ce, weight) rows,
+    """``linear._chunk_loss`` for a chunk whose columns the ranks hold: the chunk's ``linear.ROW_TERMS`` rows,
     and with ``row_grad`` its gradient written over ``z``."""
     pieces = _ops.RowPieces(spec.backend, spec.loss.kernel_params(), spec.loss.weighted, shards.vocab)
     stats = sharded_rows(pieces, shards, z, v, y, grad=None if row_grad is None else z, row_grad=row_grad)
-    return stats[Stat.LOSS:Stat.WEIGHT + 1]
+    return stats[ROW_TERM_STATS]
 
 
 def vocab_parallel_linear_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, target, spec, *,

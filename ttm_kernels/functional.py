@@ -192,19 +192,19 @@ def _fused_loss(student_logits, teacher_logits, target, spec: LossSpec, *, reduc
         loss = rows["loss"] if reduction == "none" else rows["loss"].sum()
         if denominator is not None:
             loss = loss / denominator.to(compute)
-        terms = [rows[k] for k in ("kl", "ce", "weight")]
+        terms = [rows[k] for k in ("kl", "ce", "weight", "entropy")]
     else:
         loss, stats = _ops.fused_loss(student_logits, teacher_logits, target, denominator, reduction=reduction,
                                       student_scale=spec.student_scale, teacher_scale=spec.teacher_scale,
                                       kl_coef=spec.kl_coef, ce_weight=spec.ce_weight, weighted=spec.weighted,
-                                      ignore_index=spec.ignore_index, backend=backend,
+                                      ignore_index=spec.ignore_index, jsd_beta=spec.jsd_beta, backend=backend,
                                       inplace_backward=inplace_backward)
         terms = None  # views of stats, made only when asked for: each costs a few microseconds
 
     if not return_components:
         return loss
     if terms is None:
-        terms = [stats[k].view(lead) for k in (Stat.KL, Stat.CE, Stat.WEIGHT)]
+        terms = [stats[k].view(lead) for k in (Stat.KL, Stat.CE, Stat.WEIGHT, Stat.ENTROPY)]
     return loss, components(terms, valid_rows(target, lead, student_logits.device, spec.ignore_index))
 
 

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from . import _ops, reference, spec as specs
-from ._stats import Stat
+from ._stats import ROW_TERM_STATS
 from .functional import check_vocab_size, is_dtensor, validate_options, validate_target
 from .reduction import components, mean_denominator, valid_rows, validate_num_items
 from .spec import DEFAULT_GAMMA, DEFAULT_TEMPERATURE, LossSpec
@@ -114,11 +114,11 @@ def _head_transform_backward_(grad, spec: LossSpec, derivative):
         grad.mul_(spec.logit_scale)
 
 
-ROW_TERMS = ("loss", "kl", "ce", "weight")
+ROW_TERMS = ("loss", "kl", "ce", "weight", "entropy")  # the statistics' ROW_TERM_STATS
 
 
 def loss_and_grad_torch(z, rows_of, row_grad):
-    """The reference on one chunk, in float32 (float64 for float64 logits): its (4, C) row terms, writing
+    """The reference on one chunk, in float32 (float64 for float64 logits): its (5, C) row terms, writing
     d(sum row_grad * loss)/dz into ``z``. ``rows_of(logits)``: the reference's row dict of those logits."""
     compute = _accumulation_dtype(z.dtype)
     if row_grad is None:
@@ -134,19 +134,19 @@ def loss_and_grad_torch(z, rows_of, row_grad):
 
 
 def _chunk_loss(z, v, y, row_grad, launch: Launch):
-    """Per-row fp32 (loss, kl, ce, weight) of one chunk; with ``row_grad``, also overwrites ``z`` with its
-    gradient."""
+    """Per-row fp32 (loss, kl, ce, weight, entropy) of one chunk; with ``row_grad``, also overwrites ``z`` with
+    its gradient."""
     spec = launch.loss
     if launch.backend == "torch":
         return loss_and_grad_torch(z, lambda logits: reference.loss_rows(logits, v.to(logits.dtype), y,
                                                                          **spec.reference_params()), row_grad)
     args = (spec.student_scale, spec.teacher_scale, spec.kl_coef, spec.ce_weight, spec.weighted, spec.ignore_index,
-            launch.backend)
+            spec.jsd_beta, launch.backend)
     if row_grad is None:
         stats = _ops.loss_fwd(z, v, y, *args)
     else:
         stats = _ops.loss_fwd_grad_inplace(z, v, y, row_grad, *args)
-    return stats[Stat.LOSS:Stat.WEIGHT + 1]
+    return stats[ROW_TERM_STATS]
 
 
 class DenseTeacher:
@@ -178,7 +178,7 @@ class DenseTeacher:
 
 
 def _run_chunks(h_s, w_s, b_s, teacher, target, launch, chunk_size, row_grad=None, needs=(False,) * 3):
-    """Row terms (4, N) (loss, kl, ce, weight; fp32, fp64 for fp64 inputs) against ``teacher`` (a provider,
+    """Row terms (5, N) (``ROW_TERMS``; fp32, fp64 for fp64 inputs) against ``teacher`` (a provider,
     see ``DenseTeacher``) and, with ``row_grad`` ((N,) or 0-dim), the gradients of sum_i row_grad_i * loss_i
     w.r.t. (h_s, w_s, b_s), each None unless ``needs`` asks for it."""
     n, vocab = h_s.shape[0], w_s.shape[0]
@@ -240,7 +240,7 @@ def _run_chunks(h_s, w_s, b_s, teacher, target, launch, chunk_size, row_grad=Non
 
 
 class _FusedLinearLoss(torch.autograd.Function):
-    """Returns the reduced loss and the detached (3, N) row terms kl, ce, weight (for logging)."""
+    """Returns the reduced loss and the detached (4, N) row terms kl, ce, weight, entropy (for logging)."""
 
     @staticmethod
     def forward(ctx, h_s, w_s, b_s, teacher, target, spec, reduction, chunk_size, needs, denominator):
@@ -417,7 +417,7 @@ def run_linear_loss(student_hidden, student_weight, student_bias, teacher, targe
     if reduction == "none":
         loss = loss.view(lead)
     if return_soft_hard:
-        kl, ce, weight = terms
+        kl, ce, weight, _ = terms
         return loss, spec.kl_scale * (weight * kl).sum() / denominator, ce.sum() / denominator
     if not return_components:
         return loss

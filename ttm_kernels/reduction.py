@@ -16,14 +16,16 @@ REDUCTIONS = ("mean", "sum", "none")
 class LossComponents(NamedTuple):
     """Detached per-batch terms for logging, each averaged over the rows that count (not ignored).
 
-    ``kl``: KL(transformed teacher || student) (for KD, of the tempered student, without the T^2 factor);
-    ``ce``: hard-label cross-entropy of the untempered student (0 without a target); ``weight``: the WTTM
-    weight U = sum(softmax(v)**gamma), 1 for TTM and KD.
+    ``kl``: the divergence (``jsd_beta``; by default KL(transformed teacher || student)), for KD of the tempered
+    student and without the T^2 factor; ``ce``: hard-label cross-entropy of the untempered student (0 without a
+    target); ``weight``: the WTTM weight U = sum(softmax(v)**gamma), 1 for TTM and KD; ``entropy``: the entropy
+    of the student's distribution in the divergence (softmax of its scaled logits; TRL logs it).
     """
 
     kl: torch.Tensor
     ce: torch.Tensor
     weight: torch.Tensor
+    entropy: torch.Tensor
 
 
 def validate_num_items(num_items_in_batch, reduction) -> None:
@@ -86,6 +88,6 @@ def valid_rows(target, lead_shape, device, ignore_index) -> torch.Tensor:
 
 
 def components(rows, valid: torch.Tensor) -> LossComponents:
-    """``LossComponents`` of the (kl, ce, weight) rows: detached means over the rows that count (``valid``, whose
-    shape the rows take)."""
+    """``LossComponents`` of the (kl, ce, weight, entropy) rows: detached means over the rows that count
+    (``valid``, whose shape the rows take)."""
     return LossComponents(*(reference.reduce_rows(x.detach().view(valid.shape), valid, "mean") for x in rows))

@@ -93,7 +93,7 @@ class LossSpec:
     def kernel_params(self) -> dict:
         """The scalar keyword arguments every kernel launcher takes (``_ops._params``)."""
         return dict(student_scale=self.student_scale, teacher_scale=self.teacher_scale, kl_coef=self.kl_coef,
-                    ce_weight=self.ce_weight, ignore_index=self.ignore_index)
+                    ce_weight=self.ce_weight, ignore_index=self.ignore_index, jsd_beta=self.jsd_beta)
 
 
 @functools.lru_cache(maxsize=256, typed=True)  # a training loop builds the same spec every step

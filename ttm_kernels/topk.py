@@ -26,7 +26,7 @@ from typing import Optional
 import torch
 
 from . import _ops, _topk_ops, linear, reference, spec as specs
-from ._stats import TopkStat
+from ._stats import ROW_TERM_STATS, TopkStat
 from .functional import check_vocab_size, head_post, reference_rows, validate_logits, validate_options, validate_target
 from .reduction import components, mean_denominator, valid_rows, validate_num_items
 from .spec import DEFAULT_GAMMA, DEFAULT_TEMPERATURE, LossSpec, check_flag as _check_flag
@@ -115,6 +115,18 @@ def validate_topk(ids, logprobs, lead_shape, vocab, device, tail, valid=None):
     return sorted_ids, sorted_logprobs
 
 
+def _topk_backend(backend, device, dtype, spec: LossSpec) -> str:
+    """``_ops.resolve_backend`` for a top-k teacher, whose kernels compute the forward KL only: the reverse KL
+    and the JSD (``jsd_beta`` not 0) run on the reference's arithmetic, which "auto" picks for them."""
+    resolved = _ops.resolve_backend(backend, device, dtype, spec)
+    if spec.jsd_beta != 0.0 and resolved != "torch":
+        if backend == "auto":
+            return "torch"
+        raise ValueError(f"backend={backend!r}: the top-k kernels compute the forward KL only, and "
+                         f"jsd_beta={spec.jsd_beta} asks for the reverse KL or the JSD: pass backend='auto' or 'torch'")
+    return resolved
+
+
 def _fused_topk_loss(student_logits, ids, logprobs, target, spec: LossSpec, *, tail, reduction, backend,
                      return_components, num_items_in_batch=None, process_group=None, vocab_size=None):
     _check_flag("return_components", return_components)
@@ -136,7 +148,7 @@ def _fused_topk_loss(student_logits, ids, logprobs, target, spec: LossSpec, *, t
     valid = valid_rows(target, lead, device, spec.ignore_index)
     reference.check_topk_divergence(tail, spec.jsd_beta)
     sorted_ids, sorted_logprobs = validate_topk(ids, logprobs, lead, vocab, device, tail, valid)
-    backend = _ops.resolve_backend(backend, device, student_logits.dtype, spec)
+    backend = _topk_backend(backend, device, student_logits.dtype, spec)
     # The student's head post-processing; the teacher's log-probabilities are already final.
     student_logits = head_post(student_logits, spec)
     denominator = None
@@ -153,14 +165,15 @@ def _fused_topk_loss(student_logits, ids, logprobs, target, spec: LossSpec, *, t
         loss = rows["loss"] if reduction == "none" else rows["loss"].sum()
         if denominator is not None:
             loss = loss / denominator.to(compute)
-        detached = [rows[k].detach() for k in ("kl", "ce", "weight")]
+        detached = [rows[k].detach() for k in ("kl", "ce", "weight", "entropy")]
     else:
         loss, stats = _topk_ops.fused_topk_loss(
             student_logits, sorted_ids, sorted_logprobs, target, denominator, reduction=reduction,
             student_scale=spec.student_scale, teacher_scale=spec.teacher_scale, kl_coef=spec.kl_coef,
             ce_weight=spec.ce_weight, weighted=spec.weighted, bucket=tail == "bucket", ignore_index=spec.ignore_index,
             backend=backend)
-        detached = [stats[k].detach().view(lead) for k in (TopkStat.KL, TopkStat.CE, TopkStat.WEIGHT)]
+        detached = [stats[k].detach().view(lead)
+                    for k in (TopkStat.KL, TopkStat.CE, TopkStat.WEIGHT, TopkStat.ENTROPY)]
     if not return_components:
         return loss
     return loss, components(detached, valid)
@@ -320,7 +333,7 @@ class TopkTeacher:
             stats = _topk_ops.topk_fwd(z, ids, logprobs, y, *args)
         else:
             stats = _topk_ops.topk_fwd_grad_inplace(z, ids, logprobs, y, row_grad, *args)
-        return stats[TopkStat.LOSS:TopkStat.WEIGHT + 1]
+        return stats[ROW_TERM_STATS]
 
 
 def _fused_linear_topk_loss(student_hidden, student_weight, ids, logprobs, target, spec: LossSpec, *, student_bias,
@@ -343,7 +356,7 @@ def _fused_linear_topk_loss(student_hidden, student_weight, ids, logprobs, targe
     reference.check_topk_divergence(tail, spec.jsd_beta)
     sorted_ids, sorted_logprobs = validate_topk(ids, logprobs, lead, vocab, device, tail,
                                                 valid_rows(target, lead, device, spec.ignore_index))
-    backend = _ops.resolve_backend(backend, device, student_hidden.dtype, spec)
+    backend = _topk_backend(backend, device, student_hidden.dtype, spec)
     # The chunk loop applies the student head's post-processing (softcap, logit_scale) to each chunk.
     return linear.run_linear_loss(student_hidden, student_weight, student_bias,
                                   TopkTeacher(sorted_ids, sorted_logprobs, tail),
