@@ -240,3 +240,34 @@ def test_triton_pieces_divergence_equal_whole_rows(kernels, divergence, kind):
         torch.testing.assert_close(stats[row], whole[row], rtol=2e-6, atol=1e-6, msg=row.name)
     atol = grad_atol(spec, whole[Stat.KL], whole[Stat.WEIGHT], row_grad)
     torch.testing.assert_close(grad, whole_grad, rtol=1e-5, atol=1e-6 * whole_grad.abs().max().item() + atol)
+
+
+@pytest.mark.parametrize("tail", ["bucket", "renormalize"])
+@pytest.mark.parametrize("kind", ["wttm", "kd"])
+def test_triton_topk_forward_entropy(tail, kind):
+    """The top-k kernels' statistics hold the student's entropy as the reference defines it (over the k + 1
+    outcomes with the bucket, over the vocabulary without: summed online over the columns outside the ids, across
+    blocks whose maximum moves) and a DIV_GRAD of 0 (the forward KL's gradient needs no row sum); ignored rows 0."""
+    from ttm_kernels import _topk_ops, triton_topk
+
+    spec = SPECS[kind](0.0)
+    n, V, k = 5, 5000, 16
+    gen = torch.Generator().manual_seed(19)
+    z = torch.randn(n, V, generator=gen, dtype=torch.float64) * SPREAD
+    block = triton_topk.launch_config(V)["BLOCK_V"]
+    z[0, :block] -= 40.0  # the first block far below the second: the online sum moves to the new maximum
+    z[2, 100:200] = float("-inf")
+    v = torch.randn(n, V, generator=gen, dtype=torch.float64) * SPREAD
+    top = torch.log_softmax(v, -1).topk(k, dim=-1)
+    ids, logprobs = top.indices, top.values.float().double()
+    ids[3, k // 2:] = -1  # padding
+    target = torch.randint(0, V, (n,), generator=gen)
+    target[2], target[4] = 7, -100
+    rows = reference.topk_loss_rows(z.float().double(), ids, logprobs, target, tail=tail, **spec.reference_params())
+    sorted_ids, sorted_logprobs = _topk_ops.topk_rows(ids.to(DEVICE), logprobs.to(DEVICE))
+    stats = triton_topk.topk_forward(z.float().to(DEVICE).view(1, n, V), sorted_ids, sorted_logprobs,
+                                     target.to(DEVICE), weighted=spec.weighted, bucket=tail == "bucket",
+                                     **spec.kernel_params())
+    assert_close("entropy", rows["entropy"], stats[Stat.ENTROPY], 2e-6, 1e-6)
+    assert_close("kl", rows["kl"], stats[Stat.KL], 2e-6, 1e-6)
+    assert (stats[Stat.DIV_GRAD] == 0).all() and (stats[:, 4] == 0).all()

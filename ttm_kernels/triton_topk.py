@@ -10,7 +10,8 @@ sorts them once per call: ascending, the padding first), R every other column, s
              compares per id (16 at 4096 columns over 8 warps), k of them per row.
     O(k): the k student logits gathered; lse over S and over the row (merged with R's); the teacher on S
              (and the bucket R): p_R = 1 - sum_S p summed in fp64; the KL over S + {R} in the form that never
-             cancels (``_kl_term``).
+             cancels (``_kl_term``); the student's entropy over S + {R} (with the bucket; without, over the
+             vocabulary: R's share from an online sum of the statistics pass, no exponential).
     gradient (HAS_GRAD): for j in R, c (q_j - pt_R q_j / q_R) plus the CE's, = e_j (c q_R - c pt_R) / d_R with
              e_j = exp(s*z_j - max_R): one exponential per element (``_block_kl_grad`` with q = e_j A and
              p = e_j B); then, after a barrier, the k entries of S overwritten with c (q_i - pt_i) plus the
@@ -28,7 +29,7 @@ import triton.language as tl
 
 from ._stats import NUM_STATS, TopkStat
 # The statistics rows that TopkStat shares with Stat (tests/test_topk.py checks that they agree), and its own.
-from .triton_kernels import CE, KL, LOG_SUM_S, LOG_SUM_Z, LOSS, MAX_S, MAX_Z, N_STATS, WEIGHT
+from .triton_kernels import CE, DIV_GRAD, ENTROPY, KL, LOG_SUM_S, LOG_SUM_Z, LOSS, MAX_S, MAX_Z, N_STATS, WEIGHT
 from .triton_kernels import (_block_kl_grad, _block_sums, _checked_ce_coef, _derived_maxima, _kl_term, _row_args,
                              _row_ptr, _separate_ce, _store_rounded, _student_power, _zero_pass, launch_config)
 
@@ -39,8 +40,10 @@ LOG_SUM_R = tl.constexpr(int(TopkStat.LOG_SUM_R))
 
 @triton.jit
 def _tail_sums(s_row, ids_row, k, V, student_scale, SEPARATE_CE: tl.constexpr, STUDENT_POWER: tl.constexpr,
-               BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
-    # The online sums of s*z (and z) over the columns outside S.
+               TAIL_ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
+    # The online sums of s*z (and z) over the columns outside S; with TAIL_ENTROPY also
+    # w = sum_R e_j (m_s - s*z_j) >= 0, e_j = exp(s*z_j - m_s), from which _tail_entropy forms R's share of the
+    # student's entropy without cancelling (no exponential: the block's e_j are _block_sums').
     slots = tl.arange(0, BLOCK_K)
     ids = tl.load(ids_row + slots, mask=slots < k, other=2147483647)
     lo = tl.sum((ids < 0).to(tl.int32), 0)  # the padding sorts first
@@ -48,6 +51,7 @@ def _tail_sums(s_row, ids_row, k, V, student_scale, SEPARATE_CE: tl.constexpr, S
     d_s = 0.0
     m_z = -1.0e30
     d_z = 0.0
+    w = 0.0
     for start in range(0, V, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
         z = tl.load(s_row + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
@@ -57,11 +61,25 @@ def _tail_sums(s_row, ids_row, k, V, student_scale, SEPARATE_CE: tl.constexpr, S
             member = member | (cols == tl.load(ids_row + j))
         lo = hi
         z = tl.where(member, float("-inf"), z)
-        m_s, d_s, _, _, _, _, m_z, d_z, _, _ = _block_sums(
+        m_prev = m_s
+        d_prev = d_s
+        m_s, d_s, _, _, _, _, m_z, d_z, e_s, _ = _block_sums(
             z, z, m_s, d_s, -1.0e30, 0.0, -1.0e30, 0.0, m_z, d_z, student_scale, student_scale, False, SEPARATE_CE,
             0, STUDENT_POWER)
+        if TAIL_ENTROPY:
+            # The previous blocks' sum moved to the new maximum, then this block's terms.
+            w = tl.exp(m_prev - m_s) * (w + (m_s - m_prev) * d_prev)
+            w += tl.sum(tl.where(e_s > 0, e_s * (m_s - z * student_scale), 0.0), 0)
     _, m_z = _derived_maxima(m_s, m_s, m_s, m_z, 0, STUDENT_POWER)
-    return m_s, d_s, m_z, d_z
+    return m_s, d_s, m_z, d_z, w
+
+
+@triton.jit
+def _tail_entropy(w, m_tail, d_tail, m_all, log_d_all):
+    # -sum_R q_j log q_j: with log q_j = (s*z_j - m_tail) + c, c = (m_tail - m_all) - log_d_all <= 0, it is
+    # e^c (w - c d_tail), a sum of non-negative terms; 0 for an empty R.
+    c = (m_tail - m_all) - log_d_all
+    return tl.where(d_tail > 0, tl.exp(c) * (w - c * d_tail), 0.0)
 
 
 @triton.jit
@@ -147,9 +165,12 @@ def _grad_pass(s_row, g_row, ids, present, z_s, log_q, log_pt, log_pt_tail, y, V
 
 
 @triton.jit
-def _store_stats(STATS, n_rows, row, loss, kl, ce, weight, m_all, log_d_all, m_tail, log_d_tail, m_z, log_d_z):
+def _store_stats(STATS, n_rows, row, loss, kl, ce, weight, m_all, log_d_all, m_tail, log_d_tail, m_z, log_d_z,
+                 entropy):
     tl.store(STATS + LOSS * n_rows + row, loss)
     tl.store(STATS + KL * n_rows + row, kl)
+    tl.store(STATS + DIV_GRAD * n_rows + row, 0.0)  # the forward KL's gradient needs no row sum
+    tl.store(STATS + ENTROPY * n_rows + row, entropy)
     tl.store(STATS + CE * n_rows + row, ce)
     tl.store(STATS + WEIGHT * n_rows + row, weight)
     tl.store(STATS + MAX_S * n_rows + row, m_all)
@@ -184,8 +205,9 @@ def topk_fwd_kernel(
                 _zero_pass(g_row, V, BLOCK_V)
             return
 
-    m_tail, d_tail, m_z_tail, d_z_tail = _tail_sums(s_row, ids_row, k, V, student_scale, SEPARATE_CE,
-                                                    STUDENT_POWER, BLOCK_V, BLOCK_K)
+    # The entropy is the student's over the k + 1 outcomes with the bucket (O(k)), over the vocabulary without.
+    m_tail, d_tail, m_z_tail, d_z_tail, w_tail = _tail_sums(s_row, ids_row, k, V, student_scale, SEPARATE_CE,
+                                                            STUDENT_POWER, not BUCKET, BLOCK_V, BLOCK_K)
     ids, present, z_s, logprobs = _gather(s_row, ids_row, LOGP + row * k, k, BLOCK_K)
     m_all, log_d_all = _with_tail(m_tail, d_tail, z_s * student_scale, present)
     m_z = m_all
@@ -203,6 +225,13 @@ def topk_fwd_kernel(
     log_q_tail = (m_tail - m_all) + log_d_tail - log_d_all
     kl = tl.sum(tl.where(present, _kl_term(tl.exp(log_q), tl.exp(log_pt), log_pt - log_q), 0.0), 0)
     kl += _kl_term(tl.exp(log_q_tail), tl.exp(log_pt_tail), log_pt_tail - log_q_tail)
+    q = tl.exp(log_q)
+    entropy = tl.sum(tl.where(present & (q > 0), -q * log_q, 0.0), 0)
+    if BUCKET:
+        q_tail = tl.exp(log_q_tail)
+        entropy += tl.where(q_tail > 0, -q_tail * log_q_tail, 0.0)
+    else:
+        entropy += _tail_entropy(w_tail, m_tail, d_tail, m_all, log_d_all)
 
     if HAS_GRAD:
         row_grad = tl.load(ROW_GRAD + row * row_grad_stride)
@@ -211,7 +240,7 @@ def topk_fwd_kernel(
                    _checked_ce_coef(row_grad * ce_weight, y, V, HAS_TARGET), HAS_TARGET, SEPARATE_CE,
                    STUDENT_POWER, BLOCK_V)
     _store_stats(STATS, n_rows, row, kl_coef * weight * kl + ce_weight * ce, kl, ce, weight, m_all, log_d_all,
-                 m_tail, log_d_tail, m_z, log_d_z)
+                 m_tail, log_d_tail, m_z, log_d_z, entropy)
 
 
 @triton.jit
