@@ -122,13 +122,15 @@ def exponentials_per_variant():
 # The sparse-teacher kernels: each flag with both values at least once (the full product takes minutes), the
 # largest ids tile, and the backward. The training variant (WTTM, bucket, target, gradient) may issue two
 # exponentials per element (the statistics pass and the gradient pass) and a few per row.
-TOPK_FLAGS = ("HAS_TARGET", "WEIGHTED", "BUCKET", "SEPARATE_CE", "HAS_GRAD")
+TOPK_FLAGS = ("HAS_TARGET", "WEIGHTED", "BUCKET", "SEPARATE_CE", "HAS_GRAD", "DIVERGENCE")
 TOPK_VARIANTS = [
-    # HAS_TARGET, WEIGHTED, BUCKET, SEPARATE_CE, HAS_GRAD, STUDENT_POWER, BLOCK_K
-    (True, True, True, False, True, 0, 64),  # training WTTM (the exponential count below)
-    (False, False, False, False, False, 0, 1),
-    (True, False, True, True, True, 4, 4096),
-    (True, False, False, True, False, 0, 128),
+    # HAS_TARGET, WEIGHTED, BUCKET, SEPARATE_CE, HAS_GRAD, DIVERGENCE, STUDENT_POWER, BLOCK_K
+    (True, True, True, False, True, 0, 0, 64),  # training WTTM (the exponential count below)
+    (False, False, False, False, False, 0, 0, 1),
+    (True, False, True, True, True, 0, 4, 4096),
+    (True, False, False, True, False, 0, 0, 128),
+    (True, True, True, False, True, DIVERGENCES["jsd"], 0, 64),  # training WTTM under the JSD (counted too)
+    (True, False, True, True, True, DIVERGENCES["reverse-kl"], 4, 128),
 ]
 TOPK_SCALAR_EXPONENTIALS = 16
 
@@ -153,6 +155,8 @@ def compile_topk_variants():
 def test_triton_topk_kernels_compile_for_sm90():
     counts = json.loads(_run_here("topk").strip().splitlines()[-1])
     assert counts[0] <= 2 * ELEMENTS_PER_THREAD + TOPK_SCALAR_EXPONENTIALS, counts
+    # The JSD's terms are O(k): per element it costs what the KL does.
+    assert counts[4] <= 2 * ELEMENTS_PER_THREAD + TOPK_SCALAR_EXPONENTIALS, counts
 
 
 def _run_here(*args):

@@ -271,3 +271,53 @@ def test_triton_topk_forward_entropy(tail, kind):
     assert_close("entropy", rows["entropy"], stats[Stat.ENTROPY], 2e-6, 1e-6)
     assert_close("kl", rows["kl"], stats[Stat.KL], 2e-6, 1e-6)
     assert (stats[Stat.DIV_GRAD] == 0).all() and (stats[:, 4] == 0).all()
+
+
+@pytest.mark.parametrize("divergence", list(JSD_BETAS))
+@pytest.mark.parametrize("kind", ["wttm", "kd"])
+def test_triton_topk_forward_divergence(kind, divergence):
+    """A top-k teacher with the bucket: every divergence of the k + 1 outcomes, the forward's gradient and the
+    backward's from the statistics, against the reference (padding, a masked student class, ignored rows)."""
+    from ttm_kernels import _topk_ops, triton_topk
+
+    spec = SPECS[kind](JSD_BETAS[divergence])
+    n, V, k = 5, 5000, 16
+    gen = torch.Generator().manual_seed(23)
+    z = torch.randn(n, V, generator=gen, dtype=torch.float64) * SPREAD
+    v = torch.randn(n, V, generator=gen, dtype=torch.float64) * SPREAD
+    top = torch.log_softmax(v, -1).topk(k, dim=-1)
+    ids, logprobs = top.indices, top.values.float().double()
+    ids[3, k // 2:] = -1  # padding
+    z[2, 100:200] = float("-inf")
+    target = torch.randint(0, V, (n,), generator=gen)
+    target[2], target[4] = 7, -100
+    row_grad = torch.rand(n, generator=gen, dtype=torch.float64) + 0.5
+    z64 = finite_for_reference(z.float().double()).requires_grad_()
+    rows = reference.topk_loss_rows(z64, ids, logprobs, target, tail="bucket", **spec.reference_params())
+    (rows["loss"] * row_grad).sum().backward()
+    # The padded row's reference gradient from its ids alone: through the padding slots (log-probabilities -inf
+    # on both sides) the reference's autograd gives NaN for the reverse KL and the JSD.
+    z_padded = z64.detach()[3:4].clone().requires_grad_()
+    padded = reference.topk_loss_rows(z_padded, ids[3:4, :k // 2], logprobs[3:4, :k // 2], target[3:4], tail="bucket",
+                                      **spec.reference_params())
+    (padded["loss"] * row_grad[3]).sum().backward()
+    z64.grad[3] = z_padded.grad[0]
+
+    params = dict(spec.kernel_params(), bucket=True)
+    student = z.float().to(DEVICE).view(1, n, V)
+    sorted_ids, sorted_logprobs = _topk_ops.topk_rows(ids.to(DEVICE), logprobs.to(DEVICE))
+    grad = torch.empty_like(student)
+    stats = triton_topk.topk_forward(student, sorted_ids, sorted_logprobs, target.to(DEVICE), weighted=spec.weighted,
+                                     grad=grad, row_grad=row_grad.float().to(DEVICE), **params)
+    for name in ("loss", "kl", "ce", "weight", "entropy"):
+        assert_close(name, rows[name], stats[STAT_ROWS[name]], 2e-6, 1e-6)
+    atol = grad_atol(spec, rows["kl"].detach(), rows["weight"].detach(), row_grad)
+    assert_close("grad", z64.grad, grad.view(n, V), 1e-5, atol)
+    backward_grad = torch.full_like(student, float("nan"))
+    triton_topk.topk_backward(row_grad.float().to(DEVICE), student, sorted_ids, sorted_logprobs, target.to(DEVICE),
+                              stats, backward_grad, **params)
+    assert_close("backward grad", z64.grad, backward_grad.view(n, V), 1e-5, atol)
+    if JSD_BETAS[divergence] != 0.0:
+        with pytest.raises(ValueError, match="jsd_beta=.* needs the bucket"):
+            triton_topk.topk_forward(student, sorted_ids, sorted_logprobs, None, weighted=spec.weighted,
+                                     **dict(params, bucket=False))

@@ -275,16 +275,25 @@ def _divergence_terms(q, p, log_ratio, jsd_beta, DIVERGENCE: tl.constexpr):
 
 
 @triton.jit
-def _divergence_grad(q, p, log_ratio, jsd_beta, row_div_grad, DIVERGENCE: tl.constexpr):
-    # dD / d(s*z_j) given the row sum of _divergence_terms' second value: q - p (forward KL),
-    # q (log(q / p) - D) (reverse KL), (1 - beta) q (log(q / m) - K) (JSD); 0 where q = 0, whose log is -inf.
-    if DIVERGENCE == FORWARD_KL:
-        grad = q - p
-    elif DIVERGENCE == REVERSE_KL:
-        grad = tl.where(q > 0, q * (-log_ratio - row_div_grad), 0.0)
+def _divergence_grad_factor(log_ratio, jsd_beta, row_div_grad, DIVERGENCE: tl.constexpr):
+    # dD / d(s*z_j) = q_j times this, for the reverse KL (log(q_j / p_j) - D) and the JSD
+    # ((1 - beta) (log(q_j / m_j) - K)), given the row sum of _divergence_terms' second value.
+    if DIVERGENCE == REVERSE_KL:
+        factor = -log_ratio - row_div_grad
     else:
         _, log_q_m = _log_over_mixture(log_ratio, jsd_beta)
-        grad = tl.where(q > 0, (1.0 - jsd_beta) * q * (log_q_m - row_div_grad), 0.0)
+        factor = (1.0 - jsd_beta) * (log_q_m - row_div_grad)
+    return factor
+
+
+@triton.jit
+def _divergence_grad(q, p, log_ratio, jsd_beta, row_div_grad, DIVERGENCE: tl.constexpr):
+    # dD / d(s*z_j): q - p for the forward KL, else q times _divergence_grad_factor; 0 where q = 0, whose log
+    # is -inf.
+    if DIVERGENCE == FORWARD_KL:
+        grad = q - p
+    else:
+        grad = tl.where(q > 0, q * _divergence_grad_factor(log_ratio, jsd_beta, row_div_grad, DIVERGENCE), 0.0)
     return grad
 
 
