@@ -24,8 +24,8 @@ SPECS = {"wttm": lambda jsd_beta: loss_spec.wttm(0.2, beta=1.5, ce_weight=0.5, j
          # a student temperature: the CE's softmax is a separate one
          "kd": lambda jsd_beta: loss_spec.kd(4.0, ce_weight=0.5, jsd_beta=jsd_beta)}
 # (rows, columns, forced piece width or None): one block, several blocks, the split-row path.
-PATHS = {"one-column": (2, 1, None), "one-block": (6, 300, None), "multi-block": (3, 5000, None),
-         "split-rows": (4, 3001, 1000)}
+PATHS = {"one-column": (2, 1, None), "one-block": (6, 300, None), "multi-block": (3, 4500, None),
+         "split-rows": (4, 2100, 700)}
 SPREAD = 10.0
 
 
