@@ -246,7 +246,7 @@ def _log_over_mixture(log_ratio, jsd_beta):
     # may have underflowed): the larger of p, q over m is 1 / (1 + c expm1(-|y|)), c the smaller one's weight
     # in m, and the smaller over m is e^-|y| times that. log1p(t) = log(u) + (t - (u - 1)) with u = 1 + t: the
     # second term is u's rounding error (exact for t in (-1, 0]), so a small t, where m is close to both,
-    # keeps its digits. A row of p = 0 (or q = 0) gets -inf and log(1 / (1 - beta)) (or log(1 / beta)).
+    # keeps its digits. A class of p = 0 (or q = 0) gets -inf and log(1 / (1 - beta)) (or log(1 / beta)).
     r = tl.abs(log_ratio)
     teacher_larger = log_ratio >= 0
     t = tl.where(teacher_larger, 1.0 - jsd_beta, jsd_beta) * _expm1_neg(r)
