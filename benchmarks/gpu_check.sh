@@ -9,9 +9,9 @@
 #   0. environment: nvidia-smi, python/torch/triton versions, liger presence     -> $OUT/setup.log
 #   1. pip install --no-build-isolation --no-deps -e .   (builds the C++ extension; <= 120 s; if pip
 #      fails, `python setup.py build_ext --inplace` instead, <= 120 s)                          -> setup.log
-#   2. python -m pytest $GPU_CHECK_TESTS (default: the loss, layout, row-pieces and fused linear tests, on
-#      CUDA tensors; <= 150 s; pytest.ini's "-q -ra" is replaced by "-ra" so that the one -q still prints
-#      the "N passed" line)                                                                   -> tests.log
+#   2. python -m pytest $GPU_CHECK_TESTS (default: the loss, layout, row-pieces, divergence (reverse KL, JSD)
+#      and fused linear tests, on CUDA tensors; <= 150 s; pytest.ini's "-q -ra" is replaced by "-ra" so that
+#      the one -q still prints the "N passed" line)                                           -> tests.log
 #   3. python -m benchmarks --preset gpu-check --device cuda: fused, eager, torch.compile, Liger (when its
 #      wheel is installed) and the copy bandwidth, at N x V = 4096 x {32000, 128256, 262144} and 64 x 262144
 #      (<= 150 s, with its own --time-budget 30 s shorter so that it writes its files by itself)
@@ -119,7 +119,8 @@ done
 
 # 2. The test suite (CUDA tensors where the tests use them).
 # The files that exercise CUDA (the trainer's tests are CPU tests); GPU_CHECK_TESTS replaces the list.
-GPU_CHECK_TESTS=${GPU_CHECK_TESTS:-tests/test_fused_loss.py tests/test_layouts.py tests/test_row_pieces.py tests/test_linear.py}
+GPU_CHECK_TESTS=${GPU_CHECK_TESTS:-tests/test_fused_loss.py tests/test_layouts.py tests/test_row_pieces.py \
+tests/test_triton_divergence.py tests/test_linear.py}
 # shellcheck disable=SC2086
 run_step tests "$(cap_for 150 230)" "$OUT/tests.log" \
     "$PY" -m pytest $GPU_CHECK_TESTS --maxfail=10 -q -o addopts=-ra -p no:cacheprovider --durations=15

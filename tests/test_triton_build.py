@@ -21,7 +21,7 @@ pytestmark = [
     pytest.mark.skipif(torch.cuda.is_available(), reason="the loss tests compile the kernels on this GPU"),
 ]
 
-FLOATS = ("student_scale", "teacher_scale", "kl_coef", "ce_weight")
+FLOATS = ("student_scale", "teacher_scale", "kl_coef", "ce_weight", "jsd_beta")
 
 
 def compile_for_sm90(kernel, pointer_types, constexprs, num_warps=8):
@@ -42,11 +42,18 @@ def compile_for_sm90(kernel, pointer_types, constexprs, num_warps=8):
     return triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
 
 
+# The DIVERGENCE constexpr of each kind of LossSpec.jsd_beta (triton_kernels.divergence).
+DIVERGENCES = {"forward-kl": 0, "reverse-kl": 1, "jsd": 2}
+
+
 def compile_every_variant(student, teacher):
     from ttm_kernels import triton_kernels
 
     pointers = {"S": f"*{student}", "TCH": f"*{teacher}", "GRAD": f"*{student}", "Y": "*i64", "STATS": "*fp32",
-                "ROW_GRAD": "*fp32", "PARTIAL": "*fp32", "KL_PARTS": "*fp32"}
+                "ROW_GRAD": "*fp32", "PARTIAL": "*fp32", "SUMS": "*fp32"}
+    # The reverse KL and the JSD share the statistics pass (WEIGHTED), the loads and the stores (the dtypes) with
+    # the forward KL: they are compiled unweighted, for one pair of dtypes (each compile takes about a second).
+    divergences = DIVERGENCES.values() if (student, teacher) == ("bf16", "bf16") else (DIVERGENCES["forward-kl"],)
     for has_target, weighted, separate_ce, has_grad in itertools.product((False, True), repeat=4):
         if separate_ce and not has_target:
             continue
@@ -54,16 +61,26 @@ def compile_every_variant(student, teacher):
         # Integer 1/scale (exponentials derived by powers) and not.
         powers = {"TEACHER_POWER": 5 if weighted else 0, "STUDENT_POWER": 4 if separate_ce else 0}
         exp_only = {k: 0 for k in powers}
-        for single_block, variant in ((False, powers), (True, powers), (False, exp_only)):
-            compile_for_sm90(triton_kernels.ttm_fwd_kernel, pointers,
-                             {**flags, **variant, "WEIGHTED": weighted, "HAS_GRAD": has_grad,
-                              "SINGLE_BLOCK": single_block})
+        for divergence in divergences:
+            if divergence != DIVERGENCES["forward-kl"] and weighted:
+                continue
+            variants = ((False, powers), (True, powers), (False, exp_only))
+            for single_block, variant in variants if divergence == DIVERGENCES["forward-kl"] else variants[:2]:
+                compile_for_sm90(triton_kernels.ttm_fwd_kernel, pointers,
+                                 {**flags, **variant, "WEIGHTED": weighted, "HAS_GRAD": has_grad,
+                                  "DIVERGENCE": divergence, "SINGLE_BLOCK": single_block})
+            # The sums pass, the gradient alone (a backward) and both (given the row's merged sum).
+            if divergence == DIVERGENCES["forward-kl"]:
+                sums_options = (weighted,)
+            else:
+                sums_options = (True, False) if has_grad else (True,)
+            for has_sums in sums_options:
+                compile_for_sm90(triton_kernels.ttm_piece_kernel, pointers,
+                                 {**flags, "STUDENT_POWER": powers["STUDENT_POWER"], "HAS_GRAD": has_grad,
+                                  "HAS_SUMS": has_sums, "DIVERGENCE": divergence})
         compile_for_sm90(triton_kernels.ttm_partial_kernel, pointers, {**flags, **powers, "WEIGHTED": weighted})
         compile_for_sm90(triton_kernels.ttm_merge_kernel, pointers,
                          {"HAS_TARGET": has_target, "SEPARATE_CE": separate_ce, "WEIGHTED": weighted, "BLOCK_C": 16})
-        compile_for_sm90(triton_kernels.ttm_piece_kernel, pointers,
-                         {**flags, "STUDENT_POWER": powers["STUDENT_POWER"], "HAS_GRAD": has_grad,
-                          "HAS_KL": weighted})
     compile_for_sm90(triton_kernels.ttm_loss_kernel, pointers, {"BLOCK_C": 16})
     compile_for_sm90(triton_kernels.scale_kernel, {"G": f"*{student}", "SCALE": "*fp32"}, {"BLOCK": 4096})
 
@@ -71,13 +88,18 @@ def compile_every_variant(student, teacher):
 # Training-path variants (bf16, target, gradient, 4096-column blocks over 8 warps: 16 elements per thread)
 # and the most exponentials per element each may issue (the count is per thread in the PTX; a few scalar
 # ones per row come on top).
+WTTM_GAMMA_02 = {"WEIGHTED": True, "SEPARATE_CE": False, "TEACHER_POWER": 5, "STUDENT_POWER": 0}
 EXPONENTIAL_BUDGET = {
-    "wttm-gamma0.2": ({"WEIGHTED": True, "SEPARATE_CE": False, "TEACHER_POWER": 5, "STUDENT_POWER": 0,
-                       "SINGLE_BLOCK": False}, 4),
-    "wttm-gamma0.2-one-block": ({"WEIGHTED": True, "SEPARATE_CE": False, "TEACHER_POWER": 5, "STUDENT_POWER": 0,
-                                 "SINGLE_BLOCK": True}, 2),
+    "wttm-gamma0.2": ({**WTTM_GAMMA_02, "DIVERGENCE": 0, "SINGLE_BLOCK": False}, 4),
+    "wttm-gamma0.2-one-block": ({**WTTM_GAMMA_02, "DIVERGENCE": 0, "SINGLE_BLOCK": True}, 2),
     "kd-T4-with-ce": ({"WEIGHTED": False, "SEPARATE_CE": True, "TEACHER_POWER": 0, "STUDENT_POWER": 4,
-                       "SINGLE_BLOCK": False}, 4),
+                       "DIVERGENCE": 0, "SINGLE_BLOCK": False}, 4),
+    # Statistics 2, sums 2, gradient 1 (q; p is not needed there).
+    "wttm-gamma0.2-reverse-kl": ({**WTTM_GAMMA_02, "DIVERGENCE": 1, "SINGLE_BLOCK": False}, 5),
+    "wttm-gamma0.2-reverse-kl-one-block": ({**WTTM_GAMMA_02, "DIVERGENCE": 1, "SINGLE_BLOCK": True}, 2),
+    # Statistics 2, sums 3 (q, p, e^-|log(p/q)|), gradient 2 (q, e^-|log(p/q)|).
+    "wttm-gamma0.2-jsd": ({**WTTM_GAMMA_02, "DIVERGENCE": 2, "SINGLE_BLOCK": False}, 7),
+    "wttm-gamma0.2-jsd-one-block": ({**WTTM_GAMMA_02, "DIVERGENCE": 2, "SINGLE_BLOCK": True}, 3),
 }
 ELEMENTS_PER_THREAD = 16
 SCALAR_EXPONENTIALS = 8
@@ -100,13 +122,15 @@ def exponentials_per_variant():
 # The sparse-teacher kernels: each flag with both values at least once (the full product takes minutes), the
 # largest ids tile, and the backward. The training variant (WTTM, bucket, target, gradient) may issue two
 # exponentials per element (the statistics pass and the gradient pass) and a few per row.
-TOPK_FLAGS = ("HAS_TARGET", "WEIGHTED", "BUCKET", "SEPARATE_CE", "HAS_GRAD")
+TOPK_FLAGS = ("HAS_TARGET", "WEIGHTED", "BUCKET", "SEPARATE_CE", "HAS_GRAD", "DIVERGENCE")
 TOPK_VARIANTS = [
-    # HAS_TARGET, WEIGHTED, BUCKET, SEPARATE_CE, HAS_GRAD, STUDENT_POWER, BLOCK_K
-    (True, True, True, False, True, 0, 64),  # training WTTM (the exponential count below)
-    (False, False, False, False, False, 0, 1),
-    (True, False, True, True, True, 4, 4096),
-    (True, False, False, True, False, 0, 128),
+    # HAS_TARGET, WEIGHTED, BUCKET, SEPARATE_CE, HAS_GRAD, DIVERGENCE, STUDENT_POWER, BLOCK_K
+    (True, True, True, False, True, 0, 0, 64),  # training WTTM (the exponential count below)
+    (False, False, False, False, False, 0, 0, 1),
+    (True, False, True, True, True, 0, 4, 4096),
+    (True, False, False, True, False, 0, 0, 128),
+    (True, True, True, False, True, DIVERGENCES["jsd"], 0, 64),  # training WTTM under the JSD (counted too)
+    (True, False, True, True, True, DIVERGENCES["reverse-kl"], 4, 128),
 ]
 TOPK_SCALAR_EXPONENTIALS = 16
 
@@ -131,6 +155,8 @@ def compile_topk_variants():
 def test_triton_topk_kernels_compile_for_sm90():
     counts = json.loads(_run_here("topk").strip().splitlines()[-1])
     assert counts[0] <= 2 * ELEMENTS_PER_THREAD + TOPK_SCALAR_EXPONENTIALS, counts
+    # The JSD's terms are O(k): per element it costs what the KL does.
+    assert counts[4] <= 2 * ELEMENTS_PER_THREAD + TOPK_SCALAR_EXPONENTIALS, counts
 
 
 def _run_here(*args):
@@ -149,7 +175,8 @@ def test_triton_kernels_compile_for_sm90(dtypes):
 
 def test_triton_kernels_exponentials_per_element():
     """The special-function units issue ~4.2e12 exponentials/s on an H200, HBM moves ~0.8e12 bf16 elements/s
-    (3 touches): each exponential per element counts. Training WTTM at gamma = 1/5 used 5.25 per element."""
+    (3 touches): each exponential per element counts. Training WTTM at gamma = 1/5 used 5.25 per element. The
+    reverse KL and the JSD make a third pass, whose gradient needs only the exponentials that involve q."""
     counts = json.loads(_run_here("count").strip().splitlines()[-1])
     for name, (_, per_element) in EXPONENTIAL_BUDGET.items():
         assert counts[name] <= per_element * ELEMENTS_PER_THREAD + SCALAR_EXPONENTIALS, (name, counts[name])

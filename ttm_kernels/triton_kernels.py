@@ -3,16 +3,24 @@
 One program per row. Logits arrive as (B, T, V) views (last dimension contiguous, free leading strides;
 each tensor with its own B x T split of the N rows); the target as a contiguous int64 (N,) and the
 upstream gradient as a contiguous fp32 (N,) or a 0-dim scalar (``_ops`` normalises every argument).
-Per row, with s = student_scale, g = teacher_scale:
+Per row, with s = student_scale, g = teacher_scale, q = softmax(s*z), p = softmax(g*v):
 
     statistics pass: one streaming read of z and v (2V elements) with online (max, sum) accumulation of
              lse(s*z), lse(g*v), lse(v) (WTTM only) and lse(z) (CE under a student temperature only).
-    KL / gradient pass: a second read of the row (from L2 when it is short enough) that recomputes the
-             probabilities q = softmax(s*z) and p = softmax(g*v) and sums the KL as
-             sum_i q_i f(log(p_i / q_i)), f(y) = y e^y - e^y + 1 >= 0: every term is non-negative, so the
-             sum never cancels (the one-pass form, E_p[g*v - s*z] - lse(g*v) + lse(s*z), loses all its
-             digits when KL << log V, e.g. KD at a large temperature). With HAS_GRAD the same pass writes
-             the row's gradient (V more elements), computed in fp32 and rounded to nearest once at the store.
+    sums pass: a second read of the row (from L2 when it is short enough) that recomputes q and p and sums
+             the divergence D (``LossSpec.jsd_beta``: the DIVERGENCE constexpr) and the student's entropy.
+             Every KL(x || w) is summed as sum_i w_i f(log(x_i / w_i)), f(y) = y e^y - e^y + 1 >= 0: every
+             term is non-negative, so the sum never cancels (the one-pass form, E_p[g*v - s*z] - lse(g*v) +
+             lse(s*z), loses all its digits when KL << log V, e.g. KD at a large temperature).
+    gradient: dD/d(s*z_j) = q_j - p_j for the forward KL(p || q), written by the sums pass itself (HAS_GRAD:
+             V more elements), computed in fp32 and rounded to nearest once at the store. The reverse KL(q || p)
+             (q_j (log(q_j / p_j) - D)) and the generalised JSD (beta KL(p || m) + (1 - beta) KL(q || m),
+             m = beta p + (1 - beta) q: (1 - beta) q_j (log(q_j / m_j) - K), K = KL(q || m)) need a row sum
+             first, so their gradient takes a third read of the row. A row of one block does all of it in
+             registers, reading the row once.
+
+Exponentials per element (beyond the statistics pass's two): forward KL 2, reverse KL 2 (+1 for the gradient),
+JSD 3 (+2 for the gradient: q and e^-|log(p/q)|; its logarithm runs on the FMA units).
 
 Statistics: (NUM_STATS, N) fp32, rows as named in ``_stats.Stat``.
 """
@@ -24,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._stats import NUM_PARTIAL, NUM_STATS, Partial, Stat
+from ._stats import NUM_PARTIAL, NUM_PIECE_SUMS, NUM_STATS, Partial, PieceSum, Stat
 
 MAX_BLOCK_V = 4096
 
@@ -39,6 +47,8 @@ MAX_T = tl.constexpr(int(Stat.MAX_T))
 LOG_SUM_T = tl.constexpr(int(Stat.LOG_SUM_T))
 MAX_Z = tl.constexpr(int(Stat.MAX_Z))
 LOG_SUM_Z = tl.constexpr(int(Stat.LOG_SUM_Z))
+DIV_GRAD = tl.constexpr(int(Stat.DIV_GRAD))
+ENTROPY = tl.constexpr(int(Stat.ENTROPY))
 N_STATS = tl.constexpr(NUM_STATS)
 P_MAX_S = tl.constexpr(int(Partial.MAX_S))
 P_SUM_S = tl.constexpr(int(Partial.SUM_S))
@@ -49,6 +59,16 @@ P_SUM_V = tl.constexpr(int(Partial.SUM_V))
 P_MAX_Z = tl.constexpr(int(Partial.MAX_Z))
 P_SUM_Z = tl.constexpr(int(Partial.SUM_Z))
 P_TARGET_LOGIT = tl.constexpr(int(Partial.TARGET_LOGIT))
+S_KL = tl.constexpr(int(PieceSum.KL))
+S_DIV_GRAD = tl.constexpr(int(PieceSum.DIV_GRAD))
+S_ENTROPY = tl.constexpr(int(PieceSum.ENTROPY))
+N_PIECE_SUMS = tl.constexpr(NUM_PIECE_SUMS)
+
+# The divergence D of the loss (the DIVERGENCE constexpr), as ``LossSpec.jsd_beta`` selects it: 0 the forward
+# KL(p || q), 1 the reverse KL(q || p), in between the generalised JSD (``reference.divergence``).
+FORWARD_KL = tl.constexpr(0)
+REVERSE_KL = tl.constexpr(1)
+JSD = tl.constexpr(2)
 
 
 @triton.jit
@@ -178,37 +198,128 @@ def _kl_term(q, p, y):
 
 
 @triton.jit
+def _ce_grad(q, e_s, z, cols, y, ce_coef, m_z, log_d_z, inv_d_z, SEPARATE_CE: tl.constexpr,
+             STUDENT_POWER: tl.constexpr):
+    # The cross-entropy's gradient ce_coef * (softmax(z) - onehot(y)). e_s = exp(s*z - m_s) gives
+    # softmax(z) = e_s^K / d_z without an exponential when s = 1/K (see _block_sums).
+    if SEPARATE_CE:
+        if STUDENT_POWER > 0:
+            q_ce = _ipow(e_s, STUDENT_POWER) * inv_d_z
+        else:
+            q_ce = tl.exp((z - m_z) - log_d_z)
+    else:
+        q_ce = q
+    return ce_coef * (q_ce - tl.where(cols == y, 1.0, 0.0))
+
+
+@triton.jit
 def _block_kl_grad(q, p, e_s, log_ratio, z, cols, mask, y, kl_coef, ce_coef, m_z, log_d_z, inv_d_z,
                    HAS_TARGET: tl.constexpr, SEPARATE_CE: tl.constexpr, STUDENT_POWER: tl.constexpr):
-    # A block's KL terms and gradient d/dz = kl_coef * (q - p) + ce_coef * (softmax(z) - onehot(y)), where
-    # kl_coef already carries beta * kl_scale * weight * s and the row's upstream gradient. e_s = exp(s*z - m_s)
-    # gives softmax(z) = e_s^K / d_z without an exponential when s = 1/K (see _block_sums).
+    # A block's forward-KL terms and gradient d/dz = kl_coef * (q - p) + ce_coef * (softmax(z) - onehot(y)),
+    # where kl_coef already carries beta * kl_scale * weight * s and the row's upstream gradient.
     kl_terms = tl.where(mask, _kl_term(q, p, log_ratio), 0.0)
     grad = kl_coef * (q - p)
     if HAS_TARGET:
-        if SEPARATE_CE:
-            if STUDENT_POWER > 0:
-                q_ce = _ipow(e_s, STUDENT_POWER) * inv_d_z
-            else:
-                q_ce = tl.exp((z - m_z) - log_d_z)
-        else:
-            q_ce = q
-        grad += ce_coef * (q_ce - tl.where(cols == y, 1.0, 0.0))
+        grad += _ce_grad(q, e_s, z, cols, y, ce_coef, m_z, log_d_z, inv_d_z, SEPARATE_CE, STUDENT_POWER)
     return kl_terms, grad
 
 
 @triton.jit
-def _kl_grad_pass(s_row, t_row, g_row, y, V, kl_coef, ce_coef, student_scale, teacher_scale,
-                  m_s, log_d_s, m_t, log_d_t, m_z, log_d_z, HAS_TARGET: tl.constexpr, SEPARATE_CE: tl.constexpr,
-                  STUDENT_POWER: tl.constexpr, STORE_GRAD: tl.constexpr, BLOCK_V: tl.constexpr):
+def _expm1_neg(r):
+    # expm1(-r) for r >= 0: below 1/2 the series (to r^9/9!, below 1e-9 relative there), where exp(-r) - 1
+    # would lose the digits of a small r.
+    x = -r
+    poly = 1.0 / 40320.0 + x * (1.0 / 362880.0)
+    poly = 1.0 / 5040.0 + x * poly
+    poly = 1.0 / 720.0 + x * poly
+    poly = 1.0 / 120.0 + x * poly
+    poly = 1.0 / 24.0 + x * poly
+    poly = 1.0 / 6.0 + x * poly
+    poly = 0.5 + x * poly
+    poly = 1.0 + x * poly
+    return tl.where(r < 0.5, x * poly, tl.exp(x) - 1.0)
+
+
+@triton.jit
+def _log_over_mixture(log_ratio, jsd_beta):
+    # log(p / m) and log(q / m), m = beta p + (1 - beta) q, from y = log(p / q) alone (not from p and q, which
+    # may have underflowed): the larger of p, q over m is 1 / (1 + c expm1(-|y|)), c the smaller one's weight
+    # in m, and the smaller over m is e^-|y| times that. log1p(t) = log(u) + (t - (u - 1)) with u = 1 + t: the
+    # second term is u's rounding error (exact for t in (-1, 0]), so a small t, where m is close to both,
+    # keeps its digits. A class of p = 0 (or q = 0) gets -inf and log(1 / (1 - beta)) (or log(1 / beta)).
+    r = tl.abs(log_ratio)
+    teacher_larger = log_ratio >= 0
+    t = tl.where(teacher_larger, 1.0 - jsd_beta, jsd_beta) * _expm1_neg(r)
+    u = 1.0 + t
+    log_larger = -(tl.log(u) + (t - (u - 1.0)))
+    log_smaller = log_larger - r
+    return tl.where(teacher_larger, log_larger, log_smaller), tl.where(teacher_larger, log_smaller, log_larger)
+
+
+@triton.jit
+def _divergence_terms(q, p, log_ratio, jsd_beta, DIVERGENCE: tl.constexpr):
+    # A block's terms of D and of the row sum its gradient needs (the reverse KL itself; K = KL(q || m) for
+    # the JSD; none for the forward KL), each a KL term that never cancels (_kl_term). log_ratio = log(p / q).
+    if DIVERGENCE == FORWARD_KL:
+        div = _kl_term(q, p, log_ratio)
+        div_grad = tl.zeros_like(div)
+    elif DIVERGENCE == REVERSE_KL:
+        div = _kl_term(p, q, -log_ratio)
+        div_grad = div
+    else:
+        log_p_m, log_q_m = _log_over_mixture(log_ratio, jsd_beta)
+        m = jsd_beta * p + (1.0 - jsd_beta) * q
+        div_grad = _kl_term(m, q, log_q_m)
+        div = jsd_beta * _kl_term(m, p, log_p_m) + (1.0 - jsd_beta) * div_grad
+    return div, div_grad
+
+
+@triton.jit
+def _divergence_grad_factor(log_ratio, jsd_beta, row_div_grad, DIVERGENCE: tl.constexpr):
+    # dD / d(s*z_j) = q_j times this, for the reverse KL (log(q_j / p_j) - D) and the JSD
+    # ((1 - beta) (log(q_j / m_j) - K)), given the row sum of _divergence_terms' second value.
+    if DIVERGENCE == REVERSE_KL:
+        factor = -log_ratio - row_div_grad
+    else:
+        _, log_q_m = _log_over_mixture(log_ratio, jsd_beta)
+        factor = (1.0 - jsd_beta) * (log_q_m - row_div_grad)
+    return factor
+
+
+@triton.jit
+def _divergence_grad(q, p, log_ratio, jsd_beta, row_div_grad, DIVERGENCE: tl.constexpr):
+    # dD / d(s*z_j): q - p for the forward KL, else q times _divergence_grad_factor; 0 where q = 0, whose log
+    # is -inf.
+    if DIVERGENCE == FORWARD_KL:
+        grad = q - p
+    else:
+        grad = tl.where(q > 0, q * _divergence_grad_factor(log_ratio, jsd_beta, row_div_grad, DIVERGENCE), 0.0)
+    return grad
+
+
+@triton.jit
+def _entropy_terms(q, log_q):
+    # -q log q, 0 where q = 0 (a masked or underflowed class).
+    return tl.where(q > 0, -q * log_q, 0.0)
+
+
+@triton.jit
+def _row_pass(s_row, t_row, g_row, y, V, kl_coef, ce_coef, student_scale, teacher_scale, m_s, log_d_s, m_t,
+              log_d_t, m_z, log_d_z, jsd_beta, row_div_grad, HAS_TARGET: tl.constexpr, SEPARATE_CE: tl.constexpr,
+              STUDENT_POWER: tl.constexpr, DIVERGENCE: tl.constexpr, SUMS: tl.constexpr,
+              STORE_GRAD: tl.constexpr, BLOCK_V: tl.constexpr):
     # Over V columns from the given pointers (a row, or one piece of it, whose target column is y: it may lie
-    # outside [0, V) when another piece holds it). Returns the columns' share of KL(p || q); with STORE_GRAD
-    # also writes their gradient. Two exponentials per element. Last block first: right after the statistics
-    # pass, the blocks it read last are the likeliest to still be in L2.
+    # outside [0, V) when another piece holds it). With SUMS returns the columns' shares of D, of the row sum
+    # the gradient needs and of the entropy; with STORE_GRAD writes their gradient (given that row sum,
+    # row_div_grad, unless the divergence is the forward KL). Two exponentials per element (a third for the
+    # JSD), one fewer for a gradient pass of the reverse KL or the JSD without SUMS. Last block first: right
+    # after the statistics pass, the blocks it read last are the likeliest to still be in L2.
     log_ratio = log_d_t - log_d_s
     d_s = tl.exp(log_d_s)
     inv_d_z = tl.exp(-log_d_z)
-    kl = tl.zeros((BLOCK_V,), dtype=tl.float32)
+    div = tl.zeros((BLOCK_V,), dtype=tl.float32)
+    div_grad = tl.zeros((BLOCK_V,), dtype=tl.float32)
+    entropy = tl.zeros((BLOCK_V,), dtype=tl.float32)
     n_blocks = tl.cdiv(V, BLOCK_V)
     for i in range(n_blocks):
         cols = (n_blocks - 1 - i) * BLOCK_V + tl.arange(0, BLOCK_V)
@@ -218,13 +329,28 @@ def _kl_grad_pass(s_row, t_row, g_row, y, V, kl_coef, ce_coef, student_scale, te
         a = z * student_scale - m_s
         b = v * teacher_scale - m_t
         q = tl.exp(a - log_d_s)
-        p = tl.exp(b - log_d_t)
-        kl_terms, grad = _block_kl_grad(q, p, q * d_s, (b - a) - log_ratio, z, cols, mask, y, kl_coef, ce_coef,
-                                        m_z, log_d_z, inv_d_z, HAS_TARGET, SEPARATE_CE, STUDENT_POWER)
-        kl += kl_terms
+        p = tl.exp(b - log_d_t)  # dropped by the compiler where unused (a gradient pass of the reverse KL, JSD)
+        if DIVERGENCE == FORWARD_KL:
+            # The forward KL's arithmetic as it always was: terms and gradient in one pass.
+            div_terms, grad = _block_kl_grad(q, p, q * d_s, (b - a) - log_ratio, z, cols, mask, y, kl_coef,
+                                             ce_coef, m_z, log_d_z, inv_d_z, HAS_TARGET, SEPARATE_CE, STUDENT_POWER)
+            if SUMS:
+                div += div_terms
+        else:
+            log_ratio_j = (b - a) - log_ratio
+            if SUMS:
+                div_terms, div_grad_terms = _divergence_terms(q, p, log_ratio_j, jsd_beta, DIVERGENCE)
+                div += tl.where(mask, div_terms, 0.0)
+                div_grad += tl.where(mask, div_grad_terms, 0.0)
+            grad = kl_coef * _divergence_grad(q, p, log_ratio_j, jsd_beta, row_div_grad, DIVERGENCE)
+            if HAS_TARGET:
+                grad += _ce_grad(q, q * d_s, z, cols, y, ce_coef, m_z, log_d_z, inv_d_z, SEPARATE_CE,
+                                 STUDENT_POWER)
+        if SUMS:
+            entropy += _entropy_terms(q, a - log_d_s)
         if STORE_GRAD:
             _store_rounded(g_row + cols, grad, mask)
-    return tl.sum(kl, 0)
+    return tl.sum(div, 0), tl.sum(div_grad, 0), tl.sum(entropy, 0)
 
 
 @triton.jit
@@ -277,18 +403,28 @@ def _store_row_stats(STATS, n_rows, row, weight, m_s, log_d_s, m_t, log_d_t, m_z
 
 
 @triton.jit
+def _store_row_sums(STATS, n_rows, row, kl, div_grad, entropy, loss):
+    tl.store(STATS + KL * n_rows + row, kl)
+    tl.store(STATS + DIV_GRAD * n_rows + row, div_grad)
+    tl.store(STATS + ENTROPY * n_rows + row, entropy)
+    tl.store(STATS + LOSS * n_rows + row, loss)
+
+
+@triton.jit
 def ttm_fwd_kernel(
     S, s_inner, s_stride_b, s_stride_t,
     TCH, t_inner, t_stride_b, t_stride_t,
     Y, STATS,
     GRAD, g_inner, g_stride_b, g_stride_t, ROW_GRAD, row_grad_stride,
     n_rows, V,
-    student_scale, teacher_scale, kl_coef, ce_weight, ignore_index,
+    student_scale, teacher_scale, kl_coef, ce_weight, ignore_index, jsd_beta,
     HAS_TARGET: tl.constexpr, WEIGHTED: tl.constexpr, SEPARATE_CE: tl.constexpr, HAS_GRAD: tl.constexpr,
-    TEACHER_POWER: tl.constexpr, STUDENT_POWER: tl.constexpr, SINGLE_BLOCK: tl.constexpr, BLOCK_V: tl.constexpr,
+    TEACHER_POWER: tl.constexpr, STUDENT_POWER: tl.constexpr, DIVERGENCE: tl.constexpr, SINGLE_BLOCK: tl.constexpr,
+    BLOCK_V: tl.constexpr,
 ):
-    # One program per row: statistics, then KL (and gradient), with the row's sums in registers. A row of one
-    # block (SINGLE_BLOCK: V <= BLOCK_V) stays in registers too: read once, two exponentials per element.
+    # One program per row: statistics, then the sums (and gradient; a third pass for the reverse KL and the
+    # JSD), with the row's sums in registers. A row of one block (SINGLE_BLOCK: V <= BLOCK_V) stays in registers
+    # too: read once, two exponentials per element (three for the JSD).
     row = tl.program_id(0).to(tl.int64)
     s_row = _row_ptr(S, row, s_inner, s_stride_b, s_stride_t)
     t_row = _row_ptr(TCH, row, t_inner, t_stride_b, t_stride_t)
@@ -330,25 +466,45 @@ def ttm_fwd_kernel(
     if SINGLE_BLOCK:
         a = z * student_scale - m_s
         b = v * teacher_scale - m_t
-        kl_terms, grad = _block_kl_grad(e_s / d_s, e_t / d_t, e_s, (b - a) - (log_d_t - log_d_s), z, cols, mask, y,
-                                        grad_kl_coef, ce_coef, m_z, log_d_z, tl.exp(-log_d_z), HAS_TARGET,
-                                        SEPARATE_CE, STUDENT_POWER)
-        kl = tl.sum(kl_terms, 0)
+        q = e_s / d_s
+        p = e_t / d_t
+        log_ratio = (b - a) - (log_d_t - log_d_s)
+        if DIVERGENCE == FORWARD_KL:
+            kl_terms, grad = _block_kl_grad(q, p, e_s, log_ratio, z, cols, mask, y, grad_kl_coef, ce_coef, m_z,
+                                            log_d_z, tl.exp(-log_d_z), HAS_TARGET, SEPARATE_CE, STUDENT_POWER)
+            kl = tl.sum(kl_terms, 0)
+            div_grad = 0.0
+        else:
+            kl_terms, div_grad_terms = _divergence_terms(q, p, log_ratio, jsd_beta, DIVERGENCE)
+            kl = tl.sum(tl.where(mask, kl_terms, 0.0), 0)
+            div_grad = tl.sum(tl.where(mask, div_grad_terms, 0.0), 0)
+            grad = grad_kl_coef * _divergence_grad(q, p, log_ratio, jsd_beta, div_grad, DIVERGENCE)
+            if HAS_TARGET:
+                grad += _ce_grad(q, e_s, z, cols, y, ce_coef, m_z, log_d_z, tl.exp(-log_d_z), SEPARATE_CE,
+                                 STUDENT_POWER)
+        entropy = tl.sum(_entropy_terms(q, a - log_d_s), 0)
         if HAS_GRAD:
             _store_rounded(g_row + cols, grad, mask)
     else:
-        kl = _kl_grad_pass(s_row, t_row, g_row, y, V, grad_kl_coef, ce_coef, student_scale, teacher_scale, m_s,
-                           log_d_s, m_t, log_d_t, m_z, log_d_z, HAS_TARGET, SEPARATE_CE, STUDENT_POWER, HAS_GRAD,
-                           BLOCK_V)
+        # The forward KL writes its gradient in the sums pass; the others need the pass's row sum first.
+        kl, div_grad, entropy = _row_pass(
+            s_row, t_row, g_row, y, V, grad_kl_coef, ce_coef, student_scale, teacher_scale, m_s, log_d_s, m_t,
+            log_d_t, m_z, log_d_z, jsd_beta, 0.0, HAS_TARGET, SEPARATE_CE, STUDENT_POWER, DIVERGENCE, True,
+            HAS_GRAD and DIVERGENCE == FORWARD_KL, BLOCK_V)
+        if HAS_GRAD and DIVERGENCE != FORWARD_KL:
+            _row_pass(s_row, t_row, g_row, y, V, grad_kl_coef, ce_coef, student_scale, teacher_scale, m_s, log_d_s,
+                      m_t, log_d_t, m_z, log_d_z, jsd_beta, div_grad, HAS_TARGET, SEPARATE_CE, STUDENT_POWER,
+                      DIVERGENCE, False, True, BLOCK_V)
     _store_row_stats(STATS, n_rows, row, weight, m_s, log_d_s, m_t, log_d_t, m_z, log_d_z, ce)
-    tl.store(STATS + KL * n_rows + row, kl)
-    tl.store(STATS + LOSS * n_rows + row, kl_coef * weight * kl + ce_weight * ce)
+    _store_row_sums(STATS, n_rows, row, kl, div_grad, entropy, kl_coef * weight * kl + ce_weight * ce)
 
 
 # The split-row path, for few long rows: programs over (row, piece of CHUNK_V columns). Each writes its
 # piece's online sums (PARTIAL: N_PARTIAL x N x C fp32, rows as named in _stats.Partial); one program per row
-# merges them into the row's statistics; the piece programs then make the KL and gradient pass over their
-# pieces (KL_PARTS: N x C); one program per row sums the KL and writes the loss.
+# merges them into the row's statistics; the piece programs then make the sums pass over their pieces (SUMS:
+# N_PIECE_SUMS x N x C, rows as named in _stats.PieceSum; the forward KL's gradient in the same pass); one
+# program per row sums the pieces' sums and writes the loss; for the reverse KL and the JSD the piece programs
+# then write the gradient from the row's sum.
 
 
 @triton.jit
@@ -440,52 +596,69 @@ def ttm_piece_kernel(
     TCH, t_inner, t_stride_b, t_stride_t,
     Y, STATS,
     GRAD, g_inner, g_stride_b, g_stride_t, ROW_GRAD, row_grad_stride,
-    KL_PARTS, n_rows, V, col_offset, row_vocab, chunk_v, n_chunks,
-    student_scale, teacher_scale, kl_coef, ce_weight, ignore_index,
-    HAS_TARGET: tl.constexpr, SEPARATE_CE: tl.constexpr, STUDENT_POWER: tl.constexpr, HAS_GRAD: tl.constexpr,
-    HAS_KL: tl.constexpr, BLOCK_V: tl.constexpr,
+    SUMS, n_rows, V, col_offset, row_vocab, chunk_v, n_chunks,
+    student_scale, teacher_scale, kl_coef, ce_weight, ignore_index, jsd_beta,
+    HAS_TARGET: tl.constexpr, SEPARATE_CE: tl.constexpr, STUDENT_POWER: tl.constexpr, DIVERGENCE: tl.constexpr,
+    HAS_GRAD: tl.constexpr, HAS_SUMS: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
-    # The KL (HAS_KL) and gradient (HAS_GRAD) pass over one piece of a row, from the row's statistics: the V
-    # columns here are columns [col_offset, col_offset + V) of rows of row_vocab. With one piece per row, this
-    # is also the backward of either path.
+    # The sums (HAS_SUMS) and gradient (HAS_GRAD) pass over one piece of a row, from the row's statistics (for
+    # the gradient of the reverse KL or the JSD, their DIV_GRAD row too): the V columns here are columns
+    # [col_offset, col_offset + V) of rows of row_vocab. With one piece per row, this is also the backward of
+    # either path.
     row, chunk, start, width = _program_piece(V, chunk_v)
     s_row = _row_ptr(S, row, s_inner, s_stride_b, s_stride_t) + start
     t_row = _row_ptr(TCH, row, t_inner, t_stride_b, t_stride_t) + start
     g_row = _row_ptr(GRAD, row, g_inner, g_stride_b, g_stride_t) + start
+    out = SUMS + row * n_chunks + chunk
+    stride = n_rows * n_chunks
     y = 0
     if HAS_TARGET:
         y = tl.load(Y + row)
         if y == ignore_index:
             if HAS_GRAD:
                 _zero_pass(g_row, width, BLOCK_V)
-            if HAS_KL:
-                tl.store(KL_PARTS + row * n_chunks + chunk, 0.0)
+            if HAS_SUMS:
+                for k in tl.static_range(N_PIECE_SUMS):
+                    tl.store(out + k * stride, 0.0)
             return
     weight = tl.load(STATS + WEIGHT * n_rows + row)
     row_grad = 0.0
+    row_div_grad = 0.0
     if HAS_GRAD:
         row_grad = tl.load(ROW_GRAD + row * row_grad_stride)
-    kl = _kl_grad_pass(s_row, t_row, g_row, y - col_offset - start, width,
-                       row_grad * kl_coef * weight * student_scale,
-                       _checked_ce_coef(row_grad * ce_weight, y, row_vocab, HAS_TARGET), student_scale, teacher_scale,
-                       tl.load(STATS + MAX_S * n_rows + row), tl.load(STATS + LOG_SUM_S * n_rows + row),
-                       tl.load(STATS + MAX_T * n_rows + row), tl.load(STATS + LOG_SUM_T * n_rows + row),
-                       tl.load(STATS + MAX_Z * n_rows + row), tl.load(STATS + LOG_SUM_Z * n_rows + row),
-                       HAS_TARGET, SEPARATE_CE, STUDENT_POWER, HAS_GRAD, BLOCK_V)
-    if HAS_KL:
-        tl.store(KL_PARTS + row * n_chunks + chunk, kl)
+        if DIVERGENCE != FORWARD_KL:
+            row_div_grad = tl.load(STATS + DIV_GRAD * n_rows + row)
+    kl, div_grad, entropy = _row_pass(
+        s_row, t_row, g_row, y - col_offset - start, width, row_grad * kl_coef * weight * student_scale,
+        _checked_ce_coef(row_grad * ce_weight, y, row_vocab, HAS_TARGET), student_scale, teacher_scale,
+        tl.load(STATS + MAX_S * n_rows + row), tl.load(STATS + LOG_SUM_S * n_rows + row),
+        tl.load(STATS + MAX_T * n_rows + row), tl.load(STATS + LOG_SUM_T * n_rows + row),
+        tl.load(STATS + MAX_Z * n_rows + row), tl.load(STATS + LOG_SUM_Z * n_rows + row), jsd_beta, row_div_grad,
+        HAS_TARGET, SEPARATE_CE, STUDENT_POWER, DIVERGENCE, HAS_SUMS, HAS_GRAD, BLOCK_V)
+    if HAS_SUMS:
+        tl.store(out + S_KL * stride, kl)
+        tl.store(out + S_DIV_GRAD * stride, div_grad)
+        tl.store(out + S_ENTROPY * stride, entropy)
 
 
 @triton.jit
-def ttm_loss_kernel(KL_PARTS, STATS, n_rows, n_chunks, kl_coef, ce_weight, BLOCK_C: tl.constexpr):
-    # Sums a row's KL over its pieces (in piece order: the same result on every run) and writes KL and loss.
-    row = tl.program_id(0).to(tl.int64)
+def _pieces_total(SUMS, k, row, n_chunks, stride, BLOCK_C: tl.constexpr):
+    # A row's sum over its pieces, in piece order: the same result on every run.
     pieces = tl.arange(0, BLOCK_C)
-    kl = tl.sum(tl.load(KL_PARTS + row * n_chunks + pieces, mask=pieces < n_chunks, other=0.0), 0)
+    return tl.sum(tl.load(SUMS + k * stride + row * n_chunks + pieces, mask=pieces < n_chunks, other=0.0), 0)
+
+
+@triton.jit
+def ttm_loss_kernel(SUMS, STATS, n_rows, n_chunks, kl_coef, ce_weight, BLOCK_C: tl.constexpr):
+    # Sums a row's pieces' sums and writes KL, DIV_GRAD, ENTROPY and the loss.
+    row = tl.program_id(0).to(tl.int64)
+    stride = n_rows * n_chunks
+    kl = _pieces_total(SUMS, S_KL, row, n_chunks, stride, BLOCK_C)
     weight = tl.load(STATS + WEIGHT * n_rows + row)
     ce = tl.load(STATS + CE * n_rows + row)
-    tl.store(STATS + KL * n_rows + row, kl)
-    tl.store(STATS + LOSS * n_rows + row, kl_coef * weight * kl + ce_weight * ce)
+    div_grad = _pieces_total(SUMS, S_DIV_GRAD, row, n_chunks, stride, BLOCK_C)
+    entropy = _pieces_total(SUMS, S_ENTROPY, row, n_chunks, stride, BLOCK_C)
+    _store_row_sums(STATS, n_rows, row, kl, div_grad, entropy, kl_coef * weight * kl + ce_weight * ce)
 
 
 @triton.jit
@@ -556,6 +729,11 @@ def _student_power(target, student_scale) -> int:
     return _integer_inverse(student_scale) if _separate_ce(target, student_scale) else 0
 
 
+def divergence(jsd_beta: float) -> int:
+    """The DIVERGENCE constexpr of ``LossSpec.jsd_beta``: 0 the forward KL, 1 the reverse KL, else the JSD."""
+    return int(FORWARD_KL) if jsd_beta == 0.0 else int(REVERSE_KL) if jsd_beta == 1.0 else int(JSD)
+
+
 def _launch_args(student, teacher, target, stats, grad, row_grad, params) -> dict:
     return {
         **_row_args("s", "S", student), **_row_args("t", "TCH", teacher), **_row_args("g", "GRAD", grad),
@@ -564,10 +742,11 @@ def _launch_args(student, teacher, target, stats, grad, row_grad, params) -> dic
         "n_rows": student.shape[0] * student.shape[1], "V": student.shape[2],
         "student_scale": float(params["student_scale"]), "teacher_scale": float(params["teacher_scale"]),
         "kl_coef": float(params["kl_coef"]), "ce_weight": float(params["ce_weight"]),
-        "ignore_index": int(params["ignore_index"]),
+        "ignore_index": int(params["ignore_index"]), "jsd_beta": float(params["jsd_beta"]),
         "HAS_TARGET": target is not None,
         "SEPARATE_CE": _separate_ce(target, params["student_scale"]),
         "STUDENT_POWER": _student_power(target, params["student_scale"]),
+        "DIVERGENCE": divergence(params["jsd_beta"]),
     }
 
 
@@ -583,9 +762,14 @@ def forward(student, teacher, target, *, grad=None, row_grad=None, weighted, **p
     if chunk_v != V:
         partials = partial(student, teacher, target, weighted=weighted, col_offset=0, chunk_v=chunk_v, **params)
         stats = merge(partials, target, weighted=weighted, vocab=V, **params)
-        kl_parts = pieces(student, teacher, target, stats, col_offset=0, vocab=V, grad=grad, row_grad=row_grad,
-                          chunk_v=chunk_v, **params)
-        finish(stats, kl_parts, **params)
+        # The forward KL's sums pass writes its gradient; the others' gradient needs the merged sums first.
+        fused_grad = grad if divergence(params["jsd_beta"]) == FORWARD_KL else None
+        sums = pieces(student, teacher, target, stats, col_offset=0, vocab=V, grad=fused_grad, row_grad=row_grad,
+                      chunk_v=chunk_v, **params)
+        finish(stats, sums, **params)
+        if grad is not None and fused_grad is None:
+            pieces(student, teacher, target, stats, col_offset=0, vocab=V, grad=grad, row_grad=row_grad,
+                   chunk_v=chunk_v, with_sums=False, **params)
         return stats
     stats = torch.empty((NUM_STATS, n_rows), dtype=torch.float32, device=student.device)
     if n_rows == 0:
@@ -601,10 +785,10 @@ def forward(student, teacher, target, *, grad=None, row_grad=None, weighted, **p
 
 
 def backward(row_grad, student, teacher, target, stats, grad, **params):
-    """Writes d(sum_i row_grad_i * loss_i)/dz into ``grad`` from the statistics of ``forward``: the second
-    pass over whole rows (in pieces when the rows are too few to fill the device)."""
+    """Writes d(sum_i row_grad_i * loss_i)/dz into ``grad`` from the statistics of ``forward``: one more pass
+    over whole rows (in pieces when the rows are too few to fill the device)."""
     V = student.shape[2]
-    pieces(student, teacher, target, stats, col_offset=0, vocab=V, grad=grad, row_grad=row_grad, with_kl=False,
+    pieces(student, teacher, target, stats, col_offset=0, vocab=V, grad=grad, row_grad=row_grad, with_sums=False,
            **params)
 
 
@@ -630,8 +814,8 @@ def partial(student, teacher, target, *, weighted, col_offset, chunk_v=None, stu
 
 
 def merge(partials, target, *, weighted, vocab, student_scale, teacher_scale, ignore_index, **_unused):
-    """The rows' statistics (NUM_STATS, N) from their pieces' partials (NUM_PARTIAL, N, C), all but KL and
-    loss (``finish`` writes them from the pieces' KL). Rows of ``vocab`` columns."""
+    """The rows' statistics (NUM_STATS, N) from their pieces' partials (NUM_PARTIAL, N, C), all but KL,
+    DIV_GRAD, ENTROPY and loss (``finish`` writes them from the pieces' sums). Rows of ``vocab`` columns."""
     partials = partials.contiguous()
     n_rows, n_chunks = partials.shape[1], partials.shape[2]
     stats = torch.empty((NUM_STATS, n_rows), dtype=torch.float32, device=partials.device)
@@ -645,27 +829,31 @@ def merge(partials, target, *, weighted, vocab, student_scale, teacher_scale, ig
 
 
 def pieces(student, teacher, target, stats, *, col_offset, vocab, grad=None, row_grad=None, chunk_v=None,
-           with_kl=True, **params):
+           with_sums=True, **params):
     """The second pass over each row's columns here (columns [col_offset, col_offset + V) of rows of
-    ``vocab``), in pieces of ``chunk_v`` columns (default from ``row_split``): their KL terms (N, C) (unless
-    not ``with_kl``: a backward needs none), and with ``grad`` their gradient, written into it."""
+    ``vocab``), in pieces of ``chunk_v`` columns (default from ``row_split``): their sums (NUM_PIECE_SUMS, N, C)
+    (rows: ``_stats.PieceSum``; unless not ``with_sums``: a gradient pass needs none), and with ``grad`` their
+    gradient, written into it. The gradient of the reverse KL and the JSD (``jsd_beta`` not 0) reads the row's
+    DIV_GRAD from ``stats``: ``finish`` must have written it from every piece's sums."""
     n_rows, V = student.shape[0] * student.shape[1], student.shape[2]
     pieces_args = _pieces(V, chunk_v or row_split(n_rows, V, student.device))
-    kl_parts = torch.empty((n_rows, pieces_args["n_chunks"]), dtype=torch.float32, device=student.device)
+    sums = torch.empty((NUM_PIECE_SUMS, n_rows, pieces_args["n_chunks"]), dtype=torch.float32,
+                       device=student.device)
     has_grad = grad is not None
     if not has_grad:
-        grad, row_grad = student, kl_parts  # never touched
+        grad, row_grad = student, sums  # never touched
     if n_rows:
         ttm_piece_kernel[(n_rows, pieces_args["n_chunks"])](
-            **_launch_args(student, teacher, target, stats, grad, row_grad, params), KL_PARTS=kl_parts,
-            col_offset=col_offset, row_vocab=vocab, HAS_GRAD=has_grad, HAS_KL=with_kl, **pieces_args)
-    return kl_parts
+            **_launch_args(student, teacher, target, stats, grad, row_grad, params), SUMS=sums,
+            col_offset=col_offset, row_vocab=vocab, HAS_GRAD=has_grad, HAS_SUMS=with_sums, **pieces_args)
+    return sums
 
 
-def finish(stats, kl_parts, *, kl_coef, ce_weight, **_unused):
-    """Writes the rows' KL (the sum of their pieces', (N, C)) and loss into ``stats``."""
-    n_rows, n_chunks = kl_parts.shape
+def finish(stats, sums, *, kl_coef, ce_weight, **_unused):
+    """Writes the rows' KL, DIV_GRAD and ENTROPY (the sums of their pieces' ``sums``, (NUM_PIECE_SUMS, N, C))
+    and loss into ``stats``."""
+    _, n_rows, n_chunks = sums.shape
     if n_rows:
-        ttm_loss_kernel[(n_rows,)](KL_PARTS=kl_parts.contiguous(), STATS=stats, n_rows=n_rows, n_chunks=n_chunks,
+        ttm_loss_kernel[(n_rows,)](SUMS=sums.contiguous(), STATS=stats, n_rows=n_rows, n_chunks=n_chunks,
                                    kl_coef=float(kl_coef), ce_weight=float(ce_weight),
                                    BLOCK_C=triton.next_power_of_2(n_chunks))

@@ -10,12 +10,17 @@ sorts them once per call: ascending, the padding first), R every other column, s
              compares per id (16 at 4096 columns over 8 warps), k of them per row.
     O(k): the k student logits gathered; lse over S and over the row (merged with R's); the teacher on S
              (and the bucket R): p_R = 1 - sum_S p summed in fp64; the KL over S + {R} in the form that never
-             cancels (``_kl_term``).
+             cancels (``_kl_term``); the student's entropy over S + {R} (with the bucket; without, over the
+             vocabulary: R's share from an online sum of the statistics pass, no exponential).
     gradient (HAS_GRAD): for j in R, c (q_j - pt_R q_j / q_R) plus the CE's, = e_j (c q_R - c pt_R) / d_R with
              e_j = exp(s*z_j - max_R): one exponential per element (``_block_kl_grad`` with q = e_j A and
              p = e_j B); then, after a barrier, the k entries of S overwritten with c (q_i - pt_i) plus the
              CE's. The logits of S are gathered before anything is written, so the gradient may be the
              student's own storage.
+
+The reverse KL and the JSD (``jsd_beta`` not 0, the DIVERGENCE constexpr; with the bucket only) are those of the
+k + 1 outcomes, O(k) like the KL; their gradient on R is e_j times one per-row coefficient, as the KL's is, and
+needs the row sum the statistics pass has already made: no pass more than the forward KL's.
 
 Statistics: (NUM_STATS, N) fp32, rows as named in ``_stats.TopkStat``. k up to MAX_TOPK (the ids tile lives in
 registers); the split-row path of the dense kernels is not offered (one program per row).
@@ -28,8 +33,10 @@ import triton.language as tl
 
 from ._stats import NUM_STATS, TopkStat
 # The statistics rows that TopkStat shares with Stat (tests/test_topk.py checks that they agree), and its own.
-from .triton_kernels import CE, KL, LOG_SUM_S, LOG_SUM_Z, LOSS, MAX_S, MAX_Z, N_STATS, WEIGHT
-from .triton_kernels import (_block_kl_grad, _block_sums, _checked_ce_coef, _derived_maxima, _kl_term, _row_args,
+from .triton_kernels import CE, DIV_GRAD, ENTROPY, KL, LOG_SUM_S, LOG_SUM_Z, LOSS, MAX_S, MAX_Z, N_STATS, WEIGHT
+from .triton_kernels import FORWARD_KL, divergence
+from .triton_kernels import (_block_kl_grad, _block_sums, _ce_grad, _checked_ce_coef, _derived_maxima,
+                             _divergence_grad, _divergence_grad_factor, _divergence_terms, _kl_term, _row_args,
                              _row_ptr, _separate_ce, _store_rounded, _student_power, _zero_pass, launch_config)
 
 MAX_TOPK = 4096
@@ -39,8 +46,10 @@ LOG_SUM_R = tl.constexpr(int(TopkStat.LOG_SUM_R))
 
 @triton.jit
 def _tail_sums(s_row, ids_row, k, V, student_scale, SEPARATE_CE: tl.constexpr, STUDENT_POWER: tl.constexpr,
-               BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
-    # The online sums of s*z (and z) over the columns outside S.
+               TAIL_ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
+    # The online sums of s*z (and z) over the columns outside S; with TAIL_ENTROPY also
+    # w = sum_R e_j (m_s - s*z_j) >= 0, e_j = exp(s*z_j - m_s), from which _tail_entropy forms R's share of the
+    # student's entropy without cancelling (no exponential: the block's e_j are _block_sums').
     slots = tl.arange(0, BLOCK_K)
     ids = tl.load(ids_row + slots, mask=slots < k, other=2147483647)
     lo = tl.sum((ids < 0).to(tl.int32), 0)  # the padding sorts first
@@ -48,6 +57,7 @@ def _tail_sums(s_row, ids_row, k, V, student_scale, SEPARATE_CE: tl.constexpr, S
     d_s = 0.0
     m_z = -1.0e30
     d_z = 0.0
+    w = 0.0
     for start in range(0, V, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
         z = tl.load(s_row + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
@@ -57,11 +67,25 @@ def _tail_sums(s_row, ids_row, k, V, student_scale, SEPARATE_CE: tl.constexpr, S
             member = member | (cols == tl.load(ids_row + j))
         lo = hi
         z = tl.where(member, float("-inf"), z)
-        m_s, d_s, _, _, _, _, m_z, d_z, _, _ = _block_sums(
+        m_prev = m_s
+        d_prev = d_s
+        m_s, d_s, _, _, _, _, m_z, d_z, e_s, _ = _block_sums(
             z, z, m_s, d_s, -1.0e30, 0.0, -1.0e30, 0.0, m_z, d_z, student_scale, student_scale, False, SEPARATE_CE,
             0, STUDENT_POWER)
+        if TAIL_ENTROPY:
+            # The previous blocks' sum moved to the new maximum, then this block's terms.
+            w = tl.exp(m_prev - m_s) * (w + (m_s - m_prev) * d_prev)
+            w += tl.sum(tl.where(e_s > 0, e_s * (m_s - z * student_scale), 0.0), 0)
     _, m_z = _derived_maxima(m_s, m_s, m_s, m_z, 0, STUDENT_POWER)
-    return m_s, d_s, m_z, d_z
+    return m_s, d_s, m_z, d_z, w
+
+
+@triton.jit
+def _tail_entropy(w, m_tail, d_tail, m_all, log_d_all):
+    # -sum_R q_j log q_j: with log q_j = (s*z_j - m_tail) + c, c = (m_tail - m_all) - log_d_all <= 0, it is
+    # e^c (w - c d_tail), a sum of non-negative terms; 0 for an empty R.
+    c = (m_tail - m_all) - log_d_all
+    return tl.where(d_tail > 0, tl.exp(c) * (w - c * d_tail), 0.0)
 
 
 @triton.jit
@@ -115,13 +139,19 @@ def _teacher(logprobs, present, V, teacher_scale, WEIGHTED: tl.constexpr, BUCKET
 
 @triton.jit
 def _grad_pass(s_row, g_row, ids, present, z_s, log_q, log_pt, log_pt_tail, y, V, student_scale, m_all,
-               log_d_all, m_tail, log_d_tail, m_z, log_d_z, kl_coef, ce_coef, HAS_TARGET: tl.constexpr,
-               SEPARATE_CE: tl.constexpr, STUDENT_POWER: tl.constexpr, BLOCK_V: tl.constexpr):
-    # The row's gradient: R's entries e_j * (q_R - pt_R) / d_R (with the CE's) over every column, last block
-    # first (the likeliest in L2 after the statistics pass), then the entries of S overwritten.
+               log_d_all, m_tail, log_d_tail, m_z, log_d_z, kl_coef, ce_coef, jsd_beta, row_div_grad,
+               HAS_TARGET: tl.constexpr, SEPARATE_CE: tl.constexpr, STUDENT_POWER: tl.constexpr,
+               DIVERGENCE: tl.constexpr, BLOCK_V: tl.constexpr):
+    # The row's gradient: R's entries over every column, last block first (the likeliest in L2 after the
+    # statistics pass), then the entries of S overwritten. A class j of R has dD/d(s*z_j) = q_j / q_R times the
+    # bucket's: e_j * (q_R - pt_R) / d_R for the forward KL, q_j times the bucket's _divergence_grad_factor else.
     d_tail = tl.exp(log_d_tail)
     a = tl.exp((m_tail - m_all) - log_d_all)  # q_j = e_j * a
     b = tl.where(d_tail > 0, tl.exp(log_pt_tail) / d_tail, 0.0)  # pt_R q_j / q_R = e_j * b
+    if DIVERGENCE != FORWARD_KL:
+        log_q_tail = (m_tail - m_all) + log_d_tail - log_d_all
+        factor = _divergence_grad_factor(log_pt_tail - log_q_tail, jsd_beta, row_div_grad, DIVERGENCE)
+        tail_coef = tl.where(d_tail > 0, kl_coef * a * factor, 0.0)  # dD/dz_j = e_j * tail_coef
     inv_d_z = tl.exp(-log_d_z)
     if STUDENT_POWER > 0:
         inv_d_z = tl.exp((STUDENT_POWER * m_tail - m_z) - log_d_z)  # softmax(z)_j = e_j^K * inv_d_z
@@ -131,13 +161,18 @@ def _grad_pass(s_row, g_row, ids, present, z_s, log_q, log_pt, log_pt_tail, y, V
         mask = cols < V
         z = tl.load(s_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
         e = tl.exp(z * student_scale - m_tail)
-        _, grad = _block_kl_grad(e * a, e * b, e, e, z, cols, mask, y, kl_coef, ce_coef, m_z, log_d_z, inv_d_z,
-                                 HAS_TARGET, SEPARATE_CE, STUDENT_POWER)
+        if DIVERGENCE == FORWARD_KL:
+            _, grad = _block_kl_grad(e * a, e * b, e, e, z, cols, mask, y, kl_coef, ce_coef, m_z, log_d_z,
+                                     inv_d_z, HAS_TARGET, SEPARATE_CE, STUDENT_POWER)
+        else:
+            grad = e * tail_coef
+            if HAS_TARGET:
+                grad += _ce_grad(e * a, e, z, cols, y, ce_coef, m_z, log_d_z, inv_d_z, SEPARATE_CE, STUDENT_POWER)
         _store_rounded(g_row + cols, grad, mask)
     # Every thread's stores above land before the entries of S are overwritten.
     tl.debug_barrier()
     q = tl.exp(log_q)
-    fix = kl_coef * (q - tl.exp(log_pt))
+    fix = kl_coef * _divergence_grad(q, tl.exp(log_pt), log_pt - log_q, jsd_beta, row_div_grad, DIVERGENCE)
     if HAS_TARGET:
         q_ce = q
         if SEPARATE_CE:
@@ -147,9 +182,12 @@ def _grad_pass(s_row, g_row, ids, present, z_s, log_q, log_pt, log_pt_tail, y, V
 
 
 @triton.jit
-def _store_stats(STATS, n_rows, row, loss, kl, ce, weight, m_all, log_d_all, m_tail, log_d_tail, m_z, log_d_z):
+def _store_stats(STATS, n_rows, row, loss, kl, ce, weight, m_all, log_d_all, m_tail, log_d_tail, m_z, log_d_z,
+                 div_grad, entropy):
     tl.store(STATS + LOSS * n_rows + row, loss)
     tl.store(STATS + KL * n_rows + row, kl)
+    tl.store(STATS + DIV_GRAD * n_rows + row, div_grad)
+    tl.store(STATS + ENTROPY * n_rows + row, entropy)
     tl.store(STATS + CE * n_rows + row, ce)
     tl.store(STATS + WEIGHT * n_rows + row, weight)
     tl.store(STATS + MAX_S * n_rows + row, m_all)
@@ -166,9 +204,10 @@ def topk_fwd_kernel(
     IDS, LOGP, k, Y, STATS,
     GRAD, g_inner, g_stride_b, g_stride_t, ROW_GRAD, row_grad_stride,
     n_rows, V,
-    student_scale, teacher_scale, kl_coef, ce_weight, ignore_index,
+    student_scale, teacher_scale, kl_coef, ce_weight, ignore_index, jsd_beta,
     HAS_TARGET: tl.constexpr, WEIGHTED: tl.constexpr, BUCKET: tl.constexpr, SEPARATE_CE: tl.constexpr,
-    STUDENT_POWER: tl.constexpr, HAS_GRAD: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+    STUDENT_POWER: tl.constexpr, DIVERGENCE: tl.constexpr, HAS_GRAD: tl.constexpr, BLOCK_V: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     s_row = _row_ptr(S, row, s_inner, s_stride_b, s_stride_t)
@@ -184,8 +223,9 @@ def topk_fwd_kernel(
                 _zero_pass(g_row, V, BLOCK_V)
             return
 
-    m_tail, d_tail, m_z_tail, d_z_tail = _tail_sums(s_row, ids_row, k, V, student_scale, SEPARATE_CE,
-                                                    STUDENT_POWER, BLOCK_V, BLOCK_K)
+    # The entropy is the student's over the k + 1 outcomes with the bucket (O(k)), over the vocabulary without.
+    m_tail, d_tail, m_z_tail, d_z_tail, w_tail = _tail_sums(s_row, ids_row, k, V, student_scale, SEPARATE_CE,
+                                                            STUDENT_POWER, not BUCKET, BLOCK_V, BLOCK_K)
     ids, present, z_s, logprobs = _gather(s_row, ids_row, LOGP + row * k, k, BLOCK_K)
     m_all, log_d_all = _with_tail(m_tail, d_tail, z_s * student_scale, present)
     m_z = m_all
@@ -201,17 +241,33 @@ def topk_fwd_kernel(
     log_pt, log_pt_tail, weight = _teacher(logprobs, present, V, teacher_scale, WEIGHTED, BUCKET)
     log_q = (z_s * student_scale - m_all) - log_d_all
     log_q_tail = (m_tail - m_all) + log_d_tail - log_d_all
-    kl = tl.sum(tl.where(present, _kl_term(tl.exp(log_q), tl.exp(log_pt), log_pt - log_q), 0.0), 0)
-    kl += _kl_term(tl.exp(log_q_tail), tl.exp(log_pt_tail), log_pt_tail - log_q_tail)
+    if DIVERGENCE == FORWARD_KL:
+        kl = tl.sum(tl.where(present, _kl_term(tl.exp(log_q), tl.exp(log_pt), log_pt - log_q), 0.0), 0)
+        kl += _kl_term(tl.exp(log_q_tail), tl.exp(log_pt_tail), log_pt_tail - log_q_tail)
+        div_grad = 0.0  # the forward KL's gradient needs no row sum
+    else:
+        # Over the k + 1 outcomes (the bucket: the renormalised teacher defines only the forward KL).
+        div_s, div_grad_s = _divergence_terms(tl.exp(log_q), tl.exp(log_pt), log_pt - log_q, jsd_beta, DIVERGENCE)
+        div_tail, div_grad_tail = _divergence_terms(tl.exp(log_q_tail), tl.exp(log_pt_tail), log_pt_tail - log_q_tail,
+                                                    jsd_beta, DIVERGENCE)
+        kl = tl.sum(tl.where(present, div_s, 0.0), 0) + div_tail
+        div_grad = tl.sum(tl.where(present, div_grad_s, 0.0), 0) + div_grad_tail
+    q = tl.exp(log_q)
+    entropy = tl.sum(tl.where(present & (q > 0), -q * log_q, 0.0), 0)
+    if BUCKET:
+        q_tail = tl.exp(log_q_tail)
+        entropy += tl.where(q_tail > 0, -q_tail * log_q_tail, 0.0)
+    else:
+        entropy += _tail_entropy(w_tail, m_tail, d_tail, m_all, log_d_all)
 
     if HAS_GRAD:
         row_grad = tl.load(ROW_GRAD + row * row_grad_stride)
         _grad_pass(s_row, g_row, ids, present, z_s, log_q, log_pt, log_pt_tail, y, V, student_scale, m_all,
                    log_d_all, m_tail, log_d_tail, m_z, log_d_z, row_grad * kl_coef * weight * student_scale,
-                   _checked_ce_coef(row_grad * ce_weight, y, V, HAS_TARGET), HAS_TARGET, SEPARATE_CE,
-                   STUDENT_POWER, BLOCK_V)
+                   _checked_ce_coef(row_grad * ce_weight, y, V, HAS_TARGET), jsd_beta, div_grad, HAS_TARGET,
+                   SEPARATE_CE, STUDENT_POWER, DIVERGENCE, BLOCK_V)
     _store_stats(STATS, n_rows, row, kl_coef * weight * kl + ce_weight * ce, kl, ce, weight, m_all, log_d_all,
-                 m_tail, log_d_tail, m_z, log_d_z)
+                 m_tail, log_d_tail, m_z, log_d_z, div_grad, entropy)
 
 
 @triton.jit
@@ -220,9 +276,9 @@ def topk_bwd_kernel(
     IDS, LOGP, k, Y, STATS,
     GRAD, g_inner, g_stride_b, g_stride_t, ROW_GRAD, row_grad_stride,
     n_rows, V,
-    student_scale, teacher_scale, kl_coef, ce_weight, ignore_index,
+    student_scale, teacher_scale, kl_coef, ce_weight, ignore_index, jsd_beta,
     HAS_TARGET: tl.constexpr, BUCKET: tl.constexpr, SEPARATE_CE: tl.constexpr, STUDENT_POWER: tl.constexpr,
-    BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+    DIVERGENCE: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # The gradient from the forward's statistics (reduction "none"): the O(k) terms are recomputed, the
     # statistics pass is not.
@@ -246,12 +302,15 @@ def topk_bwd_kernel(
     _grad_pass(s_row, g_row, ids, present, z_s, (z_s * student_scale - m_all) - log_d_all, log_pt, log_pt_tail, y,
                V, student_scale, m_all, log_d_all, m_tail, log_d_tail, tl.load(STATS + MAX_Z * n_rows + row),
                tl.load(STATS + LOG_SUM_Z * n_rows + row), row_grad * kl_coef * weight * student_scale,
-               _checked_ce_coef(row_grad * ce_weight, y, V, HAS_TARGET), HAS_TARGET, SEPARATE_CE, STUDENT_POWER,
-               BLOCK_V)
+               _checked_ce_coef(row_grad * ce_weight, y, V, HAS_TARGET), jsd_beta,
+               tl.load(STATS + DIV_GRAD * n_rows + row), HAS_TARGET, SEPARATE_CE, STUDENT_POWER, DIVERGENCE, BLOCK_V)
 
 
 def _launch_args(student, ids, logprobs, target, stats, grad, row_grad, params) -> dict:
     n_rows, k = ids.shape
+    if not params["bucket"] and params["jsd_beta"] != 0.0:
+        raise ValueError(f"jsd_beta={params['jsd_beta']} needs the bucket: the renormalised top-k teacher defines "
+                         "only the forward KL (jsd_beta=0)")
     if k > MAX_TOPK:
         raise ValueError(f"the Triton kernel takes k <= {MAX_TOPK} ids per row, got k = {k}; pass backend='torch' "
                          "for more")
@@ -262,8 +321,9 @@ def _launch_args(student, ids, logprobs, target, stats, grad, row_grad, params) 
         "n_rows": n_rows, "V": student.shape[2],
         "student_scale": float(params["student_scale"]), "teacher_scale": float(params["teacher_scale"]),
         "kl_coef": float(params["kl_coef"]), "ce_weight": float(params["ce_weight"]),
-        "ignore_index": int(params["ignore_index"]),
+        "ignore_index": int(params["ignore_index"]), "jsd_beta": float(params["jsd_beta"]),
         "HAS_TARGET": target is not None, "BUCKET": bool(params["bucket"]),
+        "DIVERGENCE": divergence(params["jsd_beta"]),
         "SEPARATE_CE": _separate_ce(target, params["student_scale"]),
         "STUDENT_POWER": _student_power(target, params["student_scale"]),
         "BLOCK_K": triton.next_power_of_2(k), **launch_config(student.shape[2]),
