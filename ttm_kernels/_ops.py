@@ -74,24 +74,13 @@ def _warn_unfused(device_type: str) -> None:
                   f"reference on {device_type} tensors", RuntimeWarning, stacklevel=4)
 
 
-def resolve_backend(backend: str, device: torch.device, dtype: Optional[torch.dtype] = None, spec=None) -> str:
+def resolve_backend(backend: str, device: torch.device, dtype: Optional[torch.dtype] = None) -> str:
     """The concrete backend ("triton", "cpu" or "torch") that ``backend`` runs for student logits of ``dtype``
-    on ``device`` (and the loss ``spec``, a ``LossSpec``, when given), or a clear error when it cannot run there.
+    on ``device``, or a clear error when it cannot run there.
 
     The compiled kernels compute in float32; float64 logits (gradcheck, numerical studies) are computed in
     float64 by the reference, which "auto" picks for them and which an explicit compiled backend refuses to
-    stand in for. The compiled kernels compute the forward KL; the reverse KL and the JSD (``jsd_beta`` not 0)
-    run on the reference's arithmetic, which "auto" picks for them."""
-    resolved = _resolve(backend, device, dtype)
-    if spec is not None and spec.jsd_beta != 0.0 and resolved == "triton":
-        if backend == "auto":
-            return "torch"
-        raise ValueError(f"backend={backend!r} computes the forward KL only, and jsd_beta={spec.jsd_beta} asks for "
-                         "the reverse KL or the JSD: pass backend='auto' or 'torch'")
-    return resolved
-
-
-def _resolve(backend: str, device: torch.device, dtype: Optional[torch.dtype]) -> str:
+    stand in for."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if dtype == torch.float64:

@@ -200,8 +200,8 @@ def agree(group, index: int, device, check, names, target=None, ignore_index=-10
     return Shards(group, index, sum(widths[:index]), vocab, tuple(widths))
 
 
-def _compiled_backend(backend: str, device, dtype, spec) -> str:
-    resolved = _ops.resolve_backend(backend, device, dtype, spec)
+def _compiled_backend(backend: str, device, dtype) -> str:
+    resolved = _ops.resolve_backend(backend, device, dtype)
     if resolved == "torch":
         raise ValueError(f"the vocabulary-parallel loss runs on the compiled kernels ('triton' on CUDA, 'cpu' on "
                          f"the CPU), but backend={backend!r} gives the unfused reference for {dtype} tensors on "
@@ -333,7 +333,7 @@ def vocab_parallel_loss(student_logits, teacher_logits, target, spec, *, process
         reduction_.validate_num_items(num_items_in_batch, reduction)
         if target is not None:
             functional.validate_target(target, student.shape[:-1], None, device, spec.ignore_index)
-        resolved = _compiled_backend(backend, device, student.dtype, spec)
+        resolved = _compiled_backend(backend, device, student.dtype)
         settings = _settings(spec, reduction, resolved)
         return student.shape[-1], (student[..., 0].numel(), student.dtype, teacher.dtype, device.type,
                                    target is not None, settings)
@@ -542,7 +542,7 @@ def vocab_parallel_linear_loss(student_hidden, student_weight, teacher_hidden, t
                              f"{student_weight.shape[0]} rows")
         if target is not None:
             functional.validate_target(target, lead, None, device, spec.ignore_index)
-        resolved = _compiled_backend(backend, device, student_hidden.dtype, spec)
+        resolved = _compiled_backend(backend, device, student_hidden.dtype)
         settings = _settings(spec, reduction, chunk_size, reduce_hidden_grad, student_bias is None,
                              teacher_bias is None, resolved)
         return student_weight.shape[0], (lead.numel(), student_hidden.shape[-1], teacher_hidden.shape[-1],

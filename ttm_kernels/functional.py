@@ -170,7 +170,7 @@ def _fused_loss(student_logits, teacher_logits, target, spec: LossSpec, *, reduc
     _validate(student_logits, teacher_logits, target, spec.ignore_index, reduction)
     validate_num_items(num_items_in_batch, reduction)
     check_vocab_size(vocab_size, student_logits.shape[-1])
-    backend = _ops.resolve_backend(backend, student_logits.device, student_logits.dtype, spec)
+    backend = _ops.resolve_backend(backend, student_logits.device, student_logits.dtype)
     if inplace_backward:
         if backend == "torch":
             raise ValueError("inplace_backward=True needs a compiled backend ('triton' or 'cpu'), not 'torch'")
@@ -252,8 +252,8 @@ _COMMON_DOC = """
         jsd_beta: the divergence D between the (transformed) teacher's distribution p and the student's q that
             replaces KL(p || q), in TRL's and Liger's convention: 0 (default) the forward KL(p || q) of the paper
             and of KD; 1 the reverse KL(q || p); in between the generalised JSD beta * KL(p || m) + (1 - beta) *
-            KL(q || m), m = beta * p + (1 - beta) * q. Any other value than 0 runs on the reference's
-            arithmetic (backend "auto" picks it; "cpu" and "triton" refuse it) and is refused with process_group.
+            KL(q || m), m = beta * p + (1 - beta) * q. Every backend computes them; the reverse KL and the JSD
+            cost one more pass over the row than the forward KL (their gradient needs the row's sum).
         process_group: a ``torch.distributed`` process group whose ranks each hold a contiguous slice of the
             vocabulary columns of both logits (rank order = column order, uneven widths allowed; ``target``
             holds global ids): the vocabulary-parallel loss (``ttm_kernels.distributed``). Every rank gets the

@@ -389,7 +389,7 @@ def _fused_linear_loss(student_hidden, student_weight, teacher_hidden, teacher_w
     if target is not None:
         validate_target(target, lead, vocab, device, spec.ignore_index)
         target = target.reshape(-1).long()
-    backend = _ops.resolve_backend(backend, device, student_hidden.dtype, spec)
+    backend = _ops.resolve_backend(backend, device, student_hidden.dtype)
 
     teacher = DenseTeacher(teacher_hidden.reshape(-1, teacher_hidden.shape[-1]), teacher_weight.detach(),
                            None if teacher_bias is None else teacher_bias.detach(), vocab)
@@ -465,8 +465,8 @@ _COMMON_DOC = """
         jsd_beta: the divergence D between the (transformed) teacher's distribution p and the student's q that
             replaces KL(p || q), in TRL's and Liger's convention: 0 (default) the forward KL(p || q) of the paper
             and of KD; 1 the reverse KL(q || p); in between the generalised JSD beta * KL(p || m) + (1 - beta) *
-            KL(q || m), m = beta * p + (1 - beta) * q. Any other value than 0 runs on the reference's
-            arithmetic (backend "auto" picks it; "cpu" and "triton" refuse it) and is refused with process_group.
+            KL(q || m), m = beta * p + (1 - beta) * q. Every backend computes them; the reverse KL and the JSD
+            cost one more pass over the row than the forward KL (their gradient needs the row's sum).
         process_group: vocabulary parallelism (``ttm_kernels.distributed``): each rank of this
             ``torch.distributed`` group passes its rows of both LM heads (and biases), a contiguous slice of the
             vocabulary (rank order = row order, uneven slices allowed), and the same hidden states and target

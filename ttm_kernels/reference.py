@@ -149,8 +149,9 @@ def _kl_terms(pt, q, log_ratio):
     near_zero = log_ratio.abs() < 0.5
     y = torch.where(near_zero, log_ratio, torch.zeros_like(log_ratio))
     # The ratio is -inf or NaN where pt = 0: masked before the product too, or its gradient would be 0 * inf
-    # (pt is the student's distribution in the reverse KL and the JSD, so the gradient flows through it).
-    supported = pt > 0
+    # (pt is the student's distribution in the reverse KL and the JSD, so the gradient flows through it). A NaN
+    # pt (a NaN teacher) stays in, so that its row's loss and gradient are NaN.
+    supported = pt != 0
     closed = torch.where(supported, pt * torch.where(supported, log_ratio, 0), torch.zeros_like(pt)) + (q - pt)
     return torch.where(near_zero, q * (y * torch.exp(y) - torch.expm1(y)), closed)
 

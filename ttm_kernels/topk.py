@@ -118,7 +118,7 @@ def validate_topk(ids, logprobs, lead_shape, vocab, device, tail, valid=None):
 def _topk_backend(backend, device, dtype, spec: LossSpec) -> str:
     """``_ops.resolve_backend`` for a top-k teacher, whose kernels compute the forward KL only: the reverse KL
     and the JSD (``jsd_beta`` not 0) run on the reference's arithmetic, which "auto" picks for them."""
-    resolved = _ops.resolve_backend(backend, device, dtype, spec)
+    resolved = _ops.resolve_backend(backend, device, dtype)
     if spec.jsd_beta != 0.0 and resolved != "torch":
         if backend == "auto":
             return "torch"
@@ -206,9 +206,9 @@ _TOPK_DOC = """
         jsd_beta: the divergence D between the (transformed) teacher's distribution p and the student's q that
             replaces KL(p || q), in TRL's and Liger's convention: 0 (default) the forward KL(p || q) of the paper
             and of KD; 1 the reverse KL(q || p); in between the generalised JSD beta * KL(p || m) + (1 - beta) *
-            KL(q || m), m = beta * p + (1 - beta) * q. Any other value than 0 runs on the reference's
-            arithmetic (backend "auto" picks it; "cpu" and "triton" refuse it); with tail="bucket" only: the
-            divergence of the k + 1 outcomes.
+            KL(q || m), m = beta * p + (1 - beta) * q. With tail="bucket" only (the divergence of the k + 1
+            outcomes); any other value than 0 runs on the reference's arithmetic ("auto" picks it for a top-k
+            teacher; "cpu" and "triton" refuse it).
         process_group: vocabulary parallelism: each rank passes its contiguous slice of the student's vocabulary
             columns (rank order = column order, uneven widths allowed) and the teacher's whole (..., k) top-k in
             global ids (the same on every rank; each rank handles the ids in its columns) and the same target.
@@ -375,9 +375,9 @@ _LINEAR_TOPK_DOC = """
         jsd_beta: the divergence D between the (transformed) teacher's distribution p and the student's q that
             replaces KL(p || q), in TRL's and Liger's convention: 0 (default) the forward KL(p || q) of the paper
             and of KD; 1 the reverse KL(q || p); in between the generalised JSD beta * KL(p || m) + (1 - beta) *
-            KL(q || m), m = beta * p + (1 - beta) * q. Any other value than 0 runs on the reference's
-            arithmetic (backend "auto" picks it; "cpu" and "triton" refuse it); with tail="bucket" only: the
-            divergence of the k + 1 outcomes.
+            KL(q || m), m = beta * p + (1 - beta) * q. With tail="bucket" only (the divergence of the k + 1
+            outcomes); any other value than 0 runs on the reference's arithmetic ("auto" picks it for a top-k
+            teacher; "cpu" and "triton" refuse it).
         process_group: vocabulary parallelism: each rank passes its rows of the student's LM head (and bias), a
             contiguous slice of the vocabulary, and the same hidden states, target and whole top-k in global ids.
             Every rank gets the loss of the whole rows; the weight and bias gradients are its slices'; the hidden
