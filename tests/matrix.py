@@ -2,7 +2,7 @@
 pairwise, how to build a cell's inputs, call the public API and compute its float64 reference.
 
 A cell is one point of spec x teacher form x shape x backend x reduction x num_items_in_batch x head
-post-processing. ``cells()`` covers every pair of axis values at least once (a greedy pairwise cover of the full
+post-processing x divergence. ``cells()`` covers every pair of axis values at least once (a greedy pairwise cover of the full
 product, deterministic), so the matrix stays small enough for the suite's time budget while any two features
 meet somewhere. ``run_cell`` returns the loss and the student gradients, ``reference_cell`` the float64 ones of
 the same inputs; a cell whose combination is refused by design says so through ``documented_error`` and is
@@ -26,7 +26,10 @@ AXES = {
     # "mean_num_items": reduction "mean" over num_items_in_batch (gradient accumulation) instead of the count
     "reduction": ("mean", "mean_num_items", "sum", "none"),
     "post": ("plain", "softcap"),
+    # jsd_beta: the forward KL, the generalised JSD, the reverse KL
+    "divergence": ("kl", "jsd", "rkl"),
 }
+JSD_BETA = {"kl": 0.0, "jsd": 0.4, "rkl": 1.0}
 HYPER = {"wttm": dict(gamma=0.3, beta=2.0, ce_weight=0.5), "ttm": dict(gamma=0.5, beta=3.0, ce_weight=0.7),
          "kd": dict(temperature=2.5, beta=0.9, ce_weight=0.1)}
 POST = {"plain": {}, "softcap": dict(softcap=7.0, logit_scale=0.8)}
@@ -54,6 +57,7 @@ class Cell(NamedTuple):
     backend: str
     reduction: str
     post: str
+    divergence: str = "kl"
 
     @property
     def id(self) -> str:
@@ -107,6 +111,9 @@ def documented_error(cell: Cell, distributed: bool = False) -> Optional[tuple[ty
     else None."""
     if distributed and cell.backend == "torch" and cell.form in ("logits", "head"):
         return ValueError, "the vocabulary-parallel loss runs on the compiled kernels"
+    if (not distributed and cell.form in ("topk", "head_topk") and cell.backend != "torch"
+            and cell.divergence != "kl"):
+        return ValueError, "the top-k kernels compute the forward KL only"
     return None
 
 
@@ -200,7 +207,8 @@ def run_cell(cell: Cell, inputs: dict, upstream=None, **overrides):
                 x = x.detach().clone().requires_grad_()
         args[name] = x
     fn = PUBLIC[(cell.form, cell.spec)]
-    kwargs = dict(HYPER[cell.spec], reduction=cell.torch_reduction, backend=cell.backend, **POST[cell.post])
+    kwargs = dict(HYPER[cell.spec], reduction=cell.torch_reduction, backend=cell.backend, **POST[cell.post],
+                  jsd_beta=JSD_BETA[cell.divergence])
     if cell.num_items:
         kwargs["num_items_in_batch"] = num_items(cell, inputs)
     kwargs.update(overrides)
@@ -225,14 +233,15 @@ def head_post(logits: torch.Tensor, post: str) -> torch.Tensor:
     return p["softcap"] * torch.tanh(logits * p["logit_scale"] / p["softcap"])
 
 
-def reference_params(spec: str) -> dict:
+def reference_params(spec: str, divergence: str = "kl") -> dict:
     h = HYPER[spec]
     if spec == "kd":
         t = h["temperature"]
         scales = dict(student_scale=1 / t, teacher_scale=1 / t, kl_scale=t * t, weighted=False)
     else:
         scales = dict(teacher_scale=h["gamma"], weighted=spec == "wttm")
-    return dict(scales, beta=h["beta"], ce_weight=h["ce_weight"], ignore_index=IGNORE)
+    return dict(scales, beta=h["beta"], ce_weight=h["ce_weight"], ignore_index=IGNORE,
+                jsd_beta=JSD_BETA[divergence])
 
 
 def reference_cell(cell: Cell, inputs: dict, upstream=None):
@@ -246,7 +255,7 @@ def reference_cell(cell: Cell, inputs: dict, upstream=None):
         z = leaves["student_hidden"] @ leaves["student_weight"].T + leaves["student_bias"]
     z = head_post(z, cell.post)
     target = inputs["target"]
-    params = reference_params(cell.spec)
+    params = reference_params(cell.spec, cell.divergence)
     if cell.form == "logits":
         v = head_post(inputs["teacher_logits"].float().double(), cell.post)
         rows = reference.loss_rows(z, v, target, **params)
