@@ -18,5 +18,6 @@ Modules: ``providers`` (losses, inputs, mode closures, bytes model, memory estim
 ``summary`` (``python -m benchmarks.summary run.csv``: a compact table for logs), ``results_md``
 (``python -m benchmarks.results_md run.json``: the run's table into RESULTS.md), ``test_bench_wttm``
 (pytest-benchmark). ``gpu_check.sh`` is the GPU machine's one-shot check; NOTES.md the GPU study plan.
-Other engineers' scripts live here too (``cpu_bench``, ``linear_bench``, ``tune_triton``).
+Other engineers' scripts live here too (``cpu_bench``, ``linear_bench``, ``topk_bench``, ``tp_bench``,
+``trl_bench``: TRL's, Liger's and our distillation losses side by side, ``tune_triton``).
 """

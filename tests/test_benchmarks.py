@@ -144,3 +144,22 @@ def test_results_md_replaces_only_its_subsection():
     assert "keep me" in both and "first" not in both and "second" in both and "third" in both
     assert both.index("## Other issue") < both.index(results_md.SECTION) < both.index("Run A") < both.index("Run B")
     assert both.count("### Run A") == 1
+
+
+@pytest.mark.parametrize("divergence", ["kl", "jsd"])
+def test_trl_bench_providers_take_the_same_step(divergence):
+    """benchmarks.trl_bench compares like with like: ours, TRL's and Liger's steps give the student's hidden
+    states and head the same gradients (each provider whose package is installed)."""
+    from benchmarks import trl_bench
+
+    providers = [p for p in trl_bench.PROVIDERS if trl_bench.available(p)]
+    if len(providers) < 2:
+        pytest.skip("neither trl nor liger_kernel is installed: nothing to compare ours with")
+    grads = {}
+    for provider in providers:
+        x = trl_bench.make_inputs(24, 16, 300, torch.float32, "cpu")
+        trl_bench.step_fn(provider, trl_bench.DIVERGENCES[divergence], x)()
+        grads[provider] = (x["h_s"].grad, x["w_s"].grad)
+    for provider in providers[1:]:
+        for ours, theirs in zip(grads["ours"], grads[provider]):
+            torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4 * theirs.abs().max().item())

@@ -61,8 +61,11 @@ def head(logits, softcap=None, logit_scale=1.0):
 
 
 def reference_loss_and_grads(kind, p, reduction="mean", upstream=None, ignore_index=-100, softcap=None,
-                             logit_scale=1.0, **kw):
-    """float64: materialise both logits (teacher aligned to the student's vocabulary as documented)."""
+                             logit_scale=1.0, teacher_softcap="student", teacher_logit_scale="student", **kw):
+    """float64: materialise both logits (teacher aligned to the student's vocabulary as documented); the teacher's
+    head post-processes as the student's unless ``teacher_softcap`` / ``teacher_logit_scale`` are given."""
+    teacher_softcap = softcap if teacher_softcap == "student" else teacher_softcap
+    teacher_logit_scale = logit_scale if teacher_logit_scale == "student" else teacher_logit_scale
     leaves = {k: p[k].detach().double().requires_grad_() for k in STUDENT if p[k] is not None}
     z = leaves["student_hidden"] @ leaves["student_weight"].T
     if "student_bias" in leaves:
@@ -70,7 +73,7 @@ def reference_loss_and_grads(kind, p, reduction="mean", upstream=None, ignore_in
     v = p["teacher_hidden"].double() @ p["teacher_weight"].double().T
     if p["teacher_bias"] is not None:
         v = v + p["teacher_bias"].double()
-    z, v = head(z, softcap, logit_scale), head(v, softcap, logit_scale)
+    z, v = head(z, softcap, logit_scale), head(v, teacher_softcap, teacher_logit_scale)
     vocab = z.shape[-1]
     if v.shape[-1] >= vocab:
         v = v[..., :vocab]
@@ -107,7 +110,8 @@ def assert_close(name, ref, out, rtol=2e-4):
 def check_against_reference(kind, p, backend, reduction="mean", upstream=None, **kw):
     ref_loss, ref_grads = reference_loss_and_grads(
         kind, p, reduction, upstream, ignore_index=kw.get("ignore_index", -100),
-        **{k: kw[k] for k in ("beta", "ce_weight", "softcap", "logit_scale") if k in kw})
+        **{k: kw[k] for k in ("beta", "ce_weight", "softcap", "logit_scale", "teacher_softcap", "teacher_logit_scale")
+           if k in kw})
     loss, grads = fused_loss_and_grads(kind, p, backend, reduction=reduction, upstream=upstream, **kw)
     assert loss.dtype == torch.float32
     assert_close("loss", ref_loss, loss)
@@ -159,6 +163,24 @@ def test_fused_linear_loss_softcap_and_logit_scale(backend, kind, head_kw):
     """softcap and logit_scale reach both models' logits, with their gradient; the teacher's -inf columns
     (a smaller teacher vocabulary) stay -inf rather than becoming -softcap."""
     p = make_problem(vocab=70, teacher_vocab=66, seed=31)
+    check_against_reference(kind, p, backend, chunk_size=6, vocab_mismatch="truncate_teacher", **head_kw)
+
+
+# Teacher heads of their own (TRL's separate softcaps and logit scales: a teacher of another model family).
+TEACHER_HEADS = [("teacher-softcap6-only", {"teacher_softcap": 6.0}),
+                 ("softcap5-teacher-none-scale0.4", {"softcap": 5.0, "teacher_softcap": None,
+                                                     "teacher_logit_scale": 0.4}),
+                 ("both-differ", {"softcap": 5.0, "logit_scale": 2.0, "teacher_softcap": 8.0,
+                                  "teacher_logit_scale": 0.7})]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", ["wttm", "kd"])
+@pytest.mark.parametrize("head_kw", [h for _, h in TEACHER_HEADS], ids=[name for name, _ in TEACHER_HEADS])
+def test_fused_linear_loss_teacher_softcap_and_logit_scale(backend, kind, head_kw):
+    """teacher_softcap and teacher_logit_scale post-process the teacher's logits, softcap and logit_scale the
+    student's (with its gradient), each head its own way."""
+    p = make_problem(vocab=70, teacher_vocab=66, seed=34)
     check_against_reference(kind, p, backend, chunk_size=6, vocab_mismatch="truncate_teacher", **head_kw)
 
 

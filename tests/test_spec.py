@@ -29,6 +29,19 @@ def test_spec_is_frozen_and_knows_its_head_post_processing():
     assert not spec.wttm().has_head_post
 
 
+def test_spec_teacher_head_defaults_to_the_students_and_can_differ():
+    """teacher_softcap / teacher_logit_scale: the student's by default ("student"), else the teacher's own (None:
+    no soft-cap), as TRL's separate teacher_final_logit_softcapping and teacher_logit_scale."""
+    same = spec.wttm(0.2, softcap=30.0, logit_scale=0.5)
+    assert same.student_head == same.teacher_head == (30.0, 0.5)
+    own = spec.kd(2.0, softcap=30.0, teacher_softcap=None, teacher_logit_scale=2.0)
+    assert own.student_head == (30.0, 1.0) and own.teacher_head == (None, 2.0)
+    teacher_only = spec.ttm(0.3, teacher_logit_scale=0.25)
+    assert teacher_only.has_head_post and teacher_only.student_head == (None, 1.0)
+    assert not own.without_head_post().has_head_post
+    assert own != spec.kd(2.0, softcap=30.0)
+
+
 @pytest.mark.parametrize("build,error,match", [
     (lambda: spec.wttm(0.0), ValueError, "gamma must be a finite positive number"),
     (lambda: spec.kd(math.inf), ValueError, "temperature must be a finite positive number"),
@@ -38,6 +51,10 @@ def test_spec_is_frozen_and_knows_its_head_post_processing():
     (lambda: spec.wttm(0.2, softcap=-1.0), ValueError, "softcap must be a finite positive number"),
     (lambda: spec.wttm(0.2, logit_scale=0), ValueError, "logit_scale must be a finite positive number"),
     (lambda: spec.from_scales("jsd", 1.0), ValueError, "loss must be one of"),
+    (lambda: spec.kd(1.0, teacher_softcap=-1.0), ValueError, "teacher_softcap must be a finite positive number"),
+    (lambda: spec.kd(1.0, teacher_softcap="same"), TypeError, "teacher_softcap must be a Python number"),
+    (lambda: spec.kd(1.0, teacher_logit_scale=0.0), ValueError,
+     "teacher_logit_scale must be a finite positive number"),
 ])
 def test_bad_settings_raise_naming_the_argument(build, error, match):
     with pytest.raises(error, match=match):

@@ -137,14 +137,16 @@ def reference_rows(rows_of, target, vocab, ignore_index) -> dict:
     return rows
 
 
-def head_post(logits: torch.Tensor, spec: LossSpec) -> torch.Tensor:
-    """The heads' post-processing of ``spec`` on logits given as such (the logits forms): ``logit_scale * x``,
-    then ``softcap * tanh(x / softcap)``, as out-of-place differentiable operations (one more (N, V) tensor
-    each for the student and a dense teacher, plus the tanh that autograd saves). -inf stays -inf."""
-    if spec.logit_scale != 1.0:
-        logits = logits * spec.logit_scale
-    if spec.softcap is not None:
-        logits = torch.tanh(logits / spec.softcap) * spec.softcap
+def head_post(logits: torch.Tensor, head: tuple) -> torch.Tensor:
+    """A head's post-processing, ``head = (softcap, logit_scale)`` (a spec's ``student_head`` or
+    ``teacher_head``), on logits given as such (the logits forms): ``logit_scale * x``, then ``softcap * tanh(x /
+    softcap)``, as out-of-place differentiable operations (one more (N, V) tensor each for the student and a dense
+    teacher, plus the tanh that autograd saves). -inf stays -inf."""
+    softcap, logit_scale = head
+    if logit_scale != 1.0:
+        logits = logits * logit_scale
+    if softcap is not None:
+        logits = torch.tanh(logits / softcap) * softcap
     return logits
 
 
@@ -158,9 +160,9 @@ def _fused_loss(student_logits, teacher_logits, target, spec: LossSpec, *, reduc
                              "logit_scale transforms them first (the loss reads a new tensor): leave one of them")
         # Anything but floating-point logits is left as it is, for the checks to name.
         if isinstance(student_logits, torch.Tensor) and student_logits.is_floating_point():
-            student_logits = head_post(student_logits, spec)
+            student_logits = head_post(student_logits, spec.student_head)
         if isinstance(teacher_logits, torch.Tensor) and teacher_logits.is_floating_point():
-            teacher_logits = head_post(teacher_logits, spec)
+            teacher_logits = head_post(teacher_logits, spec.teacher_head)
     if process_group is not None or (not torch.compiler.is_compiling() and is_dtensor(student_logits)):
         from . import distributed  # imported on first use: it imports this module
         return distributed.vocab_parallel_loss(

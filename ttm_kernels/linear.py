@@ -32,7 +32,7 @@ from . import _ops, reference, spec as specs
 from ._stats import ROW_TERM_STATS
 from .functional import check_vocab_size, is_dtensor, validate_options, validate_target
 from .reduction import components, mean_denominator, valid_rows, validate_num_items
-from .spec import DEFAULT_GAMMA, DEFAULT_TEMPERATURE, LossSpec
+from .spec import AS_STUDENT, DEFAULT_GAMMA, DEFAULT_TEMPERATURE, LossSpec
 
 VOCAB_MISMATCH = ("error", "truncate_teacher")
 # The chunk buffers' bytes are budgeted, not rows. CUDA: 1 GiB (2048 rows at V=128256 bf16) ran within 3% of
@@ -92,26 +92,29 @@ def _linear_into(out, hidden, weight, bias):
         torch.addmm(bias, hidden, weight.t(), out=out)
 
 
-def _head_transform_(logits, spec: LossSpec, derivative=None):
-    """The LM head's own post-processing of its logits, in place: ``x * logit_scale`` (Cohere's multiplier,
-    Granite's 1 / logits_scaling), then ``softcap * tanh(x / softcap)`` (Gemma-2's final soft-capping), in
-    the models' order and dtype. With ``derivative`` (a buffer of the same shape) and a soft-cap, also
-    writes d out / d x = logit_scale * (1 - tanh^2) there, from the rounded tanh as eager autograd does."""
-    if spec.logit_scale != 1.0:
-        logits.mul_(spec.logit_scale)
-    if spec.softcap is not None:
-        logits.div_(spec.softcap).tanh_()
+def _head_transform_(logits, head: tuple, derivative=None):
+    """A LM head's own post-processing of its logits, in place, with ``head = (softcap, logit_scale)`` (a spec's
+    ``student_head`` or ``teacher_head``): ``x * logit_scale`` (Cohere's multiplier, Granite's 1 / logits_scaling),
+    then ``softcap * tanh(x / softcap)`` (Gemma-2's final soft-capping), in the models' order and dtype. With
+    ``derivative`` (a buffer of the same shape) and a soft-cap, also writes d out / d x = logit_scale * (1 - tanh^2)
+    there, from the rounded tanh as eager autograd does."""
+    softcap, logit_scale = head
+    if logit_scale != 1.0:
+        logits.mul_(logit_scale)
+    if softcap is not None:
+        logits.div_(softcap).tanh_()
         if derivative is not None:
-            torch.mul(logits, logits, out=derivative).mul_(-spec.logit_scale).add_(spec.logit_scale)
-        logits.mul_(spec.softcap)
+            torch.mul(logits, logits, out=derivative).mul_(-logit_scale).add_(logit_scale)
+        logits.mul_(softcap)
 
 
-def _head_transform_backward_(grad, spec: LossSpec, derivative):
+def _head_transform_backward_(grad, head: tuple, derivative):
     """d loss / d logits -> d loss / d (the GEMM's output), in place: the chain rule of ``_head_transform_``."""
-    if spec.softcap is not None:
+    softcap, logit_scale = head
+    if softcap is not None:
         grad.mul_(derivative)
-    elif spec.logit_scale != 1.0:
-        grad.mul_(spec.logit_scale)
+    elif logit_scale != 1.0:
+        grad.mul_(logit_scale)
 
 
 ROW_TERMS = ("loss", "kl", "ce", "weight", "entropy")  # the statistics' ROW_TERM_STATS
@@ -170,7 +173,7 @@ class DenseTeacher:
     def chunk_loss(self, z, start, end, y, row_grad, launch):
         v = self.buffer[: end - start]
         _linear_into(v[:, :self.shared], self.hidden[start:end], self.weight, self.bias)
-        _head_transform_(v[:, :self.shared], launch.loss)  # the -inf columns stay -inf
+        _head_transform_(v[:, :self.shared], launch.loss.teacher_head)  # the -inf columns stay -inf
         return self.loss(z, v, y, row_grad, launch)
 
     def release(self):
@@ -210,13 +213,13 @@ def _run_chunks(h_s, w_s, b_s, teacher, target, launch, chunk_size, row_grad=Non
         derivative = None if d_buf is None else d_buf[: end - start]
         hidden = h_s[start:end]
         _linear_into(z, hidden, w_s, b_s)
-        _head_transform_(z, spec, derivative)
+        _head_transform_(z, spec.student_head, derivative)
         y = None if target is None else target[start:end]
         rg = row_grad if row_grad is None or row_grad.dim() == 0 else row_grad[start:end]
         rows[:, start:end] = teacher.chunk_loss(z, start, end, y, rg, launch)
         # From here on z holds dlogits.
         if rg is not None:
-            _head_transform_backward_(z, spec, derivative)
+            _head_transform_backward_(z, spec.student_head, derivative)
         if need_h:
             torch.mm(z, w_s, out=grad_h[start:end])
         if need_w:
@@ -457,11 +460,15 @@ _COMMON_DOC = """
             then give the gradient of one big batch. An int, a float or a one-element tensor on any device
             (no host synchronisation), positive. See ``fused_wttm_loss``.
         softcap, logit_scale: the LM heads' own post-processing of their logits, applied to the student's and
-            the teacher's alike inside the chunk loop, with its gradient, so that the loss sees the logits the
+            (unless ``teacher_softcap`` or ``teacher_logit_scale`` say otherwise) the teacher's inside the chunk
+            loop, with its gradient, so that the loss sees the logits the
             models produce: ``x * logit_scale`` (Cohere's ``logit_scale``; Granite's ``1 / logits_scaling``),
             then ``softcap * tanh(x / softcap)`` (Gemma-2's ``final_logit_softcapping``). Default: neither.
             A soft-cap adds one (chunk, V) buffer in the student's dtype for its derivative. With
             ``process_group`` each rank applies it to its own columns.
+        teacher_softcap, teacher_logit_scale: the teacher head's own post-processing when its model family differs
+            from the student's (TRL's ``teacher_final_logit_softcapping`` and ``teacher_logit_scale``; None: no
+            soft-cap). Default ``"student"``: the student's ``softcap`` and ``logit_scale``.
         jsd_beta: the divergence D between the (transformed) teacher's distribution p and the student's q that
             replaces KL(p || q), in TRL's and Liger's convention: 0 (default) the forward KL(p || q) of the paper
             and of KD; 1 the reverse KL(q || p); in between the generalised JSD beta * KL(p || m) + (1 - beta) *
@@ -499,10 +506,12 @@ def fused_linear_wttm_loss(student_hidden: torch.Tensor, student_weight: torch.T
                            ignore_index: int = -100, reduction: str = "mean", chunk_size: Optional[int] = None,
                            vocab_mismatch: str = "error", backend: str = "auto", return_components: bool = False,
                            num_items_in_batch=None, softcap: Optional[float] = None, logit_scale: float = 1.0,
-                           jsd_beta: float = 0.0,
+                           jsd_beta: float = 0.0, teacher_softcap: Optional[float] | str = AS_STUDENT,
+                           teacher_logit_scale: float | str = AS_STUDENT,
                            process_group=None, reduce_hidden_grad: bool = True, vocab_size: Optional[int] = None):
     spec = specs.wttm(gamma, beta=beta, ce_weight=ce_weight, ignore_index=ignore_index, softcap=softcap,
-                    logit_scale=logit_scale, jsd_beta=jsd_beta)
+                    logit_scale=logit_scale, jsd_beta=jsd_beta, teacher_softcap=teacher_softcap,
+                    teacher_logit_scale=teacher_logit_scale)
     return _fused_linear_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, target, spec,
                               student_bias=student_bias, teacher_bias=teacher_bias, reduction=reduction,
                               chunk_size=chunk_size, vocab_mismatch=vocab_mismatch, backend=backend,
@@ -525,10 +534,12 @@ def fused_linear_ttm_loss(student_hidden: torch.Tensor, student_weight: torch.Te
                           ignore_index: int = -100, reduction: str = "mean", chunk_size: Optional[int] = None,
                           vocab_mismatch: str = "error", backend: str = "auto", return_components: bool = False,
                           num_items_in_batch=None, softcap: Optional[float] = None, logit_scale: float = 1.0,
-                          jsd_beta: float = 0.0,
+                          jsd_beta: float = 0.0, teacher_softcap: Optional[float] | str = AS_STUDENT,
+                          teacher_logit_scale: float | str = AS_STUDENT,
                           process_group=None, reduce_hidden_grad: bool = True, vocab_size: Optional[int] = None):
     spec = specs.ttm(gamma, beta=beta, ce_weight=ce_weight, ignore_index=ignore_index, softcap=softcap,
-                    logit_scale=logit_scale, jsd_beta=jsd_beta)
+                    logit_scale=logit_scale, jsd_beta=jsd_beta, teacher_softcap=teacher_softcap,
+                    teacher_logit_scale=teacher_logit_scale)
     return _fused_linear_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, target, spec,
                               student_bias=student_bias, teacher_bias=teacher_bias, reduction=reduction,
                               chunk_size=chunk_size, vocab_mismatch=vocab_mismatch, backend=backend,
@@ -550,10 +561,12 @@ def fused_linear_kd_loss(student_hidden: torch.Tensor, student_weight: torch.Ten
                          ignore_index: int = -100, reduction: str = "mean", chunk_size: Optional[int] = None,
                          vocab_mismatch: str = "error", backend: str = "auto", return_components: bool = False,
                          num_items_in_batch=None, softcap: Optional[float] = None, logit_scale: float = 1.0,
-                         jsd_beta: float = 0.0,
+                         jsd_beta: float = 0.0, teacher_softcap: Optional[float] | str = AS_STUDENT,
+                         teacher_logit_scale: float | str = AS_STUDENT,
                          process_group=None, reduce_hidden_grad: bool = True, vocab_size: Optional[int] = None):
     spec = specs.kd(temperature, beta=beta, ce_weight=ce_weight, ignore_index=ignore_index, softcap=softcap,
-                    logit_scale=logit_scale, jsd_beta=jsd_beta)
+                    logit_scale=logit_scale, jsd_beta=jsd_beta, teacher_softcap=teacher_softcap,
+                    teacher_logit_scale=teacher_logit_scale)
     return _fused_linear_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, target, spec,
                               student_bias=student_bias, teacher_bias=teacher_bias, reduction=reduction,
                               chunk_size=chunk_size, vocab_mismatch=vocab_mismatch, backend=backend,

@@ -8,8 +8,9 @@ Every loss of the family is an instance of one row loss (``reference.loss_rows``
 with ``w`` the WTTM weight U (``weighted``) or 1, KL replaced by the reverse KL or the generalised JSD when
 ``jsd_beta`` is not 0 (``reference.divergence``: TRL's and Liger's convention), and the heads' post-processing
 ``post(x) = softcap * tanh(logit_scale * x / softcap)`` (or ``logit_scale * x`` without a soft-cap) applied first to
-the student's logits and to a dense teacher's (a top-k teacher's log-probabilities are already final). Adding a teacher
-transform or a divergence means adding a field here, its constructor and its reference.
+the student's logits and, with the teacher's own ``teacher_softcap`` and ``teacher_logit_scale`` (by default the
+student's), to a dense teacher's (a top-k teacher's log-probabilities are already final). Adding a teacher transform
+or a divergence means adding a field here, its constructor and its reference.
 """
 from __future__ import annotations
 
@@ -20,6 +21,9 @@ from typing import Optional
 
 DEFAULT_GAMMA = 0.2
 DEFAULT_TEMPERATURE = 4.0
+# The default of teacher_softcap and teacher_logit_scale: the teacher's head post-processes its logits as the
+# student's does (one model family); a value of its own (None: no soft-cap) when the families differ.
+AS_STUDENT = "student"
 
 
 def check_finite(name: str, value, positive: bool = False) -> float:
@@ -40,7 +44,8 @@ def check_flag(name: str, value) -> bool:
 @dataclasses.dataclass(frozen=True)
 class LossSpec:
     """The loss's scalars (see the module docstring); immutable, validated when built. ``name`` is the family
-    member ("wttm", "ttm", "kd"), for messages and reprs only."""
+    member ("wttm", "ttm", "kd"), for messages and reprs only. ``teacher_softcap`` and ``teacher_logit_scale``
+    given as ``AS_STUDENT`` ("student", their default) take the student's ``softcap`` and ``logit_scale``."""
 
     name: str
     student_scale: float
@@ -53,17 +58,24 @@ class LossSpec:
     softcap: Optional[float] = None
     logit_scale: float = 1.0
     jsd_beta: float = 0.0
+    teacher_softcap: Optional[float] | str = AS_STUDENT
+    teacher_logit_scale: float | str = AS_STUDENT
 
     def __post_init__(self):
-        for name in ("student_scale", "teacher_scale", "kl_scale", "logit_scale"):
+        for name, student_value in (("teacher_softcap", self.softcap), ("teacher_logit_scale", self.logit_scale)):
+            value = getattr(self, name)
+            if isinstance(value, str) and value == AS_STUDENT:
+                object.__setattr__(self, name, student_value)
+        for name in ("student_scale", "teacher_scale", "kl_scale", "logit_scale", "teacher_logit_scale"):
             object.__setattr__(self, name, check_finite(name, getattr(self, name), positive=True))
         for name in ("beta", "ce_weight"):
             object.__setattr__(self, name, check_finite(name, getattr(self, name)))
         check_flag("weighted", self.weighted)
         if isinstance(self.ignore_index, bool) or not isinstance(self.ignore_index, int):
             raise TypeError(f"ignore_index must be an int, got {type(self.ignore_index).__name__}")
-        if self.softcap is not None:
-            object.__setattr__(self, "softcap", check_finite("softcap", self.softcap, positive=True))
+        for name in ("softcap", "teacher_softcap"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, check_finite(name, getattr(self, name), positive=True))
         jsd_beta = check_finite("jsd_beta", self.jsd_beta)
         if not 0.0 <= jsd_beta <= 1.0:
             raise ValueError(f"jsd_beta must lie in [0, 1] (0: forward KL, 1: reverse KL, else the generalised "
@@ -76,13 +88,23 @@ class LossSpec:
         return self.beta * self.kl_scale
 
     @property
+    def student_head(self) -> tuple:
+        """The student head's post-processing: ``(softcap, logit_scale)``."""
+        return self.softcap, self.logit_scale
+
+    @property
+    def teacher_head(self) -> tuple:
+        """A dense teacher head's post-processing: ``(teacher_softcap, teacher_logit_scale)``."""
+        return self.teacher_softcap, self.teacher_logit_scale
+
+    @property
     def has_head_post(self) -> bool:
-        """Whether the heads' post-processing changes the logits (a soft-cap, or a logit scale other than 1)."""
-        return self.softcap is not None or self.logit_scale != 1.0
+        """Whether a head's post-processing changes its logits (a soft-cap, or a logit scale other than 1)."""
+        return any(softcap is not None or scale != 1.0 for softcap, scale in (self.student_head, self.teacher_head))
 
     def without_head_post(self) -> "LossSpec":
         """This spec for logits that already went through the heads' post-processing."""
-        return dataclasses.replace(self, softcap=None, logit_scale=1.0)
+        return dataclasses.replace(self, softcap=None, logit_scale=1.0, teacher_softcap=None, teacher_logit_scale=1.0)
 
     def reference_params(self) -> dict:
         """The keyword arguments of ``reference.loss_rows`` (and ``topk_loss_rows``) that this spec sets."""
@@ -99,7 +121,8 @@ class LossSpec:
 @functools.lru_cache(maxsize=256, typed=True)  # a training loop builds the same spec every step
 def wttm(gamma: float = DEFAULT_GAMMA, **options) -> LossSpec:
     """Weighted TTM: ``U * KL(softmax(gamma * v) || softmax(z))``, U = sum(softmax(v)**gamma); no student
-    temperature, no T^2. ``options``: beta, ce_weight, ignore_index, softcap, logit_scale, jsd_beta."""
+    temperature, no T^2. ``options``: beta, ce_weight, ignore_index, softcap, logit_scale, jsd_beta,
+    teacher_softcap, teacher_logit_scale."""
     gamma = check_finite("gamma", gamma, positive=True)
     return LossSpec("wttm", 1.0, gamma, 1.0, True, **options)
 

@@ -133,7 +133,7 @@ def _fused_topk_loss(student_logits, ids, logprobs, target, spec: LossSpec, *, t
     if process_group is not None:
         from . import distributed  # imported on first use: it imports this module's dependencies
         if spec.has_head_post and isinstance(student_logits, torch.Tensor) and student_logits.is_floating_point():
-            student_logits = head_post(student_logits, spec)
+            student_logits = head_post(student_logits, spec.student_head)
         return distributed.vocab_parallel_topk_loss(
             student_logits, ids, logprobs, target, spec.without_head_post(), tail=tail, process_group=process_group,
             reduction=reduction, backend=backend, return_components=return_components,
@@ -150,7 +150,7 @@ def _fused_topk_loss(student_logits, ids, logprobs, target, spec: LossSpec, *, t
     sorted_ids, sorted_logprobs = validate_topk(ids, logprobs, lead, vocab, device, tail, valid)
     backend = _topk_backend(backend, device, student_logits.dtype, spec)
     # The student's head post-processing; the teacher's log-probabilities are already final.
-    student_logits = head_post(student_logits, spec)
+    student_logits = head_post(student_logits, spec.student_head)
     denominator = None
     if reduction == "mean":
         denominator = mean_denominator(target, spec.ignore_index, lead.numel(), device, num_items_in_batch)
