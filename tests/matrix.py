@@ -235,9 +235,9 @@ def reference_params(spec: str) -> dict:
     return dict(scales, beta=h["beta"], ce_weight=h["ce_weight"], ignore_index=IGNORE)
 
 
-def reference_cell(cell: Cell, inputs: dict, upstream=None):
+def reference_cell(cell: Cell, inputs: dict, upstream=None, **overrides):
     """The float64 reference of the cell on the float32-rounded inputs (the comparison is of the arithmetic):
-    (loss, {name: gradient})."""
+    (loss, {name: gradient}); ``overrides``: keyword arguments of the reference's row loss replacing the cell's."""
     leaves = {name: x.detach().float().double().requires_grad_() for name, x in inputs.items()
               if name in STUDENT_NAMES}
     if cell.form in ("logits", "topk"):
@@ -246,7 +246,7 @@ def reference_cell(cell: Cell, inputs: dict, upstream=None):
         z = leaves["student_hidden"] @ leaves["student_weight"].T + leaves["student_bias"]
     z = head_post(z, cell.post)
     target = inputs["target"]
-    params = reference_params(cell.spec)
+    params = dict(reference_params(cell.spec), **overrides)
     if cell.form == "logits":
         v = head_post(inputs["teacher_logits"].float().double(), cell.post)
         rows = reference.loss_rows(z, v, target, **params)
