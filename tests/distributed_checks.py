@@ -436,6 +436,29 @@ def check_matrix_cell(cell):
     return check
 
 
+def check_weight_norm(cell):
+    """WTTM's weight_norm="vocab" with process_group: the factor comes from the whole vocabulary (the ranks' widths
+    together), not a rank's shard; this rank's part equals the one-process loss and the float64 reference."""
+    def check(rank, world):
+        inputs = matrix.make_inputs(cell, seed=zlib.crc32(cell.id.encode()) + 1)
+        columns = matrix.COLUMNS[world][rank:rank + 2]
+        upstream = matrix.upstream(cell)
+        loss, grads = matrix.run_cell(cell, matrix.shard(inputs, columns), upstream, process_group=world_group(),
+                                      weight_norm="vocab")
+        one_loss, one_grads = matrix.run_cell(cell, inputs, upstream, weight_norm="vocab")
+        assert_same_on_every_rank("loss", loss)
+        ref_loss, ref_grads = matrix.reference_cell(cell, inputs, upstream, weight_norm="vocab")
+        matrix.assert_matches(cell, loss, grads, ref_loss, ref_grads, columns)
+        matrix.assert_matches(cell, loss, grads, one_loss, one_grads, columns)
+    return check
+
+
+WEIGHT_NORM_CELLS = [matrix.Cell("wttm", "logits", "3d", "cpu", "mean", "plain"),
+                     matrix.Cell("wttm", "head", "sliced", "cpu", "none", "softcap"),
+                     matrix.Cell("wttm", "topk", "3d", "cpu", "mean_num_items", "plain"),
+                     matrix.Cell("wttm", "head_topk", "sliced", "cpu", "sum", "plain")]
+
+
 def check_topk_tails_and_full_rows(rank, world):
     """Top-k with process_group, both tails, on rows whose ids cover the whole vocabulary (an empty tail on every
     rank), rows whose ids all lie in one rank's columns, a row of padding and an ignored row; against the float64
@@ -578,6 +601,7 @@ CHECKS = {
     "fused_linear-error-hidden-sizes-differ": check_linear_error_hidden_sizes_differ,
     "fused_linear-error-one-rank-passes-none": check_linear_error_one_rank_passes_none,
     **{f"matrix-{cell.id}": check_matrix_cell(cell) for cell in matrix.distributed_cells()},
+    **{f"weight_norm-{cell.id}": check_weight_norm(cell) for cell in WEIGHT_NORM_CELLS},
     "topk-tails-and-full-rows": check_topk_tails_and_full_rows,
     "topk-error-ids-outside-vocabulary": check_topk_error_ids_outside_vocabulary,
     "fsdp2-separate-head": check_fsdp2(separate_head=True),

@@ -2,8 +2,8 @@
 pairwise, how to build a cell's inputs, call the public API and compute its float64 reference.
 
 A cell is one point of spec x teacher form x shape x backend x reduction x num_items_in_batch x head
-post-processing x divergence. ``cells()`` covers every pair of axis values at least once (a greedy pairwise cover of the full
-product, deterministic), so the matrix stays small enough for the suite's time budget while any two features
+post-processing x divergence. ``cells()`` covers every pair of axis values at least once (a greedy pairwise cover
+of the full product, deterministic), so the matrix stays small enough for the suite's time budget while any two features
 meet somewhere. ``run_cell`` returns the loss and the student gradients, ``reference_cell`` the float64 ones of
 the same inputs; a cell whose combination is refused by design says so through ``documented_error`` and is
 checked to raise exactly that.
@@ -244,9 +244,9 @@ def reference_params(spec: str, divergence: str = "kl") -> dict:
                 jsd_beta=JSD_BETA[divergence])
 
 
-def reference_cell(cell: Cell, inputs: dict, upstream=None):
+def reference_cell(cell: Cell, inputs: dict, upstream=None, **overrides):
     """The float64 reference of the cell on the float32-rounded inputs (the comparison is of the arithmetic):
-    (loss, {name: gradient})."""
+    (loss, {name: gradient}); ``overrides``: keyword arguments of the reference's row loss replacing the cell's."""
     leaves = {name: x.detach().float().double().requires_grad_() for name, x in inputs.items()
               if name in STUDENT_NAMES}
     if cell.form in ("logits", "topk"):
@@ -255,7 +255,7 @@ def reference_cell(cell: Cell, inputs: dict, upstream=None):
         z = leaves["student_hidden"] @ leaves["student_weight"].T + leaves["student_bias"]
     z = head_post(z, cell.post)
     target = inputs["target"]
-    params = reference_params(cell.spec, cell.divergence)
+    params = dict(reference_params(cell.spec, cell.divergence), **overrides)
     if cell.form == "logits":
         v = head_post(inputs["teacher_logits"].float().double(), cell.post)
         rows = reference.loss_rows(z, v, target, **params)

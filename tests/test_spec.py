@@ -10,7 +10,7 @@ from ttm_kernels import reference, spec
 def test_constructors_set_the_family_members():
     assert spec.wttm(0.3).reference_params() == dict(student_scale=1.0, teacher_scale=0.3, kl_scale=1.0, weighted=True,
                                                       beta=1.0, ce_weight=1.0, ignore_index=-100,
-                                                      jsd_beta=0.0)
+                                                      jsd_beta=0.0, weight_norm="none")
     assert not spec.ttm(0.3).weighted
     kd = spec.kd(4.0, beta=0.9, ce_weight=0.1)
     assert (kd.student_scale, kd.teacher_scale, kd.kl_scale, kd.kl_coef) == (0.25, 0.25, 16.0, 0.9 * 16.0)

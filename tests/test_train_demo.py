@@ -378,3 +378,29 @@ def test_teacher_trained_with_another_vocabulary_is_refused(tmp_path):
     (moved / text_data.TOKENIZER_FILE).write_text("{}")
     with pytest.raises(ConfigError, match="another vocabulary"):
         engine.train(config.load(None, student + [f"teacher_checkpoint={moved / checkpoint.LAST}"]))
+
+
+def test_students_option_keeps_only_the_named_students(tmp_path, capsys):
+    """--students runs a part of the plan (e.g. one grid of --select); a name the plan lacks is one error line."""
+    plan = demo.read_plan("train/configs/demo_lm.yaml")
+    part = demo.only_students(plan, "wttm_vocab,ce")
+    assert list(part["students"]) == ["wttm_vocab", "ce"] and part["select"] == plan["select"]
+    assert len(plan["students"]) > 2  # the plan itself is left whole
+    assert main(["demo-lm", "--students", "wttm,nosuch", "--out-dir", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --students: 'nosuch' not in the plan's students") and err.count("\n") == 1
+    assert not os.path.exists(tmp_path / "cache")  # no teacher, no data read
+
+
+def test_select_reports_the_best_point_per_loss_and_weight_norm():
+    """WTTM with weight_norm=vocab is its own candidate set: its best point is not compared with the paper's U."""
+    def run(loss, mean, **hyper):
+        return {"loss": loss, "mean": mean, "std": 1.0, "values": [mean], "hyperparameters": hyper}
+    results = {"higher_is_better": False, "metric": "validation perplexity", "runs": [
+        run("wttm", 180.0, gamma=0.8, beta=0.5), run("wttm", 170.0, gamma=0.9, beta=2.0),
+        run("wttm", 150.0, gamma=0.5, beta=8.0, weight_norm="vocab"),
+        run("wttm", 160.0, gamma=0.2, beta=32.0, weight_norm="vocab")]}
+    lines = demo.best_points(results).splitlines()
+    assert len(lines) == 2
+    assert lines[0].startswith("  wttm: {gamma: 0.9, beta: 2}")
+    assert lines[1].startswith("  wttm: {gamma: 0.5, beta: 8, weight_norm: vocab}")

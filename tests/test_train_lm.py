@@ -107,6 +107,28 @@ def test_loss_on_hidden_states_matches_reference_on_logits(loss):
     assert ignored.sum() > 3 * len(y) and fused_grads[0][ignored].abs().max() == 0
 
 
+def test_objective_weight_norm_reaches_the_loss():
+    """Config key weight_norm=vocab: the fused linear WTTM loss with U / V^(1-gamma), against the float64
+    reference on the materialised logits, and the logged kl_weight is that normalised weight."""
+    torch.manual_seed(1)
+    student, teacher = gpt.build("gpt_tiny", 257), gpt.build("gpt_small", 257)
+    x, y = text_data.windows(torch.randint(0, 256, (40,)), seq_len=16, pad_id=256, prompt_tokens=2)
+    keys = {"loss": "wttm", "ce_weight": 0.7, "beta": 2.0, "gamma": 0.3, "loss_backend": "auto",
+            "vocab_mismatch": "error", "weight_norm": "vocab"}
+    with torch.no_grad():
+        t_hidden = teacher(x)
+        hidden = student(x)
+        fused, parts = Objective(keys).linear(hidden, student.lm_head, y, t_hidden, teacher.lm_head)
+    logits = hidden.double() @ student.lm_head.weight.double().T
+    t_logits = t_hidden.double() @ teacher.lm_head.weight.double().T
+    ref = reference.wttm_loss(logits, t_logits, y, gamma=0.3, beta=2.0, ce_weight=0.7, weight_norm="vocab")
+    torch.testing.assert_close(fused.double(), ref, rtol=2e-6, atol=0)
+    rows = reference.loss_rows(logits, t_logits, y, teacher_scale=0.3, weighted=True, weight_norm="vocab")
+    torch.testing.assert_close(parts["kl_weight"].double(), reference.reduce_rows(rows["weight"], rows["valid"],
+                                                                                 "mean"), rtol=1e-5, atol=0)
+    assert parts["kl_weight"] <= 1
+
+
 def test_resume_is_bitwise_identical(tmp_path, text):
     keys = dict(deterministic=True, lr_schedule="multistep", lr_milestones=[1])
     engine.train(lm_cfg(tmp_path, text, "straight", epochs=2, **keys))
@@ -161,6 +183,10 @@ def test_split_text_cuts_at_character_boundaries():
      "'val_fraction' \\+ 'test_fraction' must be < 1"),
     (["task=lm", "dataset=text", "eval_split=val"], "eval_split 'val' evaluates on the validation set: set val_"),
     (["task=lm", "dataset=text", "tokenizer=bpe", "vocab_size=300"], "'vocab_size' must be >= 512"),
+    (["task=lm", "dataset=text", "loss=ttm", "teacher=gpt_small", "teacher_checkpoint=t.pt", "weight_norm=vocab"],
+     "config key 'weight_norm' normalises WTTM's weight U, and loss 'ttm' has no weight"),
+    (["task=lm", "dataset=text", "loss=wttm", "teacher=gpt_small", "teacher_checkpoint=t.pt", "weight_norm=batch"],
+     "'weight_norm' must be one of"),
 ])
 def test_bad_keys(overrides, message):
     with pytest.raises(ConfigError, match=message):

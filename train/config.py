@@ -106,6 +106,9 @@ KEYS: dict[str, Key] = {
     "beta": Key(None, NUM, "weight of the distillation term; null = per-loss default (kd 0.9, ttm 45, wttm 4)"),
     "gamma": Key(None, NUM, "TTM/WTTM power exponent 1/T; null = per-loss default (ttm 0.1, wttm 0.2)"),
     "temperature": Key(4.0, NUM, "KD temperature T (the T^2 factor is inside the loss)"),
+    "weight_norm": Key("none", str, "wttm: the KL's weight; none = the paper's U = sum(softmax(v)^gamma), which grows "
+                       "with the vocabulary V up to V^(1-gamma); vocab = U / V^(1-gamma), in (0, 1] at every V, so "
+                       "that beta means the same at another vocabulary (ttm_kernels' weight_norm)", ("none", "vocab")),
     "eval_teacher": Key(True, bool, "report the teacher's test accuracy before distilling"),
     # optimisation
     "epochs": Key(240, int, "number of epochs"),
@@ -269,6 +272,9 @@ def validate(cfg: dict) -> dict:
     if (cfg["loss"] != "ce" and not cfg["teacher_topk"] and not cfg["teacher_checkpoint"]
             and not cfg["teacher"].startswith("hf:")):
         raise ConfigError(f"loss {cfg['loss']!r} needs trained teacher weights: set 'teacher_checkpoint'")
+    if cfg["weight_norm"] != "none" and cfg["loss"] != "wttm":
+        raise ConfigError(f"config key 'weight_norm' normalises WTTM's weight U, and loss {cfg['loss']!r} has no "
+                          "weight: set loss=wttm, or weight_norm=none")
     for name, value in LOSS_DEFAULTS[cfg["loss"]].items():
         if cfg[name] is None:
             cfg[name] = value

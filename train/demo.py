@@ -5,6 +5,7 @@ over several seeds; one table (mean +- std over the seeds) and one plot with err
     python -m train demo                 # Fashion-MNIST images (train/configs/demo.yaml)
     python -m train demo-lm              # a causal LM on the Python standard library (train/configs/demo_lm.yaml)
     python -m train demo --select        # choose the students' hyper-parameters on the validation split
+    python -m train demo-lm --select --students wttm_vocab   # only that student's grid
     python -m train demo --report DIR    # remake the table and the plot from DIR/results.json
 
 The teacher is trained once and cached (cache.py), keyed by a hash of its config and of its data; a rerun
@@ -55,7 +56,7 @@ from .teacher_topk import write_store, writer_interrupted  # noqa: E402
 
 CONFIGS = os.path.join(os.path.dirname(__file__), "configs")
 PLANS = {"demo": os.path.join(CONFIGS, "demo.yaml"), "demo-lm": os.path.join(CONFIGS, "demo_lm.yaml")}
-LABELS = {"ce": "CE only", "kd": "KD", "ttm": "TTM", "wttm": "WTTM"}
+LABELS = {"ce": "CE only", "kd": "KD", "ttm": "TTM", "wttm": "WTTM", "wttm_vocab": "WTTM vocab-norm"}
 RESULTS, TABLE, PLOT = "results.json", "results.md", "results.png"
 # In the output folder of a demo stopped by Ctrl-C while its students ran: a rerun may go on in that folder.
 INTERRUPTED = "interrupted.txt"
@@ -120,6 +121,16 @@ def read_plan(path: str) -> dict:
     return plan
 
 
+def only_students(plan: dict, names: str) -> dict:
+    """The plan with only the students ``names`` (comma-separated keys of its 'students'), in that order."""
+    chosen = names.split(",")
+    unknown = [name for name in chosen if name not in plan["students"]]
+    if unknown:
+        raise ConfigError(f"--students: {', '.join(map(repr, unknown))} not in the plan's students "
+                          f"({', '.join(plan['students'])})")
+    return {**plan, "students": {name: plan["students"][name] for name in chosen}}
+
+
 def _check_seeds(seeds, message):
     if not (isinstance(seeds, list) and seeds and all(isinstance(s, int) and not isinstance(s, bool) for s in seeds)):
         raise ConfigError(f"{message}, a list of integers, got {seeds!r}")
@@ -141,7 +152,8 @@ def hyperparameters(cfg, top_k: int = 0) -> dict:
         return {}
     scale = {"temperature": cfg["temperature"]} if cfg["loss"] == "kd" else {"gamma": cfg["gamma"]}
     sparse = {"teacher_top_k": top_k, "topk_tail": cfg["topk_tail"]} if top_k else {}
-    return {**scale, "beta": cfg["beta"], "ce_weight": cfg["ce_weight"], **sparse}
+    norm = {"weight_norm": cfg["weight_norm"]} if cfg["weight_norm"] != "none" else {}
+    return {**scale, "beta": cfg["beta"], "ce_weight": cfg["ce_weight"], **norm, **sparse}
 
 
 def shown(value) -> str:
@@ -531,11 +543,16 @@ def report(out_dir: str) -> str:
 
 
 def best_points(results: dict) -> str:
-    """Per loss, the grid point with the best mean validation metric, as the plan's YAML."""
+    """Per loss (and WTTM weight normalisation), the grid point with the best mean validation metric, as the plan's
+    YAML."""
     lines = []
     sign = 1 if results["higher_is_better"] else -1
-    for loss in dict.fromkeys(r["loss"] for r in results["runs"]):
-        candidates = [r for r in results["runs"] if r["loss"] == loss and r["mean"] is not None]
+
+    def kind(run):
+        return run["loss"], run["hyperparameters"].get("weight_norm", "none")
+
+    for loss, norm in dict.fromkeys(map(kind, results["runs"])):
+        candidates = [r for r in results["runs"] if kind(r) == (loss, norm) and r["mean"] is not None]
         if candidates and loss != "ce":
             best = max(candidates, key=lambda r: sign * r["mean"])
             keys = ", ".join(f"{k}: {shown(v)}" for k, v in best["hyperparameters"].items())
@@ -564,6 +581,8 @@ def main(argv=None, demo: str = "demo") -> int:
                         else os.cpu_count(), help="student runs at a time, one thread each (default: the CPU count)")
     parser.add_argument("--select", action="store_true",
                         help="run the plan's hyper-parameter grid on the validation split and print the best values")
+    parser.add_argument("--students", metavar="NAME[,NAME...]",
+                        help="run only these students of the plan (its 'students' keys), e.g. to --select one grid")
     parser.add_argument("--report", metavar="DIR", help="remake the table and the plot from DIR/results.json")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="config keys applied to every run, e.g. data_dir=DIR or epochs=1")
@@ -586,6 +605,8 @@ def run_demo(args, demo: str, argv: list) -> int:
     if os.path.isdir(out_dir) and os.listdir(out_dir) and not os.path.exists(os.path.join(out_dir, INTERRUPTED)):
         raise ConfigError(f"--out-dir {out_dir} is not empty: choose a new folder (a demo never overwrites runs)")
     plan = read_plan(args.plan)
+    if args.students is not None:
+        plan = only_students(plan, args.students)
     if args.select and not isinstance(plan.get("select"), dict):
         raise ConfigError(f"--select needs a 'select' section (seeds and grid) in {args.plan}")
     teacher_cfg = cached_teacher_config(plan, args.overrides, demo)

@@ -2,7 +2,8 @@
 
 kd:   beta * T^2 * KL(softmax(v/T) || softmax(z/T))             (T^2 inside the loss)
 ttm:  beta * KL(softmax(gamma v) || softmax(z))
-wttm: beta * U * KL(softmax(gamma v) || softmax(z)), U = sum(softmax(v)^gamma)
+wttm: beta * U * KL(softmax(gamma v) || softmax(z)), U = sum(softmax(v)^gamma); with config key weight_norm=vocab
+      U / V^(1-gamma) in place of U (ttm_kernels' weight_norm: a weight in (0, 1] at every vocabulary V)
 ce:   CE only, no teacher.
 Each term is a batch mean over samples (tokens for language models, whose loss is the fused linear one on
 the final hidden states and the LM head: the logits are never materialised).
@@ -33,6 +34,8 @@ class Objective:
             self.kwargs["temperature"] = cfg["temperature"]
         elif self.kind in ("ttm", "wttm"):
             self.kwargs["gamma"] = cfg["gamma"]
+        if self.kind == "wttm":  # TTM and KD have no weight to normalise (config.validate refuses the key there)
+            self.kwargs["weight_norm"] = cfg.get("weight_norm", "none")
 
     @property
     def needs_teacher(self) -> bool:
@@ -48,7 +51,7 @@ class Objective:
 
     def __call__(self, student_logits, target, teacher_logits=None):
         """The loss and its detached batch-mean components: ce, and with a teacher kl and kl_weight (the mean
-        per-sample KL weight as ttm_kernels reports it: U for WTTM, 1 for TTM and KD)."""
+        per-sample KL weight as ttm_kernels reports it: U (or U / V^(1-gamma)) for WTTM, 1 for TTM and KD)."""
         if self.kind == "ce":
             ce = F.cross_entropy(student_logits.float(), target)
             return self.ce_weight * ce, {"ce": ce.detach()}

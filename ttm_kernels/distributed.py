@@ -340,6 +340,7 @@ def vocab_parallel_loss(student_logits, teacher_logits, target, spec, *, process
 
     shards = agree(group, index, device, check, names, target, spec.ignore_index, num_items_in_batch,
                    vocab_size)
+    spec = spec.at_vocab(shards.vocab)  # the whole vocabulary, not this rank's shard (see LossSpec)
     backend = _ops.resolve_backend(backend, device, student.dtype)
     lead = student.shape[:-1]
     flat_target = None if target is None else target.reshape(-1).long()
@@ -362,7 +363,9 @@ def vocab_parallel_loss(student_logits, teacher_logits, target, spec, *, process
             loss = loss / denominator if reduction == "mean" else loss
     if not return_components:
         return loss
-    return loss, reduction_.components(stats[[Stat.KL, Stat.CE, Stat.WEIGHT, Stat.ENTROPY]], valid)
+    # The kernels' weight row is U; the factor of weight_norm is folded into their kl_coef.
+    return loss, reduction_.components([stats[Stat.KL], stats[Stat.CE], stats[Stat.WEIGHT] * spec.weight_factor,
+                                        stats[Stat.ENTROPY]], valid)
 
 
 # ---------------------------------------------------------------------------------------------- top-k logits
@@ -390,6 +393,7 @@ def _sharded_topk_rows(z, ids, logprobs, target, valid, spec, tail, shards):
     in_s, ids, log_pt, weight = reference.topk_teacher(ids, logprobs, valid, shards.vocab, z.dtype,
                                                        teacher_scale=spec.teacher_scale, weighted=spec.weighted,
                                                        tail=tail)
+    weight = weight * spec.weight_factor
     scaled = z * spec.student_scale
     here = in_s & (ids >= offset) & (ids < offset + width)
     local_ids = torch.where(here, ids - offset, 0)
@@ -456,6 +460,7 @@ def vocab_parallel_topk_loss(student_logits, ids, logprobs, target, spec, *, tai
 
     shards = agree(process_group, index, device, check, names, target, spec.ignore_index, num_items_in_batch,
                    vocab_size)
+    spec = spec.at_vocab(shards.vocab)  # the whole vocabulary, not this rank's shard (see LossSpec)
     largest = int(ids.max()) if ids.numel() else -1
     if largest >= shards.vocab:
         raise ValueError(f"teacher_topk_ids holds ids outside [0, {shards.vocab}) (the global vocabulary: the ranks' "
@@ -503,7 +508,7 @@ def _sharded_chunk_loss(z, v, y, row_grad, spec, *, shards):
     and with ``row_grad`` its gradient written over ``z``."""
     pieces = _ops.RowPieces(spec.backend, spec.loss.kernel_params(), spec.loss.weighted, shards.vocab)
     stats = sharded_rows(pieces, shards, z, v, y, grad=None if row_grad is None else z, row_grad=row_grad)
-    return stats[ROW_TERM_STATS]
+    return linear.reported_terms(stats[ROW_TERM_STATS], spec.loss)
 
 
 def vocab_parallel_linear_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, target, spec, *,
@@ -551,6 +556,7 @@ def vocab_parallel_linear_loss(student_hidden, student_weight, teacher_hidden, t
 
     shards = agree(process_group, index, device, check, names, target, spec.ignore_index, num_items_in_batch,
                    vocab_size)
+    spec = spec.at_vocab(shards.vocab)  # the whole vocabulary, not this rank's shard (see LossSpec)
     backend = _ops.resolve_backend(backend, device, student_hidden.dtype)
     lead = student_hidden.shape[:-1]
     n = lead.numel()
@@ -648,6 +654,7 @@ def vocab_parallel_linear_topk_loss(student_hidden, student_weight, ids, logprob
 
     shards = agree(process_group, index, device, check, names, target, spec.ignore_index, num_items_in_batch,
                    vocab_size)
+    spec = spec.at_vocab(shards.vocab)  # the whole vocabulary, not this rank's shard (see LossSpec)
     largest = int(ids.max()) if ids.numel() else -1
     if largest >= shards.vocab:
         raise ValueError(f"teacher_topk_ids holds ids outside [0, {shards.vocab}) (the global vocabulary: the ranks' "

@@ -172,6 +172,7 @@ def _fused_loss(student_logits, teacher_logits, target, spec: LossSpec, *, reduc
     _validate(student_logits, teacher_logits, target, spec.ignore_index, reduction)
     validate_num_items(num_items_in_batch, reduction)
     check_vocab_size(vocab_size, student_logits.shape[-1])
+    spec = spec.at_vocab(student_logits.shape[-1])
     backend = _ops.resolve_backend(backend, student_logits.device, student_logits.dtype)
     if inplace_backward:
         if backend == "torch":
@@ -206,7 +207,9 @@ def _fused_loss(student_logits, teacher_logits, target, spec: LossSpec, *, reduc
     if not return_components:
         return loss
     if terms is None:
-        terms = [stats[k].view(lead) for k in (Stat.KL, Stat.CE, Stat.WEIGHT, Stat.ENTROPY)]
+        # The kernels' weight row is U; the factor of weight_norm is folded into their kl_coef.
+        terms = [stats[Stat.KL].view(lead), stats[Stat.CE].view(lead),
+                 stats[Stat.WEIGHT].view(lead) * spec.weight_factor, stats[Stat.ENTROPY].view(lead)]
     return loss, components(terms, valid_rows(target, lead, student_logits.device, spec.ignore_index))
 
 
@@ -280,9 +283,10 @@ def fused_wttm_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, 
                     ignore_index: int = -100, reduction: str = "mean", backend: str = "auto",
                     inplace_backward: bool = False, return_components: bool = False,
                     num_items_in_batch=None, process_group=None, softcap: Optional[float] = None,
-                    logit_scale: float = 1.0, jsd_beta: float = 0.0, vocab_size: Optional[int] = None):
+                    logit_scale: float = 1.0, jsd_beta: float = 0.0, vocab_size: Optional[int] = None,
+                    weight_norm: str = "none"):
     spec = specs.wttm(gamma, beta=beta, ce_weight=ce_weight, ignore_index=ignore_index, softcap=softcap,
-                      logit_scale=logit_scale, jsd_beta=jsd_beta)
+                      logit_scale=logit_scale, jsd_beta=jsd_beta, weight_norm=weight_norm)
     return _fused_loss(student_logits, teacher_logits, target, spec, reduction=reduction, backend=backend,
                        inplace_backward=inplace_backward, return_components=return_components,
                        num_items_in_batch=num_items_in_batch, process_group=process_group, vocab_size=vocab_size)
@@ -296,6 +300,11 @@ fused_wttm_loss.__doc__ = """Weighted Transformed Teacher Matching (Zheng & Yang
 
     gamma: the power-transform exponent, 1/T (the public code's ``--ttm_l``). Default 0.2 (T = 5), the
         value of the paper's WTTM example; the paper uses 0.1 to 0.25 on CIFAR-100. gamma = 1 is plain KL.
+    weight_norm: ``"none"`` (default) the paper's weight U, which ranges from 1 to V**(1 - gamma) and so grows
+        with the vocabulary V; ``"vocab"`` U / V**max(0, 1 - gamma), in (0, 1] at every V, so that a beta chosen
+        at one vocabulary means the same at another (see ``LossSpec``). V is the student's whole vocabulary (all
+        ranks' columns under ``process_group``); the factor is a constant, exact under gradient accumulation.
+        The reported ``LossComponents.weight`` is the normalised weight. TTM and KD have no weight to normalise.
 """ + _COMMON_DOC
 
 

@@ -32,7 +32,7 @@ from . import _ops, reference, spec as specs
 from ._stats import ROW_TERM_STATS
 from .functional import check_vocab_size, is_dtensor, validate_options, validate_target
 from .reduction import components, mean_denominator, valid_rows, validate_num_items
-from .spec import AS_STUDENT, DEFAULT_GAMMA, DEFAULT_TEMPERATURE, LossSpec
+from .spec import AS_STUDENT, DEFAULT_GAMMA, DEFAULT_TEMPERATURE, LossSpec, check_weight_norm
 
 VOCAB_MISMATCH = ("error", "truncate_teacher")
 # The chunk buffers' bytes are budgeted, not rows. CUDA: 1 GiB (2048 rows at V=128256 bf16) ran within 3% of
@@ -149,7 +149,16 @@ def _chunk_loss(z, v, y, row_grad, launch: Launch):
         stats = _ops.loss_fwd(z, v, y, *args)
     else:
         stats = _ops.loss_fwd_grad_inplace(z, v, y, row_grad, *args)
-    return stats[ROW_TERM_STATS]
+    return reported_terms(stats[ROW_TERM_STATS], spec)
+
+
+def reported_terms(terms: torch.Tensor, spec: LossSpec) -> torch.Tensor:
+    """A kernel's ``ROW_TERMS`` rows of a chunk with the weight the logs report: the kernels compute U, and the
+    factor of ``weight_norm`` is folded into their kl_coef. The rows are the chunk's own (no backward reads
+    them)."""
+    if spec.weight_factor != 1.0:
+        terms[3] *= spec.weight_factor
+    return terms
 
 
 class DenseTeacher:
@@ -392,6 +401,7 @@ def _fused_linear_loss(student_hidden, student_weight, teacher_hidden, teacher_w
     if target is not None:
         validate_target(target, lead, vocab, device, spec.ignore_index)
         target = target.reshape(-1).long()
+    spec = spec.at_vocab(vocab)
     backend = _ops.resolve_backend(backend, device, student_hidden.dtype)
 
     teacher = DenseTeacher(teacher_hidden.reshape(-1, teacher_hidden.shape[-1]), teacher_weight.detach(),
@@ -508,10 +518,11 @@ def fused_linear_wttm_loss(student_hidden: torch.Tensor, student_weight: torch.T
                            num_items_in_batch=None, softcap: Optional[float] = None, logit_scale: float = 1.0,
                            jsd_beta: float = 0.0, teacher_softcap: Optional[float] | str = AS_STUDENT,
                            teacher_logit_scale: float | str = AS_STUDENT,
-                           process_group=None, reduce_hidden_grad: bool = True, vocab_size: Optional[int] = None):
+                           process_group=None, reduce_hidden_grad: bool = True, vocab_size: Optional[int] = None,
+                           weight_norm: str = "none"):
     spec = specs.wttm(gamma, beta=beta, ce_weight=ce_weight, ignore_index=ignore_index, softcap=softcap,
                     logit_scale=logit_scale, jsd_beta=jsd_beta, teacher_softcap=teacher_softcap,
-                    teacher_logit_scale=teacher_logit_scale)
+                    teacher_logit_scale=teacher_logit_scale, weight_norm=weight_norm)
     return _fused_linear_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, target, spec,
                               student_bias=student_bias, teacher_bias=teacher_bias, reduction=reduction,
                               chunk_size=chunk_size, vocab_mismatch=vocab_mismatch, backend=backend,
@@ -524,6 +535,11 @@ fused_linear_wttm_loss.__doc__ = """``fused_wttm_loss`` on ``student_hidden @ st
     teacher's logits, a chunk of rows at a time, without materialising either (N, V) logits tensor.
 
     gamma: the power-transform exponent, 1/T (default 0.2).
+    weight_norm: ``"none"`` (default) the paper's weight U, which ranges from 1 to V**(1 - gamma) and so grows
+        with the vocabulary V; ``"vocab"`` U / V**max(0, 1 - gamma), in (0, 1] at every V, so that a beta chosen
+        at one vocabulary means the same at another (see ``LossSpec``). V is the student's whole vocabulary (all
+        ranks' columns under ``process_group``); the factor is a constant, exact under gradient accumulation.
+        The reported ``LossComponents.weight`` is the normalised weight. TTM and KD have no weight to normalise.
 """ + _COMMON_DOC
 
 
@@ -609,7 +625,12 @@ class _LinearDistillLoss(nn.Module):
             teacher_bias=teacher_bias, **{self._scale_name: self.scale}, beta=self.beta, ce_weight=self.ce_weight,
             ignore_index=self.ignore_index, reduction=self.reduction, chunk_size=self.chunk_size,
             vocab_mismatch=self.vocab_mismatch, backend=self.backend, return_components=return_components,
-            num_items_in_batch=num_items_in_batch, softcap=self.softcap, logit_scale=self.logit_scale)
+            num_items_in_batch=num_items_in_batch, softcap=self.softcap, logit_scale=self.logit_scale,
+            **self._loss_options())
+
+    def _loss_options(self) -> dict:
+        """The keyword arguments only this family member's function takes."""
+        return {}
 
     def extra_repr(self) -> str:
         return (f"{self._scale_name}={self.scale}, beta={self.beta}, ce_weight={self.ce_weight}, "
@@ -621,13 +642,20 @@ class _LinearDistillLoss(nn.Module):
 class LinearWTTMLoss(_LinearDistillLoss):
     """Module form of :func:`fused_linear_wttm_loss`; ``forward(student_hidden, student_weight, teacher_hidden,
     teacher_weight, target=None, *, student_bias=None, teacher_bias=None, return_components=False,
-    num_items_in_batch=None)``."""
+    num_items_in_batch=None)``. ``weight_norm``: see ``fused_linear_wttm_loss``."""
 
     _loss_fn = fused_linear_wttm_loss
     _scale_name = "gamma"
 
-    def __init__(self, gamma: float = DEFAULT_GAMMA, **kwargs):
+    def __init__(self, gamma: float = DEFAULT_GAMMA, *, weight_norm: str = "none", **kwargs):
         super().__init__(gamma, **kwargs)
+        self.weight_norm = check_weight_norm(weight_norm)
+
+    def _loss_options(self) -> dict:
+        return {"weight_norm": self.weight_norm}
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, weight_norm={self.weight_norm!r}"
 
 
 class LinearTTMLoss(_LinearDistillLoss):

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from .functional import fused_kd_loss, fused_ttm_loss, fused_wttm_loss
-from .spec import DEFAULT_GAMMA, DEFAULT_TEMPERATURE
+from .spec import DEFAULT_GAMMA, DEFAULT_TEMPERATURE, check_weight_norm
 
 
 class _DistillLoss(nn.Module):
@@ -35,7 +35,12 @@ class _DistillLoss(nn.Module):
             student_logits, teacher_logits, target, **{self._scale_name: self.scale}, beta=self.beta,
             ce_weight=self.ce_weight, ignore_index=self.ignore_index, reduction=self.reduction,
             backend=self.backend, inplace_backward=self.inplace_backward, return_components=return_components,
-            num_items_in_batch=num_items_in_batch, softcap=self.softcap, logit_scale=self.logit_scale)
+            num_items_in_batch=num_items_in_batch, softcap=self.softcap, logit_scale=self.logit_scale,
+            **self._loss_options())
+
+    def _loss_options(self) -> dict:
+        """The keyword arguments only this family member's function takes."""
+        return {}
 
     def extra_repr(self) -> str:
         return (f"{self._scale_name}={self.scale}, beta={self.beta}, ce_weight={self.ce_weight}, "
@@ -45,13 +50,20 @@ class _DistillLoss(nn.Module):
 
 class WTTMLoss(_DistillLoss):
     """Module form of :func:`ttm_kernels.fused_wttm_loss`; ``forward(student_logits, teacher_logits, target=None,
-    return_components=False, *, num_items_in_batch=None)``."""
+    return_components=False, *, num_items_in_batch=None)``. ``weight_norm``: see ``fused_wttm_loss``."""
 
     _loss_fn = fused_wttm_loss
     _scale_name = "gamma"
 
-    def __init__(self, gamma: float = DEFAULT_GAMMA, **kwargs):
+    def __init__(self, gamma: float = DEFAULT_GAMMA, *, weight_norm: str = "none", **kwargs):
         super().__init__(gamma, **kwargs)
+        self.weight_norm = check_weight_norm(weight_norm)
+
+    def _loss_options(self) -> dict:
+        return {"weight_norm": self.weight_norm}
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, weight_norm={self.weight_norm!r}"
 
 
 class TTMLoss(_DistillLoss):

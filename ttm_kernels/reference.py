@@ -56,15 +56,17 @@ def loss_rows(
     ce_weight: float = 1.0,
     ignore_index: int = -100,
     jsd_beta: float = 0.0,
+    weight_norm: str = "none",
 ) -> dict[str, torch.Tensor]:
     """Per-row terms of the general loss that every variant is an instance of.
 
     row loss = ce_weight * CE(z, y) + beta * kl_scale * w * D(softmax(teacher_scale * v), softmax(student_scale * z))
 
-    with w = U when ``weighted`` else 1 and D the divergence ``divergence(p, q, jsd_beta)``: KL(p || q) for
-    ``jsd_beta`` 0 (the paper's), KL(q || p) for 1, the generalised JSD between them otherwise. TTM/WTTM:
-    student_scale = 1, teacher_scale = gamma, kl_scale = 1. Classic KD: student_scale = teacher_scale = 1/T,
-    kl_scale = T^2, unweighted. Ignored rows (target == ignore_index) contribute 0 to every term. Returns a dict
+    with w = U when ``weighted`` else 1 (``weight_norm="vocab"``: U / V**max(0, 1 - teacher_scale), U divided by
+    its largest value over the V = the logits' width outcomes, in (0, 1]) and D the divergence
+    ``divergence(p, q, jsd_beta)``: KL(p || q) for ``jsd_beta`` 0 (the paper's), KL(q || p) for 1, the
+    generalised JSD between them otherwise. TTM/WTTM: student_scale = 1, teacher_scale = gamma, kl_scale = 1.
+    Classic KD: student_scale = teacher_scale = 1/T, kl_scale = T^2, unweighted. Ignored rows (target == ignore_index) contribute 0 to every term. Returns a dict
     of tensors of the leading shape: ``loss``, ``kl`` (the divergence D, whichever it is), ``ce``, ``weight``,
     ``entropy`` (of the student's distribution q, as TRL logs it) and ``valid`` (bool).
     """
@@ -84,16 +86,30 @@ def loss_rows(
     # The logits' difference first, the lse's after: next to logits of 1e4 each lse rounds to a coarse grid.
     log_ratio = (scaled_teacher - scaled_student) - (lse_teacher - lse_student)
     kl = divergence(log_pt, log_q, jsd_beta, log_ratio)
+    log_norm = _log_weight_norm(weighted, weight_norm, teacher_scale, student_logits.shape[-1])
     if weighted:
         weight = torch.exp(
             torch.logsumexp(teacher_logits * teacher_scale, -1)
             - teacher_scale * torch.logsumexp(teacher_logits, -1)
+            - log_norm
         )
     else:
         weight = torch.ones_like(kl)
     rows = _row_terms(kl, weight, student_logits, target, valid, beta=beta, kl_scale=kl_scale, ce_weight=ce_weight)
     rows["entropy"] = torch.where(valid, entropy(log_q), 0)
     return rows
+
+
+def _log_weight_norm(weighted: bool, weight_norm: str, teacher_scale: float, vocab: int) -> float:
+    """log of the divisor of U for ``weight_norm`` ("none": 0; "vocab": log max U = max(0, 1 - g) * log V over V
+    outcomes), or a ValueError for an unknown value or a normalisation of no weight."""
+    if weight_norm not in ("none", "vocab"):
+        raise ValueError(f"weight_norm must be 'none' or 'vocab', got {weight_norm!r}")
+    if weight_norm == "none":
+        return 0.0
+    if not weighted:
+        raise ValueError("weight_norm='vocab' normalises WTTM's weight U: it needs weighted=True")
+    return max(0.0, 1.0 - teacher_scale) * math.log(vocab)
 
 
 def divergence(log_p: torch.Tensor, log_q: torch.Tensor, jsd_beta: float = 0.0,
@@ -192,10 +208,11 @@ def _loss(student_logits, teacher_logits, target, reduction, **params):
 
 
 def wttm_loss(student_logits, teacher_logits, target=None, *, gamma=0.2, beta=1.0, ce_weight=1.0,
-              ignore_index=-100, reduction="mean"):
-    """Weighted TTM: ce_weight * CE + beta * mean(U * KL(softmax(gamma * v) || softmax(z)))."""
+              ignore_index=-100, reduction="mean", weight_norm="none"):
+    """Weighted TTM: ce_weight * CE + beta * mean(U * KL(softmax(gamma * v) || softmax(z))); with
+    ``weight_norm="vocab"`` U / V**max(0, 1 - gamma) in place of U."""
     return _loss(student_logits, teacher_logits, target, reduction, teacher_scale=gamma, weighted=True,
-                 beta=beta, ce_weight=ce_weight, ignore_index=ignore_index)
+                 beta=beta, ce_weight=ce_weight, ignore_index=ignore_index, weight_norm=weight_norm)
 
 
 def ttm_loss(student_logits, teacher_logits, target=None, *, gamma=0.2, beta=1.0, ce_weight=1.0,
@@ -269,6 +286,7 @@ def topk_loss_rows(
     ce_weight: float = 1.0,
     ignore_index: int = -100,
     jsd_beta: float = 0.0,
+    weight_norm: str = "none",
 ) -> dict[str, torch.Tensor]:
     """``loss_rows`` for a teacher known by its top-k log-probabilities only.
 
@@ -292,6 +310,10 @@ def topk_loss_rows(
     ValueError. The ``entropy`` row is the student's over the k + 1 outcomes with the bucket, over the
     vocabulary otherwise.
 
+    ``weight_norm="vocab"``: U (over the k + 1 or k outcomes) divided by V**max(0, 1 - g) with V the student's
+    vocabulary (the logits' width), the divisor of the dense teacher's weight at that vocabulary, not the largest
+    U of k + 1 outcomes: the constant belongs to the models' vocabulary, not to how the teacher was stored.
+
     Same arguments otherwise, and the same dict, as ``loss_rows``; gradients reach the student logits only.
     """
     if tail not in TAILS:
@@ -304,6 +326,7 @@ def topk_loss_rows(
     student_logits = torch.where(valid.unsqueeze(-1), student_logits, 0)
     in_s, ids, log_pt, weight = topk_teacher(topk_ids, topk_logprobs, valid, vocab, student_logits.dtype,
                                              teacher_scale=teacher_scale, weighted=weighted, tail=tail)
+    weight = weight * math.exp(-_log_weight_norm(weighted, weight_norm, teacher_scale, vocab))
 
     # The student on S and R.
     scaled = student_logits * student_scale
@@ -365,10 +388,11 @@ def _topk_loss(student_logits, topk_ids, topk_logprobs, target, reduction, **par
 
 
 def wttm_loss_topk(student_logits, topk_ids, topk_logprobs, target=None, *, gamma=0.2, beta=1.0, ce_weight=1.0,
-                   tail="bucket", ignore_index=-100, reduction="mean"):
+                   tail="bucket", ignore_index=-100, reduction="mean", weight_norm="none"):
     """``wttm_loss`` from the teacher's top-k log-probabilities (see ``topk_loss_rows``)."""
     return _topk_loss(student_logits, topk_ids, topk_logprobs, target, reduction, teacher_scale=gamma,
-                      weighted=True, tail=tail, beta=beta, ce_weight=ce_weight, ignore_index=ignore_index)
+                      weighted=True, tail=tail, beta=beta, ce_weight=ce_weight, ignore_index=ignore_index,
+                      weight_norm=weight_norm)
 
 
 def ttm_loss_topk(student_logits, topk_ids, topk_logprobs, target=None, *, gamma=0.2, beta=1.0, ce_weight=1.0,

@@ -148,6 +148,7 @@ def _fused_topk_loss(student_logits, ids, logprobs, target, spec: LossSpec, *, t
     valid = valid_rows(target, lead, device, spec.ignore_index)
     reference.check_topk_divergence(tail, spec.jsd_beta)
     sorted_ids, sorted_logprobs = validate_topk(ids, logprobs, lead, vocab, device, tail, valid)
+    spec = spec.at_vocab(vocab)  # the student's vocabulary, not the k + 1 outcomes (see LossSpec)
     backend = _topk_backend(backend, device, student_logits.dtype, spec)
     # The student's head post-processing; the teacher's log-probabilities are already final.
     student_logits = head_post(student_logits, spec.student_head)
@@ -172,8 +173,10 @@ def _fused_topk_loss(student_logits, ids, logprobs, target, spec: LossSpec, *, t
             student_scale=spec.student_scale, teacher_scale=spec.teacher_scale, kl_coef=spec.kl_coef,
             ce_weight=spec.ce_weight, weighted=spec.weighted, bucket=tail == "bucket", ignore_index=spec.ignore_index,
             backend=backend)
-        detached = [stats[k].detach().view(lead)
-                    for k in (TopkStat.KL, TopkStat.CE, TopkStat.WEIGHT, TopkStat.ENTROPY)]
+        # The kernels' weight row is U; the factor of weight_norm is folded into their kl_coef.
+        detached = [stats[TopkStat.KL].detach().view(lead), stats[TopkStat.CE].detach().view(lead),
+                    stats[TopkStat.WEIGHT].detach().view(lead) * spec.weight_factor,
+                    stats[TopkStat.ENTROPY].detach().view(lead)]
     if not return_components:
         return loss
     return loss, components(detached, valid)
@@ -240,9 +243,10 @@ def fused_wttm_loss_topk(student_logits: torch.Tensor, teacher_topk_ids: torch.T
                          backend: str = "auto", return_components: bool = False, num_items_in_batch=None,
                          softcap: Optional[float] = None, logit_scale: float = 1.0,
                          jsd_beta: float = 0.0, process_group=None,
-                         vocab_size: Optional[int] = None):
+                         vocab_size: Optional[int] = None,
+                         weight_norm: str = "none"):
     spec = specs.wttm(gamma, beta=beta, ce_weight=ce_weight, ignore_index=ignore_index, softcap=softcap,
-                    logit_scale=logit_scale, jsd_beta=jsd_beta)
+                    logit_scale=logit_scale, jsd_beta=jsd_beta, weight_norm=weight_norm)
     return _fused_topk_loss(student_logits, teacher_topk_ids, teacher_topk_logprobs, target, spec, tail=tail,
                             reduction=reduction, backend=backend, return_components=return_components,
                             num_items_in_batch=num_items_in_batch, process_group=process_group,
@@ -254,6 +258,11 @@ fused_wttm_loss_topk.__doc__ = """WTTM from the teacher's top-k log-probabilitie
 
     gamma: the power-transform exponent, 1/T (default 0.2). pt_b = p_b**gamma / U, U = sum_b p_b**gamma over
         the k ids (and the bucket).
+    weight_norm: ``"none"`` (default) the paper's weight U, which ranges from 1 to V**(1 - gamma) and so grows
+        with the vocabulary V; ``"vocab"`` U / V**max(0, 1 - gamma), in (0, 1] at every V, so that a beta chosen
+        at one vocabulary means the same at another (see ``LossSpec``). V is the student's whole vocabulary (all
+        ranks' columns under ``process_group``); the factor is a constant, exact under gradient accumulation.
+        The reported ``LossComponents.weight`` is the normalised weight. TTM and KD have no weight to normalise.
 """ + _TOPK_DOC
 
 
@@ -333,7 +342,7 @@ class TopkTeacher:
             stats = _topk_ops.topk_fwd(z, ids, logprobs, y, *args)
         else:
             stats = _topk_ops.topk_fwd_grad_inplace(z, ids, logprobs, y, row_grad, *args)
-        return stats[ROW_TERM_STATS]
+        return linear.reported_terms(stats[ROW_TERM_STATS], spec)
 
 
 def _fused_linear_topk_loss(student_hidden, student_weight, ids, logprobs, target, spec: LossSpec, *, student_bias,
@@ -356,6 +365,7 @@ def _fused_linear_topk_loss(student_hidden, student_weight, ids, logprobs, targe
     reference.check_topk_divergence(tail, spec.jsd_beta)
     sorted_ids, sorted_logprobs = validate_topk(ids, logprobs, lead, vocab, device, tail,
                                                 valid_rows(target, lead, device, spec.ignore_index))
+    spec = spec.at_vocab(vocab)  # the student's vocabulary, not the k + 1 outcomes (see LossSpec)
     backend = _topk_backend(backend, device, student_hidden.dtype, spec)
     # The chunk loop applies the student head's post-processing (softcap, logit_scale) to each chunk.
     return linear.run_linear_loss(student_hidden, student_weight, student_bias,
@@ -410,9 +420,10 @@ def fused_linear_wttm_loss_topk(student_hidden: torch.Tensor, student_weight: to
                                 return_components: bool = False, num_items_in_batch=None,
                                 softcap: Optional[float] = None, logit_scale: float = 1.0,
                                 jsd_beta: float = 0.0, process_group=None,
-                                reduce_hidden_grad: bool = True, vocab_size: Optional[int] = None):
+                                reduce_hidden_grad: bool = True, vocab_size: Optional[int] = None,
+                                weight_norm: str = "none"):
     spec = specs.wttm(gamma, beta=beta, ce_weight=ce_weight, ignore_index=ignore_index, softcap=softcap,
-                    logit_scale=logit_scale, jsd_beta=jsd_beta)
+                    logit_scale=logit_scale, jsd_beta=jsd_beta, weight_norm=weight_norm)
     return _fused_linear_topk_loss(student_hidden, student_weight, teacher_topk_ids, teacher_topk_logprobs, target,
                                    spec, student_bias=student_bias, tail=tail, reduction=reduction,
                                    chunk_size=chunk_size, backend=backend, return_components=return_components,
@@ -422,6 +433,11 @@ def fused_linear_wttm_loss_topk(student_hidden: torch.Tensor, student_weight: to
 
 fused_linear_wttm_loss_topk.__doc__ = """``fused_wttm_loss_topk`` on ``student_hidden @ student_weight.T (+ bias)``,
     a chunk of rows at a time. gamma: the power-transform exponent, 1/T (default 0.2).
+    weight_norm: ``"none"`` (default) the paper's weight U, which ranges from 1 to V**(1 - gamma) and so grows
+        with the vocabulary V; ``"vocab"`` U / V**max(0, 1 - gamma), in (0, 1] at every V, so that a beta chosen
+        at one vocabulary means the same at another (see ``LossSpec``). V is the student's whole vocabulary (all
+        ranks' columns under ``process_group``); the factor is a constant, exact under gradient accumulation.
+        The reported ``LossComponents.weight`` is the normalised weight. TTM and KD have no weight to normalise.
 """ + _LINEAR_TOPK_DOC
 
 
