@@ -66,9 +66,10 @@ def loss_rows(
     its largest value over the V = the logits' width outcomes, in (0, 1]) and D the divergence
     ``divergence(p, q, jsd_beta)``: KL(p || q) for ``jsd_beta`` 0 (the paper's), KL(q || p) for 1, the
     generalised JSD between them otherwise. TTM/WTTM: student_scale = 1, teacher_scale = gamma, kl_scale = 1.
-    Classic KD: student_scale = teacher_scale = 1/T, kl_scale = T^2, unweighted. Ignored rows (target == ignore_index) contribute 0 to every term. Returns a dict
-    of tensors of the leading shape: ``loss``, ``kl`` (the divergence D, whichever it is), ``ce``, ``weight``,
-    ``entropy`` (of the student's distribution q, as TRL logs it) and ``valid`` (bool).
+    Classic KD: student_scale = teacher_scale = 1/T, kl_scale = T^2, unweighted. Ignored rows (target ==
+    ignore_index) contribute 0 to every term. Returns a dict of tensors of the leading shape: ``loss``, ``kl``
+    (the divergence D, whichever it is), ``ce``, ``weight``, ``entropy`` (of the student's distribution q, as TRL
+    logs it) and ``valid`` (bool).
     """
     teacher_logits = teacher_logits.detach()
     valid = _valid_rows(student_logits, target, ignore_index)
