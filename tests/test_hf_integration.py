@@ -86,7 +86,7 @@ def expected_metrics(student, teacher, batch, loss_fn, prefix=""):
     soft = loss_fn.weight_soft_loss * (rows["weight"] * rows["kl"]).sum() / tokens
     means = {"loss": rows["loss"].sum() / tokens, "distill/soft_loss": soft, "distill/hard_loss": hard,
              "distill/kl": rows["kl"].sum() / tokens, "distill/ce": rows["ce"].sum() / tokens,
-             "distill/weight": rows["weight"].sum() / tokens}
+             "distill/weight": rows["weight"].sum() / tokens, "distill/entropy": rows["entropy"].sum() / tokens}
     return {prefix + name: value.item() for name, value in means.items()}
 
 

@@ -35,9 +35,9 @@ Every training log adds the loss's components (``METRICS``) to ``loss``, average
 last log): ``distill/soft_loss`` (``weight_soft_loss`` times the distillation term) and ``distill/hard_loss``
 (``weight_hard_loss`` times the CE), which add up to ``loss``; ``distill/kl`` (the KL of the transformed
 teacher and the student, tempered for KD), ``distill/ce`` (the CE of the untempered student, whatever its
-weight) and ``distill/weight`` (the mean WTTM weight U; 1 for TTM and KD). Evaluation reports them averaged as
-``eval_loss``, with its prefix: ``eval_distill/kl``, ... They come from the loss's own pass; the student's
-entropy, which the kernels do not compute yet, would need another pass over the logits and is not logged.
+weight), ``distill/weight`` (the mean WTTM weight U; 1 for TTM and KD) and ``distill/entropy`` (the student's
+entropy, of its tempered distribution for KD, as TRL logs it). Evaluation reports them averaged as ``eval_loss``,
+with its prefix: ``eval_distill/kl``, ... They all come from the loss's own pass over the logits.
 
 ``FusedDistillationMixin`` brings the same ``compute_loss`` and logging to another Trainer subclass, e.g. TRL's::
 
@@ -70,7 +70,7 @@ __all__ = ["FusedDistillationMixin", "FusedDistillationTrainer", "DistillationMi
 
 LABEL_KEYS = ("labels", "shift_labels")
 # The logged components, in the order of the trainers' per-micro-batch vectors; each is logged as distill/<name>.
-METRICS = ("soft_loss", "hard_loss", "kl", "ce", "weight")
+METRICS = ("soft_loss", "hard_loss", "kl", "ce", "weight", "entropy")
 METRIC_PREFIX = "distill/"
 # transformers 4.56 renamed from_pretrained's torch_dtype to dtype (and 5.x warns on the old name).
 DTYPE_KWARG = "dtype" if version.parse(transformers.__version__) >= version.parse("4.56") else "torch_dtype"
@@ -211,8 +211,8 @@ def distillation_loss(model, teacher_model, inputs: dict, loss_fn: FusedLinearDi
     (``shift_labels`` used as is), and the heads' weights, biases and post-processing. Returns what
     ``loss_fn`` returns (the loss, or ``(loss, soft, hard)``).
 
-    ``return_components=True`` returns ``(loss, LossComponents(kl, ce, weight))`` instead, from the same single
-    pass: the loss of ``loss_fn``'s configuration computed by the ``fused_linear_*_loss`` it configures (its
+    ``return_components=True`` returns ``(loss, LossComponents(kl, ce, weight, entropy))`` instead, from the same
+    single pass: the loss of ``loss_fn``'s configuration computed by the ``fused_linear_*_loss`` it configures (its
     ``return_soft_hard_loss`` does not apply), and its detached components averaged like the loss (their sums
     over the labelled tokens divided by ``num_items_in_batch``, else their means over this batch's)."""
     if "labels" not in inputs and "shift_labels" not in inputs:
@@ -301,7 +301,7 @@ class FusedDistillationMixin:
         loss, parts = distillation_loss(model, self.teacher_model, inputs, self.distill_loss, num_items_in_batch,
                                         return_components=True)
         hard = self.distill_loss.weight_hard_loss * parts.ce
-        terms = torch.stack((loss.detach() - hard, hard, parts.kl, parts.ce, parts.weight))
+        terms = torch.stack((loss.detach() - hard, hard, parts.kl, parts.ce, parts.weight, parts.entropy))
         if num_items_in_batch is not None and getattr(self.args, "average_tokens_across_devices", False):
             # num_items_in_batch counts the tokens of every rank, and DDP averages the ranks' gradients.
             loss = loss * self.accelerator.num_processes
