@@ -65,3 +65,26 @@ def test_bad_settings_raise_naming_the_argument(build, error, match):
 def test_spec_refuses_a_jsd_beta_outside_0_1(jsd_beta):
     with pytest.raises(ValueError, match="jsd_beta"):
         spec.kd(1.0, jsd_beta=jsd_beta)
+
+
+def test_spec_constructors_under_torch_compile_warn_nothing():
+    """A compiled loss builds its spec uncached: Dynamo would otherwise warn about the lru_cache wrapper."""
+    import warnings
+
+    import torch
+
+    from ttm_kernels import fused_wttm_loss
+
+    @torch.compile(fullgraph=True, backend="eager")
+    def loss(z, v, target):
+        return fused_wttm_loss(z, v, target, gamma=0.3)
+
+    gen = torch.Generator().manual_seed(3)
+    z, v = torch.randn(4, 30, generator=gen) * 5, torch.randn(4, 30, generator=gen) * 5
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loss(z, v, torch.tensor([1, 2, -100, 4]))
+    assert not [w for w in caught if "lru_cache" in str(w.message)]
+    assert spec.wttm(0.3) is spec.wttm(0.3)  # cached outside compile
+    with pytest.raises(TypeError, match="gamma"):
+        spec.wttm(True)

@@ -20,6 +20,8 @@ import functools
 import math
 from typing import Optional
 
+import torch
+
 DEFAULT_GAMMA = 0.2
 DEFAULT_TEMPERATURE = 4.0
 # The default of teacher_softcap and teacher_logit_scale: the teacher's head post-processes its logits as the
@@ -170,12 +172,31 @@ class LossSpec:
                     ce_weight=self.ce_weight, ignore_index=self.ignore_index, jsd_beta=self.jsd_beta)
 
 
-@functools.lru_cache(maxsize=256)  # a training loop resolves the same spec every step
+def _cached(builder):
+    """``builder`` behind a typed LRU cache (a training loop builds the same spec every step: 0.4 us instead of
+    5; typed, so that a bool is never taken for a cached 1). Under torch.compile the builder runs uncached: Dynamo
+    traces through the cache wrapper anyway and warns about it. Unhashable arguments (a tensor where a number
+    belongs) go to the builder, whose validation names them."""
+    cached = functools.lru_cache(maxsize=256, typed=True)(builder)
+
+    @functools.wraps(builder)
+    def build(*args, **kwargs):
+        if torch.compiler.is_compiling():
+            return builder(*args, **kwargs)
+        try:
+            return cached(*args, **kwargs)
+        except TypeError:
+            return builder(*args, **kwargs)
+
+    return build
+
+
+@_cached
 def _at_vocab(spec: LossSpec, vocab: int) -> LossSpec:
     return dataclasses.replace(spec, norm_vocab=vocab)
 
 
-@functools.lru_cache(maxsize=256, typed=True)  # a training loop builds the same spec every step
+@_cached
 def wttm(gamma: float = DEFAULT_GAMMA, **options) -> LossSpec:
     """Weighted TTM: ``U * KL(softmax(gamma * v) || softmax(z))``, U = sum(softmax(v)**gamma); no student
     temperature, no T^2. ``options``: beta, ce_weight, ignore_index, softcap, logit_scale, jsd_beta,
@@ -184,14 +205,14 @@ def wttm(gamma: float = DEFAULT_GAMMA, **options) -> LossSpec:
     return LossSpec("wttm", 1.0, gamma, 1.0, True, **options)
 
 
-@functools.lru_cache(maxsize=256, typed=True)  # a training loop builds the same spec every step
+@_cached
 def ttm(gamma: float = DEFAULT_GAMMA, **options) -> LossSpec:
     """TTM: ``KL(softmax(gamma * v) || softmax(z))``."""
     gamma = check_finite("gamma", gamma, positive=True)
     return LossSpec("ttm", 1.0, gamma, 1.0, False, **options)
 
 
-@functools.lru_cache(maxsize=256, typed=True)  # a training loop builds the same spec every step
+@_cached
 def kd(temperature: float = DEFAULT_TEMPERATURE, *, t_squared: bool = True, **options) -> LossSpec:
     """Hinton KD: ``T^2 * KL(softmax(v / T) || softmax(z / T))``; ``t_squared=False`` drops the T^2 factor
     (Liger's convention, ``FusedLinearDistillLoss``)."""
