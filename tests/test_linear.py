@@ -254,6 +254,42 @@ def test_ignored_and_empty(backend):
     assert bool((grads["student_weight"] == 0).all())
 
 
+def _flops_and_grads(kind, p, backend, reduction, upstream):
+    """The matrix-multiply FLOPs of a forward and backward (torch's FlopCounterMode counts every mm/addmm), the
+    loss and the gradients."""
+    from torch.utils.flop_counter import FlopCounterMode
+    with FlopCounterMode(display=False) as counter:
+        loss, grads = fused_loss_and_grads(kind, p, backend, reduction=reduction, upstream=upstream, chunk_size=3)
+    return counter.get_total_flops(), loss, grads
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_fused_linear_loss_ignored_rows_never_reach_a_gemm(backend, reduction):
+    """Three rows in four ignored: the GEMMs (student's, teacher's, both of the backward, also the backward's
+    recomputation for "none") run on the counted rows only, exactly as for a call given just those rows, with
+    the same loss and gradients, and a zero hidden-state gradient on the ignored rows."""
+    p = make_problem(n=24, ignore_fraction=0.75, seed=21)
+    kept = (p["target"] != -100).nonzero().squeeze(1)
+    assert 0 < kept.numel() < 12
+    upstream = torch.randn(24, generator=torch.Generator().manual_seed(22)) if reduction == "none" else None
+    flops, loss, grads = _flops_and_grads("wttm", p, backend, reduction, upstream)
+    only_kept = {k: x if k in ("student_weight", "teacher_weight", "student_bias", "teacher_bias") else x[kept]
+                 for k, x in p.items()}
+    kept_flops, kept_loss, kept_grads = _flops_and_grads(
+        "wttm", only_kept, backend, reduction, None if upstream is None else upstream[kept])
+    every_row = dict(p, target=torch.where(p["target"] == -100, 0, p["target"]))
+    assert flops == kept_flops < _flops_and_grads("wttm", every_row, backend, reduction, upstream)[0] / 2
+    if reduction == "none":
+        assert bool((loss[p["target"] == -100] == 0).all())
+        loss = loss[kept]
+    torch.testing.assert_close(loss, kept_loss, rtol=1e-6, atol=0)
+    torch.testing.assert_close(grads["student_hidden"][kept], kept_grads["student_hidden"], rtol=1e-6, atol=1e-7)
+    assert bool((grads["student_hidden"][p["target"] == -100] == 0).all())
+    for k in ("student_weight", "student_bias"):
+        torch.testing.assert_close(grads[k], kept_grads[k], rtol=1e-5, atol=1e-6)
+
+
 def _rel_err(out, ref):
     return ((out.double().cpu() - ref).norm() / ref.norm()).item()
 

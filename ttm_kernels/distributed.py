@@ -604,6 +604,11 @@ class _ShardedTopkTeacher:
     def release(self):
         pass
 
+    def rows(self, index):
+        """This teacher on its rows ``index`` (the chunk loop's counted rows: the same on every rank, whose
+        targets agree)."""
+        return _ShardedTopkTeacher(self.ids[index], self.logprobs[index], self.tail, self.shards)
+
     def chunk_loss(self, z, start, end, y, row_grad, launch):
         spec = launch.loss
         ids, logprobs = self.ids[start:end], self.logprobs[start:end]

@@ -188,6 +188,41 @@ class DenseTeacher:
     def release(self):
         self.buffer = None
 
+    def rows(self, index):
+        """This teacher on the rows ``index`` of its hidden states (the chunk loop's counted rows)."""
+        return DenseTeacher(self.hidden[index], self.weight, self.bias, self.shared, self.loss)
+
+
+def counted_rows(target, ignore_index: int, n_rows: int) -> Optional[torch.Tensor]:
+    """The (M,) int64 indices of the rows that count (target != ignore_index) when some do not, for the chunk
+    loop to project only those: an ignored row's loss and gradients are 0, so its GEMMs (the student's, the
+    teacher's, and the two of the backward) would be wasted, and a prompt-masked fine-tuning batch ignores half
+    its rows or more. None when every row counts, and when the rows cannot be picked: without a target, under
+    torch.compile (a data-dependent shape) and while a CUDA graph is captured. On a GPU it costs one host
+    synchronisation per call (``nonzero`` waits for the count); a backward that recomputes reuses the indices."""
+    if target is None or torch.compiler.is_compiling():
+        return None
+    if target.is_cuda and torch.cuda.is_current_stream_capturing():
+        return None
+    kept = (target != ignore_index).nonzero().squeeze(1)
+    return None if kept.numel() == n_rows else kept
+
+
+def _run_counted_chunks(kept, h_s, w_s, b_s, teacher, target, launch, chunk_size, row_grad=None,
+                        needs=(False,) * 3):
+    """``_run_chunks`` on the rows ``kept`` only (``counted_rows``; None: every row). The others' row terms and
+    hidden-state gradient are 0, as the kernels give an ignored row, and add nothing to dW and db."""
+    if kept is None:
+        return _run_chunks(h_s, w_s, b_s, teacher, target, launch, chunk_size, row_grad, needs)
+    if row_grad is not None and row_grad.dim():
+        row_grad = row_grad[kept]
+    rows, grad_h, grad_w, grad_b = _run_chunks(h_s[kept], w_s, b_s, teacher.rows(kept), target[kept], launch,
+                                               chunk_size, row_grad, needs)
+    rows = rows.new_zeros((rows.shape[0], h_s.shape[0])).index_copy_(1, kept, rows)
+    if grad_h is not None:
+        grad_h = h_s.new_zeros(h_s.shape).index_copy_(0, kept, grad_h)
+    return rows, grad_h, grad_w, grad_b
+
 
 def _run_chunks(h_s, w_s, b_s, teacher, target, launch, chunk_size, row_grad=None, needs=(False,) * 3):
     """Row terms (5, N) (``ROW_TERMS``; fp32, fp64 for fp64 inputs) against ``teacher`` (a provider,
@@ -256,7 +291,9 @@ class _FusedLinearLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h_s, w_s, b_s, teacher, target, spec, reduction, chunk_size, needs, denominator):
-        inputs = (h_s, w_s, b_s, teacher, target, spec, chunk_size)
+        # Ignored rows never reach a GEMM (``counted_rows``).
+        kept = counted_rows(target, spec.loss.ignore_index, h_s.shape[0])
+        inputs = (kept, h_s, w_s, b_s, teacher, target, spec, chunk_size)
         # The gradients are computed in the backward, from the saved inputs, for "none" (the per-row upstream
         # gradient must reach dlogits before dW sums over the rows) and for float64, which is for checking:
         # there a backward that can run twice (gradcheck does) matters more than the memory of the forward's.
@@ -270,11 +307,11 @@ class _FusedLinearLoss(torch.autograd.Function):
         if ctx.deferred or not any(needs):
             if ctx.deferred:
                 ctx.save_for_backward(h_s, w_s, b_s, target, None if reduction == "none" else scale)
-                ctx.params = (teacher, spec, chunk_size, needs)
-            rows = _run_chunks(*inputs)[0]
+                ctx.params = (kept, teacher, spec, chunk_size, needs)
+            rows = _run_counted_chunks(*inputs)[0]
             loss = rows[0] if reduction == "none" else rows[0].sum() * scale
         else:
-            rows, *grads = _run_chunks(*inputs, row_grad=scale, needs=needs)
+            rows, *grads = _run_counted_chunks(*inputs, row_grad=scale, needs=needs)
             ctx.grads = grads
             loss = rows[0].sum() * scale
         terms = rows[1:]
@@ -286,10 +323,10 @@ class _FusedLinearLoss(torch.autograd.Function):
         _ops.refuse_higher_order()
         if ctx.deferred:
             h_s, w_s, b_s, target, scale = ctx.saved_tensors
-            teacher, spec, chunk_size, needs = ctx.params
+            kept, teacher, spec, chunk_size, needs = ctx.params
             row_grad = grad_out.contiguous() if scale is None else grad_out * scale
-            _, *grads = _run_chunks(h_s, w_s, b_s, teacher, target, spec, chunk_size, row_grad=row_grad,
-                                    needs=needs)
+            _, *grads = _run_counted_chunks(kept, h_s, w_s, b_s, teacher, target, spec, chunk_size,
+                                            row_grad=row_grad, needs=needs)
         else:
             if ctx.grads is None:
                 raise RuntimeError("fused linear loss: its gradients were computed in the forward and already "
@@ -494,6 +531,11 @@ _COMMON_DOC = """
         reduce_hidden_grad: with ``process_group``, False returns this rank's part of the hidden-state
             gradient instead (the sum over the group is the gradient), for frameworks whose column-parallel
             LM head all-reduces it in its own backward (Megatron's ``copy_to_tensor_model_parallel_region``).
+
+    Ignored rows (target ``ignore_index``) never reach a GEMM: the chunk loop projects only the rows that count
+    (a prompt-masked batch skips the prompt's share of all four GEMMs), at the cost of one host synchronisation
+    per call on a GPU (the count of counted rows), none under torch.compile or CUDA-graph capture, where every
+    row is projected.
 
     FSDP2: LM heads of ``fully_shard``-ed modules (DTensor parameters) are gathered for the call
     (``full_tensor``); their gradients reach the sharded parameters reduce-scattered and averaged over the

@@ -329,6 +329,10 @@ class TopkTeacher:
     def release(self):
         pass
 
+    def rows(self, index):
+        """This teacher on its rows ``index`` (the chunk loop's counted rows)."""
+        return TopkTeacher(self.ids[index], self.logprobs[index], self.tail)
+
     def chunk_loss(self, z, start, end, y, row_grad, launch):
         ids, logprobs = self.ids[start:end], self.logprobs[start:end]
         spec = launch.loss
