@@ -1,5 +1,12 @@
-"""Beyond one device: vocabulary-parallel (tensor-parallel) losses on ``torch.distributed``, DTensor logits and
-FSDP2 LM heads.
+"""Beyond one device: the collectives of the vocabulary-parallel (tensor-parallel) losses on ``torch.distributed``,
+DTensor logits and FSDP2 LM heads.
+
+This module knows no loss: the agreement exchange (``agree``), the merged statistics of rows held in column
+shards (``sharded_rows``), the hidden-state gradient's sum over the group (``_SumGradOverGroup``), DTensor logits'
+local shards (``_local_logits``) and FSDP2 heads' whole parameters (``full_parameters``). Each teacher form's
+orchestrator runs its loss on them, below the public API and above this module: ``functional.vocab_parallel_loss``
+(logits), ``linear.vocab_parallel_linear_loss`` (LM heads), ``topk.vocab_parallel_topk_loss`` and
+``topk.vocab_parallel_linear_topk_loss`` (a top-k teacher). The algorithm they share:
 
 Vocabulary parallelism (Megatron-style): each rank of a process group holds a contiguous slice of the
 vocabulary columns of both logits (rank order = column order, uneven widths allowed), or of the rows of both
@@ -31,17 +38,16 @@ of a tensor-parallel model does.
 """
 from __future__ import annotations
 
-import functools
 import struct
+import sys
 import zlib
 from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
 
-from . import _ops, functional, linear, reference, reduction as reduction_
-from ._stats import ROW_TERM_STATS, Stat
-from .functional import is_dtensor
+from . import _ops
+from .spec import check_vocab_size
 
 # float dtypes as small integers for the agreement exchange
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -145,7 +151,7 @@ def agree(group, index: int, device, check, names, target=None, ignore_index=-10
     names = (*names, "vocab_size")
     error, width, values = None, 0, [0] * len(names)
     try:
-        functional.check_vocab_size(vocab_size)
+        check_vocab_size(vocab_size)
         width, values = check()
         values = (*values, -1 if vocab_size is None else vocab_size)
         facts = torch.cat([_target_facts(target, ignore_index, device),
@@ -200,16 +206,6 @@ def agree(group, index: int, device, check, names, target=None, ignore_index=-10
     return Shards(group, index, sum(widths[:index]), vocab, tuple(widths))
 
 
-def _compiled_backend(backend: str, device, dtype) -> str:
-    resolved = _ops.resolve_backend(backend, device, dtype)
-    if resolved == "torch":
-        raise ValueError(f"the vocabulary-parallel loss runs on the compiled kernels ('triton' on CUDA, 'cpu' on "
-                         f"the CPU), but backend={backend!r} gives the unfused reference for {dtype} tensors on "
-                         f"{device} (float64 inputs, or kernels that are not built): pass float32, bfloat16 or "
-                         "float16 inputs with a compiled backend")
-    return resolved
-
-
 def _settings(*values) -> str:
     """The loss's settings as one string, compared across ranks by checksum."""
     return repr(values)
@@ -236,46 +232,14 @@ def sharded_rows(pieces: _ops.RowPieces, shards: Shards, student, teacher, targe
     return stats
 
 
-# ---------------------------------------------------------------------------------------------- logits
+# ---------------------------------------------------------------------------------------------- DTensor logits
 
 
-class _VocabParallelLoss(torch.autograd.Function):
-    """(the rows' losses, or their sum times ``row_grad``; the statistics) of rows held in column shards.
-
-    ``row_grad``: the 0-dim gradient of every row's loss ("mean": 1/count, "sum": 1) when the gradient is
-    computed in the forward and kept alone; None: the forward saves the statistics and the inputs, and the
-    backward recomputes the gradient from them for its per-row upstream gradients ("none"). Neither backward
-    issues a collective."""
-
-    @staticmethod
-    def forward(ctx, student, teacher, target, row_grad, pieces, shards):
-        ctx.set_materialize_grads(False)
-        grad = None if row_grad is None else torch.empty(student.shape, dtype=student.dtype, device=student.device)
-        stats = sharded_rows(pieces, shards, student, teacher, target, grad=grad, row_grad=row_grad)
-        ctx.mark_non_differentiable(stats)
-        ctx.eager, ctx.grad = grad is not None, grad
-        if ctx.eager:
-            return stats[Stat.LOSS].sum() * row_grad, stats
-        ctx.pieces, ctx.offset = pieces, shards.offset
-        ctx.save_for_backward(student, teacher, target, stats)
-        return stats[Stat.LOSS].clone(), stats
-
-    @staticmethod
-    def backward(ctx, grad_loss, _grad_stats):
-        _ops.refuse_higher_order()
-        if grad_loss is None:
-            return (None,) * 6
-        if ctx.eager:
-            if ctx.grad is None:
-                raise RuntimeError("vocabulary-parallel loss: its gradient was computed in the forward and already "
-                                   "handed to a first backward; recompute the loss to backpropagate again")
-            grad, ctx.grad = ctx.grad, None
-            _ops.scale_grad_(grad, grad_loss)
-            return grad, None, None, None, None, None
-        student, teacher, target, stats = ctx.saved_tensors
-        grad = torch.empty(student.shape, dtype=student.dtype, device=student.device)
-        ctx.pieces.second_pass(student, teacher, target, stats, ctx.offset, grad=grad, row_grad=grad_loss.reshape(-1))
-        return grad, None, None, None, None, None
+def is_dtensor(x) -> bool:
+    """Whether ``x`` is a ``torch.distributed.tensor.DTensor`` (without importing that module, slow to import:
+    no DTensor exists before it is imported)."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(x, module.DTensor)
 
 
 def _local_logits(student, teacher, target, process_group):
@@ -309,181 +273,7 @@ def _local_logits(student, teacher, target, process_group):
     return student.to_local(), teacher.to_local(), target, group, mesh.get_local_rank()
 
 
-def vocab_parallel_loss(student_logits, teacher_logits, target, spec, *, process_group, reduction, backend,
-                        inplace_backward, return_components, num_items_in_batch=None, vocab_size=None):
-    """``functional._fused_loss`` for logits whose columns the ranks of ``process_group`` hold (or DTensors
-    sharded on the last dimension): the loss of the whole rows on every rank, and this rank's columns' gradient."""
-    student, teacher, target, group, index = _local_logits(student_logits, teacher_logits, target, process_group)
-    if dist.get_world_size(group) == 1:  # the whole rows are here: the one-pass kernels
-        # (the heads' post-processing is already applied: the spec without it)
-        return functional._fused_loss(student, teacher, target, spec.without_head_post(), reduction=reduction,
-                                      backend=backend, inplace_backward=inplace_backward,
-                                      return_components=return_components, num_items_in_batch=num_items_in_batch,
-                                      vocab_size=vocab_size)
-    device = exchange_device(group, student, teacher, target)
-    names = ("the number of rows N", "the student_logits dtype", "the teacher_logits dtype", "the device type",
-             "whether a target is given", "the loss settings (gamma or temperature, beta, ce_weight, "
-             "ignore_index, softcap, logit_scale, reduction, backend)")
-
-    def check():
-        if inplace_backward:
-            raise ValueError("inplace_backward=True is not supported with process_group (each rank's logits are "
-                             "already 1/world of the vocabulary)")
-        functional._validate(student, teacher, None, spec.ignore_index, reduction)
-        reduction_.validate_num_items(num_items_in_batch, reduction)
-        if target is not None:
-            functional.validate_target(target, student.shape[:-1], None, device, spec.ignore_index)
-        resolved = _compiled_backend(backend, device, student.dtype)
-        settings = _settings(spec, reduction, resolved)
-        return student.shape[-1], (student[..., 0].numel(), student.dtype, teacher.dtype, device.type,
-                                   target is not None, settings)
-
-    shards = agree(group, index, device, check, names, target, spec.ignore_index, num_items_in_batch,
-                   vocab_size)
-    spec = spec.at_vocab(shards.vocab)  # the whole vocabulary, not this rank's shard (see LossSpec)
-    backend = _ops.resolve_backend(backend, device, student.dtype)
-    lead = student.shape[:-1]
-    flat_target = None if target is None else target.reshape(-1).long()
-    valid = (torch.ones(lead, dtype=torch.bool, device=device) if target is None else target != spec.ignore_index)
-    pieces = _ops.RowPieces(backend, spec.kernel_params(), spec.weighted, shards.vocab)
-    denominator = None
-    if reduction == "mean":
-        denominator = reduction_.mean_denominator(target, spec.ignore_index, valid.numel(), device,
-                                                  num_items_in_batch)
-    row_grad = None
-    if reduction != "none" and student.requires_grad and torch.is_grad_enabled():
-        row_grad = (1.0 / denominator if reduction == "mean"
-                    else torch.ones((), dtype=torch.float32, device=device))
-    loss, stats = _VocabParallelLoss.apply(student, teacher, flat_target, row_grad, pieces, shards)
-    if row_grad is None:
-        if reduction == "none":
-            loss = loss.view(lead)
-        else:
-            loss = loss.sum()
-            loss = loss / denominator if reduction == "mean" else loss
-    if not return_components:
-        return loss
-    # The kernels' weight row is U; the factor of weight_norm is folded into their kl_coef.
-    return loss, reduction_.components([stats[Stat.KL], stats[Stat.CE], stats[Stat.WEIGHT] * spec.weight_factor,
-                                        stats[Stat.ENTROPY]], valid)
-
-
-# ---------------------------------------------------------------------------------------------- top-k logits
-
-
-def _safe_logsumexp(x: torch.Tensor, dim: int) -> torch.Tensor:
-    """logsumexp whose gradient is 0, not NaN, where every entry is -inf (a rank whose columns all lie in S
-    has an empty tail; a row's target lies on one rank only)."""
-    m = x.detach().amax(dim, keepdim=True)
-    m = torch.where(m > float("-inf"), m, 0)
-    total = torch.exp(x - m).sum(dim)
-    positive = total > 0
-    return torch.where(positive, m.squeeze(dim) + torch.log(torch.where(positive, total, 1)), float("-inf"))
-
-
-def _sharded_topk_rows(z, ids, logprobs, target, valid, spec, tail, shards):
-    """``reference.topk_loss_rows`` of rows whose columns the ranks hold (``z``: this rank's columns, in the
-    compute dtype), the same on every rank, differentiable with respect to ``z``: each rank's (max-free) log-sums
-    over all its columns, over its columns outside S, of the untempered logits for the CE, its logits of S and of
-    the target, one all_gather of them (4 + k numbers per row), and the merge; the other ranks' numbers are
-    constants here, so autograd gives this rank's columns' gradient, and the backward issues no collective."""
-    n, width = z.shape
-    offset = shards.offset
-    z = torch.where(valid.unsqueeze(-1), z, 0)
-    in_s, ids, log_pt, weight = reference.topk_teacher(ids, logprobs, valid, shards.vocab, z.dtype,
-                                                       teacher_scale=spec.teacher_scale, weighted=spec.weighted,
-                                                       tail=tail)
-    weight = weight * spec.weight_factor
-    scaled = z * spec.student_scale
-    here = in_s & (ids >= offset) & (ids < offset + width)
-    local_ids = torch.where(here, ids - offset, 0)
-    member = torch.zeros((n, width + 1), dtype=torch.bool, device=z.device)
-    member = member.scatter(-1, torch.where(here, local_ids, width), True)[:, :width]
-    y = torch.zeros(n, dtype=torch.long, device=z.device) if target is None else target
-    y_here = valid & (y >= offset) & (y < offset + width)
-    z_y = z.gather(-1, torch.where(y_here, y - offset, 0).unsqueeze(-1)).squeeze(-1)
-    mine = torch.cat([torch.stack([_safe_logsumexp(scaled, -1),
-                                   _safe_logsumexp(scaled.masked_fill(member, float("-inf")), -1),
-                                   _safe_logsumexp(z, -1),
-                                   z_y.masked_fill(~y_here, float("-inf"))], -1),
-                      scaled.gather(-1, local_ids).masked_fill(~here, float("-inf"))], -1)
-    gathered = mine.new_empty((len(shards.widths),) + tuple(mine.shape))
-    _all_gather_single(gathered.view(-1), mine.detach().contiguous().view(-1), group=shards.group)
-    parts = torch.stack([mine if rank == shards.index else gathered[rank] for rank in range(len(shards.widths))])
-    lse, lse_tail, lse_z = (_safe_logsumexp(parts[..., i], 0) for i in range(3))
-    # The target's logit and each id's are finite on the one rank that holds them: a sum of the finite entries.
-    held = torch.where(torch.isfinite(parts[..., 3:]), parts[..., 3:], 0).sum(0)
-    scaled_s = held[:, 1:].masked_fill(~in_s, float("-inf"))
-    log_q = torch.cat([scaled_s, lse_tail.unsqueeze(-1)], -1) - lse.unsqueeze(-1)
-    kl = reference.divergence(log_pt, log_q, spec.jsd_beta)
-    rows = reference._row_terms(kl, weight, None, target, valid, beta=spec.beta, kl_scale=spec.kl_scale,
-                                ce_weight=spec.ce_weight, ce=lse_z - held[:, 0])
-    rows["entropy"] = torch.where(valid, reference.entropy(log_q), 0)
-    return rows
-
-
-def vocab_parallel_topk_loss(student_logits, ids, logprobs, target, spec, *, tail, process_group, reduction, backend,
-                             return_components, num_items_in_batch=None, vocab_size=None):
-    """``topk._fused_topk_loss`` for student logits whose columns the ranks of ``process_group`` hold, and the
-    teacher's whole (..., k) top-k in global ids on every rank (each rank handles the ids of its columns).
-
-    The reference's arithmetic in float32 (float64 for float64 logits) on each rank's columns, unfused: a few
-    (N, width) temporaries per rank, and the gradient by autograd from this rank's terms (the top-k kernels
-    have no partial statistics yet). Collectives: the agreement, one all_gather of 4 + k numbers per row."""
-    from . import topk  # imported on first use: it imports this module's importers
-
-    index = _member(process_group)
-    device = exchange_device(process_group, student_logits, ids, logprobs, target)
-    names = ("the number of rows N", "the student_logits dtype", "the device type", "whether a target is given",
-             "k (the last dimension of teacher_topk_ids)", "the teacher_topk_ids",
-             "the largest id in teacher_topk_ids",
-             "the loss settings (gamma or temperature, beta, ce_weight, ignore_index, softcap, logit_scale, tail, "
-             "reduction)")
-
-    def check():
-        functional.validate_logits("student_logits", student_logits)
-        functional.validate_options(reduction, spec.ignore_index)
-        reduction_.validate_num_items(num_items_in_batch, reduction)
-        _ops.resolve_backend(backend, device, student_logits.dtype)
-        lead = student_logits.shape[:-1]
-        if target is not None:
-            functional.validate_target(target, lead, None, device, spec.ignore_index)
-        valid = reduction_.valid_rows(target, lead, device, spec.ignore_index)
-        # The global vocabulary is known after the exchange: the ids' range against it is checked then.
-        reference.check_topk_divergence(tail, spec.jsd_beta)
-        topk.validate_topk(ids, logprobs, lead, _INT64_MAX, device, tail, valid)
-        flat = ids.reshape(-1).long()
-        fingerprint = int((flat * torch.arange(1, flat.numel() + 1, device=flat.device)).sum())
-        return student_logits.shape[-1], (lead.numel(), student_logits.dtype, device.type, target is not None,
-                                          ids.shape[-1], fingerprint, int(flat.max()) if flat.numel() else -1,
-                                          _settings(spec, tail, reduction))
-
-    shards = agree(process_group, index, device, check, names, target, spec.ignore_index, num_items_in_batch,
-                   vocab_size)
-    spec = spec.at_vocab(shards.vocab)  # the whole vocabulary, not this rank's shard (see LossSpec)
-    largest = int(ids.max()) if ids.numel() else -1
-    if largest >= shards.vocab:
-        raise ValueError(f"teacher_topk_ids holds ids outside [0, {shards.vocab}) (the global vocabulary: the ranks' "
-                         f"shard widths {list(shards.widths)} together), e.g. {largest}")
-    lead = student_logits.shape[:-1]
-    compute = torch.float64 if student_logits.dtype == torch.float64 else torch.float32
-    flat_target = None if target is None else target.reshape(-1).long()
-    valid = reduction_.valid_rows(flat_target, (lead.numel(),), device, spec.ignore_index)
-    z = student_logits.reshape(-1, student_logits.shape[-1]).to(compute)
-    rows = _sharded_topk_rows(z, ids.reshape(-1, ids.shape[-1]).long(), logprobs.reshape(-1, ids.shape[-1]),
-                              flat_target, valid, spec, tail, shards)
-    loss = rows["loss"].view(lead)
-    if reduction != "none":
-        loss = loss.sum()
-        if reduction == "mean":
-            loss = loss / reduction_.mean_denominator(flat_target, spec.ignore_index, lead.numel(), device,
-                                                      num_items_in_batch, dtype=compute)
-    if not return_components:
-        return loss
-    return loss, reduction_.components([rows[k] for k in ("kl", "ce", "weight", "entropy")], valid.view(lead))
-
-
-# ---------------------------------------------------------------------------------------------- fused linear
+# ---------------------------------------------------------------------------------------------- LM heads
 
 
 class _SumGradOverGroup(torch.autograd.Function):
@@ -501,196 +291,6 @@ class _SumGradOverGroup(torch.autograd.Function):
         grad = grad.contiguous()
         dist.all_reduce(grad, group=ctx.group)
         return grad, None
-
-
-def _sharded_chunk_loss(z, v, y, row_grad, spec, *, shards):
-    """``linear._chunk_loss`` for a chunk whose columns the ranks hold: the chunk's ``linear.ROW_TERMS`` rows,
-    and with ``row_grad`` its gradient written over ``z``."""
-    pieces = _ops.RowPieces(spec.backend, spec.loss.kernel_params(), spec.loss.weighted, shards.vocab)
-    stats = sharded_rows(pieces, shards, z, v, y, grad=None if row_grad is None else z, row_grad=row_grad)
-    return linear.reported_terms(stats[ROW_TERM_STATS], spec.loss)
-
-
-def vocab_parallel_linear_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, target, spec, *,
-                               process_group, reduce_hidden_grad, student_bias, teacher_bias, reduction, chunk_size,
-                               vocab_mismatch, backend, return_components, num_items_in_batch=None, vocab_size=None):
-    """``linear._fused_linear_loss`` with each rank's rows of both LM heads: the chunk loop of ``linear._run_chunks``
-    with the sharded rows' loss per chunk (every rank runs the same chunks)."""
-    index = _member(process_group)
-    if dist.get_world_size(process_group) == 1:  # the whole LM heads are here
-        return linear._fused_linear_loss(
-            student_hidden, student_weight, teacher_hidden, teacher_weight, target, spec, student_bias=student_bias,
-            teacher_bias=teacher_bias, reduction=reduction, chunk_size=chunk_size, vocab_mismatch=vocab_mismatch,
-            backend=backend, return_components=return_components, num_items_in_batch=num_items_in_batch,
-            vocab_size=vocab_size)
-    device = exchange_device(process_group, student_hidden, teacher_hidden, target)
-    names = ("the number of rows N", "the student hidden size", "the teacher hidden size", "the student dtype",
-             "the teacher dtype", "the device type", "whether a target is given",
-             "the loss settings (gamma or temperature, beta, ce_weight, ignore_index, softcap, logit_scale, "
-             "reduction, chunk_size, reduce_hidden_grad, biases, backend)")
-
-    def check():
-        if not isinstance(reduce_hidden_grad, bool):
-            raise TypeError(f"reduce_hidden_grad must be True or False, got {reduce_hidden_grad!r}")
-        tensors = (student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias)
-        if any(map(is_dtensor, tensors)):
-            raise TypeError("with process_group, pass each rank's own shards as plain tensors (DTensor.to_local())")
-        lead = linear._check_linear_args(student_hidden, student_weight, student_bias, teacher_hidden,
-                                         teacher_weight, teacher_bias, spec.ignore_index, reduction, chunk_size,
-                                         vocab_mismatch, num_items_in_batch)
-        if vocab_mismatch != "error":
-            raise ValueError(f"vocab_mismatch={vocab_mismatch!r} is not supported with process_group: give every "
-                             "rank the teacher's rows of the student's vocabulary slice")
-        if teacher_weight.shape[0] != student_weight.shape[0]:
-            raise ValueError(f"with process_group, each rank's teacher_weight must hold the rows of its "
-                             f"student_weight's vocabulary slice: got {teacher_weight.shape[0]} and "
-                             f"{student_weight.shape[0]} rows")
-        if target is not None:
-            functional.validate_target(target, lead, None, device, spec.ignore_index)
-        resolved = _compiled_backend(backend, device, student_hidden.dtype)
-        settings = _settings(spec, reduction, chunk_size, reduce_hidden_grad, student_bias is None,
-                             teacher_bias is None, resolved)
-        return student_weight.shape[0], (lead.numel(), student_hidden.shape[-1], teacher_hidden.shape[-1],
-                                          student_hidden.dtype, teacher_hidden.dtype, device.type,
-                                          target is not None, settings)
-
-    shards = agree(process_group, index, device, check, names, target, spec.ignore_index, num_items_in_batch,
-                   vocab_size)
-    spec = spec.at_vocab(shards.vocab)  # the whole vocabulary, not this rank's shard (see LossSpec)
-    backend = _ops.resolve_backend(backend, device, student_hidden.dtype)
-    lead = student_hidden.shape[:-1]
-    n = lead.numel()
-    target = None if target is None else target.reshape(-1).long()
-    launch = linear.Launch(spec, backend)
-    denominator = None
-    if reduction == "mean":
-        denominator = reduction_.mean_denominator(target, spec.ignore_index, n, device, num_items_in_batch,
-                                                  dtype=linear._accumulation_dtype(student_hidden.dtype))
-    needs = tuple(torch.is_grad_enabled() and x is not None and x.requires_grad
-                  for x in (student_hidden, student_weight, student_bias))
-    # Every rank runs the same chunks (each one's collectives): sized for the widest shard.
-    chunk = chunk_size or linear.default_chunk_size(
-        n, max(shards.widths), student_hidden.dtype, teacher_hidden.dtype, device,
-        fp32_scratch=needs[1] and student_weight.dtype not in (torch.float32, torch.float64),
-        softcap_scratch=any(needs) and spec.softcap is not None)
-    hidden = student_hidden.reshape(-1, student_hidden.shape[-1])
-    if reduce_hidden_grad and needs[0]:
-        hidden = _SumGradOverGroup.apply(hidden, process_group)
-    teacher = linear.DenseTeacher(teacher_hidden.reshape(-1, teacher_hidden.shape[-1]), teacher_weight.detach(),
-                                  None if teacher_bias is None else teacher_bias.detach(), student_weight.shape[0],
-                                  loss=functools.partial(_sharded_chunk_loss, shards=shards))
-    loss, terms = linear._FusedLinearLoss.apply(hidden, student_weight, student_bias, teacher, target, launch,
-                                                reduction, chunk, needs, denominator)
-    if reduction == "none":
-        loss = loss.view(lead)
-    if not return_components:
-        return loss
-    return loss, reduction_.components(terms, reduction_.valid_rows(target, (n,), device, spec.ignore_index).view(lead))
-
-
-class _ShardedTopkTeacher:
-    """The top-k teacher of the chunk loop (``linear._run_chunks``) when the ranks hold the student head's rows:
-    each chunk's loss by ``_sharded_topk_rows`` (its all_gather included) and its gradient by autograd, as the
-    reference backend computes a chunk (``linear.loss_and_grad_torch``); no buffer, no GEMM."""
-
-    buffer_dtype = None
-
-    def __init__(self, ids, logprobs, tail, shards):
-        self.ids, self.logprobs, self.tail, self.shards = ids, logprobs, tail, shards
-
-    def allocate(self, chunk, vocab):
-        pass
-
-    def release(self):
-        pass
-
-    def rows(self, index):
-        """This teacher on its rows ``index`` (the chunk loop's counted rows: the same on every rank, whose
-        targets agree)."""
-        return _ShardedTopkTeacher(self.ids[index], self.logprobs[index], self.tail, self.shards)
-
-    def chunk_loss(self, z, start, end, y, row_grad, launch):
-        spec = launch.loss
-        ids, logprobs = self.ids[start:end], self.logprobs[start:end]
-        valid = reduction_.valid_rows(y, (end - start,), z.device, spec.ignore_index)
-        return linear.loss_and_grad_torch(
-            z, lambda logits: _sharded_topk_rows(logits, ids, logprobs, y, valid, spec, self.tail, self.shards),
-            row_grad)
-
-
-def vocab_parallel_linear_topk_loss(student_hidden, student_weight, ids, logprobs, target, spec, *, tail,
-                                    process_group, reduce_hidden_grad, student_bias, reduction, chunk_size, backend,
-                                    return_components, num_items_in_batch=None, vocab_size=None):
-    """``topk._fused_linear_topk_loss`` with each rank's rows of the student's LM head and the teacher's whole top-k
-    in global ids: the chunk loop of ``linear._run_chunks`` with ``_ShardedTopkTeacher`` (every rank runs the same
-    chunks). Like ``vocab_parallel_topk_loss``, the reference's arithmetic on each rank's columns, unfused."""
-    from . import topk  # imported on first use: it imports this module's importers
-
-    index = _member(process_group)
-    device = exchange_device(process_group, student_hidden, ids, logprobs, target)
-    names = ("the number of rows N", "the student hidden size", "the student dtype", "the device type",
-             "whether a target is given", "k (the last dimension of teacher_topk_ids)", "the teacher_topk_ids",
-             "the largest id in teacher_topk_ids",
-             "the loss settings (gamma or temperature, beta, ce_weight, ignore_index, softcap, logit_scale, tail, "
-             "reduction, chunk_size, reduce_hidden_grad, bias)")
-
-    def check():
-        if not isinstance(reduce_hidden_grad, bool):
-            raise TypeError(f"reduce_hidden_grad must be True or False, got {reduce_hidden_grad!r}")
-        if any(map(is_dtensor, (student_hidden, student_weight, student_bias))):
-            raise TypeError("with process_group, pass each rank's own shards as plain tensors (DTensor.to_local())")
-        linear.validate_student(student_hidden, student_weight, student_bias, reduction, spec.ignore_index,
-                                chunk_size, num_items_in_batch)
-        _ops.resolve_backend(backend, device, student_hidden.dtype)
-        lead = student_hidden.shape[:-1]
-        if target is not None:
-            functional.validate_target(target, lead, None, device, spec.ignore_index)
-        valid = reduction_.valid_rows(target, lead, device, spec.ignore_index)
-        # The global vocabulary is known after the exchange: the ids' range against it is checked then.
-        reference.check_topk_divergence(tail, spec.jsd_beta)
-        topk.validate_topk(ids, logprobs, lead, _INT64_MAX, device, tail, valid)
-        flat = ids.reshape(-1).long()
-        fingerprint = int((flat * torch.arange(1, flat.numel() + 1, device=flat.device)).sum())
-        return student_weight.shape[0], (lead.numel(), student_hidden.shape[-1], student_hidden.dtype, device.type,
-                                          target is not None, ids.shape[-1], fingerprint,
-                                          int(flat.max()) if flat.numel() else -1,
-                                          _settings(spec, tail, reduction, chunk_size, reduce_hidden_grad,
-                                                    student_bias is None))
-
-    shards = agree(process_group, index, device, check, names, target, spec.ignore_index, num_items_in_batch,
-                   vocab_size)
-    spec = spec.at_vocab(shards.vocab)  # the whole vocabulary, not this rank's shard (see LossSpec)
-    largest = int(ids.max()) if ids.numel() else -1
-    if largest >= shards.vocab:
-        raise ValueError(f"teacher_topk_ids holds ids outside [0, {shards.vocab}) (the global vocabulary: the ranks' "
-                         f"shard widths {list(shards.widths)} together), e.g. {largest}")
-    lead = student_hidden.shape[:-1]
-    n = lead.numel()
-    target = None if target is None else target.reshape(-1).long()
-    denominator = None
-    if reduction == "mean":
-        denominator = reduction_.mean_denominator(target, spec.ignore_index, n, device, num_items_in_batch,
-                                                  dtype=linear._accumulation_dtype(student_hidden.dtype))
-    needs = tuple(torch.is_grad_enabled() and x is not None and x.requires_grad
-                  for x in (student_hidden, student_weight, student_bias))
-    # Every rank runs the same chunks (each one's collectives): sized for the widest shard.
-    chunk = chunk_size or linear.default_chunk_size(
-        n, max(shards.widths), student_hidden.dtype, None, device,
-        fp32_scratch=needs[1] and student_weight.dtype not in (torch.float32, torch.float64),
-        softcap_scratch=any(needs) and spec.softcap is not None)
-    hidden = student_hidden.reshape(-1, student_hidden.shape[-1])
-    if reduce_hidden_grad and needs[0]:
-        hidden = _SumGradOverGroup.apply(hidden, process_group)
-    k = ids.shape[-1]
-    teacher = _ShardedTopkTeacher(ids.reshape(-1, k).long(), logprobs.reshape(-1, k), tail, shards)
-    # The chunks' loss is the reference's arithmetic: the "torch" launch (the chunk buffer keeps its dtype).
-    loss, terms = linear._FusedLinearLoss.apply(hidden, student_weight, student_bias, teacher, target,
-                                                linear.Launch(spec, "torch"), reduction, chunk, needs, denominator)
-    if reduction == "none":
-        loss = loss.view(lead)
-    if not return_components:
-        return loss
-    return loss, reduction_.components(terms, reduction_.valid_rows(target, (n,), device, spec.ignore_index).view(lead))
 
 
 # ---------------------------------------------------------------------------------------------- FSDP2

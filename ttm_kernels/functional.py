@@ -9,17 +9,18 @@ read of each row, saving only per-row fp32 statistics for the backward.
 """
 from __future__ import annotations
 
-import sys
 from typing import Optional
 
 import torch
+import torch.distributed as dist
 
 from . import _ops, reference, spec as specs
 from ._rows import row_view, rows_overlap
 from ._stats import Stat
+from .distributed import _local_logits, _settings, agree, exchange_device, is_dtensor, sharded_rows
 from .reduction import (REDUCTIONS, LossComponents, components, mean_denominator, valid_rows,
                         validate_num_items)
-from .spec import DEFAULT_GAMMA, DEFAULT_TEMPERATURE, LossSpec, check_flag as _check_flag
+from .spec import DEFAULT_GAMMA, DEFAULT_TEMPERATURE, LossSpec, check_flag as _check_flag, check_vocab_size
 
 def validate_logits(name: str, x) -> None:
     if not isinstance(x, torch.Tensor):
@@ -72,13 +73,6 @@ def _validate_inplace(student_logits: torch.Tensor) -> None:
                          "overwrite each other")
 
 
-def is_dtensor(x) -> bool:
-    """Whether ``x`` is a ``torch.distributed.tensor.DTensor`` (without importing that module, slow to import:
-    no DTensor exists before it is imported)."""
-    module = sys.modules.get("torch.distributed.tensor")
-    return module is not None and isinstance(x, module.DTensor)
-
-
 def validate_target(target, lead_shape, vocab, device, ignore_index) -> None:
     """Class indices of the leading shape, on ``device``, in [0, vocab) or ``ignore_index``; else a clear error.
     ``vocab=None`` leaves the range to the caller (the vocabulary-parallel losses check it across ranks).
@@ -111,17 +105,6 @@ def validate_target(target, lead_shape, vocab, device, ignore_index) -> None:
     elif bool(bad.any()):
         raise ValueError(f"target holds class indices outside [0, {vocab}) that are not ignore_index="
                          f"{ignore_index}, e.g. {target[bad].flatten()[0].item()}")
-
-
-def check_vocab_size(vocab_size, vocab=None) -> None:
-    """``vocab_size``: None, or a positive int: the whole vocabulary, which the ranks' shard widths must sum to
-    (checked in the agreement), and, given ``vocab`` (the columns of a call without a process group), its width."""
-    if vocab_size is not None and (isinstance(vocab_size, bool) or not isinstance(vocab_size, int)
-                                   or vocab_size < 1):
-        raise ValueError(f"vocab_size must be None or a positive int, got {vocab_size!r}")
-    if vocab is not None and vocab_size is not None and vocab != vocab_size:
-        raise ValueError(f"vocab_size={vocab_size}, but the student's logits have {vocab} columns (without "
-                         "process_group, a call holds the whole vocabulary)")
 
 
 def reference_rows(rows_of, target, vocab, ignore_index) -> dict:
@@ -164,8 +147,7 @@ def _fused_loss(student_logits, teacher_logits, target, spec: LossSpec, *, reduc
         if isinstance(teacher_logits, torch.Tensor) and teacher_logits.is_floating_point():
             teacher_logits = head_post(teacher_logits, spec.teacher_head)
     if process_group is not None or (not torch.compiler.is_compiling() and is_dtensor(student_logits)):
-        from . import distributed  # imported on first use: it imports this module
-        return distributed.vocab_parallel_loss(
+        return vocab_parallel_loss(
             student_logits, teacher_logits, target, spec, process_group=process_group, reduction=reduction,
             backend=backend, inplace_backward=inplace_backward, return_components=return_components,
             num_items_in_batch=num_items_in_batch, vocab_size=vocab_size)
@@ -211,6 +193,117 @@ def _fused_loss(student_logits, teacher_logits, target, spec: LossSpec, *, reduc
         terms = [stats[Stat.KL].view(lead), stats[Stat.CE].view(lead),
                  stats[Stat.WEIGHT].view(lead) * spec.weight_factor, stats[Stat.ENTROPY].view(lead)]
     return loss, components(terms, valid_rows(target, lead, student_logits.device, spec.ignore_index))
+
+
+# ---------------------------------------------------------------------------------------------- vocabulary-parallel
+# Logits whose columns the ranks of a process group hold, on the collectives of ``distributed`` (its docstring has
+# the algorithm).
+
+
+def _compiled_backend(backend: str, device, dtype) -> str:
+    resolved = _ops.resolve_backend(backend, device, dtype)
+    if resolved == "torch":
+        raise ValueError(f"the vocabulary-parallel loss runs on the compiled kernels ('triton' on CUDA, 'cpu' on "
+                         f"the CPU), but backend={backend!r} gives the unfused reference for {dtype} tensors on "
+                         f"{device} (float64 inputs, or kernels that are not built): pass float32, bfloat16 or "
+                         "float16 inputs with a compiled backend")
+    return resolved
+
+
+class _VocabParallelLoss(torch.autograd.Function):
+    """(the rows' losses, or their sum times ``row_grad``; the statistics) of rows held in column shards.
+
+    ``row_grad``: the 0-dim gradient of every row's loss ("mean": 1/count, "sum": 1) when the gradient is
+    computed in the forward and kept alone; None: the forward saves the statistics and the inputs, and the
+    backward recomputes the gradient from them for its per-row upstream gradients ("none"). Neither backward
+    issues a collective."""
+
+    @staticmethod
+    def forward(ctx, student, teacher, target, row_grad, pieces, shards):
+        ctx.set_materialize_grads(False)
+        grad = None if row_grad is None else torch.empty(student.shape, dtype=student.dtype, device=student.device)
+        stats = sharded_rows(pieces, shards, student, teacher, target, grad=grad, row_grad=row_grad)
+        ctx.mark_non_differentiable(stats)
+        ctx.eager, ctx.grad = grad is not None, grad
+        if ctx.eager:
+            return stats[Stat.LOSS].sum() * row_grad, stats
+        ctx.pieces, ctx.offset = pieces, shards.offset
+        ctx.save_for_backward(student, teacher, target, stats)
+        return stats[Stat.LOSS].clone(), stats
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_stats):
+        _ops.refuse_higher_order()
+        if grad_loss is None:
+            return (None,) * 6
+        if ctx.eager:
+            if ctx.grad is None:
+                raise RuntimeError("vocabulary-parallel loss: its gradient was computed in the forward and already "
+                                   "handed to a first backward; recompute the loss to backpropagate again")
+            grad, ctx.grad = ctx.grad, None
+            _ops.scale_grad_(grad, grad_loss)
+            return grad, None, None, None, None, None
+        student, teacher, target, stats = ctx.saved_tensors
+        grad = torch.empty(student.shape, dtype=student.dtype, device=student.device)
+        ctx.pieces.second_pass(student, teacher, target, stats, ctx.offset, grad=grad, row_grad=grad_loss.reshape(-1))
+        return grad, None, None, None, None, None
+
+
+def vocab_parallel_loss(student_logits, teacher_logits, target, spec, *, process_group, reduction, backend,
+                        inplace_backward, return_components, num_items_in_batch=None, vocab_size=None):
+    """``_fused_loss`` for logits whose columns the ranks of ``process_group`` hold (or DTensors
+    sharded on the last dimension): the loss of the whole rows on every rank, and this rank's columns' gradient."""
+    student, teacher, target, group, index = _local_logits(student_logits, teacher_logits, target, process_group)
+    if dist.get_world_size(group) == 1:  # the whole rows are here: the one-pass kernels
+        # (the heads' post-processing is already applied: the spec without it)
+        return _fused_loss(student, teacher, target, spec.without_head_post(), reduction=reduction, backend=backend,
+                           inplace_backward=inplace_backward, return_components=return_components,
+                           num_items_in_batch=num_items_in_batch, vocab_size=vocab_size)
+    device = exchange_device(group, student, teacher, target)
+    names = ("the number of rows N", "the student_logits dtype", "the teacher_logits dtype", "the device type",
+             "whether a target is given", "the loss settings (gamma or temperature, beta, ce_weight, "
+             "ignore_index, softcap, logit_scale, reduction, backend)")
+
+    def check():
+        if inplace_backward:
+            raise ValueError("inplace_backward=True is not supported with process_group (each rank's logits are "
+                             "already 1/world of the vocabulary)")
+        _validate(student, teacher, None, spec.ignore_index, reduction)
+        validate_num_items(num_items_in_batch, reduction)
+        if target is not None:
+            validate_target(target, student.shape[:-1], None, device, spec.ignore_index)
+        resolved = _compiled_backend(backend, device, student.dtype)
+        settings = _settings(spec, reduction, resolved)
+        return student.shape[-1], (student[..., 0].numel(), student.dtype, teacher.dtype, device.type,
+                                   target is not None, settings)
+
+    shards = agree(group, index, device, check, names, target, spec.ignore_index, num_items_in_batch,
+                   vocab_size)
+    spec = spec.at_vocab(shards.vocab)  # the whole vocabulary, not this rank's shard (see LossSpec)
+    backend = _ops.resolve_backend(backend, device, student.dtype)
+    lead = student.shape[:-1]
+    flat_target = None if target is None else target.reshape(-1).long()
+    valid = (torch.ones(lead, dtype=torch.bool, device=device) if target is None else target != spec.ignore_index)
+    pieces = _ops.RowPieces(backend, spec.kernel_params(), spec.weighted, shards.vocab)
+    denominator = None
+    if reduction == "mean":
+        denominator = mean_denominator(target, spec.ignore_index, valid.numel(), device, num_items_in_batch)
+    row_grad = None
+    if reduction != "none" and student.requires_grad and torch.is_grad_enabled():
+        row_grad = (1.0 / denominator if reduction == "mean"
+                    else torch.ones((), dtype=torch.float32, device=device))
+    loss, stats = _VocabParallelLoss.apply(student, teacher, flat_target, row_grad, pieces, shards)
+    if row_grad is None:
+        if reduction == "none":
+            loss = loss.view(lead)
+        else:
+            loss = loss.sum()
+            loss = loss / denominator if reduction == "mean" else loss
+    if not return_components:
+        return loss
+    # The kernels' weight row is U; the factor of weight_norm is folded into their kl_coef.
+    return loss, components([stats[Stat.KL], stats[Stat.CE], stats[Stat.WEIGHT] * spec.weight_factor,
+                             stats[Stat.ENTROPY]], valid)
 
 
 _COMMON_DOC = """

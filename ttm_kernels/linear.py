@@ -26,13 +26,15 @@ import functools
 from typing import NamedTuple, Optional
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
-from . import _ops, reference, spec as specs
+from . import _ops, distributed, reference, spec as specs
 from ._stats import ROW_TERM_STATS
-from .functional import check_vocab_size, is_dtensor, validate_options, validate_target
+from .distributed import _SumGradOverGroup, _member, _settings, agree, exchange_device, is_dtensor, sharded_rows
+from .functional import _compiled_backend, validate_options, validate_target
 from .reduction import components, mean_denominator, valid_rows, validate_num_items
-from .spec import AS_STUDENT, DEFAULT_GAMMA, DEFAULT_TEMPERATURE, LossSpec, check_weight_norm
+from .spec import AS_STUDENT, DEFAULT_GAMMA, DEFAULT_TEMPERATURE, LossSpec, check_vocab_size, check_weight_norm
 
 VOCAB_MISMATCH = ("error", "truncate_teacher")
 # The chunk buffers' bytes are budgeted, not rows. CUDA: 1 GiB (2048 rows at V=128256 bf16) ran within 3% of
@@ -414,15 +416,13 @@ def _fused_linear_loss(student_hidden, student_weight, teacher_hidden, teacher_w
     if process_group is not None:
         if return_soft_hard:
             raise ValueError("return_soft_hard is not supported with process_group yet")
-        from . import distributed  # imported on first use: it imports this module
-        return distributed.vocab_parallel_linear_loss(
+        return vocab_parallel_linear_loss(
             student_hidden, student_weight, teacher_hidden, teacher_weight, target, spec, process_group=process_group,
             reduce_hidden_grad=reduce_hidden_grad, student_bias=student_bias, teacher_bias=teacher_bias,
             reduction=reduction, chunk_size=chunk_size, vocab_mismatch=vocab_mismatch, backend=backend,
             return_components=return_components, num_items_in_batch=num_items_in_batch, vocab_size=vocab_size)
     if not torch.compiler.is_compiling() and any(map(is_dtensor, (student_weight, student_bias, teacher_weight,
                                                                    teacher_bias))):
-        from . import distributed
         student_weight, student_bias = distributed.full_parameters(student_weight, student_bias)
         teacher_weight, teacher_bias = distributed.full_parameters(teacher_weight, teacher_bias, constant=True)
     lead = _check_linear_args(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight,
@@ -472,6 +472,95 @@ def run_linear_loss(student_hidden, student_weight, student_bias, teacher, targe
     if not return_components:
         return loss
     return loss, components(terms, valid_rows(target, lead, device, spec.ignore_index).view(lead))
+
+
+# ---------------------------------------------------------------------------------------------- vocabulary-parallel
+# Each rank holds rows of both LM heads, on the collectives of ``distributed`` (its docstring has the algorithm).
+
+
+def _sharded_chunk_loss(z, v, y, row_grad, spec, *, shards):
+    """``_chunk_loss`` for a chunk whose columns the ranks hold: the chunk's ``ROW_TERMS`` rows,
+    and with ``row_grad`` its gradient written over ``z``."""
+    pieces = _ops.RowPieces(spec.backend, spec.loss.kernel_params(), spec.loss.weighted, shards.vocab)
+    stats = sharded_rows(pieces, shards, z, v, y, grad=None if row_grad is None else z, row_grad=row_grad)
+    return reported_terms(stats[ROW_TERM_STATS], spec.loss)
+
+
+def vocab_parallel_linear_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, target, spec, *,
+                               process_group, reduce_hidden_grad, student_bias, teacher_bias, reduction, chunk_size,
+                               vocab_mismatch, backend, return_components, num_items_in_batch=None, vocab_size=None):
+    """``_fused_linear_loss`` with each rank's rows of both LM heads: the chunk loop of ``_run_chunks``
+    with the sharded rows' loss per chunk (every rank runs the same chunks)."""
+    index = _member(process_group)
+    if dist.get_world_size(process_group) == 1:  # the whole LM heads are here
+        return _fused_linear_loss(
+            student_hidden, student_weight, teacher_hidden, teacher_weight, target, spec, student_bias=student_bias,
+            teacher_bias=teacher_bias, reduction=reduction, chunk_size=chunk_size, vocab_mismatch=vocab_mismatch,
+            backend=backend, return_components=return_components, num_items_in_batch=num_items_in_batch,
+            vocab_size=vocab_size)
+    device = exchange_device(process_group, student_hidden, teacher_hidden, target)
+    names = ("the number of rows N", "the student hidden size", "the teacher hidden size", "the student dtype",
+             "the teacher dtype", "the device type", "whether a target is given",
+             "the loss settings (gamma or temperature, beta, ce_weight, ignore_index, softcap, logit_scale, "
+             "reduction, chunk_size, reduce_hidden_grad, biases, backend)")
+
+    def check():
+        if not isinstance(reduce_hidden_grad, bool):
+            raise TypeError(f"reduce_hidden_grad must be True or False, got {reduce_hidden_grad!r}")
+        tensors = (student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias)
+        if any(map(is_dtensor, tensors)):
+            raise TypeError("with process_group, pass each rank's own shards as plain tensors (DTensor.to_local())")
+        lead = _check_linear_args(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight,
+                                  teacher_bias, spec.ignore_index, reduction, chunk_size, vocab_mismatch,
+                                  num_items_in_batch)
+        if vocab_mismatch != "error":
+            raise ValueError(f"vocab_mismatch={vocab_mismatch!r} is not supported with process_group: give every "
+                             "rank the teacher's rows of the student's vocabulary slice")
+        if teacher_weight.shape[0] != student_weight.shape[0]:
+            raise ValueError(f"with process_group, each rank's teacher_weight must hold the rows of its "
+                             f"student_weight's vocabulary slice: got {teacher_weight.shape[0]} and "
+                             f"{student_weight.shape[0]} rows")
+        if target is not None:
+            validate_target(target, lead, None, device, spec.ignore_index)
+        resolved = _compiled_backend(backend, device, student_hidden.dtype)
+        settings = _settings(spec, reduction, chunk_size, reduce_hidden_grad, student_bias is None,
+                             teacher_bias is None, resolved)
+        return student_weight.shape[0], (lead.numel(), student_hidden.shape[-1], teacher_hidden.shape[-1],
+                                          student_hidden.dtype, teacher_hidden.dtype, device.type,
+                                          target is not None, settings)
+
+    shards = agree(process_group, index, device, check, names, target, spec.ignore_index, num_items_in_batch,
+                   vocab_size)
+    spec = spec.at_vocab(shards.vocab)  # the whole vocabulary, not this rank's shard (see LossSpec)
+    backend = _ops.resolve_backend(backend, device, student_hidden.dtype)
+    lead = student_hidden.shape[:-1]
+    n = lead.numel()
+    target = None if target is None else target.reshape(-1).long()
+    launch = Launch(spec, backend)
+    denominator = None
+    if reduction == "mean":
+        denominator = mean_denominator(target, spec.ignore_index, n, device, num_items_in_batch,
+                                       dtype=_accumulation_dtype(student_hidden.dtype))
+    needs = tuple(torch.is_grad_enabled() and x is not None and x.requires_grad
+                  for x in (student_hidden, student_weight, student_bias))
+    # Every rank runs the same chunks (each one's collectives): sized for the widest shard.
+    chunk = chunk_size or default_chunk_size(
+        n, max(shards.widths), student_hidden.dtype, teacher_hidden.dtype, device,
+        fp32_scratch=needs[1] and student_weight.dtype not in (torch.float32, torch.float64),
+        softcap_scratch=any(needs) and spec.softcap is not None)
+    hidden = student_hidden.reshape(-1, student_hidden.shape[-1])
+    if reduce_hidden_grad and needs[0]:
+        hidden = _SumGradOverGroup.apply(hidden, process_group)
+    teacher = DenseTeacher(teacher_hidden.reshape(-1, teacher_hidden.shape[-1]), teacher_weight.detach(),
+                           None if teacher_bias is None else teacher_bias.detach(), student_weight.shape[0],
+                           loss=functools.partial(_sharded_chunk_loss, shards=shards))
+    loss, terms = _FusedLinearLoss.apply(hidden, student_weight, student_bias, teacher, target, launch, reduction,
+                                         chunk, needs, denominator)
+    if reduction == "none":
+        loss = loss.view(lead)
+    if not return_components:
+        return loss
+    return loss, components(terms, valid_rows(target, (n,), device, spec.ignore_index).view(lead))
 
 
 _COMMON_DOC = """
@@ -549,6 +638,7 @@ _COMMON_DOC = """
         backward only scales them (a second backward through the same loss raises); with "none", and for
         float64 inputs, the backward recomputes the chunks.
 """
+
 
 
 def fused_linear_wttm_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor, teacher_hidden: torch.Tensor,

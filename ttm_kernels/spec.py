@@ -52,6 +52,17 @@ def check_flag(name: str, value) -> bool:
     return value
 
 
+def check_vocab_size(vocab_size, vocab=None) -> None:
+    """``vocab_size``: None, or a positive int: the whole vocabulary, which the ranks' shard widths must sum to
+    (checked in the agreement), and, given ``vocab`` (the columns of a call without a process group), its width."""
+    if vocab_size is not None and (isinstance(vocab_size, bool) or not isinstance(vocab_size, int)
+                                   or vocab_size < 1):
+        raise ValueError(f"vocab_size must be None or a positive int, got {vocab_size!r}")
+    if vocab is not None and vocab_size is not None and vocab != vocab_size:
+        raise ValueError(f"vocab_size={vocab_size}, but the student's logits have {vocab} columns (without "
+                         "process_group, a call holds the whole vocabulary)")
+
+
 def check_weight_norm(weight_norm) -> str:
     """``weight_norm`` as given when it is one of ``WEIGHT_NORMS``; else a ValueError naming it."""
     if not isinstance(weight_norm, str) or weight_norm not in WEIGHT_NORMS:

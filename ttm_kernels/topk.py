@@ -27,9 +27,11 @@ import torch
 
 from . import _ops, _topk_ops, linear, reference, spec as specs
 from ._stats import ROW_TERM_STATS, TopkStat
-from .functional import check_vocab_size, head_post, reference_rows, validate_logits, validate_options, validate_target
+from .distributed import (_INT64_MAX, _SumGradOverGroup, _all_gather_single, _member, _settings, agree, exchange_device,
+                          is_dtensor)
+from .functional import head_post, reference_rows, validate_logits, validate_options, validate_target
 from .reduction import components, mean_denominator, valid_rows, validate_num_items
-from .spec import DEFAULT_GAMMA, DEFAULT_TEMPERATURE, LossSpec, check_flag as _check_flag
+from .spec import DEFAULT_GAMMA, DEFAULT_TEMPERATURE, LossSpec, check_flag as _check_flag, check_vocab_size
 
 TAILS = reference.TAILS
 PAD_ID = -1
@@ -131,10 +133,9 @@ def _fused_topk_loss(student_logits, ids, logprobs, target, spec: LossSpec, *, t
                      return_components, num_items_in_batch=None, process_group=None, vocab_size=None):
     _check_flag("return_components", return_components)
     if process_group is not None:
-        from . import distributed  # imported on first use: it imports this module's dependencies
         if spec.has_head_post and isinstance(student_logits, torch.Tensor) and student_logits.is_floating_point():
             student_logits = head_post(student_logits, spec.student_head)
-        return distributed.vocab_parallel_topk_loss(
+        return vocab_parallel_topk_loss(
             student_logits, ids, logprobs, target, spec.without_head_post(), tail=tail, process_group=process_group,
             reduction=reduction, backend=backend, return_components=return_components,
             num_items_in_batch=num_items_in_batch, vocab_size=vocab_size)
@@ -312,6 +313,118 @@ fused_kd_loss_topk.__doc__ = """Hinton KD from the teacher's top-k log-probabili
 """ + _TOPK_DOC
 
 
+# --- Vocabulary-parallel: the student's columns (or LM-head rows) split over the ranks of a process group.
+
+def _safe_logsumexp(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """logsumexp whose gradient is 0, not NaN, where every entry is -inf (a rank whose columns all lie in S
+    has an empty tail; a row's target lies on one rank only)."""
+    m = x.detach().amax(dim, keepdim=True)
+    m = torch.where(m > float("-inf"), m, 0)
+    total = torch.exp(x - m).sum(dim)
+    positive = total > 0
+    return torch.where(positive, m.squeeze(dim) + torch.log(torch.where(positive, total, 1)), float("-inf"))
+
+
+def _sharded_topk_rows(z, ids, logprobs, target, valid, spec, tail, shards):
+    """``reference.topk_loss_rows`` of rows whose columns the ranks hold (``z``: this rank's columns, in the
+    compute dtype), the same on every rank, differentiable with respect to ``z``: each rank's (max-free) log-sums
+    over all its columns, over its columns outside S, of the untempered logits for the CE, its logits of S and of
+    the target, one all_gather of them (4 + k numbers per row), and the merge; the other ranks' numbers are
+    constants here, so autograd gives this rank's columns' gradient, and the backward issues no collective."""
+    n, width = z.shape
+    offset = shards.offset
+    z = torch.where(valid.unsqueeze(-1), z, 0)
+    in_s, ids, log_pt, weight = reference.topk_teacher(ids, logprobs, valid, shards.vocab, z.dtype,
+                                                       teacher_scale=spec.teacher_scale, weighted=spec.weighted,
+                                                       tail=tail)
+    weight = weight * spec.weight_factor
+    scaled = z * spec.student_scale
+    here = in_s & (ids >= offset) & (ids < offset + width)
+    local_ids = torch.where(here, ids - offset, 0)
+    member = torch.zeros((n, width + 1), dtype=torch.bool, device=z.device)
+    member = member.scatter(-1, torch.where(here, local_ids, width), True)[:, :width]
+    y = torch.zeros(n, dtype=torch.long, device=z.device) if target is None else target
+    y_here = valid & (y >= offset) & (y < offset + width)
+    z_y = z.gather(-1, torch.where(y_here, y - offset, 0).unsqueeze(-1)).squeeze(-1)
+    mine = torch.cat([torch.stack([_safe_logsumexp(scaled, -1),
+                                   _safe_logsumexp(scaled.masked_fill(member, float("-inf")), -1),
+                                   _safe_logsumexp(z, -1),
+                                   z_y.masked_fill(~y_here, float("-inf"))], -1),
+                      scaled.gather(-1, local_ids).masked_fill(~here, float("-inf"))], -1)
+    gathered = mine.new_empty((len(shards.widths),) + tuple(mine.shape))
+    _all_gather_single(gathered.view(-1), mine.detach().contiguous().view(-1), group=shards.group)
+    parts = torch.stack([mine if rank == shards.index else gathered[rank] for rank in range(len(shards.widths))])
+    lse, lse_tail, lse_z = (_safe_logsumexp(parts[..., i], 0) for i in range(3))
+    # The target's logit and each id's are finite on the one rank that holds them: a sum of the finite entries.
+    held = torch.where(torch.isfinite(parts[..., 3:]), parts[..., 3:], 0).sum(0)
+    scaled_s = held[:, 1:].masked_fill(~in_s, float("-inf"))
+    log_q = torch.cat([scaled_s, lse_tail.unsqueeze(-1)], -1) - lse.unsqueeze(-1)
+    kl = reference.divergence(log_pt, log_q, spec.jsd_beta)
+    rows = reference._row_terms(kl, weight, None, target, valid, beta=spec.beta, kl_scale=spec.kl_scale,
+                                ce_weight=spec.ce_weight, ce=lse_z - held[:, 0])
+    rows["entropy"] = torch.where(valid, reference.entropy(log_q), 0)
+    return rows
+
+
+def vocab_parallel_topk_loss(student_logits, ids, logprobs, target, spec, *, tail, process_group, reduction, backend,
+                             return_components, num_items_in_batch=None, vocab_size=None):
+    """``topk._fused_topk_loss`` for student logits whose columns the ranks of ``process_group`` hold, and the
+    teacher's whole (..., k) top-k in global ids on every rank (each rank handles the ids of its columns).
+
+    The reference's arithmetic in float32 (float64 for float64 logits) on each rank's columns, unfused: a few
+    (N, width) temporaries per rank, and the gradient by autograd from this rank's terms (the top-k kernels
+    have no partial statistics yet). Collectives: the agreement, one all_gather of 4 + k numbers per row."""
+    index = _member(process_group)
+    device = exchange_device(process_group, student_logits, ids, logprobs, target)
+    names = ("the number of rows N", "the student_logits dtype", "the device type", "whether a target is given",
+             "k (the last dimension of teacher_topk_ids)", "the teacher_topk_ids",
+             "the largest id in teacher_topk_ids",
+             "the loss settings (gamma or temperature, beta, ce_weight, ignore_index, softcap, logit_scale, tail, "
+             "reduction)")
+
+    def check():
+        validate_logits("student_logits", student_logits)
+        validate_options(reduction, spec.ignore_index)
+        validate_num_items(num_items_in_batch, reduction)
+        _ops.resolve_backend(backend, device, student_logits.dtype)
+        lead = student_logits.shape[:-1]
+        if target is not None:
+            validate_target(target, lead, None, device, spec.ignore_index)
+        valid = valid_rows(target, lead, device, spec.ignore_index)
+        # The global vocabulary is known after the exchange: the ids' range against it is checked then.
+        reference.check_topk_divergence(tail, spec.jsd_beta)
+        validate_topk(ids, logprobs, lead, _INT64_MAX, device, tail, valid)
+        flat = ids.reshape(-1).long()
+        fingerprint = int((flat * torch.arange(1, flat.numel() + 1, device=flat.device)).sum())
+        return student_logits.shape[-1], (lead.numel(), student_logits.dtype, device.type, target is not None,
+                                          ids.shape[-1], fingerprint, int(flat.max()) if flat.numel() else -1,
+                                          _settings(spec, tail, reduction))
+
+    shards = agree(process_group, index, device, check, names, target, spec.ignore_index, num_items_in_batch,
+                   vocab_size)
+    spec = spec.at_vocab(shards.vocab)  # the whole vocabulary, not this rank's shard (see LossSpec)
+    largest = int(ids.max()) if ids.numel() else -1
+    if largest >= shards.vocab:
+        raise ValueError(f"teacher_topk_ids holds ids outside [0, {shards.vocab}) (the global vocabulary: the ranks' "
+                         f"shard widths {list(shards.widths)} together), e.g. {largest}")
+    lead = student_logits.shape[:-1]
+    compute = torch.float64 if student_logits.dtype == torch.float64 else torch.float32
+    flat_target = None if target is None else target.reshape(-1).long()
+    valid = valid_rows(flat_target, (lead.numel(),), device, spec.ignore_index)
+    z = student_logits.reshape(-1, student_logits.shape[-1]).to(compute)
+    rows = _sharded_topk_rows(z, ids.reshape(-1, ids.shape[-1]).long(), logprobs.reshape(-1, ids.shape[-1]),
+                              flat_target, valid, spec, tail, shards)
+    loss = rows["loss"].view(lead)
+    if reduction != "none":
+        loss = loss.sum()
+        if reduction == "mean":
+            loss = loss / mean_denominator(flat_target, spec.ignore_index, lead.numel(), device,
+                                                      num_items_in_batch, dtype=compute)
+    if not return_components:
+        return loss
+    return loss, components([rows[k] for k in ("kl", "ce", "weight", "entropy")], valid.view(lead))
+
+
 # --- The fused linear variant: the student's logits a chunk of rows at a time, no teacher model at all.
 
 class TopkTeacher:
@@ -354,8 +467,7 @@ def _fused_linear_topk_loss(student_hidden, student_weight, ids, logprobs, targe
                             process_group=None, reduce_hidden_grad=True, vocab_size=None):
     _check_flag("return_components", return_components)
     if process_group is not None:
-        from . import distributed  # imported on first use: it imports this module's dependencies
-        return distributed.vocab_parallel_linear_topk_loss(
+        return vocab_parallel_linear_topk_loss(
             student_hidden, student_weight, ids, logprobs, target, spec, tail=tail, process_group=process_group,
             reduce_hidden_grad=reduce_hidden_grad, student_bias=student_bias, reduction=reduction,
             chunk_size=chunk_size, backend=backend, return_components=return_components,
@@ -490,3 +602,108 @@ def fused_linear_kd_loss_topk(student_hidden: torch.Tensor, student_weight: torc
 fused_linear_kd_loss_topk.__doc__ = """``fused_kd_loss_topk`` (T^2 factor) on the student's LM-head output,
     chunked. temperature: T (default 4).
 """ + _LINEAR_TOPK_DOC
+
+
+# --- The vocabulary-parallel fused linear variant: each rank holds rows of the student's LM head.
+
+class _ShardedTopkTeacher:
+    """The top-k teacher of the chunk loop (``linear._run_chunks``) when the ranks hold the student head's rows:
+    each chunk's loss by ``_sharded_topk_rows`` (its all_gather included) and its gradient by autograd, as the
+    reference backend computes a chunk (``linear.loss_and_grad_torch``); no buffer, no GEMM."""
+
+    buffer_dtype = None
+
+    def __init__(self, ids, logprobs, tail, shards):
+        self.ids, self.logprobs, self.tail, self.shards = ids, logprobs, tail, shards
+
+    def allocate(self, chunk, vocab):
+        pass
+
+    def release(self):
+        pass
+
+    def rows(self, index):
+        """This teacher on its rows ``index`` (the chunk loop's counted rows: the same on every rank, whose
+        targets agree)."""
+        return _ShardedTopkTeacher(self.ids[index], self.logprobs[index], self.tail, self.shards)
+
+    def chunk_loss(self, z, start, end, y, row_grad, launch):
+        spec = launch.loss
+        ids, logprobs = self.ids[start:end], self.logprobs[start:end]
+        valid = valid_rows(y, (end - start,), z.device, spec.ignore_index)
+        return linear.loss_and_grad_torch(
+            z, lambda logits: _sharded_topk_rows(logits, ids, logprobs, y, valid, spec, self.tail, self.shards),
+            row_grad)
+
+
+def vocab_parallel_linear_topk_loss(student_hidden, student_weight, ids, logprobs, target, spec, *, tail,
+                                    process_group, reduce_hidden_grad, student_bias, reduction, chunk_size, backend,
+                                    return_components, num_items_in_batch=None, vocab_size=None):
+    """``topk._fused_linear_topk_loss`` with each rank's rows of the student's LM head and the teacher's whole top-k
+    in global ids: the chunk loop of ``linear._run_chunks`` with ``_ShardedTopkTeacher`` (every rank runs the same
+    chunks). Like ``vocab_parallel_topk_loss``, the reference's arithmetic on each rank's columns, unfused."""
+    index = _member(process_group)
+    device = exchange_device(process_group, student_hidden, ids, logprobs, target)
+    names = ("the number of rows N", "the student hidden size", "the student dtype", "the device type",
+             "whether a target is given", "k (the last dimension of teacher_topk_ids)", "the teacher_topk_ids",
+             "the largest id in teacher_topk_ids",
+             "the loss settings (gamma or temperature, beta, ce_weight, ignore_index, softcap, logit_scale, tail, "
+             "reduction, chunk_size, reduce_hidden_grad, bias)")
+
+    def check():
+        if not isinstance(reduce_hidden_grad, bool):
+            raise TypeError(f"reduce_hidden_grad must be True or False, got {reduce_hidden_grad!r}")
+        if any(map(is_dtensor, (student_hidden, student_weight, student_bias))):
+            raise TypeError("with process_group, pass each rank's own shards as plain tensors (DTensor.to_local())")
+        linear.validate_student(student_hidden, student_weight, student_bias, reduction, spec.ignore_index,
+                                chunk_size, num_items_in_batch)
+        _ops.resolve_backend(backend, device, student_hidden.dtype)
+        lead = student_hidden.shape[:-1]
+        if target is not None:
+            validate_target(target, lead, None, device, spec.ignore_index)
+        valid = valid_rows(target, lead, device, spec.ignore_index)
+        # The global vocabulary is known after the exchange: the ids' range against it is checked then.
+        reference.check_topk_divergence(tail, spec.jsd_beta)
+        validate_topk(ids, logprobs, lead, _INT64_MAX, device, tail, valid)
+        flat = ids.reshape(-1).long()
+        fingerprint = int((flat * torch.arange(1, flat.numel() + 1, device=flat.device)).sum())
+        return student_weight.shape[0], (lead.numel(), student_hidden.shape[-1], student_hidden.dtype, device.type,
+                                          target is not None, ids.shape[-1], fingerprint,
+                                          int(flat.max()) if flat.numel() else -1,
+                                          _settings(spec, tail, reduction, chunk_size, reduce_hidden_grad,
+                                                    student_bias is None))
+
+    shards = agree(process_group, index, device, check, names, target, spec.ignore_index, num_items_in_batch,
+                   vocab_size)
+    spec = spec.at_vocab(shards.vocab)  # the whole vocabulary, not this rank's shard (see LossSpec)
+    largest = int(ids.max()) if ids.numel() else -1
+    if largest >= shards.vocab:
+        raise ValueError(f"teacher_topk_ids holds ids outside [0, {shards.vocab}) (the global vocabulary: the ranks' "
+                         f"shard widths {list(shards.widths)} together), e.g. {largest}")
+    lead = student_hidden.shape[:-1]
+    n = lead.numel()
+    target = None if target is None else target.reshape(-1).long()
+    denominator = None
+    if reduction == "mean":
+        denominator = mean_denominator(target, spec.ignore_index, n, device, num_items_in_batch,
+                                                  dtype=linear._accumulation_dtype(student_hidden.dtype))
+    needs = tuple(torch.is_grad_enabled() and x is not None and x.requires_grad
+                  for x in (student_hidden, student_weight, student_bias))
+    # Every rank runs the same chunks (each one's collectives): sized for the widest shard.
+    chunk = chunk_size or linear.default_chunk_size(
+        n, max(shards.widths), student_hidden.dtype, None, device,
+        fp32_scratch=needs[1] and student_weight.dtype not in (torch.float32, torch.float64),
+        softcap_scratch=any(needs) and spec.softcap is not None)
+    hidden = student_hidden.reshape(-1, student_hidden.shape[-1])
+    if reduce_hidden_grad and needs[0]:
+        hidden = _SumGradOverGroup.apply(hidden, process_group)
+    k = ids.shape[-1]
+    teacher = _ShardedTopkTeacher(ids.reshape(-1, k).long(), logprobs.reshape(-1, k), tail, shards)
+    # The chunks' loss is the reference's arithmetic: the "torch" launch (the chunk buffer keeps its dtype).
+    loss, terms = linear._FusedLinearLoss.apply(hidden, student_weight, student_bias, teacher, target,
+                                                linear.Launch(spec, "torch"), reduction, chunk, needs, denominator)
+    if reduction == "none":
+        loss = loss.view(lead)
+    if not return_components:
+        return loss
+    return loss, components(terms, valid_rows(target, (n,), device, spec.ignore_index).view(lead))
