@@ -519,20 +519,37 @@ class Student(nn.Module):
         return torch.tanh(self.trunk(x))
 
 
-def fsdp_reference(model, data, teacher_head):
+FSDP_TOPK = 8
+
+
+def full_teacher_weight(teacher_head, separate_head):
+    return teacher_head.weight.full_tensor() if separate_head else teacher_head.weight.detach()
+
+
+def teacher_topk(teacher_logits):
+    """The teacher's top FSDP_TOPK ids and log-probabilities per row, as a served teacher gives them."""
+    top = torch.log_softmax(teacher_logits.double(), -1).topk(FSDP_TOPK, -1)
+    return top.indices, top.values
+
+
+def fsdp_reference(model, data, teacher_head, topk):
     """The gradients of the mean over the ranks of each rank's mean loss, float64 on one process."""
     model = model.double()
     for x, ht, target in data:
-        h = model(x)
-        loss = reference.wttm_loss(model.lm_head(h), ht @ teacher_head.weight.double().T, target, **KW["wttm"])
+        logits, teacher_logits = model.lm_head(model(x)), ht @ teacher_head.weight.double().T
+        if topk:
+            loss = reference.wttm_loss_topk(logits, *teacher_topk(teacher_logits), target, **KW["wttm"])
+        else:
+            loss = reference.wttm_loss(logits, teacher_logits, target, **KW["wttm"])
         (loss / len(data)).backward()
     return {name: p.grad for name, p in model.named_parameters()}
 
 
-def check_fsdp2(separate_head):
-    """The LM head of a fully_shard-ed model, given to fused_linear_wttm_loss: as its own FSDP unit (its weight is
-    a sharded DTensor outside its forward, gathered by the loss) or in the root's unit (FSDP2 leaves the root's
-    parameters unsharded after the forward, and reduce-scatters their gradients itself)."""
+def check_fsdp2(separate_head, topk=False):
+    """The LM head of a fully_shard-ed model, given to fused_linear_wttm_loss (or, with ``topk``, to
+    fused_linear_wttm_loss_topk with the teacher's top-k): as its own FSDP unit (its weight is a sharded DTensor
+    outside its forward, gathered by the loss) or in the root's unit (FSDP2 leaves the root's parameters unsharded
+    after the forward, and reduce-scatters their gradients itself)."""
     def check(rank, world):
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
@@ -558,14 +575,20 @@ def check_fsdp2(separate_head):
         hidden = model(x.float())
         head = model.lm_head
         given = type(head.weight).__name__
-        loss = ttm_kernels.fused_linear_wttm_loss(hidden, head.weight, ht.float(), teacher_head.weight, target,
-                                                  student_bias=head.bias, **KW["wttm"])
+        if topk:
+            with torch.no_grad():
+                teacher_logits = ht @ full_teacher_weight(teacher_head, separate_head).double().T
+            ids, logprobs = teacher_topk(teacher_logits)
+            loss = ttm_kernels.fused_linear_wttm_loss_topk(hidden, head.weight, ids, logprobs.float(), target,
+                                                           student_bias=head.bias, **KW["wttm"])
+        else:
+            loss = ttm_kernels.fused_linear_wttm_loss(hidden, head.weight, ht.float(), teacher_head.weight, target,
+                                                      student_bias=head.bias, **KW["wttm"])
         loss.backward()
         grads = {name: p.grad.full_tensor() for name, p in model.named_parameters()}
         full_teacher = nn.Linear(h, V, bias=False)
-        full_teacher.weight.data = (teacher_head.weight.full_tensor() if separate_head
-                                    else teacher_head.weight.detach())
-        ref = fsdp_reference(full, data, full_teacher)
+        full_teacher.weight.data = full_teacher_weight(teacher_head, separate_head)
+        ref = fsdp_reference(full, data, full_teacher, topk)
         assert given == ("DTensor" if separate_head else "Parameter"), given
         for name, grad in grads.items():
             assert_close(name, ref[name], grad, 1e-5, 1e-9)
@@ -606,6 +629,8 @@ CHECKS = {
     "topk-error-ids-outside-vocabulary": check_topk_error_ids_outside_vocabulary,
     "fsdp2-separate-head": check_fsdp2(separate_head=True),
     "fsdp2-root-head": check_fsdp2(separate_head=False),
+    "fsdp2-separate-head-topk": check_fsdp2(separate_head=True, topk=True),
+    "fsdp2-root-head-topk": check_fsdp2(separate_head=False, topk=True),
 }
 
 

@@ -28,7 +28,7 @@ import torch
 from . import _ops, _topk_ops, linear, reference, spec as specs
 from ._stats import ROW_TERM_STATS, TopkStat
 from .distributed import (_INT64_MAX, _SumGradOverGroup, _all_gather_single, _member, _settings, agree, exchange_device,
-                          is_dtensor)
+                          full_parameters, is_dtensor)
 from .functional import head_post, reference_rows, validate_logits, validate_options, validate_target
 from .reduction import components, mean_denominator, valid_rows, validate_num_items
 from .spec import DEFAULT_GAMMA, DEFAULT_TEMPERATURE, LossSpec, check_flag as _check_flag, check_vocab_size
@@ -472,6 +472,9 @@ def _fused_linear_topk_loss(student_hidden, student_weight, ids, logprobs, targe
             reduce_hidden_grad=reduce_hidden_grad, student_bias=student_bias, reduction=reduction,
             chunk_size=chunk_size, backend=backend, return_components=return_components,
             num_items_in_batch=num_items_in_batch, vocab_size=vocab_size)
+    if not torch.compiler.is_compiling() and any(map(is_dtensor, (student_weight, student_bias))):
+        # FSDP2: the sharded LM head's whole parameters for this call, as the dense head's path gathers them.
+        student_weight, student_bias = full_parameters(student_weight, student_bias)
     linear.validate_student(student_hidden, student_weight, student_bias, reduction, spec.ignore_index, chunk_size,
                             num_items_in_batch)
     lead, vocab, device = student_hidden.shape[:-1], student_weight.shape[0], student_hidden.device
