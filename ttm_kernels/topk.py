@@ -519,6 +519,9 @@ _LINEAR_TOPK_DOC = """
         chunk_size: rows per chunk; default from the memory budget of the one (chunk, V) student buffer (see
             ``linear.default_chunk_size``: twice the rows of the dense loss's, which also holds the teacher's).
 
+    FSDP2: an LM head of a ``fully_shard``-ed module (DTensor parameters) is gathered for the call and its
+    gradients reduce-scattered back, as in ``fused_linear_wttm_loss``.
+
     The student's logits are never materialised beyond one chunk: each chunk's GEMM, the loss kernel writing
     d loss / d logits in place, two GEMMs for the gradients of the hidden states and the head (dW summed in
     fp32), as ``fused_linear_wttm_loss`` without the teacher's GEMM and buffer.
