@@ -208,6 +208,28 @@ def check_dtensor_logits(rank, world):
     assert_close("grad", ref_grad, grad, 1e-5, 1e-9)
 
 
+def check_dtensor_topk(rank, world):
+    """Student logits as a DTensor sharded on the last dimension take the vocabulary-parallel top-k path without
+    process_group (the top-k and the target replicated DTensors); the gradient reaches the DTensor leaf."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (world,))
+    z, v, target = make_rows(seed=10)
+    top = torch.log_softmax(v, -1).topk(12, -1)
+    ids, logprobs = top.indices, top.values.float()
+    student = distribute_tensor(z.float(), mesh, [Shard(-1)]).requires_grad_()
+    replicated = [distribute_tensor(x, mesh, [Replicate()]) for x in (ids, logprobs, target)]
+    loss = ttm_kernels.fused_wttm_loss_topk(student, *replicated, **KW["wttm"])
+    loss.backward()
+    z64 = z.float().double().requires_grad_()
+    ref = reference.wttm_loss_topk(z64, ids, logprobs.double(), target, **KW["wttm"])
+    ref.backward()
+    assert student.grad.placements == (Shard(1),)
+    assert_close("loss", ref.detach(), loss.detach(), 1e-5, 1e-6)
+    assert_close("grad", z64.grad, student.grad.full_tensor(), 1e-4, 1e-9)
+
+
 # ------------------------------------------------------------------------------------------- errors
 
 
@@ -608,6 +630,7 @@ CHECKS = {
     "fused_loss-bfloat16": check_bfloat16,
     "fused_loss-triton-interpreted": check_triton_interpreted,
     "fused_loss-dtensor": check_dtensor_logits,
+    "fused_loss_topk-dtensor": check_dtensor_topk,
     "error-rows-differ": check_error_rows_differ,
     "error-dtypes-differ": check_error_dtypes_differ,
     "error-target-outside-vocabulary": check_error_target_outside_vocabulary,

@@ -244,14 +244,23 @@ def is_dtensor(x) -> bool:
 
 def _local_logits(student, teacher, target, process_group):
     """(student, teacher, target, group, place in column order): DTensor logits sharded on the last dimension over a
-    1-D mesh become their local shards (differentiably) on the mesh's group. Only global facts of DTensors are
-    checked here, the same on every rank, so raising at once leaves no rank waiting."""
+    1-D mesh become their local shards (differentiably) on the mesh's group (``local_shards``)."""
     if not (is_dtensor(student) or is_dtensor(teacher)):
         # Anything else (None included) is checked in the agreement, where every rank learns of it.
         return student, teacher, target, process_group, _member(process_group)
+    (student, teacher), target, group, index = local_shards(
+        (("student_logits", student), ("teacher_logits", teacher)), target, process_group)
+    return student, teacher, target, group, index
+
+
+def local_shards(named, target, process_group):
+    """((local tensors), target, group, place in column order) for ``named``, (name, DTensor) pairs sharded on the
+    last dimension over one 1-D mesh: their local shards (differentiably) on the mesh's group, and a replicated
+    DTensor target's local copy. Only global facts of DTensors are checked here, the same on every rank, so
+    raising at once leaves no rank waiting."""
     from torch.distributed.tensor import Shard
 
-    for name, x in (("student_logits", student), ("teacher_logits", teacher)):
+    for name, x in named:
         if not is_dtensor(x):
             raise TypeError(f"{name} must be a DTensor like the other logits, got {type(x).__name__}")
         if x.device_mesh.ndim != 1 or tuple(x.placements) != (Shard(x.ndim - 1),):
@@ -259,18 +268,22 @@ def _local_logits(student, teacher, target, process_group):
                              f"{tuple(x.device_mesh.shape)}; the vocabulary-parallel loss takes DTensors sharded on "
                              "the last dimension (Shard(-1)) over a 1-D mesh: redistribute them, or pass "
                              ".full_tensor() for the loss on one device")
-    mesh = student.device_mesh
-    if teacher.device_mesh != mesh:
-        raise ValueError("student_logits and teacher_logits must be DTensors over the same device mesh")
+    mesh = named[0][1].device_mesh
+    if any(x.device_mesh != mesh for _, x in named):
+        raise ValueError(f"{' and '.join(name for name, _ in named)} must be DTensors over the same device mesh")
     group = mesh.get_group()
     if process_group is not None and process_group != group:
         raise ValueError("process_group must be the DTensor logits' mesh group (or None)")
-    if is_dtensor(target):
-        if not all(p.is_replicate() for p in target.placements):
-            raise ValueError(f"target must be replicated (every rank holds all of it), got placements "
-                             f"{tuple(target.placements)}")
-        target = target.to_local()
-    return student.to_local(), teacher.to_local(), target, group, mesh.get_local_rank()
+    return tuple(x.to_local() for _, x in named), replicated_local("target", target), group, mesh.get_local_rank()
+
+
+def replicated_local(name, x):
+    """A DTensor argument that every rank holds whole (replicated), as its local tensor; anything else as it is."""
+    if not is_dtensor(x):
+        return x
+    if not all(p.is_replicate() for p in x.placements):
+        raise ValueError(f"{name} must be replicated (every rank holds all of it), got placements {tuple(x.placements)}")
+    return x.to_local()
 
 
 # ---------------------------------------------------------------------------------------------- LM heads

@@ -28,7 +28,7 @@ import torch
 from . import _ops, _topk_ops, linear, reference, spec as specs
 from ._stats import ROW_TERM_STATS, TopkStat
 from .distributed import (_INT64_MAX, _SumGradOverGroup, _all_gather_single, _member, _settings, agree, exchange_device,
-                          full_parameters, is_dtensor)
+                          full_parameters, is_dtensor, local_shards, replicated_local)
 from .functional import head_post, reference_rows, validate_logits, validate_options, validate_target
 from .reduction import components, mean_denominator, valid_rows, validate_num_items
 from .spec import DEFAULT_GAMMA, DEFAULT_TEMPERATURE, LossSpec, check_flag as _check_flag, check_vocab_size
@@ -132,7 +132,7 @@ def _topk_backend(backend, device, dtype, spec: LossSpec) -> str:
 def _fused_topk_loss(student_logits, ids, logprobs, target, spec: LossSpec, *, tail, reduction, backend,
                      return_components, num_items_in_batch=None, process_group=None, vocab_size=None):
     _check_flag("return_components", return_components)
-    if process_group is not None:
+    if process_group is not None or (not torch.compiler.is_compiling() and is_dtensor(student_logits)):
         if spec.has_head_post and isinstance(student_logits, torch.Tensor) and student_logits.is_floating_point():
             student_logits = head_post(student_logits, spec.student_head)
         return vocab_parallel_topk_loss(
@@ -373,8 +373,16 @@ def vocab_parallel_topk_loss(student_logits, ids, logprobs, target, spec, *, tai
 
     The reference's arithmetic in float32 (float64 for float64 logits) on each rank's columns, unfused: a few
     (N, width) temporaries per rank, and the gradient by autograd from this rank's terms (the top-k kernels
-    have no partial statistics yet). Collectives: the agreement, one all_gather of 4 + k numbers per row."""
-    index = _member(process_group)
+    have no partial statistics yet). Collectives: the agreement, one all_gather of 4 + k numbers per row.
+    Student logits given as a DTensor sharded on the last dimension (``Shard(-1)``) over a 1-D mesh take this path
+    on the mesh's group (``distributed.local_shards``; the top-k and the target as plain or replicated tensors)."""
+    if is_dtensor(student_logits):
+        (student_logits,), target, process_group, index = local_shards((("student_logits", student_logits),),
+                                                                      target, process_group)
+        ids, logprobs = (replicated_local(name, x) for name, x in (("teacher_topk_ids", ids),
+                                                                   ("teacher_topk_logprobs", logprobs)))
+    else:
+        index = _member(process_group)
     device = exchange_device(process_group, student_logits, ids, logprobs, target)
     names = ("the number of rows N", "the student_logits dtype", "the device type", "whether a target is given",
              "k (the last dimension of teacher_topk_ids)", "the teacher_topk_ids",
