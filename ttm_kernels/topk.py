@@ -219,7 +219,8 @@ _TOPK_DOC = """
             Every rank gets the loss of the whole rows and its columns' gradient. This runs the reference's
             arithmetic (float32, float64 for float64 logits) on each rank's columns, whatever ``backend``,
             unfused: a few (N, width) temporaries; one all_gather of 4 + k numbers per row after the agreement
-            (``ttm_kernels.distributed``). The fused linear top-k losses refuse it (NotImplementedError).
+            (the agreement and the collectives of ``ttm_kernels.distributed``). Student logits given as a DTensor
+            sharded on the last dimension (``Shard(-1)``) over a 1-D mesh take this path without it.
         vocab_size: optional, the whole vocabulary's size: with ``process_group`` the ranks check that their slices
             tile it; without, it must be V.
 
