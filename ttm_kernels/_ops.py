@@ -11,6 +11,9 @@ upstream gradient:
              ce_weight, ignore_index) -> None   (writes the gradient into ``grad``)
     partial / merge / pieces / finish: the same loss of rows held in column pieces (see ``RowPieces``)
 
+and the top-k teacher's kernels (``triton_topk``, ``cpu_kernels``) ``topk_forward`` / ``topk_backward`` (see
+``_topk_ops``). The four ops below take either teacher form, so dense and top-k losses share one autograd.
+
 Every backward refuses to build a graph for higher-order gradients (``refuse_higher_order``): the kernels'
 gradients are not differentiable, and dropping the second-order terms silently would be a wrong answer.
 
@@ -135,6 +138,14 @@ def _row_grad_rows(row_grad: torch.Tensor) -> torch.Tensor:
     return row_grad.to(torch.float32).contiguous()
 
 
+def _own_rows(student: torch.Tensor, what: str) -> torch.Tensor:
+    """The (B, T, V) view of ``student`` that a kernel may overwrite: its own storage, never a copy."""
+    view = row_view(student)
+    if view.data_ptr() != student.data_ptr():
+        raise ValueError(f"{what} needs a tensor whose last dimension is contiguous")
+    return view
+
+
 def _params(student_scale, teacher_scale, kl_coef, ce_weight, ignore_index, jsd_beta):
     return dict(student_scale=student_scale, teacher_scale=teacher_scale, kl_coef=kl_coef, ce_weight=ce_weight,
                 ignore_index=ignore_index, jsd_beta=jsd_beta)
@@ -205,143 +216,122 @@ def refuse_higher_order() -> None:
         raise RuntimeError(HIGHER_ORDER_ERROR)
 
 
-@torch.library.custom_op("ttm_kernels::loss_fwd", mutates_args=())
-def loss_fwd(student: torch.Tensor, teacher: torch.Tensor, target: Optional[torch.Tensor],
-             student_scale: float, teacher_scale: float, kl_coef: float, ce_weight: float, weighted: bool,
-             ignore_index: int, jsd_beta: float, backend: str) -> torch.Tensor:
-    """(NUM_STATS, N) fp32 statistics per row: loss, kl, ce, weight, then what the backward needs."""
-    return _forward(backend, student, teacher, target,
-                    _params(student_scale, teacher_scale, kl_coef, ce_weight, ignore_index, jsd_beta),
-                    weighted=weighted)
+# ------------------------------------------------------------------------------------------ teacher forms
+# The ops below take the teacher as a list of tensors and its form: "dense" [logits (..., V)], or a top-k teacher
+# [ids, log-probabilities] ((N, k) each, as ``_topk_ops.topk_rows`` sorts them) with its tail ("topk_bucket",
+# "topk_renormalize"). The loss's scalars travel as one list, ``scales``: (student_scale, teacher_scale, kl_coef,
+# ce_weight, jsd_beta).
+FORMS = ("dense", "topk_bucket", "topk_renormalize")
 
 
-@loss_fwd.register_fake
-def _(student, teacher, target, student_scale, teacher_scale, kl_coef, ce_weight, weighted, ignore_index,
-      jsd_beta, backend):
+def _topk_kernels(backend: str):
+    return _load("triton_topk" if backend == "triton" else "cpu_kernels")[0]
+
+
+def _launch_forward(backend, form, student, teacher, target, scales, weighted, ignore_index, grad=None,
+                    row_grad=None):
+    """The statistics (NUM_STATS, N) of ``backend``'s kernel of ``form``; with ``grad`` (the student's shape, its
+    own storage, possibly the student itself) also the gradient of sum_i row_grad_i * loss_i, written into it."""
+    student_scale, teacher_scale, kl_coef, ce_weight, jsd_beta = scales
+    if form == "dense":
+        return _forward(backend, student, teacher[0], target,
+                        _params(student_scale, teacher_scale, kl_coef, ce_weight, ignore_index, jsd_beta),
+                        weighted=weighted, grad=grad, row_grad=row_grad)
+    if grad is not None:
+        grad, row_grad = _own_rows(grad, "the gradient"), _row_grad_rows(row_grad)
+    ids, logprobs = teacher
+    return _topk_kernels(backend).topk_forward(
+        row_view(student), ids, logprobs, _target_rows(target), weighted=weighted, grad=grad, row_grad=row_grad,
+        student_scale=student_scale, teacher_scale=teacher_scale, kl_coef=kl_coef, ce_weight=ce_weight,
+        bucket=form == "topk_bucket", ignore_index=ignore_index, jsd_beta=jsd_beta)
+
+
+def _launch_backward(backend, form, grad, row_grad, student, teacher, target, stats, scales, ignore_index):
+    """Writes the gradient of sum_i row_grad_i * loss_i into ``grad`` (its own storage), from the statistics."""
+    student_scale, teacher_scale, kl_coef, ce_weight, jsd_beta = scales
+    if form == "dense":
+        _backward_into(grad, row_grad, student, teacher[0], target, stats,
+                       _params(student_scale, teacher_scale, kl_coef, ce_weight, ignore_index, jsd_beta), backend)
+        return
+    ids, logprobs = teacher
+    _topk_kernels(backend).topk_backward(
+        _row_grad_rows(row_grad), row_view(student), ids, logprobs, _target_rows(target), stats.contiguous(),
+        _own_rows(grad, "the gradient"), student_scale=student_scale, teacher_scale=teacher_scale, kl_coef=kl_coef,
+        ce_weight=ce_weight, bucket=form == "topk_bucket", ignore_index=ignore_index, jsd_beta=jsd_beta)
+
+
+def _new_stats(student):
     return student.new_empty((NUM_STATS, student[..., 0].numel()), dtype=torch.float32)
 
 
+def _new_grad(student):
+    return torch.empty(student.shape, dtype=student.dtype, device=student.device)
+
+
+# ------------------------------------------------------------------------------------------ the four ops
+# loss_fwd (functional, with autograd): the statistics, and with row_grad the gradient in the same launch.
+# loss_bwd (functional): the gradient from the statistics (the backward of "none").
+# loss_into_student_ (mutating): either of them writing the gradient into the student's own storage (the
+#   in-place backward, and the fused linear loss's chunk buffer).
+# scale_grad_ (mutating): the backward of the gradient computed in the forward.
+
+
+@torch.library.custom_op("ttm_kernels::loss_fwd", mutates_args=())
+def loss_fwd(student: torch.Tensor, teacher: list[torch.Tensor], target: Optional[torch.Tensor],
+             row_grad: Optional[torch.Tensor], scales: list[float], weighted: bool, ignore_index: int, form: str,
+             backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, statistics, gradient). Without ``row_grad``: the (NUM_STATS, N) fp32 statistics per row (loss, kl,
+    ce, weight, then what the backward needs), and an empty loss and gradient. With ``row_grad`` (0-dim): also
+    loss = sum_i row_grad * loss_i and d loss / d student (the student's dtype and shape) from the same launch."""
+    if row_grad is None:
+        stats = _launch_forward(backend, form, student, teacher, target, scales, weighted, ignore_index)
+        return stats.new_empty((0,)), stats, student.new_empty((0,))
+    grad = _new_grad(student)
+    stats = _launch_forward(backend, form, student, teacher, target, scales, weighted, ignore_index, grad=grad,
+                            row_grad=row_grad)
+    return stats[Stat.LOSS].sum() * row_grad, stats, grad
+
+
+@loss_fwd.register_fake
+def _(student, teacher, target, row_grad, scales, weighted, ignore_index, form, backend):
+    if row_grad is None:
+        return student.new_empty((0,), dtype=torch.float32), _new_stats(student), student.new_empty((0,))
+    return row_grad.new_empty(()), _new_stats(student), torch.empty_like(student, memory_format=torch.contiguous_format)
+
+
 @torch.library.custom_op("ttm_kernels::loss_bwd", mutates_args=())
-def loss_bwd(row_grad: torch.Tensor, student: torch.Tensor, teacher: torch.Tensor, target: Optional[torch.Tensor],
-             stats: torch.Tensor, student_scale: float, teacher_scale: float, kl_coef: float, ce_weight: float,
-             ignore_index: int, jsd_beta: float, backend: str) -> torch.Tensor:
+def loss_bwd(row_grad: torch.Tensor, student: torch.Tensor, teacher: list[torch.Tensor],
+             target: Optional[torch.Tensor], stats: torch.Tensor, scales: list[float], ignore_index: int, form: str,
+             backend: str) -> torch.Tensor:
     """d(sum_i row_grad_i * loss_i) / d student, in the student's dtype and shape (contiguous)."""
-    grad = torch.empty(student.shape, dtype=student.dtype, device=student.device)
-    _backward_into(grad, row_grad, student, teacher, target, stats,
-                   _params(student_scale, teacher_scale, kl_coef, ce_weight, ignore_index, jsd_beta), backend)
+    grad = _new_grad(student)
+    _launch_backward(backend, form, grad, row_grad, student, teacher, target, stats, scales, ignore_index)
     return grad
 
 
 @loss_bwd.register_fake
-def _(row_grad, student, teacher, target, stats, student_scale, teacher_scale, kl_coef, ce_weight, ignore_index,
-      jsd_beta, backend):
+def _(row_grad, student, teacher, target, stats, scales, ignore_index, form, backend):
     return torch.empty_like(student, memory_format=torch.contiguous_format)
 
 
-def _own_rows(student: torch.Tensor, what: str) -> torch.Tensor:
-    """The (B, T, V) view of ``student`` that a kernel may overwrite: its own storage, never a copy."""
-    view = row_view(student)
-    if view.data_ptr() != student.data_ptr():
-        raise ValueError(f"{what} needs a tensor whose last dimension is contiguous")
-    return view
+@torch.library.custom_op("ttm_kernels::loss_into_student_", mutates_args=("student",))
+def loss_into_student_(student: torch.Tensor, teacher: list[torch.Tensor], target: Optional[torch.Tensor],
+                       row_grad: torch.Tensor, stats: Optional[torch.Tensor], scales: list[float], weighted: bool,
+                       ignore_index: int, form: str, backend: str) -> torch.Tensor:
+    """Overwrites ``student`` with d(sum_i row_grad_i * loss_i)/dz (``row_grad``: (N,) or a 0-dim scalar for every
+    row; each row read in full before it is written). Without ``stats``, the forward's launch, which returns the
+    statistics; given the statistics (a backward), returns an empty tensor. For callers that own the logits
+    buffer: ``inplace_backward``, the fused linear loss's chunks."""
+    if stats is None:
+        return _launch_forward(backend, form, student, teacher, target, scales, weighted, ignore_index,
+                               grad=_own_rows(student, "the student"), row_grad=row_grad)
+    _launch_backward(backend, form, student, row_grad, student, teacher, target, stats, scales, ignore_index)
+    return stats.new_empty((0,))
 
 
-@torch.library.custom_op("ttm_kernels::loss_bwd_inplace", mutates_args=("student",))
-def loss_bwd_inplace(row_grad: torch.Tensor, student: torch.Tensor, teacher: torch.Tensor,
-                     target: Optional[torch.Tensor], stats: torch.Tensor, student_scale: float,
-                     teacher_scale: float, kl_coef: float, ce_weight: float, ignore_index: int, jsd_beta: float,
-                     backend: str) -> None:
-    """Like ``loss_bwd``, but overwrites the student logits with their gradient (one row at a time, each
-    row read in full before it is written)."""
-    _backward_into(student, row_grad, student, teacher, target, stats,
-                   _params(student_scale, teacher_scale, kl_coef, ce_weight, ignore_index, jsd_beta), backend)
-
-
-@torch.library.custom_op("ttm_kernels::loss_fwd_grad_inplace", mutates_args=("student",))
-def loss_fwd_grad_inplace(student: torch.Tensor, teacher: torch.Tensor, target: Optional[torch.Tensor],
-                          row_grad: torch.Tensor, student_scale: float, teacher_scale: float, kl_coef: float,
-                          ce_weight: float, weighted: bool, ignore_index: int, jsd_beta: float,
-                          backend: str) -> torch.Tensor:
-    """Forward and gradient in one launch: returns the statistics and overwrites ``student`` with
-    d(sum_i row_grad_i * loss_i)/dz (``row_grad``: (N,) or a 0-dim scalar for every row). For callers that
-    own the logits buffer, such as the fused linear loss."""
-    return _forward(backend, student, teacher, target,
-                    _params(student_scale, teacher_scale, kl_coef, ce_weight, ignore_index, jsd_beta),
-                    weighted=weighted,
-                    grad=student, row_grad=row_grad)
-
-
-@loss_fwd_grad_inplace.register_fake
-def _(student, teacher, target, row_grad, student_scale, teacher_scale, kl_coef, ce_weight, weighted,
-      ignore_index, jsd_beta, backend):
-    return student.new_empty((NUM_STATS, student[..., 0].numel()), dtype=torch.float32)
-
-
-def _setup_context(ctx, inputs, output):
-    student, teacher, target, student_scale, teacher_scale, kl_coef, ce_weight, _weighted, *rest = inputs
-    ctx.params = (student_scale, teacher_scale, kl_coef, ce_weight, *rest)  # ignore_index, jsd_beta, backend
-    ctx.inplace = False
-    ctx.save_for_backward(student, teacher, target, output)
-
-
-def _backward(ctx, grad_stats):
-    refuse_higher_order()
-    student, teacher, target, stats = ctx.saved_tensors
-    if grad_stats is None:
-        grad_stats = torch.zeros_like(stats)
-    row_grad = grad_stats[Stat.LOSS]
-    if ctx.inplace:
-        loss_bwd_inplace(row_grad, student, teacher, target, stats, *ctx.params)
-        grad = student
-    else:
-        grad = loss_bwd(row_grad, student, teacher, target, stats, *ctx.params)
-    return grad, None, None, None, None, None, None, None, None, None, None
-
-
-torch.library.register_autograd("ttm_kernels::loss_fwd", _backward, setup_context=_setup_context)
-
-
-class _InplaceLoss(torch.autograd.Function):
-    """``loss_fwd`` with a backward that writes the gradient into the student logits' own storage."""
-
-    @staticmethod
-    def forward(ctx, student, teacher, target, *params):
-        stats = loss_fwd(student, teacher, target, *params)
-        _setup_context(ctx, (student, teacher, target, *params), stats)
-        ctx.inplace = True
-        return stats
-
-    @staticmethod
-    def backward(ctx, grad_stats):
-        return _backward(ctx, grad_stats)
-
-
-@torch.library.custom_op("ttm_kernels::loss_fwd_with_grad", mutates_args=())
-def loss_fwd_with_grad(student: torch.Tensor, teacher: torch.Tensor, target: Optional[torch.Tensor],
-                       row_grad: torch.Tensor, student_scale: float, teacher_scale: float, kl_coef: float,
-                       ce_weight: float, weighted: bool, ignore_index: int, jsd_beta: float,
-                       backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(loss = sum_i row_grad * loss_i, statistics, d loss / d student) from one launch; row_grad is 0-dim."""
-    return _loss_with_grad(student, teacher, target, row_grad, student_scale, teacher_scale, kl_coef, ce_weight,
-                           weighted, ignore_index, jsd_beta, backend)
-
-
-def _loss_with_grad(student, teacher, target, row_grad, student_scale, teacher_scale, kl_coef, ce_weight, weighted,
-                    ignore_index, jsd_beta, backend):
-    grad = torch.empty(student.shape, dtype=student.dtype, device=student.device)
-    stats = _forward(backend, student, teacher, target,
-                     _params(student_scale, teacher_scale, kl_coef, ce_weight, ignore_index, jsd_beta),
-                     weighted=weighted,
-                     grad=grad, row_grad=row_grad)
-    return stats[Stat.LOSS].sum() * row_grad, stats, grad
-
-
-@loss_fwd_with_grad.register_fake
-def _(student, teacher, target, row_grad, student_scale, teacher_scale, kl_coef, ce_weight, weighted,
-      ignore_index, jsd_beta, backend):
-    stats = student.new_empty((NUM_STATS, student[..., 0].numel()), dtype=torch.float32)
-    grad = torch.empty_like(student, memory_format=torch.contiguous_format)
-    return row_grad.new_empty(()), stats, grad
+@loss_into_student_.register_fake
+def _(student, teacher, target, row_grad, stats, scales, weighted, ignore_index, form, backend):
+    return _new_stats(student) if stats is None else student.new_empty((0,), dtype=torch.float32)
 
 
 @torch.library.custom_op("ttm_kernels::scale_grad_", mutates_args=("grad",))
@@ -358,41 +348,44 @@ def _scale_grad(grad, scale):
         grad.mul_(scale)
 
 
-def _with_grad_setup_context(ctx, inputs, output):
+# ------------------------------------------------------------------------------------------ autograd
+def _no_grads(n_teacher: int) -> tuple:
+    """The gradients of loss_fwd's inputs after the student: none, in their structure (the teacher a list)."""
+    return ([None] * n_teacher,) + (None,) * 7
+
+
+def _setup_context(ctx, inputs, output):
+    student, teacher, target, row_grad, scales, _weighted, ignore_index, form, backend = inputs
+    _loss, stats, grad = output
     # Without this autograd would fill an (N, V) zero tensor for the unused gradient output.
     ctx.set_materialize_grads(False)
-    ctx.save_for_backward(output[2])
-    ctx.mark_non_differentiable(output[1], output[2])
-
-
-def _with_grad_backward(ctx, grad_loss, _grad_stats, _grad_grad):
-    refuse_higher_order()
-    if grad_loss is None:
-        return (None,) * 12
-    # A second backward (retain_graph=True) is refused by autograd's version check on the saved gradient.
-    (grad,) = ctx.saved_tensors
-    (_scale_grad if _eager(grad, grad_loss) else scale_grad_)(grad, grad_loss)
-    return grad, None, None, None, None, None, None, None, None, None, None, None
-
-
-torch.library.register_autograd("ttm_kernels::loss_fwd_with_grad", _with_grad_backward,
-                                setup_context=_with_grad_setup_context)
-
-
-class _InplaceLossWithGrad(torch.autograd.Function):
-    """``loss_fwd_with_grad`` writing the gradient into the student logits' storage during the forward."""
-
-    @staticmethod
-    def forward(ctx, student, teacher, target, row_grad, *params):
-        stats = loss_fwd_grad_inplace(student, teacher, target, row_grad, *params)
-        ctx.set_materialize_grads(False)
-        ctx.save_for_backward(student)
+    ctx.with_grad = row_grad is not None
+    ctx.n_teacher = len(teacher)
+    ctx.mark_non_differentiable(grad)
+    if ctx.with_grad:
         ctx.mark_non_differentiable(stats)
-        return stats[Stat.LOSS].sum() * row_grad, stats
+        ctx.save_for_backward(grad)
+    else:
+        ctx.params = (scales, ignore_index, form, backend)
+        ctx.save_for_backward(student, target, stats, *teacher)
 
-    @staticmethod
-    def backward(ctx, grad_loss, _grad_stats):
-        return _with_grad_backward(ctx, grad_loss, None, None)
+
+def _backward(ctx, grad_loss, grad_stats, _grad_grad):
+    refuse_higher_order()
+    if ctx.with_grad:
+        if grad_loss is None:
+            return (None,) + _no_grads(ctx.n_teacher)
+        # A second backward (retain_graph=True) is refused by autograd's version check on the saved gradient.
+        (grad,) = ctx.saved_tensors
+        (_scale_grad if _eager(grad, grad_loss) else scale_grad_)(grad, grad_loss)
+        return (grad,) + _no_grads(ctx.n_teacher)
+    student, target, stats, *teacher = ctx.saved_tensors
+    if grad_stats is None:
+        grad_stats = torch.zeros_like(stats)
+    return (loss_bwd(grad_stats[Stat.LOSS], student, teacher, target, stats, *ctx.params),) + _no_grads(len(teacher))
+
+
+torch.library.register_autograd("ttm_kernels::loss_fwd", _backward, setup_context=_setup_context)
 
 
 def _eager(student: torch.Tensor, teacher: torch.Tensor) -> bool:
@@ -405,52 +398,111 @@ def _eager(student: torch.Tensor, teacher: torch.Tensor) -> bool:
 
 
 class _EagerLossWithGrad(torch.autograd.Function):
-    """``loss_fwd_with_grad`` and its backward in eager mode, minus the custom op's dispatch. The parameters
-    come as one tuple: ``apply`` walks its arguments, a few microseconds each."""
+    """``loss_fwd`` with ``row_grad`` and its backward in eager mode, minus the custom op's dispatch. The
+    parameters come as one tuple: ``apply`` walks its arguments, a few microseconds each."""
 
     @staticmethod
-    def forward(ctx, student, teacher, target, row_grad, params):
-        loss, stats, grad = _loss_with_grad(student, teacher, target, row_grad, *params)
+    def forward(ctx, student, row_grad, args):
+        teacher, target, scales, weighted, ignore_index, form, backend = args
+        grad = _new_grad(student)
+        stats = _launch_forward(backend, form, student, teacher, target, scales, weighted, ignore_index, grad=grad,
+                                row_grad=row_grad)
         ctx.set_materialize_grads(False)
+        ctx.with_grad, ctx.n_teacher = True, len(teacher)
         ctx.save_for_backward(grad)
         ctx.mark_non_differentiable(stats)
-        return loss, stats
+        return stats[Stat.LOSS].sum() * row_grad, stats
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_stats):
-        return _with_grad_backward(ctx, grad_loss, None, None)[:5]  # the student's gradient, then Nones
+        return _backward(ctx, grad_loss, None, None)[0], None, None
 
 
-def fused_loss(student, teacher, target, denominator, *, reduction, student_scale, teacher_scale, kl_coef,
-               ce_weight, weighted, ignore_index, jsd_beta, backend, inplace_backward=False):
-    """The reduced loss (float32) and the (NUM_STATS, N) statistics (rows loss, kl, ce, weight detached).
-    ``denominator``: the 0-dim float32 divisor of reduction "mean" (``functional.mean_denominator``)."""
-    params = (float(student_scale), float(teacher_scale), float(kl_coef), float(ce_weight), bool(weighted),
-              int(ignore_index), float(jsd_beta), backend)
-    eager = _eager(student, teacher)
+class _InplaceLossWithGrad(torch.autograd.Function):
+    """``inplace_backward`` with "mean"/"sum": the forward's launch writes the gradient into the student logits'
+    own storage; the backward scales it there."""
+
+    @staticmethod
+    def forward(ctx, student, row_grad, args):
+        teacher, target, scales, weighted, ignore_index, form, backend = args
+        stats = loss_into_student_(student, teacher, target, row_grad, None, scales, weighted, ignore_index, form,
+                                   backend)
+        ctx.set_materialize_grads(False)
+        ctx.with_grad, ctx.n_teacher = True, len(teacher)
+        ctx.save_for_backward(student)
+        ctx.mark_non_differentiable(stats)
+        return stats[Stat.LOSS].sum() * row_grad, stats
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_stats):
+        return _backward(ctx, grad_loss, None, None)[0], None, None
+
+
+class _InplaceLoss(torch.autograd.Function):
+    """``inplace_backward`` with "none": the forward saves the statistics, the backward writes the gradient into
+    the student logits' own storage."""
+
+    @staticmethod
+    def forward(ctx, student, args):
+        teacher, target, scales, weighted, ignore_index, form, backend = args
+        _, stats, _ = loss_fwd(student, teacher, target, None, scales, weighted, ignore_index, form, backend)
+        ctx.params = (scales, weighted, ignore_index, form, backend)
+        ctx.save_for_backward(student, target, stats, *teacher)
+        return stats
+
+    @staticmethod
+    def backward(ctx, grad_stats):
+        refuse_higher_order()
+        student, target, stats, *teacher = ctx.saved_tensors
+        loss_into_student_(student, teacher, target, grad_stats[Stat.LOSS], stats, *ctx.params)
+        return student, None
+
+
+def chunk_stats(z, teacher, target, row_grad, scales, weighted, ignore_index, form, backend):
+    """A chunk of the fused linear loss: its statistics, and with ``row_grad`` the gradient written into the chunk
+    buffer ``z`` (which the caller owns) in the same launch."""
+    if row_grad is None:
+        return loss_fwd(z, teacher, target, None, scales, weighted, ignore_index, form, backend)[1]
+    return loss_into_student_(z, teacher, target, row_grad, None, scales, weighted, ignore_index, form, backend)
+
+
+def fused_rows_loss(student, teacher, target, denominator, *, form, reduction, scales, weighted, ignore_index,
+                    backend, inplace_backward=False):
+    """The reduced loss (float32) and the (NUM_STATS, N) statistics (rows loss, kl, ce, weight detached), of a
+    teacher given as ``form`` (see ``FORMS``). ``denominator``: the 0-dim float32 divisor of reduction "mean"
+    (``reduction.mean_denominator``)."""
+    scales = [float(x) for x in scales]
+    weighted, ignore_index = bool(weighted), int(ignore_index)
+    args = (teacher, target, scales, weighted, ignore_index, form, backend)
+    eager = _eager(student, teacher[0])
     with_grad = student.requires_grad and torch.is_grad_enabled()
+    row_grad = None
     if reduction != "none" and with_grad:
-        if reduction == "mean":
-            row_grad = denominator.reciprocal()
-        else:
-            row_grad = torch.ones((), dtype=torch.float32, device=student.device)
-        if inplace_backward:
-            loss, stats = _InplaceLossWithGrad.apply(student, teacher, target, row_grad, *params)
-        elif eager:
-            loss, stats = _EagerLossWithGrad.apply(student, teacher, target, row_grad, params)
-        else:
-            loss, stats, _ = loss_fwd_with_grad(student, teacher, target, row_grad, *params)
-        return loss, stats
+        row_grad = (denominator.reciprocal() if reduction == "mean"
+                    else torch.ones((), dtype=torch.float32, device=student.device))
+    if inplace_backward and row_grad is not None:
+        return _InplaceLossWithGrad.apply(student, row_grad, args)
     if inplace_backward:
-        stats = _InplaceLoss.apply(student, teacher, target, *params)
+        stats = _InplaceLoss.apply(student, args)
+    elif row_grad is not None:
+        if eager:
+            return _EagerLossWithGrad.apply(student, row_grad, args)
+        loss, stats, _ = loss_fwd(student, *args[:2], row_grad, *args[2:])
+        return loss, stats
     elif eager and not with_grad:
-        stats = _forward(backend, student, teacher, target,
-                         _params(student_scale, teacher_scale, kl_coef, ce_weight, ignore_index, jsd_beta),
-                         weighted=weighted)
+        stats = _launch_forward(backend, form, student, teacher, target, scales, weighted, ignore_index)
     else:
-        stats = loss_fwd(student, teacher, target, *params)
+        _, stats, _ = loss_fwd(student, *args[:2], None, *args[2:])
     rows = stats[Stat.LOSS].view(student.shape[:-1])
     if reduction == "none":
         return rows, stats
     total = rows.sum()
     return (total / denominator if reduction == "mean" else total), stats
+
+
+def fused_loss(student, teacher, target, denominator, *, reduction, student_scale, teacher_scale, kl_coef,
+               ce_weight, weighted, ignore_index, jsd_beta, backend, inplace_backward=False):
+    """``fused_rows_loss`` of a dense teacher's logits."""
+    return fused_rows_loss(student, [teacher], target, denominator, form="dense", reduction=reduction,
+                           scales=(student_scale, teacher_scale, kl_coef, ce_weight, jsd_beta), weighted=weighted,
+                           ignore_index=ignore_index, backend=backend, inplace_backward=inplace_backward)

@@ -145,12 +145,9 @@ def _chunk_loss(z, v, y, row_grad, launch: Launch):
     if launch.backend == "torch":
         return loss_and_grad_torch(z, lambda logits: reference.loss_rows(logits, v.to(logits.dtype), y,
                                                                          **spec.reference_params()), row_grad)
-    args = (spec.student_scale, spec.teacher_scale, spec.kl_coef, spec.ce_weight, spec.weighted, spec.ignore_index,
-            spec.jsd_beta, launch.backend)
-    if row_grad is None:
-        stats = _ops.loss_fwd(z, v, y, *args)
-    else:
-        stats = _ops.loss_fwd_grad_inplace(z, v, y, row_grad, *args)
+    stats = _ops.chunk_stats(z, [v], y, row_grad, [spec.student_scale, spec.teacher_scale, spec.kl_coef,
+                                                   spec.ce_weight, spec.jsd_beta],
+                             spec.weighted, spec.ignore_index, "dense", launch.backend)
     return reported_terms(stats[ROW_TERM_STATS], spec)
 
 

@@ -462,12 +462,10 @@ class TopkTeacher:
             return linear.loss_and_grad_torch(
                 z, lambda logits: reference.topk_loss_rows(logits, ids, logprobs, y, tail=self.tail,
                                                            **spec.reference_params()), row_grad)
-        args = (spec.student_scale, spec.teacher_scale, spec.kl_coef, spec.ce_weight, spec.weighted,
-                self.tail == "bucket", spec.ignore_index, launch.backend)
-        if row_grad is None:
-            stats = _topk_ops.topk_fwd(z, ids, logprobs, y, *args)
-        else:
-            stats = _topk_ops.topk_fwd_grad_inplace(z, ids, logprobs, y, row_grad, *args)
+        # The top-k kernels compute the forward KL (jsd_beta 0: see _topk_backend).
+        stats = _ops.chunk_stats(z, [ids, logprobs], y, row_grad,
+                                 [spec.student_scale, spec.teacher_scale, spec.kl_coef, spec.ce_weight, 0.0],
+                                 spec.weighted, spec.ignore_index, f"topk_{self.tail}", launch.backend)
         return linear.reported_terms(stats[ROW_TERM_STATS], spec)
 
 
