@@ -451,6 +451,42 @@ def test_topk_statistics_share_the_dense_rows():
 
 
 @pytest.mark.parametrize("backend", COMPILED)
+@pytest.mark.parametrize("tail", ["bucket", "renormalize"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_fused_wttm_loss_topk_inplace_backward(backend, tail, reduction):
+    """The gradient written into the student logits' own storage (in the forward for "mean", in the backward from
+    the statistics for "none"), equal to the float64 reference's."""
+    device = device_of(backend)
+    z, ids, logprobs, target = make_problem((2, 5), 900, 24, seed=31, pad_rows=0.2, device=device)
+    upstream = (torch.randn(2, 5, generator=torch.Generator().manual_seed(32)).to(device) if reduction == "none"
+                else None)
+    kw = {"tail": tail, "reduction": reduction}
+    ref_loss, ref_grad = reference_loss_and_grad("wttm", z, ids, logprobs.float(), target, upstream, **kw)
+    leaf = z.float().requires_grad_()
+    logits = leaf * 1.0  # a non-leaf, as the output of a model's last layer would be
+    loss = fused_wttm_loss_topk(logits, ids, logprobs.float(), target, backend=backend, inplace_backward=True,
+                                **HYPER["wttm"], **kw)
+    loss.backward(upstream)
+    assert_close("loss", ref_loss, loss.detach(), 2e-5, 1e-6)
+    assert_close("grad", ref_grad, leaf.grad, 1e-4, 1e-9)
+    assert torch.equal(logits.detach(), leaf.grad), "the gradient was not written into the logits' storage"
+
+
+def test_fused_wttm_loss_topk_inplace_backward_misuse():
+    z, ids, logprobs, target = make_problem((4,), 50, 8, seed=33)
+    z = z.float()
+    for kw, match in [({"backend": "torch"}, "needs a compiled backend"),
+                      ({"jsd_beta": 0.5}, "needs a compiled backend"),
+                      ({"softcap": 5.0}, "softcap or logit_scale"),
+                      ({"inplace_backward": 1}, "inplace_backward must be True or False")]:
+        with pytest.raises((ValueError, TypeError), match=match):
+            fused_wttm_loss_topk((z.requires_grad_() * 1.0), ids, logprobs.float(), target,
+                                 **{"inplace_backward": True, **kw})
+    with pytest.raises(ValueError, match="a leaf tensor that requires grad"):
+        fused_wttm_loss_topk(z.requires_grad_(), ids, logprobs.float(), target, inplace_backward=True)
+
+
+@pytest.mark.parametrize("backend", COMPILED)
 def test_fused_wttm_loss_topk_torch_compile(backend):
     device = device_of(backend)
     z, ids, logprobs, target = make_problem((4, 3), 300, 16, seed=13, pad_rows=0.3, device=device)

@@ -29,7 +29,8 @@ from . import _ops, _topk_ops, linear, reference, spec as specs
 from ._stats import ROW_TERM_STATS, TopkStat
 from .distributed import (_INT64_MAX, _SumGradOverGroup, _all_gather_single, _member, _settings, agree, exchange_device,
                           full_parameters, is_dtensor, local_shards, replicated_local)
-from .functional import head_post, reference_rows, validate_logits, validate_options, validate_target
+from .functional import (_validate_inplace, head_post, reference_rows, validate_logits, validate_options,
+                         validate_target)
 from .reduction import components, mean_denominator, valid_rows, validate_num_items
 from .spec import DEFAULT_GAMMA, DEFAULT_TEMPERATURE, LossSpec, check_flag as _check_flag, check_vocab_size
 
@@ -130,9 +131,17 @@ def _topk_backend(backend, device, dtype, spec: LossSpec) -> str:
 
 
 def _fused_topk_loss(student_logits, ids, logprobs, target, spec: LossSpec, *, tail, reduction, backend,
-                     return_components, num_items_in_batch=None, process_group=None, vocab_size=None):
+                     return_components, inplace_backward=False, num_items_in_batch=None, process_group=None,
+                     vocab_size=None):
     _check_flag("return_components", return_components)
+    inplace_backward = _check_flag("inplace_backward", inplace_backward)
+    if inplace_backward and spec.has_head_post:
+        raise ValueError("inplace_backward=True cannot write the gradient into student_logits when softcap or "
+                         "logit_scale transforms them first (the loss reads a new tensor): leave one of them")
     if process_group is not None or (not torch.compiler.is_compiling() and is_dtensor(student_logits)):
+        if inplace_backward:
+            raise ValueError("inplace_backward=True is not supported with process_group (each rank's logits are "
+                             "already 1/world of the vocabulary)")
         if spec.has_head_post and isinstance(student_logits, torch.Tensor) and student_logits.is_floating_point():
             student_logits = head_post(student_logits, spec.student_head)
         return vocab_parallel_topk_loss(
@@ -151,6 +160,11 @@ def _fused_topk_loss(student_logits, ids, logprobs, target, spec: LossSpec, *, t
     sorted_ids, sorted_logprobs = validate_topk(ids, logprobs, lead, vocab, device, tail, valid)
     spec = spec.at_vocab(vocab)  # the student's vocabulary, not the k + 1 outcomes (see LossSpec)
     backend = _topk_backend(backend, device, student_logits.dtype, spec)
+    if inplace_backward:
+        if backend == "torch":
+            raise ValueError("inplace_backward=True needs a compiled backend ('triton' or 'cpu'), not 'torch' (a "
+                             "top-k teacher with jsd_beta != 0 runs on it)")
+        _validate_inplace(student_logits)
     # The student's head post-processing; the teacher's log-probabilities are already final.
     student_logits = head_post(student_logits, spec.student_head)
     denominator = None
@@ -173,7 +187,7 @@ def _fused_topk_loss(student_logits, ids, logprobs, target, spec: LossSpec, *, t
             student_logits, sorted_ids, sorted_logprobs, target, denominator, reduction=reduction,
             student_scale=spec.student_scale, teacher_scale=spec.teacher_scale, kl_coef=spec.kl_coef,
             ce_weight=spec.ce_weight, weighted=spec.weighted, bucket=tail == "bucket", ignore_index=spec.ignore_index,
-            backend=backend)
+            backend=backend, inplace_backward=inplace_backward)
         # The kernels' weight row is U; the factor of weight_norm is folded into their kl_coef.
         detached = [stats[TopkStat.KL].detach().view(lead), stats[TopkStat.CE].detach().view(lead),
                     stats[TopkStat.WEIGHT].detach().view(lead) * spec.weight_factor,
@@ -204,6 +218,10 @@ _TOPK_DOC = """
             kernel on CUDA tensors, the C++ kernel on CPU tensors, the float64 reference for float64.
         num_items_in_batch: the divisor of ``reduction="mean"`` in place of this call's non-ignored rows, for
             exact gradient accumulation, as in ``fused_wttm_loss``.
+        inplace_backward: write the gradient into ``student_logits``' own storage, allocating no (N, V) tensor, as
+            in ``fused_wttm_loss`` (the logits' values are destroyed; refused with the reference backend, which a
+            jsd_beta other than 0 runs on, with softcap/logit_scale, process_group, a leaf that requires grad and
+            expanded or overlapping logits).
         softcap, logit_scale: the student head's post-processing (``softcap * tanh(logit_scale * z / softcap)``),
             applied to the student's logits with its gradient (one more (N, V) tensor); the teacher's
             log-probabilities are already final and stay as given.
@@ -242,7 +260,7 @@ def fused_wttm_loss_topk(student_logits: torch.Tensor, teacher_topk_ids: torch.T
                          teacher_topk_logprobs: torch.Tensor, target: Optional[torch.Tensor] = None, *,
                          gamma: float = DEFAULT_GAMMA, beta: float = 1.0, ce_weight: float = 1.0,
                          tail: str = "bucket", ignore_index: int = -100, reduction: str = "mean",
-                         backend: str = "auto", return_components: bool = False, num_items_in_batch=None,
+                         backend: str = "auto", return_components: bool = False, inplace_backward: bool = False, num_items_in_batch=None,
                          softcap: Optional[float] = None, logit_scale: float = 1.0,
                          jsd_beta: float = 0.0, process_group=None,
                          vocab_size: Optional[int] = None,
@@ -250,7 +268,7 @@ def fused_wttm_loss_topk(student_logits: torch.Tensor, teacher_topk_ids: torch.T
     spec = specs.wttm(gamma, beta=beta, ce_weight=ce_weight, ignore_index=ignore_index, softcap=softcap,
                     logit_scale=logit_scale, jsd_beta=jsd_beta, weight_norm=weight_norm)
     return _fused_topk_loss(student_logits, teacher_topk_ids, teacher_topk_logprobs, target, spec, tail=tail,
-                            reduction=reduction, backend=backend, return_components=return_components,
+                            reduction=reduction, backend=backend, return_components=return_components, inplace_backward=inplace_backward,
                             num_items_in_batch=num_items_in_batch, process_group=process_group,
                             vocab_size=vocab_size)
 
@@ -272,14 +290,14 @@ def fused_ttm_loss_topk(student_logits: torch.Tensor, teacher_topk_ids: torch.Te
                         teacher_topk_logprobs: torch.Tensor, target: Optional[torch.Tensor] = None, *,
                         gamma: float = DEFAULT_GAMMA, beta: float = 1.0, ce_weight: float = 1.0,
                         tail: str = "bucket", ignore_index: int = -100, reduction: str = "mean",
-                        backend: str = "auto", return_components: bool = False, num_items_in_batch=None,
+                        backend: str = "auto", return_components: bool = False, inplace_backward: bool = False, num_items_in_batch=None,
                         softcap: Optional[float] = None, logit_scale: float = 1.0,
                         jsd_beta: float = 0.0, process_group=None,
                         vocab_size: Optional[int] = None):
     spec = specs.ttm(gamma, beta=beta, ce_weight=ce_weight, ignore_index=ignore_index, softcap=softcap,
                     logit_scale=logit_scale, jsd_beta=jsd_beta)
     return _fused_topk_loss(student_logits, teacher_topk_ids, teacher_topk_logprobs, target, spec, tail=tail,
-                            reduction=reduction, backend=backend, return_components=return_components,
+                            reduction=reduction, backend=backend, return_components=return_components, inplace_backward=inplace_backward,
                             num_items_in_batch=num_items_in_batch, process_group=process_group,
                             vocab_size=vocab_size)
 
@@ -295,14 +313,14 @@ def fused_kd_loss_topk(student_logits: torch.Tensor, teacher_topk_ids: torch.Ten
                        teacher_topk_logprobs: torch.Tensor, target: Optional[torch.Tensor] = None, *,
                        temperature: float = DEFAULT_TEMPERATURE, beta: float = 1.0, ce_weight: float = 1.0,
                        tail: str = "bucket", ignore_index: int = -100, reduction: str = "mean",
-                       backend: str = "auto", return_components: bool = False, num_items_in_batch=None,
+                       backend: str = "auto", return_components: bool = False, inplace_backward: bool = False, num_items_in_batch=None,
                        softcap: Optional[float] = None, logit_scale: float = 1.0,
                        jsd_beta: float = 0.0, process_group=None,
                        vocab_size: Optional[int] = None):
     spec = specs.kd(temperature, beta=beta, ce_weight=ce_weight, ignore_index=ignore_index, softcap=softcap,
                     logit_scale=logit_scale, jsd_beta=jsd_beta)
     return _fused_topk_loss(student_logits, teacher_topk_ids, teacher_topk_logprobs, target, spec, tail=tail,
-                            reduction=reduction, backend=backend, return_components=return_components,
+                            reduction=reduction, backend=backend, return_components=return_components, inplace_backward=inplace_backward,
                             num_items_in_batch=num_items_in_batch, process_group=process_group,
                             vocab_size=vocab_size)
 
