@@ -28,7 +28,8 @@ def topk_rows(ids: torch.Tensor, logprobs: torch.Tensor) -> tuple[torch.Tensor, 
 
 
 def fused_topk_loss(student, ids, logprobs, target, denominator, *, reduction, student_scale, teacher_scale,
-                    kl_coef, ce_weight, weighted, bucket, ignore_index, backend, jsd_beta=0.0, inplace_backward=False):
+                    kl_coef, ce_weight, weighted, bucket, ignore_index, backend, jsd_beta=0.0,
+                    inplace_backward=False):
     """The reduced loss (float32) and the (NUM_STATS, N) statistics (``TopkStat``), from ``topk_rows``' ids and
     logprobs: ``_ops.fused_rows_loss`` of the top-k teacher form."""
     return _ops.fused_rows_loss(student, [ids, logprobs], target, denominator,

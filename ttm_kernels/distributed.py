@@ -282,7 +282,8 @@ def replicated_local(name, x):
     if not is_dtensor(x):
         return x
     if not all(p.is_replicate() for p in x.placements):
-        raise ValueError(f"{name} must be replicated (every rank holds all of it), got placements {tuple(x.placements)}")
+        raise ValueError(f"{name} must be replicated (every rank holds all of it), got placements "
+                         f"{tuple(x.placements)}")
     return x.to_local()
 
 

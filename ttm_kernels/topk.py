@@ -260,16 +260,17 @@ def fused_wttm_loss_topk(student_logits: torch.Tensor, teacher_topk_ids: torch.T
                          teacher_topk_logprobs: torch.Tensor, target: Optional[torch.Tensor] = None, *,
                          gamma: float = DEFAULT_GAMMA, beta: float = 1.0, ce_weight: float = 1.0,
                          tail: str = "bucket", ignore_index: int = -100, reduction: str = "mean",
-                         backend: str = "auto", return_components: bool = False, inplace_backward: bool = False, num_items_in_batch=None,
-                         softcap: Optional[float] = None, logit_scale: float = 1.0,
+                         backend: str = "auto", return_components: bool = False, inplace_backward: bool = False,
+                         num_items_in_batch=None, softcap: Optional[float] = None, logit_scale: float = 1.0,
                          jsd_beta: float = 0.0, process_group=None,
                          vocab_size: Optional[int] = None,
                          weight_norm: str = "none"):
     spec = specs.wttm(gamma, beta=beta, ce_weight=ce_weight, ignore_index=ignore_index, softcap=softcap,
                     logit_scale=logit_scale, jsd_beta=jsd_beta, weight_norm=weight_norm)
     return _fused_topk_loss(student_logits, teacher_topk_ids, teacher_topk_logprobs, target, spec, tail=tail,
-                            reduction=reduction, backend=backend, return_components=return_components, inplace_backward=inplace_backward,
-                            num_items_in_batch=num_items_in_batch, process_group=process_group,
+                            reduction=reduction, backend=backend, return_components=return_components,
+                            inplace_backward=inplace_backward, num_items_in_batch=num_items_in_batch,
+                            process_group=process_group,
                             vocab_size=vocab_size)
 
 
@@ -290,15 +291,16 @@ def fused_ttm_loss_topk(student_logits: torch.Tensor, teacher_topk_ids: torch.Te
                         teacher_topk_logprobs: torch.Tensor, target: Optional[torch.Tensor] = None, *,
                         gamma: float = DEFAULT_GAMMA, beta: float = 1.0, ce_weight: float = 1.0,
                         tail: str = "bucket", ignore_index: int = -100, reduction: str = "mean",
-                        backend: str = "auto", return_components: bool = False, inplace_backward: bool = False, num_items_in_batch=None,
-                        softcap: Optional[float] = None, logit_scale: float = 1.0,
+                        backend: str = "auto", return_components: bool = False, inplace_backward: bool = False,
+                        num_items_in_batch=None, softcap: Optional[float] = None, logit_scale: float = 1.0,
                         jsd_beta: float = 0.0, process_group=None,
                         vocab_size: Optional[int] = None):
     spec = specs.ttm(gamma, beta=beta, ce_weight=ce_weight, ignore_index=ignore_index, softcap=softcap,
                     logit_scale=logit_scale, jsd_beta=jsd_beta)
     return _fused_topk_loss(student_logits, teacher_topk_ids, teacher_topk_logprobs, target, spec, tail=tail,
-                            reduction=reduction, backend=backend, return_components=return_components, inplace_backward=inplace_backward,
-                            num_items_in_batch=num_items_in_batch, process_group=process_group,
+                            reduction=reduction, backend=backend, return_components=return_components,
+                            inplace_backward=inplace_backward, num_items_in_batch=num_items_in_batch,
+                            process_group=process_group,
                             vocab_size=vocab_size)
 
 
@@ -313,15 +315,16 @@ def fused_kd_loss_topk(student_logits: torch.Tensor, teacher_topk_ids: torch.Ten
                        teacher_topk_logprobs: torch.Tensor, target: Optional[torch.Tensor] = None, *,
                        temperature: float = DEFAULT_TEMPERATURE, beta: float = 1.0, ce_weight: float = 1.0,
                        tail: str = "bucket", ignore_index: int = -100, reduction: str = "mean",
-                       backend: str = "auto", return_components: bool = False, inplace_backward: bool = False, num_items_in_batch=None,
-                       softcap: Optional[float] = None, logit_scale: float = 1.0,
+                       backend: str = "auto", return_components: bool = False, inplace_backward: bool = False,
+                       num_items_in_batch=None, softcap: Optional[float] = None, logit_scale: float = 1.0,
                        jsd_beta: float = 0.0, process_group=None,
                        vocab_size: Optional[int] = None):
     spec = specs.kd(temperature, beta=beta, ce_weight=ce_weight, ignore_index=ignore_index, softcap=softcap,
                     logit_scale=logit_scale, jsd_beta=jsd_beta)
     return _fused_topk_loss(student_logits, teacher_topk_ids, teacher_topk_logprobs, target, spec, tail=tail,
-                            reduction=reduction, backend=backend, return_components=return_components, inplace_backward=inplace_backward,
-                            num_items_in_batch=num_items_in_batch, process_group=process_group,
+                            reduction=reduction, backend=backend, return_components=return_components,
+                            inplace_backward=inplace_backward, num_items_in_batch=num_items_in_batch,
+                            process_group=process_group,
                             vocab_size=vocab_size)
 
 
