@@ -397,16 +397,24 @@ def _eager(student: torch.Tensor, teacher: torch.Tensor) -> bool:
             and torch._C._functorch.peek_interpreter_stack() is None)
 
 
-class _EagerLossWithGrad(torch.autograd.Function):
-    """``loss_fwd`` with ``row_grad`` and its backward in eager mode, minus the custom op's dispatch. The
-    parameters come as one tuple: ``apply`` walks its arguments, a few microseconds each."""
+class _LossWithGrad(torch.autograd.Function):
+    """The gradient computed in the forward's launch and scaled in the backward, as ``loss_fwd`` with ``row_grad``
+    does, for two callers: eager mode minus the custom op's dispatch (``into_student`` False: a new gradient
+    tensor, the kernels called directly), and ``inplace_backward`` with "mean"/"sum" (``into_student``: the
+    gradient written into the student logits' own storage, through ``loss_into_student_``). The parameters come
+    as one tuple: ``apply`` walks its arguments, a few microseconds each."""
 
     @staticmethod
-    def forward(ctx, student, row_grad, args):
+    def forward(ctx, student, row_grad, args, into_student):
         teacher, target, scales, weighted, ignore_index, form, backend = args
-        grad = _new_grad(student)
-        stats = _launch_forward(backend, form, student, teacher, target, scales, weighted, ignore_index, grad=grad,
-                                row_grad=row_grad)
+        if into_student:
+            grad = student
+            stats = loss_into_student_(student, teacher, target, row_grad, None, scales, weighted, ignore_index,
+                                       form, backend)
+        else:
+            grad = _new_grad(student)
+            stats = _launch_forward(backend, form, student, teacher, target, scales, weighted, ignore_index,
+                                    grad=grad, row_grad=row_grad)
         ctx.set_materialize_grads(False)
         ctx.with_grad, ctx.n_teacher = True, len(teacher)
         ctx.save_for_backward(grad)
@@ -415,27 +423,7 @@ class _EagerLossWithGrad(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_stats):
-        return _backward(ctx, grad_loss, None, None)[0], None, None
-
-
-class _InplaceLossWithGrad(torch.autograd.Function):
-    """``inplace_backward`` with "mean"/"sum": the forward's launch writes the gradient into the student logits'
-    own storage; the backward scales it there."""
-
-    @staticmethod
-    def forward(ctx, student, row_grad, args):
-        teacher, target, scales, weighted, ignore_index, form, backend = args
-        stats = loss_into_student_(student, teacher, target, row_grad, None, scales, weighted, ignore_index, form,
-                                   backend)
-        ctx.set_materialize_grads(False)
-        ctx.with_grad, ctx.n_teacher = True, len(teacher)
-        ctx.save_for_backward(student)
-        ctx.mark_non_differentiable(stats)
-        return stats[Stat.LOSS].sum() * row_grad, stats
-
-    @staticmethod
-    def backward(ctx, grad_loss, _grad_stats):
-        return _backward(ctx, grad_loss, None, None)[0], None, None
+        return _backward(ctx, grad_loss, None, None)[0], None, None, None
 
 
 class _InplaceLoss(torch.autograd.Function):
@@ -481,12 +469,12 @@ def fused_rows_loss(student, teacher, target, denominator, *, form, reduction, s
         row_grad = (denominator.reciprocal() if reduction == "mean"
                     else torch.ones((), dtype=torch.float32, device=student.device))
     if inplace_backward and row_grad is not None:
-        return _InplaceLossWithGrad.apply(student, row_grad, args)
+        return _LossWithGrad.apply(student, row_grad, args, True)
     if inplace_backward:
         stats = _InplaceLoss.apply(student, args)
     elif row_grad is not None:
         if eager:
-            return _EagerLossWithGrad.apply(student, row_grad, args)
+            return _LossWithGrad.apply(student, row_grad, args, False)
         loss, stats, _ = loss_fwd(student, *args[:2], row_grad, *args[2:])
         return loss, stats
     elif eager and not with_grad:

@@ -285,6 +285,12 @@ def _run_chunks(h_s, w_s, b_s, teacher, target, launch, chunk_size, row_grad=Non
     return rows, grad_h, grad_w, grad_b
 
 
+def student_needs(hidden, weight, bias) -> tuple:
+    """Which of the student's gradients (hidden states, weight, bias) the chunk loop computes
+    (``ctx.needs_input_grad`` ignores torch.no_grad())."""
+    return tuple(torch.is_grad_enabled() and x is not None and x.requires_grad for x in (hidden, weight, bias))
+
+
 class _FusedLinearLoss(torch.autograd.Function):
     """Returns the reduced loss and the detached (4, N) row terms kl, ce, weight, entropy (for logging)."""
 
@@ -455,9 +461,7 @@ def run_linear_loss(student_hidden, student_weight, student_bias, teacher, targe
     if reduction == "mean":
         denominator = mean_denominator(target, spec.ignore_index, n_rows, device, num_items_in_batch,
                                        dtype=_accumulation_dtype(student_hidden.dtype))
-    # Which student gradients to compute (ctx.needs_input_grad ignores torch.no_grad()).
-    needs = tuple(torch.is_grad_enabled() and x is not None and x.requires_grad
-                  for x in (student_hidden, student_weight, student_bias))
+    needs = student_needs(student_hidden, student_weight, student_bias)
     loss, terms = _FusedLinearLoss.apply(student_hidden.reshape(-1, student_hidden.shape[-1]), student_weight,
                                          student_bias, teacher, target, launch, reduction, chunk_size, needs,
                                          denominator)
@@ -538,8 +542,7 @@ def vocab_parallel_linear_loss(student_hidden, student_weight, teacher_hidden, t
     if reduction == "mean":
         denominator = mean_denominator(target, spec.ignore_index, n, device, num_items_in_batch,
                                        dtype=_accumulation_dtype(student_hidden.dtype))
-    needs = tuple(torch.is_grad_enabled() and x is not None and x.requires_grad
-                  for x in (student_hidden, student_weight, student_bias))
+    needs = student_needs(student_hidden, student_weight, student_bias)
     # Every rank runs the same chunks (each one's collectives): sized for the widest shard.
     chunk = chunk_size or default_chunk_size(
         n, max(shards.widths), student_hidden.dtype, teacher_hidden.dtype, device,

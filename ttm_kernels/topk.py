@@ -388,6 +388,28 @@ def _sharded_topk_rows(z, ids, logprobs, target, valid, spec, tail, shards):
     return rows
 
 
+def _sharded_topk_facts(ids, logprobs, target, lead, device, tail, spec) -> tuple:
+    """A rank's own checks of the target and the teacher's top-k for a vocabulary-parallel call, and the facts of
+    the top-k that every rank must share, for the agreement: k, a fingerprint of the ids and their largest (the
+    global vocabulary is known after the exchange: the ids' range against it is checked then)."""
+    if target is not None:
+        validate_target(target, lead, None, device, spec.ignore_index)
+    reference.check_topk_divergence(tail, spec.jsd_beta)
+    validate_topk(ids, logprobs, lead, _INT64_MAX, device, tail, valid_rows(target, lead, device, spec.ignore_index))
+    flat = ids.reshape(-1).long()
+    fingerprint = int((flat * torch.arange(1, flat.numel() + 1, device=flat.device)).sum())
+    return ids.shape[-1], fingerprint, int(flat.max()) if flat.numel() else -1
+
+
+def _check_ids_in_vocabulary(ids, shards) -> None:
+    """After the agreement (every rank's ids are the same, so every rank raises alike): the ids within the global
+    vocabulary."""
+    largest = int(ids.max()) if ids.numel() else -1
+    if largest >= shards.vocab:
+        raise ValueError(f"teacher_topk_ids holds ids outside [0, {shards.vocab}) (the global vocabulary: the ranks' "
+                         f"shard widths {list(shards.widths)} together), e.g. {largest}")
+
+
 def vocab_parallel_topk_loss(student_logits, ids, logprobs, target, spec, *, tail, process_group, reduction, backend,
                              return_components, num_items_in_batch=None, vocab_size=None):
     """``topk._fused_topk_loss`` for student logits whose columns the ranks of ``process_group`` hold, and the
@@ -418,25 +440,14 @@ def vocab_parallel_topk_loss(student_logits, ids, logprobs, target, spec, *, tai
         validate_num_items(num_items_in_batch, reduction)
         _ops.resolve_backend(backend, device, student_logits.dtype)
         lead = student_logits.shape[:-1]
-        if target is not None:
-            validate_target(target, lead, None, device, spec.ignore_index)
-        valid = valid_rows(target, lead, device, spec.ignore_index)
-        # The global vocabulary is known after the exchange: the ids' range against it is checked then.
-        reference.check_topk_divergence(tail, spec.jsd_beta)
-        validate_topk(ids, logprobs, lead, _INT64_MAX, device, tail, valid)
-        flat = ids.reshape(-1).long()
-        fingerprint = int((flat * torch.arange(1, flat.numel() + 1, device=flat.device)).sum())
         return student_logits.shape[-1], (lead.numel(), student_logits.dtype, device.type, target is not None,
-                                          ids.shape[-1], fingerprint, int(flat.max()) if flat.numel() else -1,
+                                          *_sharded_topk_facts(ids, logprobs, target, lead, device, tail, spec),
                                           _settings(spec, tail, reduction))
 
     shards = agree(process_group, index, device, check, names, target, spec.ignore_index, num_items_in_batch,
                    vocab_size)
     spec = spec.at_vocab(shards.vocab)  # the whole vocabulary, not this rank's shard (see LossSpec)
-    largest = int(ids.max()) if ids.numel() else -1
-    if largest >= shards.vocab:
-        raise ValueError(f"teacher_topk_ids holds ids outside [0, {shards.vocab}) (the global vocabulary: the ranks' "
-                         f"shard widths {list(shards.widths)} together), e.g. {largest}")
+    _check_ids_in_vocabulary(ids, shards)
     lead = student_logits.shape[:-1]
     compute = torch.float64 if student_logits.dtype == torch.float64 else torch.float32
     flat_target = None if target is None else target.reshape(-1).long()
@@ -693,27 +704,16 @@ def vocab_parallel_linear_topk_loss(student_hidden, student_weight, ids, logprob
                                 chunk_size, num_items_in_batch)
         _ops.resolve_backend(backend, device, student_hidden.dtype)
         lead = student_hidden.shape[:-1]
-        if target is not None:
-            validate_target(target, lead, None, device, spec.ignore_index)
-        valid = valid_rows(target, lead, device, spec.ignore_index)
-        # The global vocabulary is known after the exchange: the ids' range against it is checked then.
-        reference.check_topk_divergence(tail, spec.jsd_beta)
-        validate_topk(ids, logprobs, lead, _INT64_MAX, device, tail, valid)
-        flat = ids.reshape(-1).long()
-        fingerprint = int((flat * torch.arange(1, flat.numel() + 1, device=flat.device)).sum())
         return student_weight.shape[0], (lead.numel(), student_hidden.shape[-1], student_hidden.dtype, device.type,
-                                          target is not None, ids.shape[-1], fingerprint,
-                                          int(flat.max()) if flat.numel() else -1,
+                                          target is not None,
+                                          *_sharded_topk_facts(ids, logprobs, target, lead, device, tail, spec),
                                           _settings(spec, tail, reduction, chunk_size, reduce_hidden_grad,
                                                     student_bias is None))
 
     shards = agree(process_group, index, device, check, names, target, spec.ignore_index, num_items_in_batch,
                    vocab_size)
     spec = spec.at_vocab(shards.vocab)  # the whole vocabulary, not this rank's shard (see LossSpec)
-    largest = int(ids.max()) if ids.numel() else -1
-    if largest >= shards.vocab:
-        raise ValueError(f"teacher_topk_ids holds ids outside [0, {shards.vocab}) (the global vocabulary: the ranks' "
-                         f"shard widths {list(shards.widths)} together), e.g. {largest}")
+    _check_ids_in_vocabulary(ids, shards)
     lead = student_hidden.shape[:-1]
     n = lead.numel()
     target = None if target is None else target.reshape(-1).long()
@@ -721,8 +721,7 @@ def vocab_parallel_linear_topk_loss(student_hidden, student_weight, ids, logprob
     if reduction == "mean":
         denominator = mean_denominator(target, spec.ignore_index, n, device, num_items_in_batch,
                                                   dtype=linear._accumulation_dtype(student_hidden.dtype))
-    needs = tuple(torch.is_grad_enabled() and x is not None and x.requires_grad
-                  for x in (student_hidden, student_weight, student_bias))
+    needs = linear.student_needs(student_hidden, student_weight, student_bias)
     # Every rank runs the same chunks (each one's collectives): sized for the widest shard.
     chunk = chunk_size or linear.default_chunk_size(
         n, max(shards.widths), student_hidden.dtype, None, device,
