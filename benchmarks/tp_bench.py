@@ -2,6 +2,7 @@
 
     python -m benchmarks.tp_bench                          # CPU, gloo, 1/2/4 processes, V = 32000
     python -m benchmarks.tp_bench --device cuda --worlds 2,4,8   # NCCL, one GPU per process (not yet run)
+    python -m benchmarks.tp_bench --teacher topk --k 64    # a sparse teacher: its top-k on every rank
 
 Each of W spawned processes holds a contiguous V/W slice of the columns of both (N, V) fp32 logits and the
 whole target. One step = forward + backward of the WTTM loss (reduction "mean"), giving this rank its
@@ -13,6 +14,11 @@ slice of the gradient, by:
   ``fused_wttm_loss`` on them, and keep the slice of the gradient.
 
 With W = 1 the vocabulary-parallel call runs the one-process kernels (a group of one holds whole rows).
+
+``--teacher topk``: the teacher's top-k ids (global) and log-probabilities on every rank instead of its logits,
+``fused_wttm_loss_topk``; ``vocab-parallel`` runs the top-k kernels' partial sums and merge, and
+``vocab-parallel torch`` the same call with ``backend="torch"``: the reference's arithmetic per rank with autograd
+(what every backend ran before the top-k kernels had partial sums), measured in the same run.
 
 Time: per step, every rank's ``perf_counter`` time after a barrier; the step's time is the slowest rank's;
 the table gives the median over ``--reps`` steps after two warm-up steps. ``--threads`` torch threads per
@@ -30,6 +36,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import os
 import statistics
 import tempfile
@@ -39,7 +46,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from ttm_kernels import fused_wttm_loss
+from ttm_kernels import fused_wttm_loss, fused_wttm_loss_topk
 from ttm_kernels._stats import NUM_PARTIAL
 from ttm_kernels.distributed import _all_gather_single
 
@@ -79,20 +86,31 @@ def _worker(rank, world, args, store, out):
     v = (torch.randn(n, width, generator=gen) * 10).to(device)
     target = torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(1)).to(device)
     group = dist.group.WORLD
+    # A sparse teacher: the same top-k on every rank (k distinct ids per row, 0.9 of the mass).
+    shared = torch.Generator().manual_seed(2)
+    ids = torch.rand(n, vocab, generator=shared).topk(args.k, -1).indices.to(device)
+    logprobs = (torch.log_softmax(torch.randn(n, args.k, generator=shared) * 3, -1) + math.log(0.9)).to(device)
 
-    def vocab_parallel():
+    def loss(student, teacher, **kwargs):
+        if args.teacher == "topk":
+            return fused_wttm_loss_topk(student, ids, logprobs, target, **kwargs)
+        return fused_wttm_loss(student, teacher, target, **kwargs)
+
+    def vocab_parallel(**kwargs):
         student = z.detach().requires_grad_()
-        fused_wttm_loss(student, v, target, process_group=group).backward()
+        loss(student, v, process_group=group, **kwargs).backward()
         return student.grad
 
     def gather_logits():
         full_z = torch.empty(world * n, width, device=device)
-        full_v = torch.empty_like(full_z)
         _all_gather_single(full_z, z, group=group)
-        _all_gather_single(full_v, v, group=group)
         student = full_z.view(world, n, width).permute(1, 0, 2).reshape(n, vocab).requires_grad_()
-        teacher = full_v.view(world, n, width).permute(1, 0, 2).reshape(n, vocab)
-        fused_wttm_loss(student, teacher, target).backward()
+        teacher = None
+        if args.teacher == "logits":
+            full_v = torch.empty_like(full_z)
+            _all_gather_single(full_v, v, group=group)
+            teacher = full_v.view(world, n, width).permute(1, 0, 2).reshape(n, vocab)
+        loss(student, teacher).backward()
         return student.grad[:, rank * width:(rank + 1) * width]
 
     partials = torch.randn(NUM_PARTIAL, n, device=device)
@@ -107,6 +125,8 @@ def _worker(rank, world, args, store, out):
         dist.all_reduce(sums, group=group)
 
     providers = {"vocab-parallel": vocab_parallel, "gather logits": gather_logits}
+    if args.teacher == "topk" and world > 1:
+        providers["vocab-parallel torch"] = lambda: vocab_parallel(backend="torch")
     result = {name: _steps(fn, args.reps, device) for name, fn in providers.items()}
     result["all_gather partials"] = _steps(all_gather_partials, args.reps * 4, device)
     result["two all-reduces"] = _steps(two_all_reduces, args.reps * 4, device)
@@ -116,9 +136,13 @@ def _worker(rank, world, args, store, out):
     dist.destroy_process_group()
 
 
-def sent_bytes(world, n, vocab):
-    """(vocabulary-parallel, gathered logits) bytes each rank sends per step, ring collectives."""
-    ours = (world - 1) * 4 * NUM_PARTIAL * n + 2 * (world - 1) / world * 4 * n + (world - 1) * 12 * 8
+def sent_bytes(world, n, vocab, k=None):
+    """(vocabulary-parallel, gathered logits) bytes each rank sends per step, ring collectives; ``k``: a top-k
+    teacher's (6 + k partials per row, no KL all-reduce; only the student's logits to gather)."""
+    agreement = (world - 1) * 12 * 8
+    if k is not None:
+        return (world - 1) * 4 * (6 + k) * n + agreement, (world - 1) * n * (vocab // world) * 4
+    ours = (world - 1) * 4 * NUM_PARTIAL * n + 2 * (world - 1) / world * 4 * n + agreement
     gather = (world - 1) * 2 * n * (vocab // world) * 4
     return ours, gather
 
@@ -138,12 +162,15 @@ def main(argv=None):
     parser.add_argument("--V", type=int, default=32000, help="vocabulary (divisible by every process count)")
     parser.add_argument("--reps", type=int, default=7)
     parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
+    parser.add_argument("--teacher", choices=("logits", "topk"), default="logits")
+    parser.add_argument("--k", type=int, default=64, help="the top-k teacher's ids per row (--teacher topk)")
     args = parser.parse_args(argv)
     worlds = [int(w) for w in args.worlds.split(",")]
     env = environment(torch.device(args.device))
     print(f"{env['device_name']}, {env['cpu_count']} CPUs, load average {env['loadavg_1m_at_start']} at start; "
           f"torch {env['torch']}, {env['date_utc']} UTC; N={args.N}, V={args.V}, fp32, WTTM mean, "
-          f"{args.threads} thread(s) per process, {args.reps} timed steps")
+          f"{args.threads} thread(s) per process, {args.reps} timed steps, teacher: "
+          + ("logits" if args.teacher == "logits" else f"top-{args.k}"))
     rows = []
     for world in worlds:
         with tempfile.TemporaryDirectory() as folder:
@@ -152,7 +179,7 @@ def main(argv=None):
                                start_method="spawn")
             with open(out) as f:
                 result = json.load(f)
-        ours, gather = sent_bytes(world, args.N, args.V)
+        ours, gather = sent_bytes(world, args.N, args.V, args.k if args.teacher == "topk" else None)
         rows.append((world, result, ours, gather))
     print("\n| processes | V per rank | vocab-parallel ms | gather logits ms | gather / vocab-parallel | "
           "sent per rank: vocab-parallel | sent per rank: gather logits |")
@@ -160,6 +187,13 @@ def main(argv=None):
     for world, result, ours, gather in rows:
         print(f"| {world} | {args.V // world} | {result['vocab-parallel']:.1f} | {result['gather logits']:.1f} | "
               f"{result['gather logits'] / result['vocab-parallel']:.2f} | {_size(ours)} | {_size(gather)} |")
+    if args.teacher == "topk":
+        print("\n| processes | vocab-parallel ms | vocab-parallel torch ms | torch / vocab-parallel |")
+        print("|---|---|---|---|")
+        for world, result, _, _ in rows:
+            if "vocab-parallel torch" in result:
+                print(f"| {world} | {result['vocab-parallel']:.1f} | {result['vocab-parallel torch']:.1f} | "
+                      f"{result['vocab-parallel torch'] / result['vocab-parallel']:.2f} |")
     print(f"\nThe merge's collective alone (N={args.N}): ms per call")
     print("\n| processes | all_gather of the (9, N) partials | two all-reduces (max, sum) |")
     print("|---|---|---|")

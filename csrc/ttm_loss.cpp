@@ -50,6 +50,8 @@ enum Partial : int64_t {
   kPartMaxS, kPartSumS, kPartMaxT, kPartSumT, kPartMaxV, kPartSumV, kPartMaxZ, kPartSumZ, kPartTargetLogit,
   kNumPartial
 };
+// The rows of a top-k piece's online sums over its columns outside S, in the order of _stats.py's TopkPartial.
+enum TopkPartial : int64_t { kTopkMaxS, kTopkSumS, kTopkMaxZ, kTopkSumZ, kTopkTailEntropy, kNumTopkPartial };
 
 // The widest block kernels this CPU runs; TTM_KERNELS_CPU_ISA=baseline|avx2 narrows the choice (to test the
 // other builds on a wide machine).
@@ -529,7 +531,8 @@ std::string cpu_isa() { return block_kernels().isa; }
 }  // namespace
 }  // namespace ttm_cpu
 
-// --- Sparse teachers: each row's k most likely ids and their log-probabilities (ops topk_forward, topk_backward).
+// --- Sparse teachers: each row's k most likely ids and their log-probabilities (ops topk_forward, topk_backward,
+// topk_partial).
 //
 // Per row, S is the row's ids other than the padding id -1, sorted ascending (the Python launcher sorts them
 // once, the padding first), l_i their log-probabilities over the full vocabulary, R every other column; the
@@ -544,6 +547,9 @@ std::string cpu_isa() { return block_kernels().isa; }
 //             are then overwritten with kl_coef * (q_i - pt_i) plus the CE's, before the block is stored.
 // Statistics: (12, N) fp32, rows as ttm_kernels/_stats.py's TopkStat: Stat's, with the (max, log-sum) of s*z
 // over R in the rows that hold the teacher's for a dense teacher.
+// Rows in pieces (vocabulary shards): topk_partial gives a piece's sums over its columns of R, which merge (with
+// the k logits of S, each from the piece that holds it) into these statistics; topk_backward then writes each
+// piece's gradient.
 namespace ttm_cpu {
 namespace {
 
@@ -578,38 +584,49 @@ double kl_term(double q, double p, double y) {
   return (p > 0.0 ? p * y : 0.0) + (q - p);
 }
 
-// The first id of row r's sorted ids that is not padding.
-int64_t first_id(const TopkSetup& setup, int64_t r) {
+// The first of row r's sorted ids at or past `column` (the padding -1 sorts first).
+int64_t first_id(const TopkSetup& setup, int64_t r, int64_t column) {
   const int32_t* ids = setup.ids + r * setup.k;
-  return std::lower_bound(ids, ids + setup.k, 0) - ids;
+  return std::lower_bound(ids, ids + setup.k, column) - ids;
 }
 
-// The online sums of s*z (and z) over row r's columns outside S, and the logits of S, gathered into z_s.
-RowAccumulators scan_tail(const Rows& student, const TopkSetup& setup, int64_t r, int64_t first, float* z_s,
-                          RowBuffers& buffers) {
+// The online sums of s*z (and z; with `entropy` the sums t_s) over the columns here outside S: the ids of S are
+// row columns, the tensors' columns start at the row's column col_offset (a vocabulary shard's first).
+RowAccumulators scan_tail(const Rows& student, const TopkSetup& setup, int64_t r, bool entropy, RowBuffers& buffers) {
   const BlockKernels& kernels = block_kernels();
   const LossSetup& loss = setup.loss;
   ScanOptions options{loss.student_scale, loss.student_scale, false, loss.separate_ce};
   options.has_teacher = false;
-  options.entropy = !setup.bucket;  // the renormalised teacher's entropy is the student's over the vocabulary
+  options.entropy = entropy;
   const int32_t* ids = setup.ids + r * setup.k;
   const char* z_row = student.row(r);
-  for (int64_t i = first; i < setup.k; ++i) z_s[i - first] = student.column(z_row, ids[i]);
   RowAccumulators sums;
-  int64_t next = first;
+  int64_t next = first_id(setup, r, loss.col_offset);
   for (int64_t start = 0; start < loss.vocab; start += kBlockSize) {
-    const int64_t n = std::min(kBlockSize, loss.vocab - start);
+    const int64_t n = std::min(kBlockSize, loss.vocab - start), end = loss.col_offset + start + n;
     const float* z = student.block(z_row, start, n, buffers.z);
-    if (next < setup.k && ids[next] < start + n) {
+    if (next < setup.k && ids[next] < end) {
       if (z != buffers.z) {
         std::memcpy(buffers.z, z, n * sizeof(float));
         z = buffers.z;
       }
-      for (; next < setup.k && ids[next] < start + n; ++next) buffers.z[ids[next] - start] = -INFINITY;
+      for (; next < setup.k && ids[next] < end; ++next) buffers.z[ids[next] - (end - n)] = -INFINITY;
     }
     kernels.scan(z, nullptr, n, options, sums);
   }
   return sums;
+}
+
+// The logits of row r's ids from `first` on into z_s: those of the columns here, -inf for the others (another
+// shard's: their gradient entries are written there).
+void gather_s(const Rows& student, const TopkSetup& setup, int64_t r, int64_t first, float* z_s) {
+  const LossSetup& loss = setup.loss;
+  const int32_t* ids = setup.ids + r * setup.k;
+  const char* z_row = student.row(r);
+  for (int64_t i = first; i < setup.k; ++i) {
+    const int64_t column = ids[i] - loss.col_offset;
+    z_s[i - first] = column >= 0 && column < loss.vocab ? student.column(z_row, column) : -INFINITY;
+  }
 }
 
 // One (max, sum) pair of the row's tail merged with the values x_i of S: the whole row's (max, log-sum).
@@ -640,7 +657,7 @@ TopkTeacher topk_teacher(const TopkSetup& setup, int64_t r, int64_t first) {
   const double log_p_sum = shift + std::log(p_shifted);
   const double p_sum = std::exp(log_p_sum);
   // Under the power transform a residue counts: 1 - sum p in double, from the stored values.
-  const double p_tail = setup.bucket && setup.k - first < loss.vocab ? std::max(0.0, 1.0 - p_sum) : 0.0;
+  const double p_tail = setup.bucket && setup.k - first < loss.row_vocab ? std::max(0.0, 1.0 - p_sum) : 0.0;
   const double w_tail = g * std::log(p_tail);
   m_w = std::max(m_w, w_tail);
   double sum_w = std::exp(w_tail - m_w);
@@ -704,8 +721,8 @@ double topk_entropy(const TopkSetup& setup, int64_t first, const float* z_s, con
   return -q_log_q;
 }
 
-// Writes row r's gradient: the dense block kernel over every column (R's entries), the entries of S
-// overwritten from `fix` before each block is stored.
+// Writes row r's gradient over the columns here: the dense block kernel over every column (R's entries), the
+// entries of S here overwritten from `fix` (indexed from the row's first id) before each block is stored.
 void topk_gradient_row(const Rows& student, const Rows& grad, const TopkSetup& setup, int64_t r, int64_t first,
                        const TopkStudent& st, const TopkTeacher& teacher, const float* fix, float kl_coef,
                        float ce_coef, RowBuffers& buffers) {
@@ -729,7 +746,7 @@ void topk_gradient_row(const Rows& student, const Rows& grad, const TopkSetup& s
   const BlockKernels& kernels = block_kernels();
   const char* z_row = student.row(r);
   char* g_row = grad.row(r);
-  int64_t next = first;
+  int64_t next = first_id(setup, r, loss.col_offset);
   for (int64_t start = 0; start < loss.vocab; start += kBlockSize) {
     const int64_t n = std::min(kBlockSize, loss.vocab - start);
     const float* z = student.block(z_row, start, n, buffers.z);
@@ -738,10 +755,11 @@ void topk_gradient_row(const Rows& student, const Rows& grad, const TopkSetup& s
       std::memcpy(buffers.z, z, n * sizeof(float));
       z = buffers.z;
     }
-    options.target_column = target - start;
+    const int64_t column = loss.col_offset + start;  // the row column of the block's first
+    options.target_column = target - column;
     // The entries of S are garbage here (z_i may exceed R's maximum) and are overwritten next.
     kernels.kl_gradient(z, z, n, options, out);
-    for (; next < setup.k && ids[next] < start + n; ++next) out[ids[next] - start] = fix[next - first];
+    for (; next < setup.k && ids[next] < column + n; ++next) out[ids[next] - column] = fix[next - first];
     if (grad.dtype != Dtype::Float32) kernels.store(out, n, g_row + start * grad.element_size, grad.dtype);
   }
 }
@@ -755,24 +773,27 @@ float checked_ce_coef(const LossSetup& setup, int64_t r, float row_grad) {
                                                                       : std::numeric_limits<float>::quiet_NaN();
 }
 
-TopkSetup make_topk_setup(const at::Tensor& student, const at::Tensor& ids, const at::Tensor& logprobs,
+// `logprobs` may be absent (topk_partial reads no teacher); the student may be a piece of the rows, columns
+// [col_offset, col_offset + V) of row_vocab (default: the whole rows).
+TopkSetup make_topk_setup(const at::Tensor& student, const at::Tensor& ids, const at::Tensor* logprobs,
                           const std::optional<at::Tensor>& target, double student_scale, double teacher_scale,
-                          double kl_coef, double ce_weight, bool weighted, bool bucket, int64_t ignore_index) {
+                          double kl_coef, double ce_weight, bool weighted, bool bucket, int64_t ignore_index,
+                          int64_t col_offset = 0, int64_t row_vocab = -1) {
   check_rows(student, student, "student");
   const int64_t n_rows = student.size(0) * student.size(1);
   TORCH_CHECK(ids.device().is_cpu() && ids.scalar_type() == at::kInt && ids.dim() == 2 && ids.size(0) == n_rows &&
                   ids.size(1) >= 1 && ids.is_contiguous(),
               "ids must be a contiguous int32 CPU tensor of shape (", n_rows, ", k >= 1), got ", ids.scalar_type(),
               " ", ids.sizes());
-  TORCH_CHECK(logprobs.device().is_cpu() && logprobs.scalar_type() == at::kFloat && logprobs.sizes() == ids.sizes() &&
-                  logprobs.is_contiguous(),
-              "logprobs must be a contiguous float32 CPU tensor of the ids' shape ", ids.sizes(), ", got ",
-              logprobs.scalar_type(), " ", logprobs.sizes());
+  TORCH_CHECK(!logprobs || (logprobs->device().is_cpu() && logprobs->scalar_type() == at::kFloat &&
+                            logprobs->sizes() == ids.sizes() && logprobs->is_contiguous()),
+              "logprobs must be a contiguous float32 CPU tensor of the ids' shape ", ids.sizes());
   TopkSetup setup;
   setup.loss = make_setup(student.size(2), target_rows(target, n_rows), student_scale, teacher_scale, kl_coef, ce_weight,
                           weighted, ignore_index);
+  set_piece(setup.loss, col_offset, row_vocab < 0 ? student.size(2) : row_vocab);
   setup.ids = ids.data_ptr<int32_t>();
-  setup.logprobs = logprobs.data_ptr<float>();
+  setup.logprobs = logprobs ? logprobs->data_ptr<float>() : nullptr;
   setup.k = ids.size(1);
   setup.bucket = bucket;
   return setup;
@@ -782,7 +803,7 @@ at::Tensor topk_forward(const at::Tensor& student, const at::Tensor& ids, const 
                         const std::optional<at::Tensor>& target, double student_scale, double teacher_scale,
                         double kl_coef, double ce_weight, bool weighted, bool bucket, int64_t ignore_index,
                         const std::optional<at::Tensor>& grad, const std::optional<at::Tensor>& row_grad) {
-  TopkSetup setup = make_topk_setup(student, ids, logprobs, target, student_scale, teacher_scale, kl_coef,
+  TopkSetup setup = make_topk_setup(student, ids, &logprobs, target, student_scale, teacher_scale, kl_coef,
                                     ce_weight, weighted, bucket, ignore_index);
   const LossSetup& loss = setup.loss;
   const int64_t n_rows = student.size(0) * student.size(1);
@@ -806,8 +827,10 @@ at::Tensor topk_forward(const at::Tensor& student, const at::Tensor& ids, const 
         if (grad_rows) zero_row(*grad_rows, r, loss.vocab);
         continue;
       }
-      const int64_t first = first_id(setup, r), n = setup.k - first;
-      const RowAccumulators sums = scan_tail(student_rows, setup, r, first, scratch.z.data(), buffers);
+      const int64_t first = first_id(setup, r, 0), n = setup.k - first;
+      // The renormalised teacher's entropy is the student's over the vocabulary: R's share needs t_s.
+      const RowAccumulators sums = scan_tail(student_rows, setup, r, !setup.bucket, buffers);
+      gather_s(student_rows, setup, r, first, scratch.z.data());
       TopkStudent st;
       st.m_tail = sums.m_s;
       st.log_d_tail = std::log(sums.d_s);
@@ -852,14 +875,16 @@ at::Tensor topk_forward(const at::Tensor& student, const at::Tensor& ids, const 
   return stats;
 }
 
-// Writes d(sum_i row_grad_i * loss_i)/dz into `grad` from topk_forward's statistics (the backward of
-// reduction "none"): the logits of S and the teacher's O(k) terms are recomputed, the statistics pass is not.
+// Writes d(sum_i row_grad_i * loss_i)/dz into `grad` from the rows' statistics (topk_forward's, or those merged
+// from topk_partial's): the logits of S and the teacher's O(k) terms are recomputed, the statistics pass is not.
+// The student may be a piece of the rows, columns [col_offset, col_offset + V) of row_vocab (a vocabulary
+// shard): the ids and the target are row columns, and the gradient is the piece's.
 void topk_backward(const at::Tensor& student, const at::Tensor& ids, const at::Tensor& logprobs,
                    const std::optional<at::Tensor>& target, const at::Tensor& stats, double student_scale,
                    double teacher_scale, double kl_coef, double ce_weight, bool bucket, int64_t ignore_index,
-                   const at::Tensor& grad, const at::Tensor& row_grad) {
-  TopkSetup setup = make_topk_setup(student, ids, logprobs, target, student_scale, teacher_scale, kl_coef,
-                                    ce_weight, /*weighted=*/false, bucket, ignore_index);
+                   const at::Tensor& grad, const at::Tensor& row_grad, int64_t col_offset, int64_t row_vocab) {
+  TopkSetup setup = make_topk_setup(student, ids, &logprobs, target, student_scale, teacher_scale, kl_coef,
+                                    ce_weight, /*weighted=*/false, bucket, ignore_index, col_offset, row_vocab);
   const LossSetup& loss = setup.loss;
   const int64_t n_rows = student.size(0) * student.size(1);
   TORCH_CHECK(stats.device().is_cpu() && stats.scalar_type() == at::kFloat && stats.dim() == 2 &&
@@ -881,10 +906,8 @@ void topk_backward(const at::Tensor& student, const at::Tensor& ids, const at::T
       }
       const RowStats row = load_stats(stats_ptr, n_rows, r);
       const TopkStudent st{row.m_s, row.log_d_s, row.m_t, row.log_d_t, row.m_z, row.log_d_z};
-      const int64_t first = first_id(setup, r);
-      const int32_t* row_ids = setup.ids + r * setup.k;
-      const char* z_row = student_rows.row(r);
-      for (int64_t i = first; i < setup.k; ++i) scratch.z[i - first] = student_rows.column(z_row, row_ids[i]);
+      const int64_t first = first_id(setup, r, 0);
+      gather_s(student_rows, setup, r, first, scratch.z.data());
       const float row_grad = row_grad_of(loss, r);
       const float ce_coef = checked_ce_coef(loss, r, row_grad);
       const float grad_kl_coef = row_grad * loss.kl_coef * row.weight * loss.student_scale;
@@ -894,6 +917,38 @@ void topk_backward(const at::Tensor& student, const at::Tensor& ids, const at::T
                         ce_coef, buffers);
     }
   });
+}
+
+// A piece of the rows' student (columns [col_offset, col_offset + V) of row_vocab, a vocabulary shard): its
+// online sums over its columns outside S, which merge across the pieces (ttm_kernels/_topk_ops.py's TopkPieces)
+// into the statistics topk_backward takes. (TopkPartial, N) fp32, rows: the (max, sum) of s*z, those of z (the CE
+// under a student temperature; else a copy of s*z's), and w = sum e_j (m - s*z_j) >= 0, e_j = exp(s*z_j - m), the
+// tail's share of the renormalised teacher's entropy (0 with the bucket). Ignored rows hold empty sums.
+at::Tensor topk_partial(const at::Tensor& student, const at::Tensor& ids, const std::optional<at::Tensor>& target,
+                        double student_scale, bool bucket, int64_t ignore_index, int64_t col_offset,
+                        int64_t row_vocab) {
+  const TopkSetup setup = make_topk_setup(student, ids, nullptr, target, student_scale, 1.0, 0.0, 0.0,
+                                          /*weighted=*/false, bucket, ignore_index, col_offset, row_vocab);
+  const LossSetup& loss = setup.loss;
+  const int64_t n_rows = student.size(0) * student.size(1);
+  at::Tensor partial = at::empty({kNumTopkPartial, n_rows}, student.options().dtype(at::kFloat));
+  if (n_rows == 0) return partial;
+  const Rows student_rows(student, "student");
+  float* out = partial.data_ptr<float>();
+  at::parallel_for(0, n_rows, grain_rows(loss.vocab), [&](int64_t begin, int64_t end) {
+    RowBuffers buffers;
+    for (int64_t r = begin; r < end; ++r) {
+      RowAccumulators sums;
+      if (!is_ignored(loss, r)) sums = scan_tail(student_rows, setup, r, !setup.bucket, buffers);
+      if (!loss.separate_ce) {
+        sums.m_z = sums.m_s;
+        sums.d_z = sums.d_s;
+      }
+      const float values[kNumTopkPartial] = {sums.m_s, sums.d_s, sums.m_z, sums.d_z, -sums.t_s};
+      for (int64_t i = 0; i < kNumTopkPartial; ++i) out[i * n_rows + r] = values[i];
+    }
+  });
+  return partial;
 }
 
 }  // namespace
@@ -921,7 +976,10 @@ TORCH_LIBRARY(ttm_kernels_C, m) {
   m.def(
       "topk_backward(Tensor student, Tensor ids, Tensor logprobs, Tensor? target, Tensor stats, "
       "float student_scale, float teacher_scale, float kl_coef, float ce_weight, bool bucket, int ignore_index, "
-      "Tensor(a!) grad, Tensor row_grad) -> ()");
+      "Tensor(a!) grad, Tensor row_grad, int col_offset, int row_vocab) -> ()");
+  m.def(
+      "topk_partial(Tensor student, Tensor ids, Tensor? target, float student_scale, bool bucket, int ignore_index, "
+      "int col_offset, int row_vocab) -> Tensor");
   // The instruction set the block kernels were picked for ("avx512", "avx2" or "baseline").
   m.def("cpu_isa() -> str", &ttm_cpu::cpu_isa);
 }
@@ -933,6 +991,7 @@ TORCH_LIBRARY_IMPL(ttm_kernels_C, CPU, m) {
   m.impl("pieces", &ttm_cpu::pieces);
   m.impl("topk_forward", &ttm_cpu::topk_forward);
   m.impl("topk_backward", &ttm_cpu::topk_backward);
+  m.impl("topk_partial", &ttm_cpu::topk_partial);
 }
 
 // `import ttm_kernels._C` loads this library, which registers the ops above; the module itself is empty.

@@ -482,9 +482,10 @@ WEIGHT_NORM_CELLS = [matrix.Cell("wttm", "logits", "3d", "cpu", "mean", "plain")
 
 
 def check_topk_tails_and_full_rows(rank, world):
-    """Top-k with process_group, both tails, on rows whose ids cover the whole vocabulary (an empty tail on every
-    rank), rows whose ids all lie in one rank's columns, a row of padding and an ignored row; against the float64
-    reference of the whole rows."""
+    """Top-k with process_group, both tails, on the kernels ("cpu") and the reference ("torch"), on rows whose ids
+    cover the whole vocabulary (an empty tail on every rank), rows whose ids all lie in one rank's columns, a row
+    of padding and an ignored row; against the float64 reference of the whole rows, and the logged components
+    (the student's entropy included) against one process's."""
     v, k = matrix.VOCAB, matrix.VOCAB
     gen = torch.Generator().manual_seed(17)
     z = torch.randn(6, v, generator=gen, dtype=torch.float64) * 10
@@ -499,19 +500,26 @@ def check_topk_tails_and_full_rows(rank, world):
     columns = matrix.COLUMNS[world][rank:rank + 2]
     a, b = columns
     results = []
-    for tail in ("bucket", "renormalize"):
-        local = z[:, a:b].float().requires_grad_()
-        loss = ttm_kernels.fused_wttm_loss_topk(local, ids, logprobs.float(), target, gamma=0.4, beta=2.0, tail=tail,
-                                                 process_group=world_group())
-        loss.backward()
-        z64 = z.float().double().requires_grad_()
-        ref = reference.wttm_loss_topk(z64, ids, logprobs.float().double(), target, gamma=0.4, beta=2.0, tail=tail)
-        ref.backward()
-        results.append((tail, loss.detach(), local.grad, ref.detach(), z64.grad[:, a:b]))
-    for tail, loss, grad, ref_loss, ref_grad in results:
-        assert_same_on_every_rank(f"{tail} loss", loss)
-        assert_close(f"{tail} loss", ref_loss, loss, 1e-5, 1e-6)
-        assert_close(f"{tail} grad", ref_grad, grad, 1e-4, 1e-7)
+    for backend in ("cpu", "torch"):
+        for tail in ("bucket", "renormalize"):
+            options = dict(gamma=0.4, beta=2.0, tail=tail, backend=backend, return_components=True)
+            local = z[:, a:b].float().requires_grad_()
+            loss, parts = ttm_kernels.fused_wttm_loss_topk(local, ids, logprobs.float(), target,
+                                                           process_group=world_group(), **options)
+            loss.backward()
+            _, one_parts = ttm_kernels.fused_wttm_loss_topk(z.float(), ids, logprobs.float(), target, **options)
+            z64 = z.float().double().requires_grad_()
+            ref = reference.wttm_loss_topk(z64, ids, logprobs.float().double(), target, gamma=0.4, beta=2.0,
+                                           tail=tail)
+            ref.backward()
+            results.append((f"{backend} {tail}", loss.detach(), local.grad, parts, ref.detach(), z64.grad[:, a:b],
+                            one_parts))
+    for name, loss, grad, parts, ref_loss, ref_grad, one_parts in results:
+        assert_same_on_every_rank(f"{name} loss", loss)
+        assert_close(f"{name} loss", ref_loss, loss, 1e-5, 1e-6)
+        assert_close(f"{name} grad", ref_grad, grad, 1e-4, 1e-7)
+        for field, one, out in zip(one_parts._fields, one_parts, parts):
+            assert_close(f"{name} {field}", one, out, 1e-5, 1e-6)
 
 
 def check_topk_error_ids_outside_vocabulary(rank, world):

@@ -81,7 +81,7 @@ DISTRIBUTED_AXES = dict(AXES, shape=("3d", "sliced"), backend=("cpu",))
 
 def distributed_cells() -> list[Cell]:
     """The process_group cells: a pairwise cover of ``DISTRIBUTED_AXES``, and the reference backend."""
-    # The top-k forms run the reference's arithmetic whatever the backend; the dense forms refuse "torch".
+    # The top-k forms take the reference backend (the reference's arithmetic per rank); the dense forms refuse it.
     reference_backend = [Cell("wttm", "topk", "sliced", "torch", "none", "softcap"),
                          Cell("kd", "head_topk", "sliced", "torch", "sum", "softcap"),
                          Cell("ttm", "logits", "3d", "torch", "mean", "plain")]
@@ -111,8 +111,7 @@ def documented_error(cell: Cell, distributed: bool = False) -> Optional[tuple[ty
     else None."""
     if distributed and cell.backend == "torch" and cell.form in ("logits", "head"):
         return ValueError, "the vocabulary-parallel loss runs on the compiled kernels"
-    if (not distributed and cell.form in ("topk", "head_topk") and cell.backend != "torch"
-            and cell.divergence != "kl"):
+    if cell.form in ("topk", "head_topk") and cell.backend != "torch" and cell.divergence != "kl":
         return ValueError, "the top-k kernels compute the forward KL only"
     return None
 

@@ -477,3 +477,53 @@ def test_fused_linear_wttm_loss_float64_gradcheck(reduction, head_kw):
 
     inputs = tuple(p[k].clone().requires_grad_() for k in STUDENT)
     assert torch.autograd.gradcheck(loss_of, inputs)
+
+
+# (form, reduction, head post-processing): both head forms, the gradient in the forward ("mean"/"sum" eagerly)
+# and for per-row upstream gradients ("none"), with and without a soft-cap.
+COMPILED = [("head", "mean", {"softcap": 20.0}), ("head", "none", {}), ("head_topk", "sum", {"softcap": 20.0}),
+            ("head_topk", "none", {})]
+
+
+@pytest.mark.parametrize("backend", BACKENDS[:2])
+@pytest.mark.parametrize("form,reduction,head_kw", COMPILED, ids=[f"{f}-{r}-{'softcap' if h else 'plain'}"
+                                                                   for f, r, h in COMPILED])
+def test_fused_linear_loss_torch_compile(backend, form, reduction, head_kw, monkeypatch):
+    """The head forms traced whole by torch.compile(fullgraph=True) (a bias, a 3-D batch, several chunks, ignored
+    rows), against the float64 reference; under torch.compile the gradients are computed in the backward."""
+    # The chunk loop's torch.empty calls are traced: conftest's NaN poison would put an in-place fill of each
+    # buffer into the traced backward, which AOTAutograd's check of a functional graph rejects. The compiled
+    # graph allocates its buffers itself.
+    monkeypatch.undo()
+    torch._dynamo.reset()  # each case compiles the same loss functions afresh: no recompile limit across cases
+    p = make_problem(lead=(3, 7), seed=11)
+    upstream = (torch.randn(3, 7, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+                if reduction == "none" else None)
+    top = torch.log_softmax(p["teacher_hidden"] @ p["teacher_weight"].T, -1).topk(8, -1)
+    if form == "head":
+        ref_loss, ref_grads = reference_loss_and_grads("wttm", p, reduction, upstream, **head_kw)
+    else:
+        leaves = {k: p[k].clone().requires_grad_() for k in STUDENT}
+        z = head(leaves["student_hidden"] @ leaves["student_weight"].T + leaves["student_bias"], **head_kw)
+        ref_loss = reference.wttm_loss_topk(z, top.indices, top.values, p["target"], gamma=0.2, reduction=reduction)
+        ref_loss.backward(upstream)
+        ref_grads = {k: x.grad for k, x in leaves.items()}
+
+    args = {k: p[k].float().requires_grad_() for k in STUDENT}
+    options = dict(student_bias=args["student_bias"], reduction=reduction, backend=backend, chunk_size=8,
+                   gamma=0.2, **head_kw)
+
+    @torch.compile(fullgraph=True, dynamic=False)
+    def step(hidden, weight):
+        hidden = hidden * 1.0  # a model's hidden states are not leaves
+        if form == "head":
+            return fused_linear_wttm_loss(hidden, weight, p["teacher_hidden"].float(), p["teacher_weight"].float(),
+                                          p["target"], teacher_bias=p["teacher_bias"].float(), **options)
+        return ttm_kernels.fused_linear_wttm_loss_topk(hidden, weight, top.indices, top.values.float(), p["target"],
+                                                       **options)
+
+    loss = step(args["student_hidden"], args["student_weight"])
+    loss.backward(None if upstream is None else upstream.float())
+    assert_close("loss", ref_loss, loss.detach())
+    for k in STUDENT:
+        assert_close(f"d {k}", ref_grads[k], args[k].grad)

@@ -141,22 +141,32 @@ def compile_topk_variants():
     from ttm_kernels import triton_topk
 
     pointers = {"S": "*bf16", "GRAD": "*bf16", "Y": "*i64", "STATS": "*fp32", "ROW_GRAD": "*fp32", "IDS": "*i32",
-                "LOGP": "*fp32"}
-    counts = []
+                "LOGP": "*fp32", "PARTIAL": "*fp32"}
+    counts, partial_counts = [], []
     for *flags, power, block_k in TOPK_VARIANTS:
         constexprs = {**dict(zip(TOPK_FLAGS, flags)), "STUDENT_POWER": power, "BLOCK_K": block_k, "BLOCK_V": 4096}
         kernel = compile_for_sm90(triton_topk.topk_fwd_kernel, pointers, constexprs)
         counts.append(len(re.findall(r"\bex2\.approx", kernel.asm["ptx"])))
         del constexprs["WEIGHTED"], constexprs["HAS_GRAD"]
         compile_for_sm90(triton_topk.topk_bwd_kernel, pointers, constexprs)
-    return counts
+        # A vocabulary shard's sums outside S (the renormalised tail's entropy sum with it).
+        partial = {name: constexprs[name] for name in ("HAS_TARGET", "SEPARATE_CE", "STUDENT_POWER", "BLOCK_K",
+                                                         "BLOCK_V")}
+        kernel = compile_for_sm90(triton_topk.topk_partial_kernel, pointers,
+                                  {**partial, "TAIL_ENTROPY": not constexprs["BUCKET"]})
+        partial_counts.append(len(re.findall(r"\bex2\.approx", kernel.asm["ptx"])))
+    return counts, partial_counts
 
 
 def test_triton_topk_kernels_compile_for_sm90():
-    counts = json.loads(_run_here("topk").strip().splitlines()[-1])
+    counts, partial_counts = json.loads(_run_here("topk").strip().splitlines()[-1])
     assert counts[0] <= 2 * ELEMENTS_PER_THREAD + TOPK_SCALAR_EXPONENTIALS, counts
     # The JSD's terms are O(k): per element it costs what the KL does.
     assert counts[4] <= 2 * ELEMENTS_PER_THREAD + TOPK_SCALAR_EXPONENTIALS, counts
+    # A shard's sums: the statistics pass alone, one exponential per element (two with the CE's lse(z) apart
+    # from lse(s*z) without an integer power).
+    assert partial_counts[0] <= ELEMENTS_PER_THREAD + TOPK_SCALAR_EXPONENTIALS, partial_counts
+    assert max(partial_counts) <= 2 * ELEMENTS_PER_THREAD + TOPK_SCALAR_EXPONENTIALS, partial_counts
 
 
 def _run_here(*args):

@@ -171,12 +171,14 @@ def _backward_into(grad, row_grad, student, teacher, target, stats, params, back
 class RowPieces:
     """The loss of rows held in pieces (column ranges: the pieces of a split row, the vocabulary shards of
     ranks), with ``backend``'s kernels: each piece's online sums (``partial``), merged into the rows'
-    statistics (``merge``, given every piece's partials concatenated on the last dimension, in any order),
+    statistics (``merge``, given every piece's partials concatenated on the last dimension, in any order, and the
+    teacher, which the dense merge does not read: ``_topk_ops.TopkPieces``' does),
     each piece's second pass (``second_pass``: its sums, ``_stats.PieceSum``, and given ``grad`` its gradient),
     then the KL, DIV_GRAD, entropy and loss from the pieces' sums (``finish``); the reverse KL's and the JSD's
     gradient needs the finished DIV_GRAD, so there the gradient is a second call of ``second_pass`` after
-    ``finish`` (``gradient_needs_sums``). Arguments are normalised as for the whole-row ops; ``params``
-    as ``_params`` makes them; ``vocab`` is the whole row's width, ``col_offset`` a piece's first column."""
+    ``finish`` (``gradient_needs_sums``). The teacher is a list, as the ops take it: ``[logits]`` of the piece's
+    columns. Arguments are normalised as for the whole-row ops; ``params`` as ``_params`` makes them; ``vocab``
+    is the whole row's width, ``col_offset`` a piece's first column."""
 
     def __init__(self, backend: str, params: dict, weighted: bool, vocab: int):
         self.kernels = _kernels(backend)
@@ -185,16 +187,18 @@ class RowPieces:
     def partial(self, student, teacher, target, col_offset: int, chunk_v: Optional[int] = None) -> torch.Tensor:
         """``chunk_v``: columns per piece of the output (Triton; the C++ kernel gives one piece per row), e.g.
         the width here for exactly one piece, as the ranks of a process group exchange them."""
-        student, teacher, target = _kernel_rows(student, teacher, target)
+        student, teacher, target = _kernel_rows(student, teacher[0], target)
         return self.kernels.partial(student, teacher, target, weighted=self.weighted, col_offset=col_offset,
                                     chunk_v=chunk_v, **self.params)
 
-    def merge(self, partials, target) -> torch.Tensor:
+    has_piece_sums = True  # the loss needs every piece's second pass (``second_pass``' sums, ``finish``)
+
+    def merge(self, partials, teacher, target) -> torch.Tensor:
         return self.kernels.merge(partials, _target_rows(target), weighted=self.weighted, vocab=self.vocab,
                                   **self.params)
 
     def second_pass(self, student, teacher, target, stats, col_offset: int, grad=None, row_grad=None):
-        student, teacher, target = _kernel_rows(student, teacher, target)
+        student, teacher, target = _kernel_rows(student, teacher[0], target)
         if grad is not None:
             grad, row_grad = _own_rows(grad, "the gradient"), _row_grad_rows(row_grad)
         return self.kernels.pieces(student, teacher, target, stats, col_offset=col_offset, vocab=self.vocab,

@@ -75,3 +75,17 @@ class Partial(IntEnum):
 
 
 NUM_PARTIAL = len(Partial)
+
+
+class TopkPartial(IntEnum):
+    """The online sums of a piece of a row (a vocabulary shard) over its columns outside a top-k teacher's S,
+    which merge exactly into TopkStat's with the k logits of S (``_topk_ops.TopkPieces``)."""
+
+    MAX_S = 0  # max of s*z over the piece's columns of R
+    SUM_S = 1  # sum exp(s*z - MAX_S)
+    MAX_Z = 2  # z (cross-entropy under a student temperature; else a copy of MAX_S)
+    SUM_Z = 3
+    TAIL_ENTROPY = 4  # w = sum e_j (MAX_S - s*z_j), e_j = exp(s*z_j - MAX_S): R's share of the entropy (renormalize)
+
+
+NUM_TOPK_PARTIAL = len(TopkPartial)

@@ -84,8 +84,18 @@ def topk_forward(student, ids, logprobs, target, *, student_scale, teacher_scale
 
 
 def topk_backward(row_grad, student, ids, logprobs, target, stats, grad, *, student_scale, teacher_scale, kl_coef,
-                  ce_weight, bucket, ignore_index, **_unused):
-    """Writes d(sum_i row_grad_i * loss_i)/dz into ``grad`` from the statistics of ``topk_forward``."""
+                  ce_weight, bucket, ignore_index, col_offset=0, vocab=None, **_unused):
+    """Writes d(sum_i row_grad_i * loss_i)/dz into ``grad`` from the rows' statistics (``topk_forward``'s, or those
+    merged from ``topk_partial``'s); ``student`` is columns [col_offset, col_offset + V) of rows of ``vocab``
+    columns (default: the whole rows)."""
     torch.ops.ttm_kernels_C.topk_backward(
         student, ids, logprobs, target, stats, float(student_scale), float(teacher_scale), float(kl_coef),
-        float(ce_weight), bool(bucket), int(ignore_index), grad, row_grad)
+        float(ce_weight), bool(bucket), int(ignore_index), grad, row_grad, int(col_offset),
+        int(student.shape[-1] if vocab is None else vocab))
+
+
+def topk_partial(student, ids, target, *, student_scale, bucket, ignore_index, col_offset, vocab, **_unused):
+    """The online sums (``_stats.TopkPartial``, N) fp32 of a piece of the rows (columns [col_offset, col_offset +
+    V) of ``vocab``) over its columns outside the sorted ``ids`` (row columns)."""
+    return torch.ops.ttm_kernels_C.topk_partial(student, ids, target, float(student_scale), bool(bucket),
+                                                int(ignore_index), int(col_offset), int(vocab))

@@ -22,6 +22,11 @@ LM heads for the fused linear loss, and the same target (global ids). No logits 
 3. The second pass over the local columns: their KL terms and, for "mean"/"sum", their gradient.
 4. One ``all_reduce`` (sum) of the rows' KL (one fp32 per row): the loss, the same on every rank.
 
+A top-k teacher (``_topk_ops.TopkPieces``) takes the same steps with its own pieces: the partials are each
+rank's sums over its columns outside the teacher's k ids plus the logits of the ids (and of the target) that
+it holds (5 + 1 + k fp32 per row); the merge forms the whole loss, whose terms are O(k) per row, so step 4
+and the second pass's sums are not needed: the second pass is the gradient alone.
+
 Why an all_gather of the partials rather than two all-reduces (max of the maxima, then sum of the rescaled
 sums): it is one collective instead of two (at O(N) bytes both are latency-bound), it reuses the one merge
 that split rows and shards share, and each rank merges identical inputs in the same order. It moves more
@@ -46,7 +51,6 @@ from typing import NamedTuple
 import torch
 import torch.distributed as dist
 
-from . import _ops
 from .spec import check_vocab_size
 
 # float dtypes as small integers for the agreement exchange
@@ -211,22 +215,25 @@ def _settings(*values) -> str:
     return repr(values)
 
 
-def sharded_rows(pieces: _ops.RowPieces, shards: Shards, student, teacher, target, grad=None, row_grad=None):
+def sharded_rows(pieces, shards: Shards, student, teacher, target, grad=None, row_grad=None):
     """The statistics (NUM_STATS, N) of rows whose columns the ranks of ``shards.group`` hold, the same on every
-    rank, from this rank's columns (``student``, ``teacher``: (..., width)); with ``grad``, this rank's columns'
-    gradient of sum_i row_grad_i * loss_i written into it. Two collectives: the partials' all_gather and the
-    sums' all_reduce (KL, DIV_GRAD, entropy); the reverse KL's and the JSD's gradient needs the reduced sums, in
-    one more pass over this rank's columns."""
+    rank, from this rank's columns (``student``: (..., width); ``teacher``: what ``pieces`` reads of it, e.g. the
+    teacher's columns here, or a top-k teacher's ids and log-probabilities); with ``grad``, this rank's columns'
+    gradient of sum_i row_grad_i * loss_i written into it. ``pieces``: ``_ops.RowPieces`` or
+    ``_topk_ops.TopkPieces``. Collectives: the partials' all_gather, and for pieces whose loss sums over every
+    column (``has_piece_sums``, a dense teacher) the sums' all_reduce (KL, DIV_GRAD, entropy); the reverse KL's
+    and the JSD's gradient needs the reduced sums, in one more pass over this rank's columns."""
     local = pieces.partial(student, teacher, target, shards.offset, chunk_v=student.shape[-1])
     n_partial, n_rows = local.shape[:2]
     gathered = local.new_empty((len(shards.widths) * n_partial, n_rows))
-    _all_gather_single(gathered, local.view(n_partial, n_rows), group=shards.group)
-    stats = pieces.merge(gathered.view(-1, n_partial, n_rows).permute(1, 2, 0), target)
+    _all_gather_single(gathered, local.reshape(n_partial, n_rows), group=shards.group)
+    stats = pieces.merge(gathered.view(-1, n_partial, n_rows).permute(1, 2, 0), teacher, target)
     fused_grad = None if pieces.gradient_needs_sums else grad
     sums = pieces.second_pass(student, teacher, target, stats, shards.offset, grad=fused_grad, row_grad=row_grad)
-    sums = sums.sum(-1, keepdim=True)
-    dist.all_reduce(sums, group=shards.group)
-    pieces.finish(stats, sums)
+    if pieces.has_piece_sums:
+        sums = sums.sum(-1, keepdim=True)
+        dist.all_reduce(sums, group=shards.group)
+        pieces.finish(stats, sums)
     if grad is not None and fused_grad is None:
         pieces.second_pass(student, teacher, target, stats, shards.offset, grad=grad, row_grad=row_grad)
     return stats

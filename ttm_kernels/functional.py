@@ -211,7 +211,8 @@ def _compiled_backend(backend: str, device, dtype) -> str:
 
 
 class _VocabParallelLoss(torch.autograd.Function):
-    """(the rows' losses, or their sum times ``row_grad``; the statistics) of rows held in column shards.
+    """(the rows' losses, or their sum times ``row_grad``; the statistics) of rows held in column shards, with
+    ``pieces`` (``_ops.RowPieces``, ``_topk_ops.TopkPieces``) of the ``teacher``'s tensors (a list).
 
     ``row_grad``: the 0-dim gradient of every row's loss ("mean": 1/count, "sum": 1) when the gradient is
     computed in the forward and kept alone; None: the forward saves the statistics and the inputs, and the
@@ -219,7 +220,7 @@ class _VocabParallelLoss(torch.autograd.Function):
     issues a collective."""
 
     @staticmethod
-    def forward(ctx, student, teacher, target, row_grad, pieces, shards):
+    def forward(ctx, student, target, row_grad, pieces, shards, teacher):
         ctx.set_materialize_grads(False)
         grad = None if row_grad is None else torch.empty(student.shape, dtype=student.dtype, device=student.device)
         stats = sharded_rows(pieces, shards, student, teacher, target, grad=grad, row_grad=row_grad)
@@ -228,7 +229,7 @@ class _VocabParallelLoss(torch.autograd.Function):
         if ctx.eager:
             return stats[Stat.LOSS].sum() * row_grad, stats
         ctx.pieces, ctx.offset = pieces, shards.offset
-        ctx.save_for_backward(student, teacher, target, stats)
+        ctx.save_for_backward(student, target, stats, *teacher)
         return stats[Stat.LOSS].clone(), stats
 
     @staticmethod
@@ -243,7 +244,7 @@ class _VocabParallelLoss(torch.autograd.Function):
             grad, ctx.grad = ctx.grad, None
             _ops.scale_grad_(grad, grad_loss)
             return grad, None, None, None, None, None
-        student, teacher, target, stats = ctx.saved_tensors
+        student, target, stats, *teacher = ctx.saved_tensors
         grad = torch.empty(student.shape, dtype=student.dtype, device=student.device)
         ctx.pieces.second_pass(student, teacher, target, stats, ctx.offset, grad=grad, row_grad=grad_loss.reshape(-1))
         return grad, None, None, None, None, None
@@ -281,10 +282,18 @@ def vocab_parallel_loss(student_logits, teacher_logits, target, spec, *, process
                    vocab_size)
     spec = spec.at_vocab(shards.vocab)  # the whole vocabulary, not this rank's shard (see LossSpec)
     backend = _ops.resolve_backend(backend, device, student.dtype)
-    lead = student.shape[:-1]
-    flat_target = None if target is None else target.reshape(-1).long()
-    valid = (torch.ones(lead, dtype=torch.bool, device=device) if target is None else target != spec.ignore_index)
     pieces = _ops.RowPieces(backend, spec.kernel_params(), spec.weighted, shards.vocab)
+    return sharded_logits_loss(student, [teacher], target, pieces, shards, spec, reduction=reduction,
+                               return_components=return_components, num_items_in_batch=num_items_in_batch)
+
+
+def sharded_logits_loss(student, teacher, target, pieces, shards, spec, *, reduction, return_components,
+                        num_items_in_batch):
+    """The loss of logits whose columns the ranks hold, after the agreement: the reduction around
+    ``_VocabParallelLoss`` of ``pieces`` (a dense or a top-k teacher's, ``teacher`` its tensors)."""
+    lead, device = student.shape[:-1], student.device
+    flat_target = None if target is None else target.reshape(-1).long()
+    valid = valid_rows(target, lead, device, spec.ignore_index)
     denominator = None
     if reduction == "mean":
         denominator = mean_denominator(target, spec.ignore_index, valid.numel(), device, num_items_in_batch)
@@ -292,7 +301,7 @@ def vocab_parallel_loss(student_logits, teacher_logits, target, spec, *, process
     if reduction != "none" and student.requires_grad and torch.is_grad_enabled():
         row_grad = (1.0 / denominator if reduction == "mean"
                     else torch.ones((), dtype=torch.float32, device=device))
-    loss, stats = _VocabParallelLoss.apply(student, teacher, flat_target, row_grad, pieces, shards)
+    loss, stats = _VocabParallelLoss.apply(student, flat_target, row_grad, pieces, shards, teacher)
     if row_grad is None:
         if reduction == "none":
             loss = loss.view(lead)

@@ -145,9 +145,8 @@ def _chunk_loss(z, v, y, row_grad, launch: Launch):
     if launch.backend == "torch":
         return loss_and_grad_torch(z, lambda logits: reference.loss_rows(logits, v.to(logits.dtype), y,
                                                                          **spec.reference_params()), row_grad)
-    stats = _ops.chunk_stats(z, [v], y, row_grad, [spec.student_scale, spec.teacher_scale, spec.kl_coef,
-                                                   spec.ce_weight, spec.jsd_beta],
-                             spec.weighted, spec.ignore_index, "dense", launch.backend)
+    stats = _ops.chunk_stats(z, [v], y, row_grad, spec.kernel_scales, spec.weighted, spec.ignore_index, "dense",
+                             launch.backend)
     return reported_terms(stats[ROW_TERM_STATS], spec)
 
 
@@ -164,28 +163,28 @@ class DenseTeacher:
     """The teacher of the chunk loop (``_run_chunks``) as a provider: the rows [start, end) of its logits,
     computed by its GEMM into a (C, V) buffer (then the heads' post-processing, as the student's), and the
     chunk's loss against them with ``loss`` (``_chunk_loss``; the vocabulary-parallel loss passes its own).
-    A sparse teacher (``topk.TopkTeacher``) is another provider: no buffer, no GEMM."""
+    A sparse teacher (``topk.TopkTeacher``) is another provider: no buffer, no GEMM. A provider holds no state
+    that the loop changes (``allocate`` returns the buffer, which the loop hands back to ``chunk_loss``), so
+    that torch.compile can trace the loop in the backward too."""
 
     def __init__(self, hidden, weight, bias, vocab, loss=_chunk_loss):
         shared = min(vocab, weight.shape[0])
         self.hidden, self.weight = hidden, weight[:shared]
         self.bias = None if bias is None else bias[:shared]
-        self.shared, self.buffer_dtype, self.buffer, self.loss = shared, hidden.dtype, None, loss
+        self.shared, self.buffer_dtype, self.loss = shared, hidden.dtype, loss
 
     def allocate(self, chunk, vocab):
-        self.buffer = torch.empty((chunk, vocab), dtype=self.buffer_dtype, device=self.hidden.device)
+        buffer = torch.empty((chunk, vocab), dtype=self.buffer_dtype, device=self.hidden.device)
         # Student-only columns: the teacher gives them probability 0, i.e. logit -inf (a 0 logit would give
         # tokens the teacher lacks mass exp(0) / Z).
-        self.buffer[:, self.shared:] = float("-inf")
+        buffer[:, self.shared:] = float("-inf")
+        return buffer
 
-    def chunk_loss(self, z, start, end, y, row_grad, launch):
-        v = self.buffer[: end - start]
+    def chunk_loss(self, z, start, end, y, row_grad, launch, buffer):
+        v = buffer[: end - start]
         _linear_into(v[:, :self.shared], self.hidden[start:end], self.weight, self.bias)
         _head_transform_(v[:, :self.shared], launch.loss.teacher_head)  # the -inf columns stay -inf
         return self.loss(z, v, y, row_grad, launch)
-
-    def release(self):
-        self.buffer = None
 
     def rows(self, index):
         """This teacher on the rows ``index`` of its hidden states (the chunk loop's counted rows)."""
@@ -243,7 +242,7 @@ def _run_chunks(h_s, w_s, b_s, teacher, target, launch, chunk_size, row_grad=Non
     device = h_s.device
     s_buf = torch.empty((chunk, vocab), dtype=h_s.dtype, device=device)
     d_buf = torch.empty((chunk, vocab), dtype=h_s.dtype, device=device) if softcap_scratch else None
-    teacher.allocate(chunk, vocab)
+    teacher_buffer = teacher.allocate(chunk, vocab)
     rows = torch.empty((len(ROW_TERMS), n), dtype=accumulate, device=device)
     grad_h = torch.empty_like(h_s) if need_h else None
     # Filled by the first chunk (beta=0: neither a memset nor a read of the accumulator).
@@ -252,14 +251,18 @@ def _run_chunks(h_s, w_s, b_s, teacher, target, launch, chunk_size, row_grad=Non
 
     for start in range(0, n, chunk):
         end = min(start + chunk, n)
-        z = s_buf[: end - start]
+        # Under torch.compile a fresh buffer per chunk (inductor plans the memory): with one buffer reused across
+        # the chunks, inductor 2.13 misorders the chunks' writes around the in-place loss op when no GEMM of a
+        # dense teacher sits between them (a top-k teacher with a soft-cap got wrong gradients,
+        # tests/test_linear.py::test_fused_linear_loss_torch_compile).
+        z = torch.empty_like(s_buf[: end - start]) if torch.compiler.is_compiling() else s_buf[: end - start]
         derivative = None if d_buf is None else d_buf[: end - start]
         hidden = h_s[start:end]
         _linear_into(z, hidden, w_s, b_s)
         _head_transform_(z, spec.student_head, derivative)
         y = None if target is None else target[start:end]
         rg = row_grad if row_grad is None or row_grad.dim() == 0 else row_grad[start:end]
-        rows[:, start:end] = teacher.chunk_loss(z, start, end, y, rg, launch)
+        rows[:, start:end] = teacher.chunk_loss(z, start, end, y, rg, launch, teacher_buffer)
         # From here on z holds dlogits.
         if rg is not None:
             _head_transform_backward_(z, spec.student_head, derivative)
@@ -276,8 +279,7 @@ def _run_chunks(h_s, w_s, b_s, teacher, target, launch, chunk_size, row_grad=Non
         if need_b:
             grad_b += z.sum(0, dtype=accumulate)
 
-    s_buf = d_buf = z = derivative = None  # free the buffers before the casts below
-    teacher.release()
+    s_buf = d_buf = z = derivative = teacher_buffer = None  # free the buffers before the casts below
     if grad_w is not None:
         grad_w = grad_w.to(w_s.dtype)
     if grad_b is not None:
@@ -301,8 +303,10 @@ class _FusedLinearLoss(torch.autograd.Function):
         inputs = (kept, h_s, w_s, b_s, teacher, target, spec, chunk_size)
         # The gradients are computed in the backward, from the saved inputs, for "none" (the per-row upstream
         # gradient must reach dlogits before dW sums over the rows) and for float64, which is for checking:
-        # there a backward that can run twice (gradcheck does) matters more than the memory of the forward's.
-        ctx.deferred = any(needs) and (reduction == "none" or h_s.dtype == torch.float64)
+        # there a backward that can run twice (gradcheck does) matters more than the memory of the forward's;
+        # and under torch.compile, whose tracer refuses gradients kept on ctx by the forward (a side effect).
+        ctx.deferred = any(needs) and (reduction == "none" or h_s.dtype == torch.float64
+                                       or torch.compiler.is_compiling())
         if reduction == "mean":
             # The mean's divisor (functional.mean_denominator) scales each row's gradient as the kernel writes
             # it: on the device, no host sync, no pass over the gradient afterwards.
@@ -483,7 +487,7 @@ def _sharded_chunk_loss(z, v, y, row_grad, spec, *, shards):
     """``_chunk_loss`` for a chunk whose columns the ranks hold: the chunk's ``ROW_TERMS`` rows,
     and with ``row_grad`` its gradient written over ``z``."""
     pieces = _ops.RowPieces(spec.backend, spec.loss.kernel_params(), spec.loss.weighted, shards.vocab)
-    stats = sharded_rows(pieces, shards, z, v, y, grad=None if row_grad is None else z, row_grad=row_grad)
+    stats = sharded_rows(pieces, shards, z, [v], y, grad=None if row_grad is None else z, row_grad=row_grad)
     return reported_terms(stats[ROW_TERM_STATS], spec.loss)
 
 
@@ -624,7 +628,9 @@ _COMMON_DOC = """
     Ignored rows (target ``ignore_index``) never reach a GEMM: the chunk loop projects only the rows that count
     (a prompt-masked batch skips the prompt's share of all four GEMMs), at the cost of one host synchronisation
     per call on a GPU (the count of counted rows), none under torch.compile or CUDA-graph capture, where every
-    row is projected.
+    row is projected. Under torch.compile (``fullgraph=True`` included) the chunk loop is traced whole and the
+    gradients are computed in the backward from the saved inputs, as for ``reduction="none"``: the chunks'
+    GEMMs run again there.
 
     FSDP2: LM heads of ``fully_shard``-ed modules (DTensor parameters) are gathered for the call
     (``full_tensor``); their gradients reach the sharded parameters reduce-scattered and averaged over the

@@ -177,6 +177,11 @@ class LossSpec:
                     weighted=self.weighted, beta=self.beta, ce_weight=self.ce_weight, ignore_index=self.ignore_index,
                     jsd_beta=self.jsd_beta, weight_norm=self.weight_norm)
 
+    @property
+    def kernel_scales(self) -> list:
+        """The ops' ``scales`` (``_ops``): [student_scale, teacher_scale, kl_coef, ce_weight, jsd_beta]."""
+        return [self.student_scale, self.teacher_scale, self.kl_coef, self.ce_weight, self.jsd_beta]
+
     def kernel_params(self) -> dict:
         """The scalar keyword arguments every kernel launcher takes (``_ops._params``)."""
         return dict(student_scale=self.student_scale, teacher_scale=self.teacher_scale, kl_coef=self.kl_coef,

@@ -28,9 +28,9 @@ import torch
 from . import _ops, _topk_ops, linear, reference, spec as specs
 from ._stats import ROW_TERM_STATS, TopkStat
 from .distributed import (_INT64_MAX, _SumGradOverGroup, _all_gather_single, _member, _settings, agree, exchange_device,
-                          full_parameters, is_dtensor, local_shards, replicated_local)
-from .functional import (_validate_inplace, head_post, reference_rows, validate_logits, validate_options,
-                         validate_target)
+                          full_parameters, is_dtensor, local_shards, replicated_local, sharded_rows)
+from .functional import (_validate_inplace, head_post, reference_rows, sharded_logits_loss, validate_logits,
+                         validate_options, validate_target)
 from .reduction import components, mean_denominator, valid_rows, validate_num_items
 from .spec import DEFAULT_GAMMA, DEFAULT_TEMPERATURE, LossSpec, check_flag as _check_flag, check_vocab_size
 
@@ -234,10 +234,12 @@ _TOPK_DOC = """
         process_group: vocabulary parallelism: each rank passes its contiguous slice of the student's vocabulary
             columns (rank order = column order, uneven widths allowed) and the teacher's whole (..., k) top-k in
             global ids (the same on every rank; each rank handles the ids in its columns) and the same target.
-            Every rank gets the loss of the whole rows and its columns' gradient. This runs the reference's
-            arithmetic (float32, float64 for float64 logits) on each rank's columns, whatever ``backend``,
-            unfused: a few (N, width) temporaries; one all_gather of 4 + k numbers per row after the agreement
-            (the agreement and the collectives of ``ttm_kernels.distributed``). Student logits given as a DTensor
+            Every rank gets the loss of the whole rows and its columns' gradient. On the compiled backends the
+            top-k kernels read each rank's columns (its sums outside the teacher's ids), one all_gather of 6 + k
+            numbers per row merges them after the agreement, and for "mean"/"sum" the kernels write the gradient
+            in the forward (the collectives of ``ttm_kernels.distributed``; none in the backward). The
+            ``"torch"`` backend (float64 logits, ``jsd_beta`` other than 0) runs the reference's arithmetic on
+            each rank's columns instead (a few (N, width) temporaries). Student logits given as a DTensor
             sharded on the last dimension (``Shard(-1)``) over a 1-D mesh take this path without it.
         vocab_size: optional, the whole vocabulary's size: with ``process_group`` the ranks check that their slices
             tile it; without, it must be V.
@@ -351,7 +353,7 @@ def _sharded_topk_rows(z, ids, logprobs, target, valid, spec, tail, shards):
     """``reference.topk_loss_rows`` of rows whose columns the ranks hold (``z``: this rank's columns, in the
     compute dtype), the same on every rank, differentiable with respect to ``z``: each rank's (max-free) log-sums
     over all its columns, over its columns outside S, of the untempered logits for the CE, its logits of S and of
-    the target, one all_gather of them (4 + k numbers per row), and the merge; the other ranks' numbers are
+    the target, one all_gather of them (5 + k numbers per row), and the merge; the other ranks' numbers are
     constants here, so autograd gives this rank's columns' gradient, and the backward issues no collective."""
     n, width = z.shape
     offset = shards.offset
@@ -368,9 +370,13 @@ def _sharded_topk_rows(z, ids, logprobs, target, valid, spec, tail, shards):
     y = torch.zeros(n, dtype=torch.long, device=z.device) if target is None else target
     y_here = valid & (y >= offset) & (y < offset + width)
     z_y = z.gather(-1, torch.where(y_here, y - offset, 0).unsqueeze(-1)).squeeze(-1)
-    mine = torch.cat([torch.stack([_safe_logsumexp(scaled, -1),
-                                   _safe_logsumexp(scaled.masked_fill(member, float("-inf")), -1),
-                                   _safe_logsumexp(z, -1),
+    tail_scaled = scaled.masked_fill(member, float("-inf"))
+    lse_tail_here = _safe_logsumexp(tail_scaled, -1)
+    # The mean of s*z over this rank's columns of R under their own softmax: R's share of the student's entropy
+    # over the vocabulary (tail "renormalize") is -sum_ranks exp(lse_R,rank - lse) (mean_rank - lse).
+    tail_share = torch.softmax(tail_scaled, -1).nan_to_num(0.0)
+    tail_mean = (tail_share * torch.where(tail_share > 0, tail_scaled, 0)).sum(-1)
+    mine = torch.cat([torch.stack([_safe_logsumexp(scaled, -1), lse_tail_here, _safe_logsumexp(z, -1), tail_mean,
                                    z_y.masked_fill(~y_here, float("-inf"))], -1),
                       scaled.gather(-1, local_ids).masked_fill(~here, float("-inf"))], -1)
     gathered = mine.new_empty((len(shards.widths),) + tuple(mine.shape))
@@ -378,13 +384,17 @@ def _sharded_topk_rows(z, ids, logprobs, target, valid, spec, tail, shards):
     parts = torch.stack([mine if rank == shards.index else gathered[rank] for rank in range(len(shards.widths))])
     lse, lse_tail, lse_z = (_safe_logsumexp(parts[..., i], 0) for i in range(3))
     # The target's logit and each id's are finite on the one rank that holds them: a sum of the finite entries.
-    held = torch.where(torch.isfinite(parts[..., 3:]), parts[..., 3:], 0).sum(0)
+    held = torch.where(torch.isfinite(parts[..., 4:]), parts[..., 4:], 0).sum(0)
     scaled_s = held[:, 1:].masked_fill(~in_s, float("-inf"))
     log_q = torch.cat([scaled_s, lse_tail.unsqueeze(-1)], -1) - lse.unsqueeze(-1)
     kl = reference.divergence(log_pt, log_q, spec.jsd_beta)
     rows = reference._row_terms(kl, weight, None, target, valid, beta=spec.beta, kl_scale=spec.kl_scale,
                                 ce_weight=spec.ce_weight, ce=lse_z - held[:, 0])
-    rows["entropy"] = torch.where(valid, reference.entropy(log_q), 0)
+    if tail == "bucket":
+        entropy = reference.entropy(log_q)
+    else:
+        entropy = reference.entropy(log_q[:, :-1]) - (torch.exp(parts[..., 1] - lse) * (parts[..., 3] - lse)).sum(0)
+    rows["entropy"] = torch.where(valid, entropy, 0)
     return rows
 
 
@@ -415,9 +425,12 @@ def vocab_parallel_topk_loss(student_logits, ids, logprobs, target, spec, *, tai
     """``topk._fused_topk_loss`` for student logits whose columns the ranks of ``process_group`` hold, and the
     teacher's whole (..., k) top-k in global ids on every rank (each rank handles the ids of its columns).
 
-    The reference's arithmetic in float32 (float64 for float64 logits) on each rank's columns, unfused: a few
-    (N, width) temporaries per rank, and the gradient by autograd from this rank's terms (the top-k kernels
-    have no partial statistics yet). Collectives: the agreement, one all_gather of 4 + k numbers per row.
+    On the compiled backends, the top-k kernels' pieces (``_topk_ops.TopkPieces``) through the shards' loss of
+    the dense teacher (``functional.sharded_logits_loss``): one read of this rank's columns for its partial
+    sums, the merge, and for "mean"/"sum" the gradient in the forward (one more read and a write). On the
+    "torch" backend (float64 logits, the reverse KL and the JSD) the reference's arithmetic on each rank's
+    columns, with autograd. Collectives: the agreement, one all_gather of 6 + k (reference: 5 + k) numbers per
+    row; none in the backward.
     Student logits given as a DTensor sharded on the last dimension (``Shard(-1)``) over a 1-D mesh take this path
     on the mesh's group (``distributed.local_shards``; the top-k and the target as plain or replicated tensors)."""
     if is_dtensor(student_logits):
@@ -432,22 +445,29 @@ def vocab_parallel_topk_loss(student_logits, ids, logprobs, target, spec, *, tai
              "k (the last dimension of teacher_topk_ids)", "the teacher_topk_ids",
              "the largest id in teacher_topk_ids",
              "the loss settings (gamma or temperature, beta, ce_weight, ignore_index, softcap, logit_scale, tail, "
-             "reduction)")
+             "reduction, backend)")
 
     def check():
         validate_logits("student_logits", student_logits)
         validate_options(reduction, spec.ignore_index)
         validate_num_items(num_items_in_batch, reduction)
-        _ops.resolve_backend(backend, device, student_logits.dtype)
+        resolved = _topk_backend(backend, device, student_logits.dtype, spec)
         lead = student_logits.shape[:-1]
         return student_logits.shape[-1], (lead.numel(), student_logits.dtype, device.type, target is not None,
                                           *_sharded_topk_facts(ids, logprobs, target, lead, device, tail, spec),
-                                          _settings(spec, tail, reduction))
+                                          _settings(spec, tail, reduction, resolved))
 
     shards = agree(process_group, index, device, check, names, target, spec.ignore_index, num_items_in_batch,
                    vocab_size)
     spec = spec.at_vocab(shards.vocab)  # the whole vocabulary, not this rank's shard (see LossSpec)
     _check_ids_in_vocabulary(ids, shards)
+    backend = _topk_backend(backend, device, student_logits.dtype, spec)
+    if backend != "torch":
+        teacher = list(_topk_ops.topk_rows(ids, logprobs))
+        pieces = _topk_ops.TopkPieces(backend, spec.kernel_scales, spec.weighted, spec.ignore_index, tail,
+                                      shards.vocab)
+        return sharded_logits_loss(student_logits, teacher, target, pieces, shards, spec, reduction=reduction,
+                                   return_components=return_components, num_items_in_batch=num_items_in_batch)
     lead = student_logits.shape[:-1]
     compute = torch.float64 if student_logits.dtype == torch.float64 else torch.float32
     flat_target = None if target is None else target.reshape(-1).long()
@@ -478,16 +498,13 @@ class TopkTeacher:
         self.ids, self.logprobs, self.tail = ids, logprobs, tail
 
     def allocate(self, chunk, vocab):
-        pass
-
-    def release(self):
-        pass
+        return None
 
     def rows(self, index):
         """This teacher on its rows ``index`` (the chunk loop's counted rows)."""
         return TopkTeacher(self.ids[index], self.logprobs[index], self.tail)
 
-    def chunk_loss(self, z, start, end, y, row_grad, launch):
+    def chunk_loss(self, z, start, end, y, row_grad, launch, buffer):
         ids, logprobs = self.ids[start:end], self.logprobs[start:end]
         spec = launch.loss
         if launch.backend == "torch":
@@ -495,9 +512,8 @@ class TopkTeacher:
                 z, lambda logits: reference.topk_loss_rows(logits, ids, logprobs, y, tail=self.tail,
                                                            **spec.reference_params()), row_grad)
         # The top-k kernels compute the forward KL (jsd_beta 0: see _topk_backend).
-        stats = _ops.chunk_stats(z, [ids, logprobs], y, row_grad,
-                                 [spec.student_scale, spec.teacher_scale, spec.kl_coef, spec.ce_weight, 0.0],
-                                 spec.weighted, spec.ignore_index, f"topk_{self.tail}", launch.backend)
+        stats = _ops.chunk_stats(z, [ids, logprobs], y, row_grad, spec.kernel_scales, spec.weighted,
+                                 spec.ignore_index, f"topk_{self.tail}", launch.backend)
         return linear.reported_terms(stats[ROW_TERM_STATS], spec)
 
 
@@ -550,8 +566,9 @@ _LINEAR_TOPK_DOC = """
             contiguous slice of the vocabulary, and the same hidden states, target and whole top-k in global ids.
             Every rank gets the loss of the whole rows; the weight and bias gradients are its slices'; the hidden
             states' gradient is summed over the group (``reduce_hidden_grad=False``: this rank's part). As for the
-            logits, each chunk's loss is the reference's arithmetic on each rank's columns (unfused; with its
-            collectives, also in the backward of "none"): every rank runs the same chunks.
+            logits, each chunk's loss runs the top-k kernels on each rank's columns and merges the ranks' sums
+            (the reference's arithmetic on ``"torch"``), with its collectives, also in the backward of "none":
+            every rank runs the same chunks.
         softcap, logit_scale: the student head's post-processing, applied to each chunk of its logits inside the
             chunk loop with its gradient (as in ``fused_linear_wttm_loss``); the teacher's log-probabilities are
             final.
@@ -653,8 +670,10 @@ fused_linear_kd_loss_topk.__doc__ = """``fused_kd_loss_topk`` (T^2 factor) on th
 
 class _ShardedTopkTeacher:
     """The top-k teacher of the chunk loop (``linear._run_chunks``) when the ranks hold the student head's rows:
-    each chunk's loss by ``_sharded_topk_rows`` (its all_gather included) and its gradient by autograd, as the
-    reference backend computes a chunk (``linear.loss_and_grad_torch``); no buffer, no GEMM."""
+    each chunk's loss and gradient by the top-k kernels' pieces (``_topk_ops.TopkPieces`` through
+    ``distributed.sharded_rows``, as a dense head's chunk), or on the "torch" launch by ``_sharded_topk_rows`` and
+    autograd (``linear.loss_and_grad_torch``); no buffer, no GEMM. ``ids``, ``logprobs``: ``topk_rows``' sorted
+    ones for the kernels, the caller's (int64) for the reference."""
 
     buffer_dtype = None
 
@@ -662,19 +681,22 @@ class _ShardedTopkTeacher:
         self.ids, self.logprobs, self.tail, self.shards = ids, logprobs, tail, shards
 
     def allocate(self, chunk, vocab):
-        pass
-
-    def release(self):
-        pass
+        return None
 
     def rows(self, index):
         """This teacher on its rows ``index`` (the chunk loop's counted rows: the same on every rank, whose
         targets agree)."""
         return _ShardedTopkTeacher(self.ids[index], self.logprobs[index], self.tail, self.shards)
 
-    def chunk_loss(self, z, start, end, y, row_grad, launch):
+    def chunk_loss(self, z, start, end, y, row_grad, launch, buffer):
         spec = launch.loss
         ids, logprobs = self.ids[start:end], self.logprobs[start:end]
+        if launch.backend != "torch":
+            pieces = _topk_ops.TopkPieces(launch.backend, spec.kernel_scales, spec.weighted, spec.ignore_index,
+                                          self.tail, self.shards.vocab)
+            stats = sharded_rows(pieces, self.shards, z, [ids, logprobs], y, grad=None if row_grad is None else z,
+                                 row_grad=row_grad)
+            return linear.reported_terms(stats[ROW_TERM_STATS], spec)
         valid = valid_rows(y, (end - start,), z.device, spec.ignore_index)
         return linear.loss_and_grad_torch(
             z, lambda logits: _sharded_topk_rows(logits, ids, logprobs, y, valid, spec, self.tail, self.shards),
@@ -686,14 +708,15 @@ def vocab_parallel_linear_topk_loss(student_hidden, student_weight, ids, logprob
                                     return_components, num_items_in_batch=None, vocab_size=None):
     """``topk._fused_linear_topk_loss`` with each rank's rows of the student's LM head and the teacher's whole top-k
     in global ids: the chunk loop of ``linear._run_chunks`` with ``_ShardedTopkTeacher`` (every rank runs the same
-    chunks). Like ``vocab_parallel_topk_loss``, the reference's arithmetic on each rank's columns, unfused."""
+    chunks): the top-k kernels' pieces on the compiled backends, the reference's arithmetic on "torch" (as
+    ``vocab_parallel_topk_loss``)."""
     index = _member(process_group)
     device = exchange_device(process_group, student_hidden, ids, logprobs, target)
     names = ("the number of rows N", "the student hidden size", "the student dtype", "the device type",
              "whether a target is given", "k (the last dimension of teacher_topk_ids)", "the teacher_topk_ids",
              "the largest id in teacher_topk_ids",
              "the loss settings (gamma or temperature, beta, ce_weight, ignore_index, softcap, logit_scale, tail, "
-             "reduction, chunk_size, reduce_hidden_grad, bias)")
+             "reduction, chunk_size, reduce_hidden_grad, bias, backend)")
 
     def check():
         if not isinstance(reduce_hidden_grad, bool):
@@ -702,13 +725,13 @@ def vocab_parallel_linear_topk_loss(student_hidden, student_weight, ids, logprob
             raise TypeError("with process_group, pass each rank's own shards as plain tensors (DTensor.to_local())")
         linear.validate_student(student_hidden, student_weight, student_bias, reduction, spec.ignore_index,
                                 chunk_size, num_items_in_batch)
-        _ops.resolve_backend(backend, device, student_hidden.dtype)
+        resolved = _topk_backend(backend, device, student_hidden.dtype, spec)
         lead = student_hidden.shape[:-1]
         return student_weight.shape[0], (lead.numel(), student_hidden.shape[-1], student_hidden.dtype, device.type,
                                           target is not None,
                                           *_sharded_topk_facts(ids, logprobs, target, lead, device, tail, spec),
                                           _settings(spec, tail, reduction, chunk_size, reduce_hidden_grad,
-                                                    student_bias is None))
+                                                    student_bias is None, resolved))
 
     shards = agree(process_group, index, device, check, names, target, spec.ignore_index, num_items_in_batch,
                    vocab_size)
@@ -731,10 +754,11 @@ def vocab_parallel_linear_topk_loss(student_hidden, student_weight, ids, logprob
     if reduce_hidden_grad and needs[0]:
         hidden = _SumGradOverGroup.apply(hidden, process_group)
     k = ids.shape[-1]
-    teacher = _ShardedTopkTeacher(ids.reshape(-1, k).long(), logprobs.reshape(-1, k), tail, shards)
-    # The chunks' loss is the reference's arithmetic: the "torch" launch (the chunk buffer keeps its dtype).
+    backend = _topk_backend(backend, device, student_hidden.dtype, spec)
+    teacher = _ShardedTopkTeacher(*(_topk_ops.topk_rows(ids, logprobs) if backend != "torch"
+                                    else (ids.reshape(-1, k).long(), logprobs.reshape(-1, k))), tail, shards)
     loss, terms = linear._FusedLinearLoss.apply(hidden, student_weight, student_bias, teacher, target,
-                                                linear.Launch(spec, "torch"), reduction, chunk, needs, denominator)
+                                                linear.Launch(spec, backend), reduction, chunk, needs, denominator)
     if reduction == "none":
         loss = loss.view(lead)
     if not return_components:

@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._stats import NUM_STATS, TopkStat
+from ._stats import NUM_STATS, NUM_TOPK_PARTIAL, TopkPartial, TopkStat
 # The statistics rows that TopkStat shares with Stat (tests/test_topk.py checks that they agree), and its own.
 from .triton_kernels import CE, DIV_GRAD, ENTROPY, KL, LOG_SUM_S, LOG_SUM_Z, LOSS, MAX_S, MAX_Z, N_STATS, WEIGHT
 from .triton_kernels import FORWARD_KL, divergence
@@ -42,17 +42,19 @@ from .triton_kernels import (_block_kl_grad, _block_sums, _ce_grad, _checked_ce_
 MAX_TOPK = 4096
 MAX_R = tl.constexpr(int(TopkStat.MAX_R))
 LOG_SUM_R = tl.constexpr(int(TopkStat.LOG_SUM_R))
+TOPK_MAX_S, TOPK_SUM_S, TOPK_MAX_Z, TOPK_SUM_Z, TOPK_TAIL_ENTROPY = (tl.constexpr(int(row)) for row in TopkPartial)
 
 
 @triton.jit
-def _tail_sums(s_row, ids_row, k, V, student_scale, SEPARATE_CE: tl.constexpr, STUDENT_POWER: tl.constexpr,
-               TAIL_ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
-    # The online sums of s*z (and z) over the columns outside S; with TAIL_ENTROPY also
+def _tail_sums(s_row, ids_row, k, V, col_offset, student_scale, SEPARATE_CE: tl.constexpr,
+               STUDENT_POWER: tl.constexpr, TAIL_ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
+    # The online sums of s*z (and z) over the V columns here outside S, the row's columns [col_offset,
+    # col_offset + V) (a vocabulary shard; the ids are row columns); with TAIL_ENTROPY also
     # w = sum_R e_j (m_s - s*z_j) >= 0, e_j = exp(s*z_j - m_s), from which _tail_entropy forms R's share of the
     # student's entropy without cancelling (no exponential: the block's e_j are _block_sums').
     slots = tl.arange(0, BLOCK_K)
     ids = tl.load(ids_row + slots, mask=slots < k, other=2147483647)
-    lo = tl.sum((ids < 0).to(tl.int32), 0)  # the padding sorts first
+    lo = tl.sum((ids < col_offset).to(tl.int32), 0)  # the padding and the ids before the columns here sort first
     m_s = -1.0e30
     d_s = 0.0
     m_z = -1.0e30
@@ -61,10 +63,10 @@ def _tail_sums(s_row, ids_row, k, V, student_scale, SEPARATE_CE: tl.constexpr, S
     for start in range(0, V, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
         z = tl.load(s_row + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
-        hi = tl.sum((ids < start + BLOCK_V).to(tl.int32), 0)
+        hi = tl.sum((ids < col_offset + start + BLOCK_V).to(tl.int32), 0)
         member = cols < 0
         for j in range(lo, hi):
-            member = member | (cols == tl.load(ids_row + j))
+            member = member | (cols == tl.load(ids_row + j) - col_offset)
         lo = hi
         z = tl.where(member, float("-inf"), z)
         m_prev = m_s
@@ -98,14 +100,18 @@ def _with_tail(m_tail, d_tail, x, present):
 
 
 @triton.jit
-def _gather(s_row, ids_row, lp_row, k, BLOCK_K: tl.constexpr):
-    # The row's ids tile, which of its slots hold an id, the student's logits there and their log-probabilities.
+def _gather(s_row, ids_row, lp_row, k, col_offset, V, BLOCK_K: tl.constexpr):
+    # The row's ids tile as columns here (the row's columns [col_offset, col_offset + V)), which of its slots
+    # hold an id, which an id of a column here, the student's logits there (-inf elsewhere) and the ids'
+    # log-probabilities.
     slots = tl.arange(0, BLOCK_K)
     ids = tl.load(ids_row + slots, mask=slots < k, other=-1)
     present = ids >= 0
-    z_s = tl.load(s_row + ids, mask=present, other=float("-inf")).to(tl.float32)
+    ids = ids - col_offset
+    here = present & (ids >= 0) & (ids < V)
+    z_s = tl.load(s_row + ids, mask=here, other=float("-inf")).to(tl.float32)
     logprobs = tl.load(lp_row + slots, mask=present, other=float("-inf"))
-    return ids, present, z_s, logprobs
+    return ids, present, here, z_s, logprobs
 
 
 @triton.jit
@@ -143,7 +149,8 @@ def _grad_pass(s_row, g_row, ids, present, z_s, log_q, log_pt, log_pt_tail, y, V
                HAS_TARGET: tl.constexpr, SEPARATE_CE: tl.constexpr, STUDENT_POWER: tl.constexpr,
                DIVERGENCE: tl.constexpr, BLOCK_V: tl.constexpr):
     # The row's gradient: R's entries over every column, last block first (the likeliest in L2 after the
-    # statistics pass), then the entries of S overwritten. A class j of R has dD/d(s*z_j) = q_j / q_R times the
+    # statistics pass), then the entries of S overwritten (the slots ``present``). ``ids`` and ``y`` are columns
+    # here. A class j of R has dD/d(s*z_j) = q_j / q_R times the
     # bucket's: e_j * (q_R - pt_R) / d_R for the forward KL, q_j times the bucket's _divergence_grad_factor else.
     d_tail = tl.exp(log_d_tail)
     a = tl.exp((m_tail - m_all) - log_d_all)  # q_j = e_j * a
@@ -224,9 +231,9 @@ def topk_fwd_kernel(
             return
 
     # The entropy is the student's over the k + 1 outcomes with the bucket (O(k)), over the vocabulary without.
-    m_tail, d_tail, m_z_tail, d_z_tail, w_tail = _tail_sums(s_row, ids_row, k, V, student_scale, SEPARATE_CE,
+    m_tail, d_tail, m_z_tail, d_z_tail, w_tail = _tail_sums(s_row, ids_row, k, V, 0, student_scale, SEPARATE_CE,
                                                             STUDENT_POWER, not BUCKET, BLOCK_V, BLOCK_K)
-    ids, present, z_s, logprobs = _gather(s_row, ids_row, LOGP + row * k, k, BLOCK_K)
+    ids, present, _, z_s, logprobs = _gather(s_row, ids_row, LOGP + row * k, k, 0, V, BLOCK_K)
     m_all, log_d_all = _with_tail(m_tail, d_tail, z_s * student_scale, present)
     m_z = m_all
     log_d_z = log_d_all
@@ -275,13 +282,14 @@ def topk_bwd_kernel(
     S, s_inner, s_stride_b, s_stride_t,
     IDS, LOGP, k, Y, STATS,
     GRAD, g_inner, g_stride_b, g_stride_t, ROW_GRAD, row_grad_stride,
-    n_rows, V,
+    n_rows, V, col_offset, VOCAB,
     student_scale, teacher_scale, kl_coef, ce_weight, ignore_index, jsd_beta,
     HAS_TARGET: tl.constexpr, BUCKET: tl.constexpr, SEPARATE_CE: tl.constexpr, STUDENT_POWER: tl.constexpr,
     DIVERGENCE: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    # The gradient from the forward's statistics (reduction "none"): the O(k) terms are recomputed, the
-    # statistics pass is not.
+    # The gradient from the rows' statistics (the forward's, for reduction "none"; or those merged from the
+    # pieces' partials): the O(k) terms are recomputed, the statistics pass is not. The student may be a piece
+    # of the rows of VOCAB columns: its V columns from col_offset (a vocabulary shard).
     row = tl.program_id(0).to(tl.int64)
     s_row = _row_ptr(S, row, s_inner, s_stride_b, s_stride_t)
     g_row = _row_ptr(GRAD, row, g_inner, g_stride_b, g_stride_t)
@@ -296,14 +304,48 @@ def topk_bwd_kernel(
     m_tail = tl.load(STATS + MAX_R * n_rows + row)
     log_d_tail = tl.load(STATS + LOG_SUM_R * n_rows + row)
     weight = tl.load(STATS + WEIGHT * n_rows + row)
-    ids, present, z_s, logprobs = _gather(s_row, IDS + row * k, LOGP + row * k, k, BLOCK_K)
-    log_pt, log_pt_tail, _ = _teacher(logprobs, present, V, teacher_scale, False, BUCKET)
+    ids, present, here, z_s, logprobs = _gather(s_row, IDS + row * k, LOGP + row * k, k, col_offset, V, BLOCK_K)
+    log_pt, log_pt_tail, _ = _teacher(logprobs, present, VOCAB, teacher_scale, False, BUCKET)
     row_grad = tl.load(ROW_GRAD + row * row_grad_stride)
-    _grad_pass(s_row, g_row, ids, present, z_s, (z_s * student_scale - m_all) - log_d_all, log_pt, log_pt_tail, y,
-               V, student_scale, m_all, log_d_all, m_tail, log_d_tail, tl.load(STATS + MAX_Z * n_rows + row),
-               tl.load(STATS + LOG_SUM_Z * n_rows + row), row_grad * kl_coef * weight * student_scale,
-               _checked_ce_coef(row_grad * ce_weight, y, V, HAS_TARGET), jsd_beta,
+    _grad_pass(s_row, g_row, ids, here, z_s, (z_s * student_scale - m_all) - log_d_all, log_pt, log_pt_tail,
+               y - col_offset, V, student_scale, m_all, log_d_all, m_tail, log_d_tail,
+               tl.load(STATS + MAX_Z * n_rows + row), tl.load(STATS + LOG_SUM_Z * n_rows + row),
+               row_grad * kl_coef * weight * student_scale,
+               _checked_ce_coef(row_grad * ce_weight, y, VOCAB, HAS_TARGET), jsd_beta,
                tl.load(STATS + DIV_GRAD * n_rows + row), HAS_TARGET, SEPARATE_CE, STUDENT_POWER, DIVERGENCE, BLOCK_V)
+
+
+@triton.jit
+def topk_partial_kernel(
+    S, s_inner, s_stride_b, s_stride_t,
+    IDS, k, Y, PARTIAL,
+    n_rows, V, col_offset, student_scale, ignore_index,
+    HAS_TARGET: tl.constexpr, SEPARATE_CE: tl.constexpr, STUDENT_POWER: tl.constexpr, TAIL_ENTROPY: tl.constexpr,
+    BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    # A piece of the rows (the row's columns [col_offset, col_offset + V), a vocabulary shard): its online sums
+    # over its columns outside S (``_stats.TopkPartial``), one read of the piece; ignored rows hold empty sums.
+    row = tl.program_id(0).to(tl.int64)
+    s_row = _row_ptr(S, row, s_inner, s_stride_b, s_stride_t)
+    if HAS_TARGET:
+        if tl.load(Y + row) == ignore_index:
+            _store_topk_partial(PARTIAL, n_rows, row, -1.0e30, 0.0, -1.0e30, 0.0, 0.0)
+            return
+    m_s, d_s, m_z, d_z, w = _tail_sums(s_row, IDS + row * k, k, V, col_offset, student_scale, SEPARATE_CE,
+                                       STUDENT_POWER, TAIL_ENTROPY, BLOCK_V, BLOCK_K)
+    if SEPARATE_CE:
+        _store_topk_partial(PARTIAL, n_rows, row, m_s, d_s, m_z, d_z, w)
+    else:
+        _store_topk_partial(PARTIAL, n_rows, row, m_s, d_s, m_s, d_s, w)
+
+
+@triton.jit
+def _store_topk_partial(PARTIAL, n_rows, row, m_s, d_s, m_z, d_z, w):
+    tl.store(PARTIAL + TOPK_MAX_S * n_rows + row, m_s)
+    tl.store(PARTIAL + TOPK_SUM_S * n_rows + row, d_s)
+    tl.store(PARTIAL + TOPK_MAX_Z * n_rows + row, m_z)
+    tl.store(PARTIAL + TOPK_SUM_Z * n_rows + row, d_z)
+    tl.store(PARTIAL + TOPK_TAIL_ENTROPY * n_rows + row, w)
 
 
 def _launch_args(student, ids, logprobs, target, stats, grad, row_grad, params) -> dict:
@@ -344,8 +386,26 @@ def topk_forward(student, ids, logprobs, target, *, weighted, grad=None, row_gra
     return stats
 
 
-def topk_backward(row_grad, student, ids, logprobs, target, stats, grad, **params):
-    """Writes d(sum_i row_grad_i * loss_i)/dz into ``grad`` from the statistics of ``topk_forward``."""
+def topk_backward(row_grad, student, ids, logprobs, target, stats, grad, *, col_offset=0, vocab=None, **params):
+    """Writes d(sum_i row_grad_i * loss_i)/dz into ``grad`` from the rows' statistics (``topk_forward``'s, or those
+    merged from ``topk_partial``'s); ``student`` is columns [col_offset, col_offset + V) of rows of ``vocab``
+    columns (default: the whole rows)."""
     if ids.shape[0]:
         topk_bwd_kernel[(ids.shape[0],)](**_launch_args(student, ids, logprobs, target, stats, grad, row_grad,
-                                                        params))
+                                                        params),
+                                         col_offset=col_offset, VOCAB=student.shape[2] if vocab is None else vocab)
+
+
+def topk_partial(student, ids, target, *, student_scale, bucket, ignore_index, col_offset, vocab, **_unused):
+    """The online sums (``_stats.TopkPartial``, N) fp32 of a piece of the rows (columns [col_offset, col_offset +
+    V) of ``vocab``) over its columns outside the sorted ``ids`` (row columns)."""
+    n_rows, k = ids.shape
+    partial = torch.empty((NUM_TOPK_PARTIAL, n_rows), dtype=torch.float32, device=student.device)
+    if n_rows:
+        topk_partial_kernel[(n_rows,)](
+            **_row_args("s", "S", student), IDS=ids, k=k, Y=target if target is not None else ids, PARTIAL=partial,
+            n_rows=n_rows, V=student.shape[2], col_offset=col_offset, student_scale=float(student_scale),
+            ignore_index=int(ignore_index), HAS_TARGET=target is not None,
+            SEPARATE_CE=_separate_ce(target, student_scale), STUDENT_POWER=_student_power(target, student_scale),
+            TAIL_ENTROPY=not bucket, BLOCK_K=triton.next_power_of_2(k), **launch_config(student.shape[2]))
+    return partial
