@@ -522,6 +522,21 @@ def check_topk_tails_and_full_rows(rank, world):
             assert_close(f"{name} {field}", one, out, 1e-5, 1e-6)
 
 
+def check_group_of_one(rank, world):
+    """A process group of one rank holds whole rows: every teacher form's loss and gradients with it are the
+    one-process call's, bit for bit (the one-process kernels run)."""
+    own = [dist.new_group([r]) for r in range(world)][rank]  # every rank creates every group
+    for form, shape, reduction in (("logits", "3d", "mean"), ("head", "sliced", "none"), ("topk", "sliced", "sum"),
+                                   ("head_topk", "3d", "mean_num_items")):
+        cell = matrix.Cell("wttm", form, shape, "cpu", reduction, "softcap")
+        inputs = matrix.make_inputs(cell, seed=zlib.crc32(cell.id.encode()))
+        upstream = matrix.upstream(cell)
+        loss, grads = matrix.run_cell(cell, inputs, upstream, process_group=own)
+        one_loss, one_grads = matrix.run_cell(cell, inputs, upstream)
+        assert torch.equal(loss, one_loss), (cell.id, loss, one_loss)
+        assert all(torch.equal(grads[name], one_grads[name]) for name in one_grads), cell.id
+
+
 def check_topk_error_ids_outside_vocabulary(rank, world):
     """The ids' range is checked against the global vocabulary, known after the agreement: every rank raises."""
     inputs = matrix.make_inputs(matrix.Cell("wttm", "topk", "3d", "cpu", "mean", "plain"), seed=3)
@@ -658,6 +673,7 @@ CHECKS = {
     **{f"weight_norm-{cell.id}": check_weight_norm(cell) for cell in WEIGHT_NORM_CELLS},
     "topk-tails-and-full-rows": check_topk_tails_and_full_rows,
     "topk-error-ids-outside-vocabulary": check_topk_error_ids_outside_vocabulary,
+    "fused_loss-group-of-one": check_group_of_one,
     "fsdp2-separate-head": check_fsdp2(separate_head=True),
     "fsdp2-root-head": check_fsdp2(separate_head=False),
     "fsdp2-separate-head-topk": check_fsdp2(separate_head=True, topk=True),

@@ -24,6 +24,7 @@ import math
 from typing import Optional
 
 import torch
+import torch.distributed as dist
 
 from . import _ops, _topk_ops, linear, reference, spec as specs
 from ._stats import ROW_TERM_STATS, TopkStat
@@ -440,6 +441,10 @@ def vocab_parallel_topk_loss(student_logits, ids, logprobs, target, spec, *, tai
                                                                    ("teacher_topk_logprobs", logprobs)))
     else:
         index = _member(process_group)
+    if dist.get_world_size(process_group) == 1:  # the whole rows are here: the one-process kernels
+        return _fused_topk_loss(student_logits, ids, logprobs, target, spec, tail=tail, reduction=reduction,
+                                backend=backend, return_components=return_components,
+                                num_items_in_batch=num_items_in_batch, vocab_size=vocab_size)
     device = exchange_device(process_group, student_logits, ids, logprobs, target)
     names = ("the number of rows N", "the student_logits dtype", "the device type", "whether a target is given",
              "k (the last dimension of teacher_topk_ids)", "the teacher_topk_ids",
@@ -711,6 +716,11 @@ def vocab_parallel_linear_topk_loss(student_hidden, student_weight, ids, logprob
     chunks): the top-k kernels' pieces on the compiled backends, the reference's arithmetic on "torch" (as
     ``vocab_parallel_topk_loss``)."""
     index = _member(process_group)
+    if dist.get_world_size(process_group) == 1:  # the whole LM head is here
+        return _fused_linear_topk_loss(student_hidden, student_weight, ids, logprobs, target, spec,
+                                       student_bias=student_bias, tail=tail, reduction=reduction,
+                                       chunk_size=chunk_size, backend=backend, return_components=return_components,
+                                       num_items_in_batch=num_items_in_batch, vocab_size=vocab_size)
     device = exchange_device(process_group, student_hidden, ids, logprobs, target)
     names = ("the number of rows N", "the student hidden size", "the student dtype", "the device type",
              "whether a target is given", "k (the last dimension of teacher_topk_ids)", "the teacher_topk_ids",
