@@ -490,11 +490,3 @@ def fused_rows_loss(student, teacher, target, denominator, *, form, reduction, s
         return rows, stats
     total = rows.sum()
     return (total / denominator if reduction == "mean" else total), stats
-
-
-def fused_loss(student, teacher, target, denominator, *, reduction, student_scale, teacher_scale, kl_coef,
-               ce_weight, weighted, ignore_index, jsd_beta, backend, inplace_backward=False):
-    """``fused_rows_loss`` of a dense teacher's logits."""
-    return fused_rows_loss(student, [teacher], target, denominator, form="dense", reduction=reduction,
-                           scales=(student_scale, teacher_scale, kl_coef, ce_weight, jsd_beta), weighted=weighted,
-                           ignore_index=ignore_index, backend=backend, inplace_backward=inplace_backward)

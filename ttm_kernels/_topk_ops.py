@@ -34,18 +34,6 @@ def topk_rows(ids: torch.Tensor, logprobs: torch.Tensor) -> tuple[torch.Tensor, 
     return sorted_ids.contiguous(), logprobs.reshape(-1, k).float().gather(-1, order).contiguous()
 
 
-def fused_topk_loss(student, ids, logprobs, target, denominator, *, reduction, student_scale, teacher_scale,
-                    kl_coef, ce_weight, weighted, bucket, ignore_index, backend, jsd_beta=0.0,
-                    inplace_backward=False):
-    """The reduced loss (float32) and the (NUM_STATS, N) statistics (``TopkStat``), from ``topk_rows``' ids and
-    logprobs: ``_ops.fused_rows_loss`` of the top-k teacher form."""
-    return _ops.fused_rows_loss(student, [ids, logprobs], target, denominator,
-                                form="topk_bucket" if bucket else "topk_renormalize", reduction=reduction,
-                                scales=(student_scale, teacher_scale, kl_coef, ce_weight, jsd_beta),
-                                weighted=weighted, ignore_index=ignore_index, backend=backend,
-                                inplace_backward=inplace_backward)
-
-
 class TopkPieces:
     """``_ops.RowPieces`` for a top-k teacher (the teacher as ``[ids, logprobs]``, ``topk_rows``' sorted ids): the
     loss of rows whose columns are held in pieces (the vocabulary shards of ranks), on ``backend``'s kernels.

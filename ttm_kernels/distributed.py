@@ -4,9 +4,10 @@ DTensor logits and FSDP2 LM heads.
 This module knows no loss: the agreement exchange (``agree``), the merged statistics of rows held in column
 shards (``sharded_rows``), the hidden-state gradient's sum over the group (``_SumGradOverGroup``), DTensor logits'
 local shards (``_local_logits``) and FSDP2 heads' whole parameters (``full_parameters``). Each teacher form's
-orchestrator runs its loss on them, below the public API and above this module: ``functional.vocab_parallel_loss``
-(logits), ``linear.vocab_parallel_linear_loss`` (LM heads), ``topk.vocab_parallel_topk_loss`` and
-``topk.vocab_parallel_linear_topk_loss`` (a top-k teacher). The algorithm they share:
+orchestrator runs its loss on them, below the public API and above this module:
+``functional.vocab_parallel_logits_loss`` (logits, with a dense or a top-k teacher form),
+``linear.vocab_parallel_linear_loss`` (LM heads) and ``topk.vocab_parallel_linear_topk_loss`` (an LM head and a
+top-k teacher). The algorithm they share:
 
 Vocabulary parallelism (Megatron-style): each rank of a process group holds a contiguous slice of the
 vocabulary columns of both logits (rank order = column order, uneven widths allowed), or of the rows of both

@@ -38,24 +38,6 @@ def validate_options(reduction, ignore_index) -> None:
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
 
 
-def _validate(student_logits, teacher_logits, target, ignore_index, reduction):
-    for name, x in (("student_logits", student_logits), ("teacher_logits", teacher_logits)):
-        validate_logits(name, x)
-    if student_logits.shape != teacher_logits.shape:
-        raise ValueError("student_logits and teacher_logits must have the same shape, got "
-                         f"{tuple(student_logits.shape)} and {tuple(teacher_logits.shape)}")
-    if student_logits.device != teacher_logits.device:
-        raise ValueError("student_logits and teacher_logits must be on the same device, got "
-                         f"{student_logits.device} and {teacher_logits.device}")
-    if teacher_logits.requires_grad:
-        raise ValueError("teacher_logits requires grad, but the teacher is a constant target here and no gradient "
-                         "flows to it: compute it under torch.no_grad() or pass teacher_logits.detach()")
-    validate_options(reduction, ignore_index)
-    if target is not None:
-        validate_target(target, student_logits.shape[:-1], student_logits.shape[-1], student_logits.device,
-                        ignore_index)
-
-
 def _validate_inplace(student_logits: torch.Tensor) -> None:
     """``inplace_backward=True`` overwrites the student logits' storage with the gradient: refuse the
     tensors for which that would be wrong (not just unusual)."""
@@ -133,8 +115,83 @@ def head_post(logits: torch.Tensor, head: tuple) -> torch.Tensor:
     return logits
 
 
-def _fused_loss(student_logits, teacher_logits, target, spec: LossSpec, *, reduction, backend, inplace_backward,
+class DenseLogits:
+    """The dense teacher form of ``logits_loss``: the teacher's (..., V) logits (a rank's columns of them with a
+    process group). ``topk.TopkLogits`` is the other form. A form checks itself, post-processes itself, gives the
+    kernels their teacher tensors (its ops ``form``) and the reference its rows, and, with a process group, says
+    what the ranks must agree on and how its rows' pieces merge."""
+
+    form = "dense"
+
+    def __init__(self, teacher_logits):
+        self.logits = teacher_logits
+
+    def post_processed(self, spec: LossSpec) -> "DenseLogits":
+        """The teacher head's post-processing applied (anything but floating-point logits is left for the checks
+        to name)."""
+        x = self.logits
+        if isinstance(x, torch.Tensor) and x.is_floating_point():
+            return DenseLogits(head_post(x, spec.teacher_head))
+        return self
+
+    def check(self, student_logits) -> None:
+        """The teacher against the (already checked) student logits."""
+        teacher_logits = self.logits
+        validate_logits("teacher_logits", teacher_logits)
+        if student_logits.shape != teacher_logits.shape:
+            raise ValueError("student_logits and teacher_logits must have the same shape, got "
+                             f"{tuple(student_logits.shape)} and {tuple(teacher_logits.shape)}")
+        if student_logits.device != teacher_logits.device:
+            raise ValueError("student_logits and teacher_logits must be on the same device, got "
+                             f"{student_logits.device} and {teacher_logits.device}")
+        if teacher_logits.requires_grad:
+            raise ValueError("teacher_logits requires grad, but the teacher is a constant target here and no "
+                             "gradient flows to it: compute it under torch.no_grad() or pass teacher_logits.detach()")
+
+    def kernel_tensors(self, student_logits, target, spec: LossSpec) -> list:
+        """The ops' teacher (``_ops``), after the checks that need the student's rows and the target."""
+        return [self.logits]
+
+    def resolve_backend(self, backend, device, dtype, spec: LossSpec) -> str:
+        return _ops.resolve_backend(backend, device, dtype)
+
+    def reference_rows(self, student, target, spec: LossSpec) -> dict:
+        """``reference``'s row dict of the student logits (in the compute dtype) against this teacher."""
+        return reference.loss_rows(student, self.logits.to(student.dtype), target, **spec.reference_params())
+
+    # With a process group: the ranks hold column shards of both logits.
+
+    def local(self, student_logits, target, process_group):
+        """(student, this form, target, group, place in column order) of a rank: DTensor logits become their local
+        shards on the mesh's group (``distributed.local_shards``)."""
+        student, teacher, target, group, index = _local_logits(student_logits, self.logits, target, process_group)
+        return student, DenseLogits(teacher), target, group, index
+
+    @property
+    def tensors(self) -> tuple:
+        return (self.logits,)
+
+    fact_names = ("the teacher_logits dtype",)
+
+    def sharded_facts(self, student, target, spec: LossSpec) -> tuple:
+        """What the ranks must agree on about this teacher (``fact_names``), after this rank's own checks."""
+        self.check(student)
+        return (self.logits.dtype,)
+
+    def sharded_backend(self, backend, device, dtype, spec: LossSpec) -> str:
+        return _compiled_backend(backend, device, dtype)
+
+    def sharded_loss(self, student, target, spec: LossSpec, shards, backend, **reduce):
+        """After the agreement: the loss of the rows whose columns the ranks hold."""
+        pieces = _ops.RowPieces(backend, spec.kernel_params(), spec.weighted, shards.vocab)
+        return sharded_logits_loss(student, [self.logits], target, pieces, shards, spec, **reduce)
+
+
+def logits_loss(student_logits, teacher, target, spec: LossSpec, *, reduction, backend, inplace_backward,
                 return_components, num_items_in_batch, process_group=None, vocab_size=None):
+    """The orchestrator of the losses from logits, for either teacher form (``DenseLogits``, ``topk.TopkLogits``):
+    checks, the heads' post-processing, the backend, the mean's denominator, the kernels' ops (or the reference)
+    and the components; with a process group (or DTensor logits), ``vocab_parallel_logits_loss``."""
     inplace_backward = _check_flag("inplace_backward", inplace_backward)
     return_components = _check_flag("return_components", return_components)
     if spec.has_head_post:
@@ -144,46 +201,48 @@ def _fused_loss(student_logits, teacher_logits, target, spec: LossSpec, *, reduc
         # Anything but floating-point logits is left as it is, for the checks to name.
         if isinstance(student_logits, torch.Tensor) and student_logits.is_floating_point():
             student_logits = head_post(student_logits, spec.student_head)
-        if isinstance(teacher_logits, torch.Tensor) and teacher_logits.is_floating_point():
-            teacher_logits = head_post(teacher_logits, spec.teacher_head)
+        teacher = teacher.post_processed(spec)
+        spec = spec.without_head_post()
     if process_group is not None or (not torch.compiler.is_compiling() and is_dtensor(student_logits)):
-        return vocab_parallel_loss(
-            student_logits, teacher_logits, target, spec, process_group=process_group, reduction=reduction,
+        return vocab_parallel_logits_loss(
+            student_logits, teacher, target, spec, process_group=process_group, reduction=reduction,
             backend=backend, inplace_backward=inplace_backward, return_components=return_components,
             num_items_in_batch=num_items_in_batch, vocab_size=vocab_size)
-    _validate(student_logits, teacher_logits, target, spec.ignore_index, reduction)
+    validate_logits("student_logits", student_logits)
+    teacher.check(student_logits)
+    validate_options(reduction, spec.ignore_index)
     validate_num_items(num_items_in_batch, reduction)
-    check_vocab_size(vocab_size, student_logits.shape[-1])
-    spec = spec.at_vocab(student_logits.shape[-1])
-    backend = _ops.resolve_backend(backend, student_logits.device, student_logits.dtype)
+    lead, vocab, device = student_logits.shape[:-1], student_logits.shape[-1], student_logits.device
+    check_vocab_size(vocab_size, vocab)
+    if target is not None:
+        validate_target(target, lead, vocab, device, spec.ignore_index)
+    kernel_teacher = teacher.kernel_tensors(student_logits, target, spec)
+    spec = spec.at_vocab(vocab)  # the student's vocabulary (see LossSpec)
+    backend = teacher.resolve_backend(backend, device, student_logits.dtype, spec)
     if inplace_backward:
         if backend == "torch":
-            raise ValueError("inplace_backward=True needs a compiled backend ('triton' or 'cpu'), not 'torch'")
+            raise ValueError("inplace_backward=True needs a compiled backend ('triton' or 'cpu'), not 'torch' (a "
+                             "top-k teacher with jsd_beta != 0 runs on it)")
         _validate_inplace(student_logits)
-    lead = student_logits.shape[:-1]
     denominator = None
     if reduction == "mean":
-        denominator = mean_denominator(target, spec.ignore_index, student_logits.numel() // student_logits.shape[-1],
-                                       student_logits.device, num_items_in_batch)
+        denominator = mean_denominator(target, spec.ignore_index, lead.numel(), device, num_items_in_batch)
 
-    if backend == "torch" or student_logits.numel() == 0:
+    if backend == "torch" or lead.numel() == 0:
         # The kernels' contract: float32 arithmetic (float64 stays float64), a float32 loss, the gradient in
         # the student's dtype (the cast's backward).
         compute = torch.float64 if student_logits.dtype == torch.float64 else torch.float32
-        rows = reference_rows(
-            lambda y: reference.loss_rows(student_logits.to(compute), teacher_logits.to(compute), y,
-                                          **spec.reference_params()),
-            target, student_logits.shape[-1], spec.ignore_index)
+        rows = reference_rows(lambda y: teacher.reference_rows(student_logits.to(compute), y, spec), target, vocab,
+                              spec.ignore_index)
         loss = rows["loss"] if reduction == "none" else rows["loss"].sum()
         if denominator is not None:
             loss = loss / denominator.to(compute)
         terms = [rows[k] for k in ("kl", "ce", "weight", "entropy")]
     else:
-        loss, stats = _ops.fused_loss(student_logits, teacher_logits, target, denominator, reduction=reduction,
-                                      student_scale=spec.student_scale, teacher_scale=spec.teacher_scale,
-                                      kl_coef=spec.kl_coef, ce_weight=spec.ce_weight, weighted=spec.weighted,
-                                      ignore_index=spec.ignore_index, jsd_beta=spec.jsd_beta, backend=backend,
-                                      inplace_backward=inplace_backward)
+        loss, stats = _ops.fused_rows_loss(student_logits, kernel_teacher, target, denominator, form=teacher.form,
+                                           reduction=reduction, scales=spec.kernel_scales, weighted=spec.weighted,
+                                           ignore_index=spec.ignore_index, backend=backend,
+                                           inplace_backward=inplace_backward)
         terms = None  # views of stats, made only when asked for: each costs a few microseconds
 
     if not return_components:
@@ -192,7 +251,7 @@ def _fused_loss(student_logits, teacher_logits, target, spec: LossSpec, *, reduc
         # The kernels' weight row is U; the factor of weight_norm is folded into their kl_coef.
         terms = [stats[Stat.KL].view(lead), stats[Stat.CE].view(lead),
                  stats[Stat.WEIGHT].view(lead) * spec.weight_factor, stats[Stat.ENTROPY].view(lead)]
-    return loss, components(terms, valid_rows(target, lead, student_logits.device, spec.ignore_index))
+    return loss, components(terms, valid_rows(target, lead, device, spec.ignore_index))
 
 
 # ---------------------------------------------------------------------------------------------- vocabulary-parallel
@@ -250,41 +309,42 @@ class _VocabParallelLoss(torch.autograd.Function):
         return grad, None, None, None, None, None
 
 
-def vocab_parallel_loss(student_logits, teacher_logits, target, spec, *, process_group, reduction, backend,
-                        inplace_backward, return_components, num_items_in_batch=None, vocab_size=None):
-    """``_fused_loss`` for logits whose columns the ranks of ``process_group`` hold (or DTensors
-    sharded on the last dimension): the loss of the whole rows on every rank, and this rank's columns' gradient."""
-    student, teacher, target, group, index = _local_logits(student_logits, teacher_logits, target, process_group)
-    if dist.get_world_size(group) == 1:  # the whole rows are here: the one-pass kernels
-        # (the heads' post-processing is already applied: the spec without it)
-        return _fused_loss(student, teacher, target, spec.without_head_post(), reduction=reduction, backend=backend,
+def vocab_parallel_logits_loss(student_logits, teacher, target, spec: LossSpec, *, process_group, reduction, backend,
+                               inplace_backward, return_components, num_items_in_batch=None, vocab_size=None):
+    """``logits_loss`` for student logits whose columns the ranks of ``process_group`` hold (or DTensors sharded on
+    the last dimension), with the teacher's matching columns (``DenseLogits``) or its whole top-k on every rank
+    (``topk.TopkLogits``): the loss of the whole rows on every rank, and this rank's columns' gradient. One
+    agreement (``distributed.agree``) before any work or error; then the teacher form's pieces, merged."""
+    student, teacher, target, group, index = teacher.local(student_logits, target, process_group)
+    if dist.get_world_size(group) == 1:  # the whole rows are here: the one-process kernels
+        return logits_loss(student, teacher, target, spec, reduction=reduction, backend=backend,
                            inplace_backward=inplace_backward, return_components=return_components,
                            num_items_in_batch=num_items_in_batch, vocab_size=vocab_size)
-    device = exchange_device(group, student, teacher, target)
-    names = ("the number of rows N", "the student_logits dtype", "the teacher_logits dtype", "the device type",
-             "whether a target is given", "the loss settings (gamma or temperature, beta, ce_weight, "
-             "ignore_index, softcap, logit_scale, reduction, backend)")
+    device = exchange_device(group, student, *teacher.tensors, target)
+    names = ("the number of rows N", "the student_logits dtype", "the device type", "whether a target is given",
+             *teacher.fact_names, "the loss settings (gamma or temperature, beta, ce_weight, ignore_index, softcap, "
+             "logit_scale, tail, reduction, backend)")
 
     def check():
         if inplace_backward:
             raise ValueError("inplace_backward=True is not supported with process_group (each rank's logits are "
                              "already 1/world of the vocabulary)")
-        _validate(student, teacher, None, spec.ignore_index, reduction)
+        validate_logits("student_logits", student)
+        validate_options(reduction, spec.ignore_index)
         validate_num_items(num_items_in_batch, reduction)
         if target is not None:
             validate_target(target, student.shape[:-1], None, device, spec.ignore_index)
-        resolved = _compiled_backend(backend, device, student.dtype)
-        settings = _settings(spec, reduction, resolved)
-        return student.shape[-1], (student[..., 0].numel(), student.dtype, teacher.dtype, device.type,
-                                   target is not None, settings)
+        teacher_facts = teacher.sharded_facts(student, target, spec)
+        resolved = teacher.sharded_backend(backend, device, student.dtype, spec)
+        return student.shape[-1], (student[..., 0].numel(), student.dtype, device.type, target is not None,
+                                   *teacher_facts, _settings(spec, reduction, resolved, teacher.form))
 
     shards = agree(group, index, device, check, names, target, spec.ignore_index, num_items_in_batch,
                    vocab_size)
     spec = spec.at_vocab(shards.vocab)  # the whole vocabulary, not this rank's shard (see LossSpec)
-    backend = _ops.resolve_backend(backend, device, student.dtype)
-    pieces = _ops.RowPieces(backend, spec.kernel_params(), spec.weighted, shards.vocab)
-    return sharded_logits_loss(student, [teacher], target, pieces, shards, spec, reduction=reduction,
-                               return_components=return_components, num_items_in_batch=num_items_in_batch)
+    backend = teacher.sharded_backend(backend, device, student.dtype, spec)
+    return teacher.sharded_loss(student, target, spec, shards, backend, reduction=reduction,
+                                return_components=return_components, num_items_in_batch=num_items_in_batch)
 
 
 def sharded_logits_loss(student, teacher, target, pieces, shards, spec, *, reduction, return_components,
@@ -389,7 +449,7 @@ def fused_wttm_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, 
                     weight_norm: str = "none"):
     spec = specs.wttm(gamma, beta=beta, ce_weight=ce_weight, ignore_index=ignore_index, softcap=softcap,
                       logit_scale=logit_scale, jsd_beta=jsd_beta, weight_norm=weight_norm)
-    return _fused_loss(student_logits, teacher_logits, target, spec, reduction=reduction, backend=backend,
+    return logits_loss(student_logits, DenseLogits(teacher_logits), target, spec, reduction=reduction, backend=backend,
                        inplace_backward=inplace_backward, return_components=return_components,
                        num_items_in_batch=num_items_in_batch, process_group=process_group, vocab_size=vocab_size)
 
@@ -418,7 +478,7 @@ def fused_ttm_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, t
                    logit_scale: float = 1.0, jsd_beta: float = 0.0, vocab_size: Optional[int] = None):
     spec = specs.ttm(gamma, beta=beta, ce_weight=ce_weight, ignore_index=ignore_index, softcap=softcap,
                      logit_scale=logit_scale, jsd_beta=jsd_beta)
-    return _fused_loss(student_logits, teacher_logits, target, spec, reduction=reduction, backend=backend,
+    return logits_loss(student_logits, DenseLogits(teacher_logits), target, spec, reduction=reduction, backend=backend,
                        inplace_backward=inplace_backward, return_components=return_components,
                        num_items_in_batch=num_items_in_batch, process_group=process_group, vocab_size=vocab_size)
 
@@ -438,7 +498,7 @@ def fused_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, ta
                   logit_scale: float = 1.0, jsd_beta: float = 0.0, vocab_size: Optional[int] = None):
     spec = specs.kd(temperature, beta=beta, ce_weight=ce_weight, ignore_index=ignore_index, softcap=softcap,
                     logit_scale=logit_scale, jsd_beta=jsd_beta)
-    return _fused_loss(student_logits, teacher_logits, target, spec, reduction=reduction, backend=backend,
+    return logits_loss(student_logits, DenseLogits(teacher_logits), target, spec, reduction=reduction, backend=backend,
                        inplace_backward=inplace_backward, return_components=return_components,
                        num_items_in_batch=num_items_in_batch, process_group=process_group, vocab_size=vocab_size)
 

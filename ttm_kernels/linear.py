@@ -454,10 +454,22 @@ def _fused_linear_loss(student_hidden, student_weight, teacher_hidden, teacher_w
                            reduction, chunk_size, return_components, num_items_in_batch, return_soft_hard)
 
 
+class Sharded(NamedTuple):
+    """A head orchestration whose ranks hold the rows of the LM heads (``run_linear_loss``)."""
+    shards: object  # distributed.Shards, after the agreement
+    group: object
+    reduce_hidden_grad: bool
+
+
 def run_linear_loss(student_hidden, student_weight, student_bias, teacher, target, launch: Launch, reduction,
-                    chunk_size, return_components, num_items_in_batch=None, return_soft_hard=False):
-    """The validated call's loss (of the leading shape for "none") and, with ``return_components``, its
-    ``LossComponents`` (with ``return_soft_hard``, see ``_fused_linear_loss``); ``target`` already (N,) int64."""
+                    chunk_size, return_components, num_items_in_batch=None, return_soft_hard=False,
+                    sharded: Optional[Sharded] = None):
+    """The orchestrator of the losses from hidden states and LM heads, for any teacher provider (``DenseTeacher``,
+    ``topk.TopkTeacher``, their sharded variants): the mean's denominator, the chunk loop's autograd Function and
+    the components. The validated call's loss (of the leading shape for "none") and, with ``return_components``,
+    its ``LossComponents`` (with ``return_soft_hard``, see ``_fused_linear_loss``); ``target`` already (N,) int64.
+    ``sharded``: the ranks hold the heads' rows; every rank runs the same chunks (each one's collectives), sized
+    for the widest shard, and the hidden states' gradient is summed over the group unless told otherwise."""
     spec = launch.loss
     lead = student_hidden.shape[:-1]
     n_rows, device = lead.numel(), student_hidden.device
@@ -466,9 +478,16 @@ def run_linear_loss(student_hidden, student_weight, student_bias, teacher, targe
         denominator = mean_denominator(target, spec.ignore_index, n_rows, device, num_items_in_batch,
                                        dtype=_accumulation_dtype(student_hidden.dtype))
     needs = student_needs(student_hidden, student_weight, student_bias)
-    loss, terms = _FusedLinearLoss.apply(student_hidden.reshape(-1, student_hidden.shape[-1]), student_weight,
-                                         student_bias, teacher, target, launch, reduction, chunk_size, needs,
-                                         denominator)
+    hidden = student_hidden.reshape(-1, student_hidden.shape[-1])
+    if sharded is not None:
+        chunk_size = chunk_size or default_chunk_size(
+            n_rows, max(sharded.shards.widths), student_hidden.dtype, teacher.buffer_dtype, device,
+            fp32_scratch=needs[1] and student_weight.dtype not in (torch.float32, torch.float64),
+            softcap_scratch=any(needs) and spec.softcap is not None)
+        if sharded.reduce_hidden_grad and needs[0]:
+            hidden = _SumGradOverGroup.apply(hidden, sharded.group)
+    loss, terms = _FusedLinearLoss.apply(hidden, student_weight, student_bias, teacher, target, launch, reduction,
+                                         chunk_size, needs, denominator)
     if reduction == "none":
         loss = loss.view(lead)
     if return_soft_hard:
@@ -538,33 +557,13 @@ def vocab_parallel_linear_loss(student_hidden, student_weight, teacher_hidden, t
                    vocab_size)
     spec = spec.at_vocab(shards.vocab)  # the whole vocabulary, not this rank's shard (see LossSpec)
     backend = _ops.resolve_backend(backend, device, student_hidden.dtype)
-    lead = student_hidden.shape[:-1]
-    n = lead.numel()
     target = None if target is None else target.reshape(-1).long()
-    launch = Launch(spec, backend)
-    denominator = None
-    if reduction == "mean":
-        denominator = mean_denominator(target, spec.ignore_index, n, device, num_items_in_batch,
-                                       dtype=_accumulation_dtype(student_hidden.dtype))
-    needs = student_needs(student_hidden, student_weight, student_bias)
-    # Every rank runs the same chunks (each one's collectives): sized for the widest shard.
-    chunk = chunk_size or default_chunk_size(
-        n, max(shards.widths), student_hidden.dtype, teacher_hidden.dtype, device,
-        fp32_scratch=needs[1] and student_weight.dtype not in (torch.float32, torch.float64),
-        softcap_scratch=any(needs) and spec.softcap is not None)
-    hidden = student_hidden.reshape(-1, student_hidden.shape[-1])
-    if reduce_hidden_grad and needs[0]:
-        hidden = _SumGradOverGroup.apply(hidden, process_group)
     teacher = DenseTeacher(teacher_hidden.reshape(-1, teacher_hidden.shape[-1]), teacher_weight.detach(),
                            None if teacher_bias is None else teacher_bias.detach(), student_weight.shape[0],
                            loss=functools.partial(_sharded_chunk_loss, shards=shards))
-    loss, terms = _FusedLinearLoss.apply(hidden, student_weight, student_bias, teacher, target, launch, reduction,
-                                         chunk, needs, denominator)
-    if reduction == "none":
-        loss = loss.view(lead)
-    if not return_components:
-        return loss
-    return loss, components(terms, valid_rows(target, (n,), device, spec.ignore_index).view(lead))
+    return run_linear_loss(student_hidden, student_weight, student_bias, teacher, target, Launch(spec, backend),
+                           reduction, chunk_size, return_components, num_items_in_batch,
+                           sharded=Sharded(shards, process_group, reduce_hidden_grad))
 
 
 _COMMON_DOC = """

@@ -27,12 +27,11 @@ import torch
 import torch.distributed as dist
 
 from . import _ops, _topk_ops, linear, reference, spec as specs
-from ._stats import ROW_TERM_STATS, TopkStat
-from .distributed import (_INT64_MAX, _SumGradOverGroup, _all_gather_single, _member, _settings, agree, exchange_device,
+from ._stats import ROW_TERM_STATS
+from .distributed import (_INT64_MAX, _all_gather_single, _member, _settings, agree, exchange_device,
                           full_parameters, is_dtensor, local_shards, replicated_local, sharded_rows)
-from .functional import (_validate_inplace, head_post, reference_rows, sharded_logits_loss, validate_logits,
-                         validate_options, validate_target)
-from .reduction import components, mean_denominator, valid_rows, validate_num_items
+from .functional import logits_loss, sharded_logits_loss, validate_target
+from .reduction import components, mean_denominator, valid_rows
 from .spec import DEFAULT_GAMMA, DEFAULT_TEMPERATURE, LossSpec, check_flag as _check_flag, check_vocab_size
 
 TAILS = reference.TAILS
@@ -131,71 +130,96 @@ def _topk_backend(backend, device, dtype, spec: LossSpec) -> str:
     return resolved
 
 
-def _fused_topk_loss(student_logits, ids, logprobs, target, spec: LossSpec, *, tail, reduction, backend,
-                     return_components, inplace_backward=False, num_items_in_batch=None, process_group=None,
-                     vocab_size=None):
-    _check_flag("return_components", return_components)
-    inplace_backward = _check_flag("inplace_backward", inplace_backward)
-    if inplace_backward and spec.has_head_post:
-        raise ValueError("inplace_backward=True cannot write the gradient into student_logits when softcap or "
-                         "logit_scale transforms them first (the loss reads a new tensor): leave one of them")
-    if process_group is not None or (not torch.compiler.is_compiling() and is_dtensor(student_logits)):
-        if inplace_backward:
-            raise ValueError("inplace_backward=True is not supported with process_group (each rank's logits are "
-                             "already 1/world of the vocabulary)")
-        if spec.has_head_post and isinstance(student_logits, torch.Tensor) and student_logits.is_floating_point():
-            student_logits = head_post(student_logits, spec.student_head)
-        return vocab_parallel_topk_loss(
-            student_logits, ids, logprobs, target, spec.without_head_post(), tail=tail, process_group=process_group,
-            reduction=reduction, backend=backend, return_components=return_components,
-            num_items_in_batch=num_items_in_batch, vocab_size=vocab_size)
-    validate_logits("student_logits", student_logits)
-    check_vocab_size(vocab_size, student_logits.shape[-1])
-    validate_options(reduction, spec.ignore_index)
-    validate_num_items(num_items_in_batch, reduction)
-    lead, vocab, device = student_logits.shape[:-1], student_logits.shape[-1], student_logits.device
-    if target is not None:
-        validate_target(target, lead, vocab, device, spec.ignore_index)
-    valid = valid_rows(target, lead, device, spec.ignore_index)
-    reference.check_topk_divergence(tail, spec.jsd_beta)
-    sorted_ids, sorted_logprobs = validate_topk(ids, logprobs, lead, vocab, device, tail, valid)
-    spec = spec.at_vocab(vocab)  # the student's vocabulary, not the k + 1 outcomes (see LossSpec)
-    backend = _topk_backend(backend, device, student_logits.dtype, spec)
-    if inplace_backward:
-        if backend == "torch":
-            raise ValueError("inplace_backward=True needs a compiled backend ('triton' or 'cpu'), not 'torch' (a "
-                             "top-k teacher with jsd_beta != 0 runs on it)")
-        _validate_inplace(student_logits)
-    # The student's head post-processing; the teacher's log-probabilities are already final.
-    student_logits = head_post(student_logits, spec.student_head)
-    denominator = None
-    if reduction == "mean":
-        denominator = mean_denominator(target, spec.ignore_index, lead.numel(), device, num_items_in_batch)
+class TopkLogits:
+    """The top-k teacher form of ``functional.logits_loss`` (see ``functional.DenseLogits``): the teacher's (..., k)
+    ids and log-probabilities over the full vocabulary, with its tail; with a process group, its whole top-k in
+    global ids on every rank, each rank handling the ids of its columns."""
 
-    if backend == "torch" or student_logits[..., 0].numel() == 0:
-        # The kernels' contract: float32 arithmetic (float64 stays float64), a float32 loss.
-        compute = torch.float64 if student_logits.dtype == torch.float64 else torch.float32
-        rows = reference_rows(
-            lambda y: reference.topk_loss_rows(student_logits.to(compute), ids, logprobs, y, tail=tail,
-                                               **spec.reference_params()),
-            target, vocab, spec.ignore_index)
-        loss = rows["loss"] if reduction == "none" else rows["loss"].sum()
-        if denominator is not None:
-            loss = loss / denominator.to(compute)
-        detached = [rows[k].detach() for k in ("kl", "ce", "weight", "entropy")]
-    else:
-        loss, stats = _topk_ops.fused_topk_loss(
-            student_logits, sorted_ids, sorted_logprobs, target, denominator, reduction=reduction,
-            student_scale=spec.student_scale, teacher_scale=spec.teacher_scale, kl_coef=spec.kl_coef,
-            ce_weight=spec.ce_weight, weighted=spec.weighted, bucket=tail == "bucket", ignore_index=spec.ignore_index,
-            backend=backend, inplace_backward=inplace_backward)
-        # The kernels' weight row is U; the factor of weight_norm is folded into their kl_coef.
-        detached = [stats[TopkStat.KL].detach().view(lead), stats[TopkStat.CE].detach().view(lead),
-                    stats[TopkStat.WEIGHT].detach().view(lead) * spec.weight_factor,
-                    stats[TopkStat.ENTROPY].detach().view(lead)]
-    if not return_components:
-        return loss
-    return loss, components(detached, valid)
+    fact_names = ("k (the last dimension of teacher_topk_ids)", "the teacher_topk_ids",
+                  "the largest id in teacher_topk_ids")
+
+    def __init__(self, ids, logprobs, tail):
+        self.ids, self.logprobs, self.tail = ids, logprobs, tail
+
+    @property
+    def form(self) -> str:
+        return f"topk_{self.tail}"
+
+    def post_processed(self, spec: LossSpec) -> "TopkLogits":
+        return self  # the log-probabilities are final
+
+    def check(self, student_logits) -> None:
+        pass  # the ids and log-probabilities need the target's rows: ``kernel_tensors``
+
+    def kernel_tensors(self, student_logits, target, spec: LossSpec) -> list:
+        """``topk_rows``' sorted ids and log-probabilities, after their checks (``validate_topk``)."""
+        lead, device = student_logits.shape[:-1], student_logits.device
+        valid = valid_rows(target, lead, device, spec.ignore_index)
+        reference.check_topk_divergence(self.tail, spec.jsd_beta)
+        return list(validate_topk(self.ids, self.logprobs, lead, student_logits.shape[-1], device, self.tail, valid))
+
+    def resolve_backend(self, backend, device, dtype, spec: LossSpec) -> str:
+        return _topk_backend(backend, device, dtype, spec)
+
+    def reference_rows(self, student, target, spec: LossSpec) -> dict:
+        return reference.topk_loss_rows(student, self.ids, self.logprobs, target, tail=self.tail,
+                                        **spec.reference_params())
+
+    # With a process group: the ranks hold column shards of the student's logits, every rank the whole top-k.
+
+    def local(self, student_logits, target, process_group):
+        """(student, this form, target, group, place in column order): DTensor student logits sharded on the last
+        dimension become their local shards on the mesh's group (the top-k and the target plain or replicated)."""
+        if not is_dtensor(student_logits):
+            return student_logits, self, target, process_group, _member(process_group)
+        (student,), target, group, index = local_shards((("student_logits", student_logits),), target,
+                                                        process_group)
+        ids, logprobs = (replicated_local(name, x) for name, x in (("teacher_topk_ids", self.ids),
+                                                                   ("teacher_topk_logprobs", self.logprobs)))
+        return student, TopkLogits(ids, logprobs, self.tail), target, group, index
+
+    @property
+    def tensors(self) -> tuple:
+        return self.ids, self.logprobs
+
+    def sharded_facts(self, student, target, spec: LossSpec) -> tuple:
+        return _sharded_topk_facts(self.ids, self.logprobs, target, student.shape[:-1], student.device, self.tail,
+                                   spec)
+
+    def sharded_backend(self, backend, device, dtype, spec: LossSpec) -> str:
+        return _topk_backend(backend, device, dtype, spec)
+
+    def sharded_loss(self, student, target, spec: LossSpec, shards, backend, *, reduction, return_components,
+                     num_items_in_batch):
+        """After the agreement: the top-k kernels' pieces (``_topk_ops.TopkPieces``) through the shards' loss of
+        the dense teacher (``functional.sharded_logits_loss``): one read of this rank's columns for its partial
+        sums, the merge, and for "mean"/"sum" the gradient in the forward (one more read and a write); one
+        all_gather of 6 + k numbers per row, none in the backward. On the "torch" backend (float64 logits, the
+        reverse KL and the JSD) the reference's arithmetic on each rank's columns (``_sharded_topk_rows``), with
+        autograd."""
+        _check_ids_in_vocabulary(self.ids, shards)
+        if backend != "torch":
+            pieces = _topk_ops.TopkPieces(backend, spec.kernel_scales, spec.weighted, spec.ignore_index, self.tail,
+                                          shards.vocab)
+            return sharded_logits_loss(student, list(_topk_ops.topk_rows(self.ids, self.logprobs)), target, pieces,
+                                       shards, spec, reduction=reduction, return_components=return_components,
+                                       num_items_in_batch=num_items_in_batch)
+        lead, device = student.shape[:-1], student.device
+        compute = torch.float64 if student.dtype == torch.float64 else torch.float32
+        flat_target = None if target is None else target.reshape(-1).long()
+        valid = valid_rows(flat_target, (lead.numel(),), device, spec.ignore_index)
+        k = self.ids.shape[-1]
+        rows = _sharded_topk_rows(student.reshape(-1, student.shape[-1]).to(compute), self.ids.reshape(-1, k).long(),
+                                  self.logprobs.reshape(-1, k), flat_target, valid, spec, self.tail, shards)
+        loss = rows["loss"].view(lead)
+        if reduction != "none":
+            loss = loss.sum()
+            if reduction == "mean":
+                loss = loss / mean_denominator(flat_target, spec.ignore_index, lead.numel(), device,
+                                               num_items_in_batch, dtype=compute)
+        if not return_components:
+            return loss
+        return loss, components([rows[k] for k in ("kl", "ce", "weight", "entropy")], valid.view(lead))
 
 
 _TOPK_DOC = """
@@ -270,11 +294,10 @@ def fused_wttm_loss_topk(student_logits: torch.Tensor, teacher_topk_ids: torch.T
                          weight_norm: str = "none"):
     spec = specs.wttm(gamma, beta=beta, ce_weight=ce_weight, ignore_index=ignore_index, softcap=softcap,
                     logit_scale=logit_scale, jsd_beta=jsd_beta, weight_norm=weight_norm)
-    return _fused_topk_loss(student_logits, teacher_topk_ids, teacher_topk_logprobs, target, spec, tail=tail,
-                            reduction=reduction, backend=backend, return_components=return_components,
-                            inplace_backward=inplace_backward, num_items_in_batch=num_items_in_batch,
-                            process_group=process_group,
-                            vocab_size=vocab_size)
+    return logits_loss(student_logits, TopkLogits(teacher_topk_ids, teacher_topk_logprobs, tail), target, spec,
+                       reduction=reduction, backend=backend, return_components=return_components,
+                       inplace_backward=inplace_backward, num_items_in_batch=num_items_in_batch,
+                       process_group=process_group, vocab_size=vocab_size)
 
 
 fused_wttm_loss_topk.__doc__ = """WTTM from the teacher's top-k log-probabilities: ``ce_weight * CE + beta *
@@ -300,11 +323,10 @@ def fused_ttm_loss_topk(student_logits: torch.Tensor, teacher_topk_ids: torch.Te
                         vocab_size: Optional[int] = None):
     spec = specs.ttm(gamma, beta=beta, ce_weight=ce_weight, ignore_index=ignore_index, softcap=softcap,
                     logit_scale=logit_scale, jsd_beta=jsd_beta)
-    return _fused_topk_loss(student_logits, teacher_topk_ids, teacher_topk_logprobs, target, spec, tail=tail,
-                            reduction=reduction, backend=backend, return_components=return_components,
-                            inplace_backward=inplace_backward, num_items_in_batch=num_items_in_batch,
-                            process_group=process_group,
-                            vocab_size=vocab_size)
+    return logits_loss(student_logits, TopkLogits(teacher_topk_ids, teacher_topk_logprobs, tail), target, spec,
+                       reduction=reduction, backend=backend, return_components=return_components,
+                       inplace_backward=inplace_backward, num_items_in_batch=num_items_in_batch,
+                       process_group=process_group, vocab_size=vocab_size)
 
 
 fused_ttm_loss_topk.__doc__ = """TTM from the teacher's top-k log-probabilities: ``ce_weight * CE + beta *
@@ -324,11 +346,10 @@ def fused_kd_loss_topk(student_logits: torch.Tensor, teacher_topk_ids: torch.Ten
                        vocab_size: Optional[int] = None):
     spec = specs.kd(temperature, beta=beta, ce_weight=ce_weight, ignore_index=ignore_index, softcap=softcap,
                     logit_scale=logit_scale, jsd_beta=jsd_beta)
-    return _fused_topk_loss(student_logits, teacher_topk_ids, teacher_topk_logprobs, target, spec, tail=tail,
-                            reduction=reduction, backend=backend, return_components=return_components,
-                            inplace_backward=inplace_backward, num_items_in_batch=num_items_in_batch,
-                            process_group=process_group,
-                            vocab_size=vocab_size)
+    return logits_loss(student_logits, TopkLogits(teacher_topk_ids, teacher_topk_logprobs, tail), target, spec,
+                       reduction=reduction, backend=backend, return_components=return_components,
+                       inplace_backward=inplace_backward, num_items_in_batch=num_items_in_batch,
+                       process_group=process_group, vocab_size=vocab_size)
 
 
 fused_kd_loss_topk.__doc__ = """Hinton KD from the teacher's top-k log-probabilities: ``ce_weight * CE + beta *
@@ -419,76 +440,6 @@ def _check_ids_in_vocabulary(ids, shards) -> None:
     if largest >= shards.vocab:
         raise ValueError(f"teacher_topk_ids holds ids outside [0, {shards.vocab}) (the global vocabulary: the ranks' "
                          f"shard widths {list(shards.widths)} together), e.g. {largest}")
-
-
-def vocab_parallel_topk_loss(student_logits, ids, logprobs, target, spec, *, tail, process_group, reduction, backend,
-                             return_components, num_items_in_batch=None, vocab_size=None):
-    """``topk._fused_topk_loss`` for student logits whose columns the ranks of ``process_group`` hold, and the
-    teacher's whole (..., k) top-k in global ids on every rank (each rank handles the ids of its columns).
-
-    On the compiled backends, the top-k kernels' pieces (``_topk_ops.TopkPieces``) through the shards' loss of
-    the dense teacher (``functional.sharded_logits_loss``): one read of this rank's columns for its partial
-    sums, the merge, and for "mean"/"sum" the gradient in the forward (one more read and a write). On the
-    "torch" backend (float64 logits, the reverse KL and the JSD) the reference's arithmetic on each rank's
-    columns, with autograd. Collectives: the agreement, one all_gather of 6 + k (reference: 5 + k) numbers per
-    row; none in the backward.
-    Student logits given as a DTensor sharded on the last dimension (``Shard(-1)``) over a 1-D mesh take this path
-    on the mesh's group (``distributed.local_shards``; the top-k and the target as plain or replicated tensors)."""
-    if is_dtensor(student_logits):
-        (student_logits,), target, process_group, index = local_shards((("student_logits", student_logits),),
-                                                                      target, process_group)
-        ids, logprobs = (replicated_local(name, x) for name, x in (("teacher_topk_ids", ids),
-                                                                   ("teacher_topk_logprobs", logprobs)))
-    else:
-        index = _member(process_group)
-    if dist.get_world_size(process_group) == 1:  # the whole rows are here: the one-process kernels
-        return _fused_topk_loss(student_logits, ids, logprobs, target, spec, tail=tail, reduction=reduction,
-                                backend=backend, return_components=return_components,
-                                num_items_in_batch=num_items_in_batch, vocab_size=vocab_size)
-    device = exchange_device(process_group, student_logits, ids, logprobs, target)
-    names = ("the number of rows N", "the student_logits dtype", "the device type", "whether a target is given",
-             "k (the last dimension of teacher_topk_ids)", "the teacher_topk_ids",
-             "the largest id in teacher_topk_ids",
-             "the loss settings (gamma or temperature, beta, ce_weight, ignore_index, softcap, logit_scale, tail, "
-             "reduction, backend)")
-
-    def check():
-        validate_logits("student_logits", student_logits)
-        validate_options(reduction, spec.ignore_index)
-        validate_num_items(num_items_in_batch, reduction)
-        resolved = _topk_backend(backend, device, student_logits.dtype, spec)
-        lead = student_logits.shape[:-1]
-        return student_logits.shape[-1], (lead.numel(), student_logits.dtype, device.type, target is not None,
-                                          *_sharded_topk_facts(ids, logprobs, target, lead, device, tail, spec),
-                                          _settings(spec, tail, reduction, resolved))
-
-    shards = agree(process_group, index, device, check, names, target, spec.ignore_index, num_items_in_batch,
-                   vocab_size)
-    spec = spec.at_vocab(shards.vocab)  # the whole vocabulary, not this rank's shard (see LossSpec)
-    _check_ids_in_vocabulary(ids, shards)
-    backend = _topk_backend(backend, device, student_logits.dtype, spec)
-    if backend != "torch":
-        teacher = list(_topk_ops.topk_rows(ids, logprobs))
-        pieces = _topk_ops.TopkPieces(backend, spec.kernel_scales, spec.weighted, spec.ignore_index, tail,
-                                      shards.vocab)
-        return sharded_logits_loss(student_logits, teacher, target, pieces, shards, spec, reduction=reduction,
-                                   return_components=return_components, num_items_in_batch=num_items_in_batch)
-    lead = student_logits.shape[:-1]
-    compute = torch.float64 if student_logits.dtype == torch.float64 else torch.float32
-    flat_target = None if target is None else target.reshape(-1).long()
-    valid = valid_rows(flat_target, (lead.numel(),), device, spec.ignore_index)
-    z = student_logits.reshape(-1, student_logits.shape[-1]).to(compute)
-    rows = _sharded_topk_rows(z, ids.reshape(-1, ids.shape[-1]).long(), logprobs.reshape(-1, ids.shape[-1]),
-                              flat_target, valid, spec, tail, shards)
-    loss = rows["loss"].view(lead)
-    if reduction != "none":
-        loss = loss.sum()
-        if reduction == "mean":
-            loss = loss / mean_denominator(flat_target, spec.ignore_index, lead.numel(), device,
-                                                      num_items_in_batch, dtype=compute)
-    if not return_components:
-        return loss
-    return loss, components([rows[k] for k in ("kl", "ce", "weight", "entropy")], valid.view(lead))
 
 
 # --- The fused linear variant: the student's logits a chunk of rows at a time, no teacher model at all.
@@ -714,7 +665,7 @@ def vocab_parallel_linear_topk_loss(student_hidden, student_weight, ids, logprob
     """``topk._fused_linear_topk_loss`` with each rank's rows of the student's LM head and the teacher's whole top-k
     in global ids: the chunk loop of ``linear._run_chunks`` with ``_ShardedTopkTeacher`` (every rank runs the same
     chunks): the top-k kernels' pieces on the compiled backends, the reference's arithmetic on "torch" (as
-    ``vocab_parallel_topk_loss``)."""
+    ``TopkLogits.sharded_loss``)."""
     index = _member(process_group)
     if dist.get_world_size(process_group) == 1:  # the whole LM head is here
         return _fused_linear_topk_loss(student_hidden, student_weight, ids, logprobs, target, spec,
@@ -747,30 +698,12 @@ def vocab_parallel_linear_topk_loss(student_hidden, student_weight, ids, logprob
                    vocab_size)
     spec = spec.at_vocab(shards.vocab)  # the whole vocabulary, not this rank's shard (see LossSpec)
     _check_ids_in_vocabulary(ids, shards)
-    lead = student_hidden.shape[:-1]
-    n = lead.numel()
     target = None if target is None else target.reshape(-1).long()
-    denominator = None
-    if reduction == "mean":
-        denominator = mean_denominator(target, spec.ignore_index, n, device, num_items_in_batch,
-                                                  dtype=linear._accumulation_dtype(student_hidden.dtype))
-    needs = linear.student_needs(student_hidden, student_weight, student_bias)
-    # Every rank runs the same chunks (each one's collectives): sized for the widest shard.
-    chunk = chunk_size or linear.default_chunk_size(
-        n, max(shards.widths), student_hidden.dtype, None, device,
-        fp32_scratch=needs[1] and student_weight.dtype not in (torch.float32, torch.float64),
-        softcap_scratch=any(needs) and spec.softcap is not None)
-    hidden = student_hidden.reshape(-1, student_hidden.shape[-1])
-    if reduce_hidden_grad and needs[0]:
-        hidden = _SumGradOverGroup.apply(hidden, process_group)
     k = ids.shape[-1]
     backend = _topk_backend(backend, device, student_hidden.dtype, spec)
     teacher = _ShardedTopkTeacher(*(_topk_ops.topk_rows(ids, logprobs) if backend != "torch"
                                     else (ids.reshape(-1, k).long(), logprobs.reshape(-1, k))), tail, shards)
-    loss, terms = linear._FusedLinearLoss.apply(hidden, student_weight, student_bias, teacher, target,
-                                                linear.Launch(spec, backend), reduction, chunk, needs, denominator)
-    if reduction == "none":
-        loss = loss.view(lead)
-    if not return_components:
-        return loss
-    return loss, components(terms, valid_rows(target, (n,), device, spec.ignore_index).view(lead))
+    return linear.run_linear_loss(student_hidden, student_weight, student_bias, teacher, target,
+                                  linear.Launch(spec, backend), reduction, chunk_size, return_components,
+                                  num_items_in_batch, sharded=linear.Sharded(shards, process_group,
+                                                                             reduce_hidden_grad))

@@ -44,7 +44,7 @@ from typing import Optional
 import torch
 
 from .. import spec as specs
-from ..functional import _fused_loss, is_dtensor
+from ..functional import DenseLogits, is_dtensor, logits_loss
 from ..linear import _fused_linear_loss
 from ..spec import DEFAULT_GAMMA, LossSpec
 
@@ -180,7 +180,7 @@ def generalized_jsd_loss(student_logits: torch.Tensor, teacher_logits: torch.Ten
                          f"any of them), got {reduction!r}; GKD's per-(token, vocabulary entry) terms are not "
                          "formed by the fused loss")
     spec = specs.kd(temperature, t_squared=False, ce_weight=0.0, jsd_beta=beta)
-    rows = _fused_loss(student_logits, teacher_logits, None, spec, reduction="none", backend="auto",
+    rows = logits_loss(student_logits, DenseLogits(teacher_logits), None, spec, reduction="none", backend="auto",
                        inplace_backward=False, return_components=False, num_items_in_batch=None)
     if labels is None:
         total = rows.sum()
