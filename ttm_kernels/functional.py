@@ -122,6 +122,7 @@ class DenseLogits:
     what the ranks must agree on and how its rows' pieces merge."""
 
     form = "dense"
+    fact_names = ("the teacher_logits dtype",)  # what the ranks of a process group agree on (``sharded_facts``)
 
     def __init__(self, teacher_logits):
         self.logits = teacher_logits
@@ -171,8 +172,6 @@ class DenseLogits:
     def tensors(self) -> tuple:
         return (self.logits,)
 
-    fact_names = ("the teacher_logits dtype",)
-
     def sharded_facts(self, student, target, spec: LossSpec) -> tuple:
         """What the ranks must agree on about this teacher (``fact_names``), after this rank's own checks."""
         self.check(student)
@@ -221,8 +220,8 @@ def logits_loss(student_logits, teacher, target, spec: LossSpec, *, reduction, b
     backend = teacher.resolve_backend(backend, device, student_logits.dtype, spec)
     if inplace_backward:
         if backend == "torch":
-            raise ValueError("inplace_backward=True needs a compiled backend ('triton' or 'cpu'), not 'torch' (a "
-                             "top-k teacher with jsd_beta != 0 runs on it)")
+            raise ValueError("inplace_backward=True needs a compiled backend ('triton' or 'cpu'), not 'torch' (the "
+                             "reference, which float64 logits and a top-k teacher's jsd_beta != 0 run on)")
         _validate_inplace(student_logits)
     denominator = None
     if reduction == "mean":

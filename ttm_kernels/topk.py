@@ -136,7 +136,7 @@ class TopkLogits:
     global ids on every rank, each rank handling the ids of its columns."""
 
     fact_names = ("k (the last dimension of teacher_topk_ids)", "the teacher_topk_ids",
-                  "the largest id in teacher_topk_ids")
+                  "the largest id in teacher_topk_ids")  # what the ranks of a process group agree on
 
     def __init__(self, ids, logprobs, tail):
         self.ids, self.logprobs, self.tail = ids, logprobs, tail
