@@ -240,7 +240,11 @@ def _run_chunks(h_s, w_s, b_s, teacher, target, launch, chunk_size, row_grad=Non
     chunk = max(1, min(chunk, n))
 
     device = h_s.device
-    s_buf = torch.empty((chunk, vocab), dtype=h_s.dtype, device=device)
+    # Under torch.compile a fresh buffer per chunk (inductor plans the memory): with one buffer reused across the
+    # chunks, inductor 2.13 misorders the chunks' writes around the in-place loss op when no GEMM of a dense
+    # teacher sits between them (a top-k teacher with a soft-cap got wrong gradients,
+    # tests/test_linear.py::test_fused_linear_loss_torch_compile).
+    s_buf = None if torch.compiler.is_compiling() else torch.empty((chunk, vocab), dtype=h_s.dtype, device=device)
     d_buf = torch.empty((chunk, vocab), dtype=h_s.dtype, device=device) if softcap_scratch else None
     teacher_buffer = teacher.allocate(chunk, vocab)
     rows = torch.empty((len(ROW_TERMS), n), dtype=accumulate, device=device)
@@ -251,11 +255,8 @@ def _run_chunks(h_s, w_s, b_s, teacher, target, launch, chunk_size, row_grad=Non
 
     for start in range(0, n, chunk):
         end = min(start + chunk, n)
-        # Under torch.compile a fresh buffer per chunk (inductor plans the memory): with one buffer reused across
-        # the chunks, inductor 2.13 misorders the chunks' writes around the in-place loss op when no GEMM of a
-        # dense teacher sits between them (a top-k teacher with a soft-cap got wrong gradients,
-        # tests/test_linear.py::test_fused_linear_loss_torch_compile).
-        z = torch.empty_like(s_buf[: end - start]) if torch.compiler.is_compiling() else s_buf[: end - start]
+        z = (torch.empty((end - start, vocab), dtype=h_s.dtype, device=device) if s_buf is None
+             else s_buf[: end - start])
         derivative = None if d_buf is None else d_buf[: end - start]
         hidden = h_s[start:end]
         _linear_into(z, hidden, w_s, b_s)

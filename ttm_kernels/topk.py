@@ -421,11 +421,9 @@ def _sharded_topk_rows(z, ids, logprobs, target, valid, spec, tail, shards):
 
 
 def _sharded_topk_facts(ids, logprobs, target, lead, device, tail, spec) -> tuple:
-    """A rank's own checks of the target and the teacher's top-k for a vocabulary-parallel call, and the facts of
-    the top-k that every rank must share, for the agreement: k, a fingerprint of the ids and their largest (the
-    global vocabulary is known after the exchange: the ids' range against it is checked then)."""
-    if target is not None:
-        validate_target(target, lead, None, device, spec.ignore_index)
+    """A rank's own checks of the teacher's top-k for a vocabulary-parallel call (the target already checked), and
+    the facts of the top-k that every rank must share, for the agreement: k, a fingerprint of the ids and their
+    largest (the global vocabulary is known after the exchange: the ids' range against it is checked then)."""
     reference.check_topk_divergence(tail, spec.jsd_beta)
     validate_topk(ids, logprobs, lead, _INT64_MAX, device, tail, valid_rows(target, lead, device, spec.ignore_index))
     flat = ids.reshape(-1).long()
@@ -688,6 +686,8 @@ def vocab_parallel_linear_topk_loss(student_hidden, student_weight, ids, logprob
                                 chunk_size, num_items_in_batch)
         resolved = _topk_backend(backend, device, student_hidden.dtype, spec)
         lead = student_hidden.shape[:-1]
+        if target is not None:
+            validate_target(target, lead, None, device, spec.ignore_index)
         return student_weight.shape[0], (lead.numel(), student_hidden.shape[-1], student_hidden.dtype, device.type,
                                           target is not None,
                                           *_sharded_topk_facts(ids, logprobs, target, lead, device, tail, spec),
