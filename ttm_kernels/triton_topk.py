@@ -150,8 +150,8 @@ def _grad_pass(s_row, g_row, ids, present, z_s, log_q, log_pt, log_pt_tail, y, V
                DIVERGENCE: tl.constexpr, BLOCK_V: tl.constexpr):
     # The row's gradient: R's entries over every column, last block first (the likeliest in L2 after the
     # statistics pass), then the entries of S overwritten (the slots ``present``). ``ids`` and ``y`` are columns
-    # here. A class j of R has dD/d(s*z_j) = q_j / q_R times the
-    # bucket's: e_j * (q_R - pt_R) / d_R for the forward KL, q_j times the bucket's _divergence_grad_factor else.
+    # here. A class j of R has dD/d(s*z_j) = q_j / q_R times the bucket's: e_j * (q_R - pt_R) / d_R for the
+    # forward KL, q_j times the bucket's _divergence_grad_factor else.
     d_tail = tl.exp(log_d_tail)
     a = tl.exp((m_tail - m_all) - log_d_all)  # q_j = e_j * a
     b = tl.where(d_tail > 0, tl.exp(log_pt_tail) / d_tail, 0.0)  # pt_R q_j / q_R = e_j * b
